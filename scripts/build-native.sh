@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Builds the native extension fl_sidecar._codec (release, abi3) with maturin
+# and installs the package into ./.venv in development mode (python/ is used
+# in place; the compiled module is copied next to it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${CARGO_SOURCE:-}" ]; then
+  if compgen -G "/usr/share/cargo/registry/pyo3-*" >/dev/null; then CARGO_SOURCE=debian; else CARGO_SOURCE=crates-io; fi
+fi
+args=(--release)
+if [ "$CARGO_SOURCE" = "debian" ]; then
+  args+=(--offline
+         --config 'source.crates-io.replace-with="debian"'
+         --config 'source.debian.directory="/usr/share/cargo/registry"')
+fi
+export VIRTUAL_ENV="$PWD/.venv"
+export PATH="$VIRTUAL_ENV/bin:$PATH"
+# Installs the package in development mode (metadata, the fl-sidecar script);
+# its dependencies are already in the venv from requirements-dev.txt.
+maturin develop "${args[@]}"
+python -c "import fl_sidecar._codec as c; print('built fl_sidecar._codec', c.__file__)"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs cargo with the crate source chosen by CARGO_SOURCE:
+#   debian    (default when /usr/share/cargo/registry has pyo3): Debian's
+#             librust-*-dev packages as a directory source, fully offline;
+#   crates-io: the network, cargo's default.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${CARGO_SOURCE:-}" ]; then
+  if compgen -G "/usr/share/cargo/registry/pyo3-*" >/dev/null; then CARGO_SOURCE=debian; else CARGO_SOURCE=crates-io; fi
+fi
+args=()
+if [ "$CARGO_SOURCE" = "debian" ]; then
+  args+=(--config 'source.crates-io.replace-with="debian"'
+         --config 'source.debian.directory="/usr/share/cargo/registry"'
+         --config 'net.offline=true')
+fi
+cmd=$1; shift
+exec cargo "$cmd" "${args[@]}" "$@"
