@@ -31,6 +31,7 @@ __all__ = [
     "ConflictError",
     "CorruptDataError",
     "FlSidecarError",
+    "MalformedNotificationError",
     "ModelError",
     "ModelFormatError",
     "NotFoundError",
@@ -180,3 +181,13 @@ class SidecarError(FlSidecarError):
     def __init__(self, message: str, *, code: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+# --- notifications -------------------------------------------------------
+
+
+class MalformedNotificationError(FlSidecarError, ValueError):
+    """A notification from the FL server is not valid JSON of the expected shape, or too large.
+
+    The notification endpoint answers it with 400 (413 when too large) and publishes nothing.
+    """
