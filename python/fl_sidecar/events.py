@@ -1,0 +1,516 @@
+"""The FL server's notifications as typed, numbered events, with replay and resume.
+
+The notification endpoint (:mod:`fl_sidecar.notifications`) parses each POST
+with :func:`parse_notification` and hands it to :meth:`EventBus.publish`,
+which numbers it (1, 2, 3, ... per process) and keeps it in a bounded history.
+Trainers read events through :meth:`EventBus.subscribe` (the gRPC
+``WatchEvents`` stream is one subscription per call):
+
+- ``after_seq=None``: first every retained event that no subscriber has
+  received yet (a round start that arrived while no trainer listened is
+  delivered when one connects), then every live event.
+- ``after_seq=N``: every retained event with ``seq > N`` (resume after a
+  reconnect), then every live event.
+
+Every subscriber receives every live event; events arrive in publication
+order. The history keeps the newest ``history`` events: a resume from a
+sequence number older than :meth:`EventBus.oldest_seq` gets what is retained,
+and a subscriber that falls more than ``history`` events behind skips the ones
+dropped meanwhile (:attr:`Subscription.missed` counts them). An event counts as
+received once :meth:`Subscription.get` (or iteration) returned it.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import json
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import (
+    Any,
+    Deque,
+    Dict,
+    FrozenSet,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Set,
+    Tuple,
+    Type,
+)
+
+from fl_sidecar.errors import MalformedNotificationError
+
+__all__ = [
+    "DEFAULT_HISTORY",
+    "DEFAULT_MAX_NOTIFICATION_SIZE",
+    "MAX_ROUND",
+    "EventBus",
+    "EventKind",
+    "ServerEvent",
+    "Subscription",
+    "parse_notification",
+]
+
+DEFAULT_HISTORY = 10_000
+"""Events the bus retains for replay and resume."""
+
+DEFAULT_MAX_NOTIFICATION_SIZE = 64 * 1024
+"""Bytes: the largest notification the endpoint accepts (the real ones are ~150 bytes)."""
+
+MAX_ROUND = 2**31 - 1
+"""The largest round number accepted (the gRPC contract carries it as uint32)."""
+
+# Training and model ids end up on a training script's command line and in
+# logs: accept what the server sends (UUIDs) and other plain tokens, but
+# nothing that starts with "-" (an option to the script's parser), no
+# whitespace, no control characters.
+_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
+
+
+class EventKind(enum.Enum):
+    """What a notification means to a trainer."""
+
+    TRAINING_START = "TRAINING_START"
+    UPDATE_ROUND_START = "UPDATE_ROUND_START"
+    MODEL_TEST_ROUND = "MODEL_TEST_ROUND"
+    TRAINING_FINISHED = "TRAINING_FINISHED"
+    SWAG_ROUND_START = "SWAG_ROUND_START"
+    CLIENT_REMOVED = "CLIENT_REMOVED"
+    UNKNOWN = "UNKNOWN"
+
+    @classmethod
+    def from_notification_type(cls, notification_type: str) -> EventKind:
+        """Map the server's ``notification_type`` to a kind; anything else is ``UNKNOWN``."""
+        if notification_type == cls.UNKNOWN.value:
+            return cls.UNKNOWN
+        try:
+            return cls(notification_type)
+        except ValueError:
+            return cls.UNKNOWN
+
+
+# Which body fields each known type must carry (as the real server sends them).
+_ROUND_KINDS: FrozenSet[EventKind] = frozenset(
+    {EventKind.UPDATE_ROUND_START, EventKind.MODEL_TEST_ROUND, EventKind.SWAG_ROUND_START}
+)
+_MODEL_KINDS: FrozenSet[EventKind] = _ROUND_KINDS | {
+    EventKind.TRAINING_START,
+    EventKind.TRAINING_FINISHED,
+}
+
+
+@dataclass(frozen=True)
+class ServerEvent:
+    """One notification of the FL server, numbered by the bus.
+
+    Attributes:
+        seq: 1, 2, 3, ... per sidecar process, strictly increasing.
+        kind: what it means; ``UNKNOWN`` for a type this version does not know.
+        notification_type: the type as the server sent it.
+        training_id: the notification's ``training_uuid``.
+        model_id: ``body.global_model_uuid``, or ``None`` when absent.
+        round: ``body.round``, or ``None`` when absent.
+        body_json: the notification's ``body`` as compact JSON text.
+        raw_json: the whole notification as received (at most the endpoint's
+            body size limit).
+        received_at: when it was published, unix time in seconds.
+    """
+
+    seq: int
+    kind: EventKind
+    notification_type: str
+    training_id: str
+    model_id: Optional[str]
+    round: Optional[int]
+    body_json: str
+    raw_json: str
+    received_at: float
+
+    def body(self) -> Dict[str, Any]:
+        """The notification's ``body`` as a fresh dict (decoded from :attr:`body_json`)."""
+        decoded = json.loads(self.body_json)
+        return decoded if isinstance(decoded, dict) else {}
+
+
+def _reject_constant(name: str) -> Any:
+    raise MalformedNotificationError(f"notification contains the non-JSON constant {name}")
+
+
+def _valid_id(value: Any) -> bool:
+    return isinstance(value, str) and _ID_PATTERN.match(value) is not None
+
+
+def _describe(value: Any) -> str:
+    """A short, safe description of a bad value for an error message (never the value in full)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_notification(
+    data: bytes, *, max_size: int = DEFAULT_MAX_NOTIFICATION_SIZE
+) -> Tuple[str, str, Dict[str, Any]]:
+    """Parse and validate one notification POSTed by the FL server.
+
+    Args:
+        data: the request body, UTF-8 JSON
+            ``{"notification_type": str, "training_uuid": str, "body": {...}}``.
+        max_size: the largest accepted body, in bytes.
+
+    Returns:
+        ``(notification_type, training_id, body)``. Types this version does not
+        know are returned too (their body must still be a JSON object); the
+        caller publishes them as ``EventKind.UNKNOWN``.
+
+    Raises:
+        MalformedNotificationError: the body is larger than ``max_size``, not
+            UTF-8 JSON, nested too deeply, not an object, lacks a field, or a
+            field has the wrong type: ``notification_type`` must be a non-empty
+            string, ``training_uuid`` an id (letters, digits, ``._:-``, at most
+            128, not starting with ``-``), ``body`` an object; a known type's
+            ``global_model_uuid`` must be an id and a round type's ``round`` an
+            integer in ``0..MAX_ROUND``.
+    """
+    if len(data) > max_size:
+        raise MalformedNotificationError(
+            f"notification of {len(data)} bytes exceeds the limit of {max_size} bytes"
+        )
+    try:
+        text = bytes(data).decode("utf-8")
+        decoded = json.loads(text, parse_constant=_reject_constant)
+    except MalformedNotificationError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError, UnicodeDecodeError and Python's
+        # limit on digits in an int; RecursionError is deeply nested arrays.
+        raise MalformedNotificationError(
+            f"notification is not valid UTF-8 JSON: {type(exc).__name__}"
+        ) from None
+    if not isinstance(decoded, dict):
+        raise MalformedNotificationError(
+            f"notification must be a JSON object, got {type(decoded).__name__}"
+        )
+    notification_type = decoded.get("notification_type")
+    if not isinstance(notification_type, str) or not notification_type:
+        raise MalformedNotificationError(
+            "notification_type is missing or not a non-empty string: "
+            f"{_describe(notification_type)}"
+        )
+    if len(notification_type) > 128 or not notification_type.isprintable():
+        raise MalformedNotificationError(
+            f"notification_type is not a plain name: {_describe(notification_type)}"
+        )
+    training_id = decoded.get("training_uuid")
+    if not _valid_id(training_id):
+        raise MalformedNotificationError(
+            f"training_uuid is missing or not an id: {_describe(training_id)}"
+        )
+    body = decoded.get("body")
+    if not isinstance(body, dict):
+        raise MalformedNotificationError(f"body is missing or not a JSON object: {_describe(body)}")
+    kind = EventKind.from_notification_type(notification_type)
+    if kind in _MODEL_KINDS and not _valid_id(body.get("global_model_uuid")):
+        raise MalformedNotificationError(
+            f"{notification_type}: body.global_model_uuid is missing or not an id: "
+            f"{_describe(body.get('global_model_uuid'))}"
+        )
+    if kind in _ROUND_KINDS:
+        round_ = body.get("round")
+        # bool is an int subclass; true is not a round.
+        if not isinstance(round_, int) or isinstance(round_, bool) or not 0 <= round_ <= MAX_ROUND:
+            raise MalformedNotificationError(
+                f"{notification_type}: body.round is missing or not an integer in "
+                f"0..{MAX_ROUND}: {_describe(round_)}"
+            )
+    assert isinstance(training_id, str)  # checked by _valid_id
+    return notification_type, training_id, body
+
+
+def _optional_model_id(body: Mapping[str, Any]) -> Optional[str]:
+    value = body.get("global_model_uuid")
+    return value if isinstance(value, str) else None
+
+
+def _optional_round(body: Mapping[str, Any]) -> Optional[int]:
+    value = body.get("round")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
+class EventBus:
+    """Numbers the server's notifications and fans them out to subscribers.
+
+    Thread-safe: any thread may publish, subscribe, read or close. Memory is
+    bounded by ``history`` events (each at most the endpoint's body limit).
+    """
+
+    def __init__(self, *, history: int = DEFAULT_HISTORY) -> None:
+        """Create an empty bus.
+
+        Args:
+            history: how many of the newest events to retain for replay and
+                resume (at least 1).
+
+        Raises:
+            ValueError: ``history`` is less than 1.
+        """
+        if history < 1:
+            raise ValueError(f"history must be at least 1, got {history}")
+        self._history = history
+        self._cond = threading.Condition(threading.Lock())
+        self._events: Deque[ServerEvent] = collections.deque()
+        self._last_seq = 0
+        # Retained events no subscriber has received yet; a subscriber with
+        # after_seq=None starts with these.
+        self._undelivered: Set[int] = set()
+        self._closed = False
+
+    @property
+    def history(self) -> int:
+        """How many events the bus retains."""
+        return self._history
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def publish(
+        self,
+        notification_type: str,
+        training_id: str,
+        body: Mapping[str, Any],
+        raw_json: str,
+    ) -> ServerEvent:
+        """Number a notification, retain it and wake every subscriber.
+
+        Args:
+            notification_type: the type as the server sent it (unknown types
+                become ``EventKind.UNKNOWN``).
+            training_id: the notification's ``training_uuid``.
+            body: the notification's ``body`` (must be JSON-serialisable).
+            raw_json: the whole notification as received; the caller bounds its size.
+
+        Returns:
+            The published event, with its sequence number.
+
+        Raises:
+            TypeError, ValueError: ``body`` cannot be serialised as JSON.
+        """
+        body_json = json.dumps(dict(body), separators=(",", ":"), allow_nan=False)
+        kind = EventKind.from_notification_type(notification_type)
+        with self._cond:
+            self._last_seq += 1
+            event = ServerEvent(
+                seq=self._last_seq,
+                kind=kind,
+                notification_type=notification_type,
+                training_id=training_id,
+                model_id=_optional_model_id(body),
+                round=_optional_round(body),
+                body_json=body_json,
+                raw_json=raw_json,
+                received_at=time.time(),
+            )
+            self._events.append(event)
+            self._undelivered.add(event.seq)
+            while len(self._events) > self._history:
+                dropped = self._events.popleft()
+                self._undelivered.discard(dropped.seq)
+            self._cond.notify_all()
+        return event
+
+    def subscribe(
+        self,
+        *,
+        after_seq: Optional[int] = None,
+        training_ids: Optional[Iterable[str]] = None,
+    ) -> Subscription:
+        """Start reading events.
+
+        Args:
+            after_seq: ``None``: first the retained events no subscriber has
+                received yet, then live ones. ``N``: every retained event with
+                ``seq > N``, then live ones (a resume from before
+                :meth:`oldest_seq` starts at the oldest retained event; a
+                number beyond :meth:`last_seq` waits for the next live event
+                after ``N``).
+            training_ids: only events of these trainings; ``None`` or empty: all.
+
+        Returns:
+            A :class:`Subscription` (close it when done; a closed bus gives one
+            that is already at its end).
+
+        Raises:
+            ValueError: ``after_seq`` is negative.
+        """
+        if after_seq is not None and after_seq < 0:
+            raise ValueError(f"after_seq must not be negative, got {after_seq}")
+        wanted = frozenset(training_ids) if training_ids else None
+        with self._cond:
+            if after_seq is None:
+                backlog = sorted(
+                    seq
+                    for seq in self._undelivered
+                    if wanted is None or self._event_at(seq).training_id in wanted
+                )
+                cursor = self._last_seq
+            else:
+                backlog = []
+                cursor = after_seq
+            return Subscription(self, cursor=cursor, backlog=backlog, training_ids=wanted)
+
+    def last_seq(self) -> int:
+        """The sequence number of the newest event; 0 before the first."""
+        with self._cond:
+            return self._last_seq
+
+    def oldest_seq(self) -> Optional[int]:
+        """The sequence number of the oldest retained event; ``None`` when none is retained."""
+        with self._cond:
+            return self._events[0].seq if self._events else None
+
+    def snapshot(self, *, after_seq: int = 0) -> List[ServerEvent]:
+        """The retained events with ``seq > after_seq``, oldest first (marks none as received)."""
+        with self._cond:
+            return [event for event in self._events if event.seq > after_seq]
+
+    def close(self) -> None:
+        """End every subscription: blocked reads return ``None`` and iteration stops.
+
+        Idempotent. Publishing still works afterwards (the events are retained),
+        but no subscriber receives them.
+        """
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    # --- used by Subscription, with self._cond held -------------------------
+
+    def _event_at(self, seq: int) -> ServerEvent:
+        # seqs in the history are contiguous, so the index is an offset.
+        return self._events[seq - self._events[0].seq]
+
+    def _is_retained(self, seq: int) -> bool:
+        return bool(self._events) and self._events[0].seq <= seq <= self._last_seq
+
+
+class Subscription:
+    """One reader of an :class:`EventBus`: an iterator of :class:`ServerEvent`.
+
+    Create it with :meth:`EventBus.subscribe`. :meth:`get` and iteration are
+    meant for one reading thread; :meth:`close` may be called from any thread
+    (a gRPC cancellation callback) and wakes the reader.
+    """
+
+    def __init__(
+        self,
+        bus: EventBus,
+        *,
+        cursor: int,
+        backlog: List[int],
+        training_ids: Optional[FrozenSet[str]],
+    ) -> None:
+        self._bus = bus
+        self._cursor = cursor
+        self._backlog: Deque[int] = collections.deque(backlog)
+        self._training_ids = training_ids
+        self._closed = False
+        self._missed = 0
+
+    @property
+    def closed(self) -> bool:
+        """Whether this subscription or its bus was closed."""
+        return self._closed or self._bus.closed
+
+    @property
+    def missed(self) -> int:
+        """Events this subscriber skipped because the bounded history dropped them first."""
+        return self._missed
+
+    @property
+    def position(self) -> int:
+        """The live cursor: events with a larger ``seq`` are still to come."""
+        return self._cursor
+
+    def get(self, timeout: Optional[float] = None) -> Optional[ServerEvent]:
+        """The next event, waiting for it if needed.
+
+        Args:
+            timeout: the longest wait in seconds; ``None`` waits until an event
+                arrives or the subscription or bus is closed.
+
+        Returns:
+            The next event, or ``None`` on timeout or once closed.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bus = self._bus
+        with bus._cond:
+            while True:
+                if self._closed or bus._closed:
+                    return None
+                event = self._next_locked()
+                if event is not None:
+                    bus._undelivered.discard(event.seq)
+                    return event
+                if deadline is None:
+                    bus._cond.wait()
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    bus._cond.wait(remaining)
+
+    def _next_locked(self) -> Optional[ServerEvent]:
+        bus = self._bus
+        while self._backlog:
+            seq = self._backlog.popleft()
+            if bus._is_retained(seq):
+                return bus._event_at(seq)
+            self._missed += 1
+        while self._cursor < bus._last_seq:
+            oldest = bus._events[0].seq
+            if self._cursor + 1 < oldest:
+                self._missed += oldest - self._cursor - 1
+                self._cursor = oldest - 1
+            self._cursor += 1
+            event = bus._event_at(self._cursor)
+            if self._training_ids is None or event.training_id in self._training_ids:
+                return event
+        return None
+
+    def close(self) -> None:
+        """Stop reading: a blocked :meth:`get` returns ``None``. Idempotent, thread-safe."""
+        with self._bus._cond:
+            self._closed = True
+            self._bus._cond.notify_all()
+
+    def __iter__(self) -> Iterator[ServerEvent]:
+        return self
+
+    def __next__(self) -> ServerEvent:
+        event = self.get()
+        if event is None:
+            raise StopIteration
+        return event
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
