@@ -1,0 +1,363 @@
+"""The HTTP endpoint the FL server POSTs its notifications to.
+
+Compatible with the reference client's endpoint: JSON
+``{"notification_type", "training_uuid", "body"}`` POSTed to any path (the
+reference client's server takes every path), default port 8101, answered with
+
+- 200 for ``TRAINING_START`` and ``TRAINING_FINISHED``,
+- 202 for ``UPDATE_ROUND_START``, ``MODEL_TEST_ROUND`` and ``SWAG_ROUND_START``,
+- 200 for ``CLIENT_REMOVED``,
+- 400 for types this version does not know (they are still published, as
+  ``EventKind.UNKNOWN`` with their raw JSON, so trainers can see them),
+- 400 for malformed JSON, missing fields and wrong types; 413 for a body over
+  the limit (its ``Content-Length`` is checked first and nothing more than the
+  limit is ever read); 411 without a ``Content-Length``; 405 for other methods.
+
+Bad input never gets a 500 (the reference client answers 500 to unknown types
+and malformed JSON). The real server's POST has no timeout and its worker pool
+is small, so the endpoint answers at once: it publishes on the
+:class:`~fl_sidecar.events.EventBus` (quick), sends the answer, and only then
+calls ``on_event`` (e.g. :meth:`fl_sidecar.scripts.ScriptRunner.handle`, which
+itself returns at once). Events are published in the order they arrive; the
+real server sometimes sends a round start before the training start, and both
+are delivered as received.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import logging
+import socket
+import threading
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from fl_sidecar.errors import MalformedNotificationError
+from fl_sidecar.events import (
+    DEFAULT_MAX_NOTIFICATION_SIZE,
+    EventBus,
+    EventKind,
+    ServerEvent,
+    parse_notification,
+)
+
+__all__ = ["DEFAULT_PORT", "STATUS_BY_KIND", "NotificationServer"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8101
+"""The reference client's default notification port (``FL_CLIENT_SERVER_PORT``)."""
+
+STATUS_BY_KIND: Dict[EventKind, int] = {
+    EventKind.TRAINING_START: 200,
+    EventKind.TRAINING_FINISHED: 200,
+    EventKind.UPDATE_ROUND_START: 202,
+    EventKind.MODEL_TEST_ROUND: 202,
+    EventKind.SWAG_ROUND_START: 202,
+    EventKind.CLIENT_REMOVED: 200,
+    EventKind.UNKNOWN: 400,
+}
+"""The HTTP status answered for each kind of (well-formed) notification."""
+
+# How long one connection may take to send its request, in seconds: a client
+# that stalls mid-body must not hold a handler thread forever.
+_SOCKET_TIMEOUT = 30.0
+# Bounds what a log line may quote of a client-controlled string.
+_LOG_QUOTE_LIMIT = 80
+# Handler threads alive at once; more connections are refused with 503 so a
+# flood cannot exhaust threads (the real server sends a handful at a time).
+_MAX_CONCURRENT_REQUESTS = 64
+
+
+def _quote(value: str) -> str:
+    text = value if len(value) <= _LOG_QUOTE_LIMIT else value[:_LOG_QUOTE_LIMIT] + "..."
+    return repr(text)
+
+
+class _HTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    # Rebinding a port the last run left in TIME_WAIT must work.
+    allow_reuse_address = True
+    # Set by NotificationServer before serving.
+    notifications: NotificationServer
+
+    def __init__(self, address: Tuple[str, int], family: socket.AddressFamily) -> None:
+        self.address_family = family
+        self._slots = threading.BoundedSemaphore(_MAX_CONCURRENT_REQUESTS)
+        super().__init__(address, _Handler, bind_and_activate=True)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            logger.warning(
+                "notification endpoint busy, refusing connection",
+                extra={"limit": _MAX_CONCURRENT_REQUESTS},
+            )
+            with contextlib.suppress(OSError):
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The default prints a traceback to stderr; log it instead.
+        logger.exception("notification endpoint: unexpected error in a handler")
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: _HTTPServer
+    server_version = "fl-sidecar"
+    sys_version = ""
+    protocol_version = "HTTP/1.1"
+    timeout = _SOCKET_TIMEOUT
+
+    def do_POST(self) -> None:
+        owner = self.server.notifications
+        length_header = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding") is not None:
+            # Chunked bodies have no length to check up front; the real
+            # server always sends a Content-Length.
+            self._answer(411, "send the body with a Content-Length", close=True)
+            return
+        if length_header is None:
+            self._answer(411, "Content-Length is required", close=True)
+            return
+        if len(self.headers.get_all("Content-Length", [])) != 1:
+            # Two lengths are a request-smuggling pattern; trust neither.
+            self._answer(400, "more than one Content-Length", close=True)
+            return
+        try:
+            length = int(length_header.strip())
+        except ValueError:
+            length = -1
+        if length < 0 or not length_header.strip().isdigit():
+            self._answer(400, "Content-Length is not a non-negative integer", close=True)
+            return
+        if length > owner.max_body_size:
+            logger.warning(
+                "notification refused: body too large",
+                extra={"content_length": length, "limit": owner.max_body_size},
+            )
+            # The unread body would be taken for the next request: close.
+            self._answer(
+                413,
+                f"body of {length} bytes exceeds the limit of {owner.max_body_size} bytes",
+                close=True,
+            )
+            return
+        try:
+            data = self.rfile.read(length)
+        except (OSError, socket.timeout):
+            self.close_connection = True
+            logger.warning("notification refused: body not received in time")
+            return
+        if len(data) != length:
+            self._answer(400, "body shorter than its Content-Length", close=True)
+            return
+        owner._receive(self, data)
+
+    def __getattr__(self, name: str) -> Any:
+        # BaseHTTPRequestHandler answers 501 to methods without a do_X
+        # method; every method but POST is 405 here, like the reference.
+        if name.startswith("do_") and name != "do_POST":
+            return self._method_not_allowed
+        raise AttributeError(name)
+
+    def _method_not_allowed(self) -> None:
+        # Any body was left unread, so the connection cannot be reused.
+        self._answer(405, "only POST is accepted", close=True, allow="POST")
+
+    def _answer(
+        self, status: int, detail: str, *, close: bool, allow: Optional[str] = None
+    ) -> None:
+        payload = json.dumps({"detail": detail}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        if allow is not None:
+            self.send_header("Allow", allow)
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+        self.wfile.flush()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # http.server's own lines (bad request lines, timeouts) go to logging.
+        logger.debug("notification endpoint: " + format, *args)
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        pass  # NotificationServer logs each notification itself, structured
+
+
+class NotificationServer:
+    """Receives the FL server's notifications over HTTP and publishes them on a bus.
+
+    Serves on its own threads (one per connection, at most 64 at once);
+    :meth:`start` returns once the socket listens.
+    """
+
+    def __init__(
+        self,
+        bus: EventBus,
+        *,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        max_body_size: int = DEFAULT_MAX_NOTIFICATION_SIZE,
+        on_event: Optional[Callable[[ServerEvent], None]] = None,
+    ) -> None:
+        """Configure the endpoint (nothing listens before :meth:`start`).
+
+        Args:
+            bus: where notifications are published.
+            host: the address to listen on; loopback by default. An IPv6
+                address listens on IPv6.
+            port: the TCP port; 0 picks a free one (see :attr:`port`).
+            max_body_size: the largest accepted body, in bytes.
+            on_event: called with each published event after the answer was
+                sent, on the request's thread; it should return quickly.
+                Exceptions are logged, never answered.
+
+        Raises:
+            ValueError: ``port`` is outside 0..65535 or ``max_body_size`` < 1.
+        """
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {port}")
+        if max_body_size < 1:
+            raise ValueError(f"max_body_size must be at least 1 byte, got {max_body_size}")
+        self.bus = bus
+        self.host = host
+        self.max_body_size = max_body_size
+        self._requested_port = port
+        self._on_event = on_event
+        self._server: Optional[_HTTPServer] = None
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the real one when 0 was asked); the requested one before start."""
+        server = self._server
+        if server is None:
+            return self._requested_port
+        return int(server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """``http://host:port/``, the ``message_endpoint`` to register with the FL server."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    @property
+    def running(self) -> bool:
+        """Whether the endpoint is serving."""
+        return self._server is not None
+
+    def start(self) -> None:
+        """Listen and serve in a background thread. Idempotent.
+
+        Raises:
+            OSError: the address cannot be bound (e.g. the port is in use).
+        """
+        with self._lock:
+            if self._server is not None:
+                return
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            server = _HTTPServer((self.host, self._requested_port), family)
+            server.notifications = self
+            thread = threading.Thread(
+                target=server.serve_forever,
+                kwargs={"poll_interval": 0.05},  # seconds: how fast stop() returns
+                name="fl-sidecar-notifications",
+                daemon=True,
+            )
+            thread.start()
+            self._server, self._thread = server, thread
+        logger.info(
+            "notification endpoint listening",
+            extra={"url": self.url, "max_body_size": self.max_body_size},
+        )
+
+    def stop(self) -> None:
+        """Stop serving and close the socket; requests in progress finish. Idempotent."""
+        with self._lock:
+            server, thread = self._server, self._thread
+            self._server, self._thread = None, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join()
+        logger.info("notification endpoint stopped")
+
+    def __enter__(self) -> NotificationServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _receive(self, handler: _Handler, data: bytes) -> None:
+        """Parse, publish, answer, then hand the event on (called on the request's thread)."""
+        try:
+            notification_type, training_id, body = parse_notification(
+                data, max_size=self.max_body_size
+            )
+        except MalformedNotificationError as exc:
+            logger.warning(
+                "notification refused: %s",
+                exc,
+                extra={"status": 400, "size": len(data), "peer": handler.client_address[0]},
+            )
+            handler._answer(400, str(exc), close=False)
+            return
+        raw_json = data.decode("utf-8")  # parse_notification checked it is UTF-8
+        event = self.bus.publish(notification_type, training_id, body, raw_json)
+        status = STATUS_BY_KIND[event.kind]
+        logger.info(
+            "notification seq=%d type=%s training=%s round=%s status=%d",
+            event.seq,
+            _quote(notification_type),
+            training_id,
+            event.round,
+            status,
+            extra={
+                "seq": event.seq,
+                "notification_type": notification_type[:_LOG_QUOTE_LIMIT],
+                "training_id": training_id,
+                "model_id": event.model_id,
+                "round": event.round,
+                "status": status,
+            },
+        )
+        if event.kind is EventKind.UNKNOWN:
+            detail = f"unknown notification type {_quote(notification_type)} (published)"
+        else:
+            detail = "accepted"
+        try:
+            handler._answer(status, detail, close=False)
+        except OSError:
+            # The sender went away; the event is published all the same.
+            handler.close_connection = True
+            logger.warning("notification answer not delivered", extra={"seq": event.seq})
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:
+                logger.exception("notification handler failed", extra={"seq": event.seq})

@@ -1,0 +1,421 @@
+"""The notification endpoint over real sockets, with real HTTP clients."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+
+from fl_sidecar.events import EventBus, EventKind, ServerEvent
+from fl_sidecar.notifications import DEFAULT_PORT, NotificationServer
+
+TRAINING = "6e3a4c1e-8f5b-4d43-9b43-0d8f3f0b7a11"
+MODEL = "0b7c9d2a-1e4f-4a5b-8c6d-7e8f9a0b1c2d"
+WAIT = 10.0  # seconds: upper bound for anything that should be immediate
+LIMIT = 4096  # bytes: the endpoint's body limit in these tests
+
+
+def notification(kind: str, round_: Optional[int] = None, training: str = TRAINING) -> bytes:
+    body: Dict[str, Any] = {"global_model_uuid": MODEL}
+    if round_ is not None:
+        body = {"round": round_, "global_model_uuid": MODEL}
+    # Field order as the real server sends them.
+    return json.dumps({"notification_type": kind, "body": body, "training_uuid": training}).encode()
+
+
+@pytest.fixture
+def bus() -> Iterator[EventBus]:
+    bus = EventBus()
+    yield bus
+    bus.close()
+
+
+@pytest.fixture
+def server(bus: EventBus) -> Iterator[NotificationServer]:
+    with NotificationServer(bus, port=0, max_body_size=LIMIT) as endpoint:
+        yield endpoint
+
+
+def post(
+    server: NotificationServer,
+    data: bytes,
+    *,
+    path: str = "/",
+    method: str = "POST",
+    headers: Optional[Dict[str, str]] = None,
+) -> Tuple[int, Dict[str, Any]]:
+    """Send one request with urllib; returns (status, decoded JSON answer)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}{path}",
+        data=data if method != "GET" else None,
+        method=method,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        with error:
+            payload = error.read()
+        return error.code, json.loads(payload) if payload else {}
+
+
+def raw_exchange(server: NotificationServer, request: bytes) -> bytes:
+    """Send raw bytes, return everything the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as sock:
+        sock.sendall(request)
+        chunks: List[bytes] = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+def status_line(answer: bytes) -> int:
+    return int(answer.split(b"\r\n", 1)[0].split(b" ")[1])
+
+
+def assert_still_serving(server: NotificationServer, bus: EventBus) -> None:
+    before = bus.last_seq()
+    status, _ = post(server, notification("TRAINING_START"))
+    assert status == 200
+    assert bus.last_seq() == before + 1
+
+
+# --- status codes --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "round_", "expected"),
+    [
+        ("TRAINING_START", None, 200),
+        ("UPDATE_ROUND_START", 0, 202),
+        ("MODEL_TEST_ROUND", 1, 202),
+        ("TRAINING_FINISHED", None, 200),
+    ],
+)
+def test_status_codes_of_the_real_servers_notifications(
+    server: NotificationServer, bus: EventBus, kind: str, round_: Optional[int], expected: int
+) -> None:
+    with bus.subscribe() as sub:
+        status, _ = post(server, notification(kind, round_))
+        assert status == expected
+        event = sub.get(timeout=WAIT)
+    assert event is not None
+    assert event.kind is EventKind(kind)
+    assert event.training_id == TRAINING
+    assert event.model_id == MODEL
+    assert event.round == round_
+    assert json.loads(event.raw_json) == json.loads(notification(kind, round_))
+
+
+def test_any_path_is_accepted_like_the_reference_client(
+    server: NotificationServer, bus: EventBus
+) -> None:
+    for path in ("/", "/notifications/", "/a/b?c=d"):
+        status, _ = post(server, notification("UPDATE_ROUND_START", 3), path=path)
+        assert status == 202
+    assert bus.last_seq() == 3
+
+
+def test_unknown_type_is_400_but_published_with_its_raw_json(
+    server: NotificationServer, bus: EventBus
+) -> None:
+    data = b'{"notification_type": "BRAND_NEW", "training_uuid": "t-9", "body": {"x": [1]}}'
+    with bus.subscribe() as sub:
+        status, answer = post(server, data)
+        event = sub.get(timeout=WAIT)
+    assert status == 400
+    assert "BRAND_NEW" in answer["detail"]
+    assert event is not None
+    assert event.kind is EventKind.UNKNOWN
+    assert event.notification_type == "BRAND_NEW"
+    assert event.raw_json == data.decode()
+    assert json.loads(event.body_json) == {"x": [1]}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"{not json",
+        b"[1, 2, 3]",
+        b"\xff\xfe\x00",
+        b'{"notification_type": "UPDATE_ROUND_START", "training_uuid": "t"}',
+        b'{"notification_type": "UPDATE_ROUND_START", "training_uuid": "t", "body": {}}',
+        b'{"notification_type": 5, "training_uuid": "t", "body": {}}',
+        b'{"notification_type": "MODEL_TEST_ROUND", "training_uuid": "t", '
+        b'"body": {"round": "1", "global_model_uuid": "m"}}',
+        b'{"notification_type": "TRAINING_START", "training_uuid": "--x", '
+        b'"body": {"global_model_uuid": "m"}}',
+        b"[" * 3000 + b"]" * 1000,
+    ],
+)
+def test_malformed_bodies_get_400_publish_nothing_and_the_server_keeps_serving(
+    server: NotificationServer, bus: EventBus, data: bytes
+) -> None:
+    status, answer = post(server, data)
+    assert status == 400
+    assert answer["detail"]
+    assert bus.last_seq() == 0
+    assert_still_serving(server, bus)
+
+
+def test_oversized_body_is_refused_from_its_content_length_without_reading_it(
+    server: NotificationServer, bus: EventBus
+) -> None:
+    # Announce 100 MB, send only the headers: the answer must come at once,
+    # without the endpoint waiting for (or reading) the body.
+    answer = raw_exchange(
+        server,
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100000000\r\n\r\n",
+    )
+    assert status_line(answer) == 413
+    assert b"exceeds" in answer
+    assert bus.last_seq() == 0
+    assert_still_serving(server, bus)
+
+
+def test_body_just_over_the_limit_is_413_and_at_the_limit_is_accepted(
+    server: NotificationServer, bus: EventBus
+) -> None:
+    base = json.loads(notification("TRAINING_START"))
+    base["body"]["padding"] = ""
+    size = len(json.dumps(base).encode())
+    base["body"]["padding"] = "x" * (LIMIT - size)
+    at_limit = json.dumps(base).encode()
+    assert len(at_limit) == LIMIT
+    assert post(server, at_limit)[0] == 200
+    status, _ = post(server, at_limit + b" ")
+    assert status == 413
+    assert bus.last_seq() == 1
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"POST / HTTP/1.1\r\nHost: x\r\n\r\n", 411),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 9\r\n\r\n{}", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nX-Long: " + b"y" * 70_000 + b"\r\n\r\n", 431),
+        (b"BREW / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
+    ],
+)
+def test_broken_requests_get_4xx_never_500(
+    server: NotificationServer, bus: EventBus, head: bytes, expected: int
+) -> None:
+    answer = raw_exchange(server, head)
+    assert status_line(answer) == expected
+    assert bus.last_seq() == 0
+    assert_still_serving(server, bus)
+
+
+def test_a_garbage_request_line_gets_400(server: NotificationServer, bus: EventBus) -> None:
+    # Without a version on the request line http.server answers like HTTP/0.9:
+    # no status line, only the error page.
+    answer = raw_exchange(server, b"GARBAGE\r\n\r\n")
+    assert b"400" in answer
+    assert b"500" not in answer
+    assert_still_serving(server, bus)
+
+
+def test_body_shorter_than_its_content_length_is_refused(
+    server: NotificationServer, bus: EventBus
+) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as sock:
+        sock.sendall(b'POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{"a":')
+        sock.shutdown(socket.SHUT_WR)
+        answer = sock.recv(65536)
+    assert status_line(answer) == 400
+    assert bus.last_seq() == 0
+    assert_still_serving(server, bus)
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "OPTIONS"])
+def test_other_methods_get_405(server: NotificationServer, bus: EventBus, method: str) -> None:
+    status, _ = post(server, notification("TRAINING_START"), method=method)
+    assert status == 405
+    assert bus.last_seq() == 0
+
+
+def test_head_gets_405_without_a_body(server: NotificationServer) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=WAIT)
+    try:
+        connection.request("HEAD", "/")
+        response = connection.getresponse()
+        assert response.status == 405
+        assert response.getheader("Allow") == "POST"
+        assert response.read() == b""
+    finally:
+        connection.close()
+
+
+def test_keep_alive_connection_serves_several_notifications(
+    server: NotificationServer, bus: EventBus
+) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=WAIT)
+    try:
+        for round_, data in enumerate([notification("UPDATE_ROUND_START", 0), b"{bad", b"[]"]):
+            connection.request("POST", "/", body=data)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == (202 if round_ == 0 else 400)
+        connection.request("POST", "/", body=notification("MODEL_TEST_ROUND", 1))
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 202
+    finally:
+        connection.close()
+    assert [event.kind for event in bus.snapshot()] == [
+        EventKind.UPDATE_ROUND_START,
+        EventKind.MODEL_TEST_ROUND,
+    ]
+
+
+# --- order and responsiveness ----------------------------------------------------
+
+
+def test_out_of_order_arrival_is_delivered_in_arrival_order(
+    server: NotificationServer, bus: EventBus
+) -> None:
+    # The real server sometimes sends the round start before the training start.
+    sent = [
+        notification("UPDATE_ROUND_START", 0),
+        notification("TRAINING_START"),
+        notification("MODEL_TEST_ROUND", 1),
+        notification("UPDATE_ROUND_START", 1),
+        notification("MODEL_TEST_ROUND", 2),
+        notification("TRAINING_FINISHED"),
+    ]
+    for data in sent:
+        assert post(server, data)[0] in (200, 202)
+    # A trainer that connects only now gets all of them, as they arrived.
+    with bus.subscribe() as late:
+        received = [late.get(timeout=WAIT) for _ in sent]
+        assert late.get(timeout=0) is None
+    assert [event.raw_json if event else None for event in received] == [
+        data.decode() for data in sent
+    ]
+    assert [event.seq for event in received if event] == [1, 2, 3, 4, 5, 6]
+
+
+def test_answers_while_a_subscriber_and_the_event_handler_are_stuck(bus: EventBus) -> None:
+    release = threading.Event()
+    handled: List[int] = []
+
+    def slow_handler(event: ServerEvent) -> None:
+        handled.append(event.seq)
+        release.wait(WAIT)  # stuck until the test lets go
+
+    stuck_reader = bus.subscribe()  # never reads
+    with NotificationServer(bus, port=0, on_event=slow_handler) as server:
+        for round_ in range(3):
+            # Each answer arrives although the previous handler is still stuck.
+            status, _ = post(server, notification("UPDATE_ROUND_START", round_))
+            assert status == 202
+        assert bus.last_seq() == 3
+        release.set()
+    stuck_reader.close()
+    assert sorted(handled) == [1, 2, 3]
+
+
+def test_a_failing_event_handler_does_not_break_the_endpoint(bus: EventBus) -> None:
+    def failing_handler(event: ServerEvent) -> None:
+        raise RuntimeError("handler bug")
+
+    with NotificationServer(bus, port=0, on_event=failing_handler) as server:
+        assert post(server, notification("UPDATE_ROUND_START", 0))[0] == 202
+        assert post(server, notification("MODEL_TEST_ROUND", 1))[0] == 202
+    assert bus.last_seq() == 2
+
+
+def test_concurrent_senders_all_get_answers_and_every_event_is_published(
+    server: NotificationServer, bus: EventBus
+) -> None:
+    statuses: List[int] = []
+    lock = threading.Lock()
+
+    def send(index: int) -> None:
+        status, _ = post(server, notification("UPDATE_ROUND_START", index, training=f"t{index}"))
+        with lock:
+            statuses.append(status)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert statuses == [202] * 16
+    events = bus.snapshot()
+    assert [event.seq for event in events] == list(range(1, 17))
+    assert sorted(event.training_id for event in events) == sorted(f"t{i}" for i in range(16))
+
+
+# --- lifecycle -------------------------------------------------------------------
+
+
+def test_port_and_url(bus: EventBus) -> None:
+    endpoint = NotificationServer(bus, port=0)
+    assert NotificationServer(bus).port == DEFAULT_PORT == 8101
+    assert endpoint.port == 0
+    endpoint.start()
+    try:
+        assert endpoint.port > 0
+        assert endpoint.url == f"http://127.0.0.1:{endpoint.port}/"
+        endpoint.start()  # idempotent
+        assert post(endpoint, notification("TRAINING_START"))[0] == 200
+    finally:
+        endpoint.stop()
+    endpoint.stop()  # idempotent
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", int(endpoint.url.split(":")[2][:-1])), timeout=1)
+
+
+def test_listens_on_loopback_by_default(bus: EventBus) -> None:
+    with NotificationServer(bus, port=0) as endpoint:
+        assert endpoint.host == "127.0.0.1"
+        assert endpoint._server is not None
+        assert endpoint._server.server_address[0] == "127.0.0.1"
+
+
+def test_ipv6_loopback(bus: EventBus) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        endpoint = NotificationServer(bus, host="::1", port=0)
+        endpoint.start()
+    except OSError:
+        pytest.skip("IPv6 loopback not available")
+    try:
+        assert endpoint.url.startswith("http://[::1]:")
+        with urllib.request.urlopen(
+            urllib.request.Request(endpoint.url, data=notification("TRAINING_START")),
+            timeout=WAIT,
+        ) as response:
+            assert response.status == 200
+    finally:
+        endpoint.stop()
+
+
+def test_invalid_settings_are_refused(bus: EventBus) -> None:
+    with pytest.raises(ValueError):
+        NotificationServer(bus, port=70000)
+    with pytest.raises(ValueError):
+        NotificationServer(bus, max_body_size=0)
+
+
+def test_a_busy_port_raises_oserror(server: NotificationServer, bus: EventBus) -> None:
+    other = NotificationServer(bus, port=server.port)
+    with pytest.raises(OSError):
+        other.start()
+    assert not other.running
