@@ -266,7 +266,7 @@ class NotificationSink:
     while it is cleared, to play a slow endpoint.
     """
 
-    def __init__(self, status: int = 200) -> None:
+    def __init__(self, status: int = 200, port: int = 0) -> None:
         self.status = status
         self.bodies: List[Any] = []
         self.raw: List[bytes] = []
@@ -296,7 +296,7 @@ class NotificationSink:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -342,8 +342,8 @@ def notification_sink() -> Iterator[Callable[..., NotificationSink]]:
     """Factory of :class:`NotificationSink` servers, all closed after the test."""
     sinks: List[NotificationSink] = []
 
-    def make(status: int = 200) -> NotificationSink:
-        sink = NotificationSink(status)
+    def make(status: int = 200, port: int = 0) -> NotificationSink:
+        sink = NotificationSink(status, port)
         sinks.append(sink)
         return sink
 

@@ -264,6 +264,9 @@ class DevServerApp:
             if match is None:
                 continue
             handler = handlers.get(request.method)
+            if request.method == "OPTIONS":
+                allow = ", ".join(sorted([*handlers, "OPTIONS"]))
+                return _Response(200, {"allow": allow.split(", ")}, [("Allow", allow)])
             if handler is None:
                 allow = ", ".join(sorted(handlers))
                 raise _HttpError(
@@ -734,8 +737,8 @@ class DevServerApp:
             "SELECT * FROM local_models WHERE training_id = ? AND round = ? ORDER BY created",
             (training_id, upload_round),
         )
-        total = sum(int(u["sample_size"]) for u in uploads)
-        weights = [int(u["sample_size"]) / total for u in uploads]
+        # weighted_average normalises: the sample sizes are the FedAvg weights.
+        weights = [float(u["sample_size"]) for u in uploads]
         # Only the restricted reader touches uploads: their pickles never run.
         state_dicts = [models.read_tensors(u["path"]) for u in uploads]
         averaged = models.weighted_average(state_dicts, weights)

@@ -17,7 +17,7 @@ import logging
 import threading
 import urllib.error
 import urllib.request
-from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 
 __all__ = ["DEFAULT_RETRY_DELAYS", "Notification", "Notifier"]
 
@@ -76,8 +76,10 @@ class Notifier:
         self._queues: Dict[str, _EndpointQueue] = {}
         self._timers: List[threading.Timer] = []
         self._closed = False
+        #: counters: notifications delivered (2xx), dropped, and refused attempts retried
         self.delivered = 0
         self.failed = 0
+        self.retried = 0
 
     def send(
         self, endpoint: str, notification_type: str, training_id: str, body: Mapping[str, Any]
@@ -110,7 +112,10 @@ class Notifier:
             with self._lock:
                 if retry_in is None:
                     queue.items.popleft()
+                    self._idle.notify_all()
                     continue
+                self.retried += 1
+                self._idle.notify_all()
                 # Keep the item at the head so later ones cannot overtake it;
                 # the queue stays busy until the timer resumes it.
                 if self._closed:
@@ -151,7 +156,8 @@ class Notifier:
         try:
             with urllib.request.urlopen(request, timeout=self._timeout) as response:
                 response.read()
-            self.delivered += 1
+            with self._lock:
+                self.delivered += 1
             return None
         except urllib.error.HTTPError as exc:
             # Like the real server: a non-2xx answer is logged, not retried.
@@ -169,8 +175,14 @@ class Notifier:
                     )
                     return self._retry_delays[retry]
             _log.warning("notification to %s failed (%s); dropped", item.endpoint, reason)
-        self.failed += 1
+        with self._lock:
+            self.failed += 1
         return None
+
+    def wait_until(self, predicate: Callable[[Notifier], bool], timeout: float) -> bool:
+        """Block until ``predicate(self)`` holds (checked after each attempt); True if it did."""
+        with self._idle:
+            return self._idle.wait_for(lambda: predicate(self), timeout)
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until every queue is empty (or ``timeout`` seconds pass); True if idle."""

@@ -183,6 +183,18 @@ class DevServer:
             return True
         return self._app.wait_idle(timeout) and self._notifier.wait_idle(timeout)
 
+    def wait_notifier(self, predicate: Callable[[Notifier], bool], timeout: float = 10.0) -> bool:
+        """Wait until ``predicate(notifier)`` holds, e.g. ``lambda n: n.retried >= 1``.
+
+        The notifier's counters are ``delivered``, ``failed`` and ``retried``.
+
+        Returns:
+            True if it held within ``timeout`` seconds.
+        """
+        if self._notifier is None:
+            return False
+        return self._notifier.wait_until(predicate, timeout)
+
     def stop(self) -> None:
         """Stop serving, finish running aggregations, drop pending notifications.
 
