@@ -304,6 +304,7 @@ def _map_error(status: int, detail: str, operation: str) -> ServerError:
         and (
             "not currently in round" in lowered
             or "is in state" in lowered
+            or "is testing round" in lowered
             or "not in state" in lowered
         )
     ):
