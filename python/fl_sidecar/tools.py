@@ -1,0 +1,413 @@
+"""Command-line tools for people: download, upload, pack, unpack, info, demo.
+
+``download``/``upload``/``info`` talk to a running sidecar (``--target``;
+default: the settings module's). ``pack``/``unpack`` run locally with the
+codec (no sidecar), or through one with ``--via-sidecar``. ``info FILE``
+describes a local file. Progress bars go to stderr, only on a terminal.
+
+Exit statuses: 0 success, 1 the operation failed (the reason on stderr),
+2 bad usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from typing import Any, Callable, Optional, TextIO, Tuple
+
+from fl_sidecar.errors import FlSidecarError, SidecarError
+
+__all__ = ["ProgressBar", "parse_metric", "register"]
+
+_CHUNK = 1024 * 1024
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal; silent when the stream is not a TTY.
+
+    Call it as a progress callback ``bar(done_bytes, total_bytes)`` (``total``
+    0 = unknown), then :meth:`close`.
+    """
+
+    def __init__(self, label: str, stream: Optional[TextIO] = None, *, width: int = 30) -> None:
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._started = time.monotonic()
+        self._last_draw = 0.0
+        self._drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        # Redraw at most 10 times a second, and always at the end.
+        if now - self._last_draw < 0.1 and not (total and done >= total):
+            return
+        self._last_draw = now
+        elapsed = max(now - self._started, 1e-9)
+        rate = done / elapsed
+        if total:
+            fraction = min(done / total, 1.0)
+            filled = int(fraction * self.width)
+            bar = "#" * filled + "-" * (self.width - filled)
+            text = (
+                f"\r{self.label} [{bar}] {fraction:6.1%} {_human(done)}/{_human(total)} "
+                f"{_human(rate)}/s"
+            )
+        else:
+            text = f"\r{self.label} {_human(done)} {_human(rate)}/s"
+        self.stream.write(text)
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        """End the bar's line (if anything was drawn)."""
+        if self.enabled and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def parse_metric(text: str) -> Tuple[str, float]:
+    """Parse ``name=value`` (value a number).
+
+    Raises:
+        argparse.ArgumentTypeError: malformed.
+    """
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected name=value, got {text!r}")
+    try:
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"metric {name!r}: {value!r} is not a number") from None
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3}
+    units["gib"] = 1024**3
+    stripped = text.strip().lower().rstrip("b") if text.strip().lower() != "b" else ""
+    number = stripped.rstrip("kmgi")
+    unit = stripped[len(number) :]
+    try:
+        value = int(float(number) * units[unit])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4MiB, 1G, 1048576)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("sizes must not be negative")
+    return value
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from fl_sidecar.client import SidecarClient
+
+    token = None
+    if getattr(args, "api_token_file", None):
+        with open(args.api_token_file, encoding="utf-8") as f:
+            token = f.read().strip() or None
+    return SidecarClient(args.target, api_token=token)
+
+
+def _fail(command: str, message: str, status: int = 1) -> int:
+    print(f"fl-sidecar {command}: error: {message}", file=sys.stderr)
+    return status
+
+
+def _guarded(command: str, body: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return body(args)
+        except KeyboardInterrupt:
+            print(f"\nfl-sidecar {command}: interrupted", file=sys.stderr)
+            return 130
+        except SidecarError as exc:
+            return _fail(command, f"{exc}")
+        except FlSidecarError as exc:
+            return _fail(command, f"{type(exc).__name__}: {exc}")
+        except OSError as exc:
+            return _fail(command, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+
+    return run
+
+
+# --- commands ------------------------------------------------------------------
+
+
+def _download(args: argparse.Namespace) -> int:
+    bar = ProgressBar(f"download {args.model_id[:8]}")
+    try:
+        with _client(args) as client:
+            result = client.download_to_file(
+                args.model_id, args.output, format=args.format, progress=bar
+            )
+    finally:
+        bar.close()
+    print(
+        f"{args.output}: {result.size} bytes ({result.format}), sha256 {result.sha256}; "
+        f"{result.wire_bytes} bytes on the wire ({result.content_encoding or 'identity'})"
+    )
+    return 0
+
+
+def _upload(args: argparse.Namespace) -> int:
+    if not os.path.isfile(args.file):
+        return _fail("upload", f"no such file: {args.file}")
+    fmt = args.format
+    if fmt is None:
+        fmt = "safetensors" if args.file.endswith(".safetensors") else "torch"
+    bar = ProgressBar(f"upload {os.path.basename(args.file)}")
+    try:
+        with _client(args) as client:
+            result = client.upload_file(
+                args.model_id,
+                args.file,
+                round=args.round,
+                sample_size=args.sample_size,
+                metrics=list(args.metric or []),
+                format=fmt,
+                checksum=True,
+                progress=bar,
+            )
+    finally:
+        bar.close()
+    print(
+        f"uploaded: HTTP {result.http_status} {result.detail}; {result.raw_bytes} bytes, "
+        f"{result.wire_bytes} on the wire ({result.content_encoding}), {result.seconds:.2f} s"
+    )
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    total = os.path.getsize(args.input)
+    bar = ProgressBar(f"pack {os.path.basename(args.input)}")
+    try:
+        if args.via_sidecar:
+            with _client(args) as client:
+                result = client.pack_file(
+                    args.input,
+                    args.output,
+                    level=args.level or 0,
+                    chunk_size=args.chunk_size or 0,
+                    progress=bar,
+                )
+            raw, packed = result.raw_bytes, result.packed_bytes
+        else:
+            raw, packed = _local_stream(args.input, args.output, total, bar, pack=True, args=args)
+    finally:
+        bar.close()
+    ratio = raw / packed if packed else 0.0
+    print(f"{args.output}: {raw} -> {packed} bytes (ratio {ratio:.2f})")
+    return 0
+
+
+def _unpack(args: argparse.Namespace) -> int:
+    total = os.path.getsize(args.input)
+    bar = ProgressBar(f"unpack {os.path.basename(args.input)}")
+    try:
+        if args.via_sidecar:
+            with _client(args) as client:
+                result = client.unpack_file(
+                    args.input, args.output, max_output_size=args.max_size or 0, progress=bar
+                )
+            packed, raw = result.packed_bytes, result.raw_bytes
+        else:
+            raw, packed = _local_stream(args.input, args.output, total, bar, pack=False, args=args)
+    finally:
+        bar.close()
+    print(f"{args.output}: {packed} -> {raw} bytes")
+    return 0
+
+
+def _local_stream(
+    src: str,
+    dst: str,
+    total: int,
+    progress: ProgressBar,
+    *,
+    pack: bool,
+    args: argparse.Namespace,
+) -> Tuple[int, int]:
+    """Stream ``src`` through the codec into ``dst`` (atomically); returns (raw, packed) bytes."""
+    import tempfile
+
+    import fl_sidecar.codec as codec
+
+    coder: Any
+    if pack:
+        options = {}
+        if args.level is not None:
+            options["level"] = args.level
+        if args.chunk_size is not None:
+            options["chunk_size"] = args.chunk_size
+        coder = codec.Packer(**options)
+    else:
+        coder = codec.Unpacker(**({"max_output_size": args.max_size} if args.max_size else {}))
+    directory = os.path.dirname(os.path.abspath(dst))
+    fd, tmp = tempfile.mkstemp(prefix=".fl-sidecar-", suffix=".part", dir=directory)
+    read = written = 0
+    try:
+        with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
+            while True:
+                block = f.read(_CHUNK * 4)
+                if not block:
+                    break
+                read += len(block)
+                data = coder.write(block)
+                written += len(data)
+                out.write(data)
+                progress(read, total)
+            tail = coder.finish()
+            if tail:
+                written += len(tail)
+                out.write(tail)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return (read, written) if pack else (written, read)
+
+
+def _info(args: argparse.Namespace) -> int:
+    if args.file:
+        return _info_file(args.file)
+    with _client(args) as client:
+        info = client.get_info()
+    rows = [
+        ("target", client.target),
+        ("version", info.version),
+        ("codec", f"{info.codec} (level {info.codec_level}, chunk {info.codec_chunk_size} B)"),
+        ("FL server", info.server_url),
+        ("upload coding", info.negotiated_coding or "(not negotiated yet)"),
+        ("notifications", info.notification_url or "(none)"),
+        ("max message", f"{info.max_message_size} B"),
+        ("trusts pickles", "yes" if info.trusts_pickles else "no (TORCH downloads are vetted)"),
+    ]
+    for name, value in rows:
+        print(f"{name:<15} {value}")
+    return 0
+
+
+def _info_file(path: str) -> int:
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+    size = os.path.getsize(path)
+    import fl_sidecar.codec as codec
+
+    if codec.is_zstd(prefix[:4]):
+        with open(path, "rb") as f:
+            blob = f.read()
+        info = codec.inspect(blob)
+        raw = "unknown" if info.decompressed_size is None else f"{info.decompressed_size} B"
+        print(f"{path}: zstd, {size} B packed, {raw} raw, {info.frames} frames")
+        print(
+            f"  ratio {info.ratio:.2f}, checksums {'yes' if info.has_checksums else 'no'}, "
+            f"seek table {'yes' if info.has_seek_table else 'no'}"
+        )
+        return 0
+    try:
+        import fl_sidecar.models as models
+
+        fmt = models.detect_format(path)
+    except ImportError:
+        return _fail("info", f"{path}: not zstd; install torch to recognise model formats")
+    print(f"{path}: {fmt.name.lower()} model, {size} B")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fl_sidecar import demo
+
+    return demo.run_demo(
+        clients=args.clients,
+        rounds=args.rounds,
+        epochs=args.epochs,
+        timeout=args.timeout,
+        keep=args.keep,
+    )
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        default=None,
+        help="the sidecar: unix:///path, a socket path, or host:port "
+        "[default: FL_SIDECAR_TARGET, else the sidecar's default socket]",
+    )
+    parser.add_argument(
+        "--api-token-file", metavar="PATH", help="read the sidecar's API token from this file"
+    )
+
+
+def register(subparsers: Any) -> None:
+    """Add ``download``, ``upload``, ``pack``, ``unpack``, ``info`` and ``demo``."""
+    p = subparsers.add_parser("download", help="download a global model through the sidecar")
+    p.add_argument("model_id", help="the global model's id")
+    p.add_argument("-o", "--output", required=True, help="file to write")
+    p.add_argument("--format", choices=("torch", "safetensors"), default="torch")
+    _add_target(p)
+    p.set_defaults(func=_guarded("download", _download))
+
+    p = subparsers.add_parser("upload", help="upload a locally trained model through the sidecar")
+    p.add_argument("model_id", help="the global model's id")
+    p.add_argument("file", help="the model file (torch or .safetensors)")
+    p.add_argument("--round", type=int, required=True, help="the training round")
+    p.add_argument("--sample-size", type=int, required=True, help="training samples (FedAvg)")
+    p.add_argument(
+        "--metric", type=parse_metric, action="append", metavar="NAME=VALUE", help="repeatable"
+    )
+    p.add_argument(
+        "--format", choices=("torch", "safetensors"), default=None, help="default: by extension"
+    )
+    _add_target(p)
+    p.set_defaults(func=_guarded("upload", _upload))
+
+    p = subparsers.add_parser("pack", help="pack a file into the zstd seekable format")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--level", type=int, default=None, help="zstd level (default: the codec's)")
+    p.add_argument(
+        "--chunk-size", type=_size, default=None, help="bytes per frame, e.g. 4MiB (at most 8MiB)"
+    )
+    p.add_argument("--via-sidecar", action="store_true", help="pack in the sidecar")
+    _add_target(p)
+    p.set_defaults(func=_guarded("pack", _pack))
+
+    p = subparsers.add_parser("unpack", help="unpack any zstd stream")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument(
+        "--max-size", type=_size, default=None, help="refuse to produce more (e.g. 20GiB)"
+    )
+    p.add_argument("--via-sidecar", action="store_true", help="unpack in the sidecar")
+    _add_target(p)
+    p.set_defaults(func=_guarded("unpack", _unpack))
+
+    p = subparsers.add_parser("info", help="describe the sidecar, or a local file")
+    p.add_argument("file", nargs="?", help="a packed blob or model file to describe")
+    _add_target(p)
+    p.set_defaults(func=_guarded("info", _info))
+
+    p = subparsers.add_parser(
+        "demo", help="a federated training on the embedded dev server through sidecars"
+    )
+    p.add_argument("--clients", type=int, default=2, help="number of clients (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="training rounds (default 3)")
+    p.add_argument("--epochs", type=int, default=2, help="local epochs per round (default 2)")
+    p.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds before the training counts as stalled"
+    )
+    p.add_argument("--keep", action="store_true", help="keep every process's log")
+    p.set_defaults(func=_guarded("demo", _demo))
