@@ -60,7 +60,7 @@ test: install ## everything CI runs: generated-code check, Rust tests, Python an
 	$(PY) -m pytest tests
 
 bench: install ## benchmarks against named baselines (not part of the tests)
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks $(BENCH)
 
 demo: install ## the main job: a federated training on the embedded dev server through sidecars
 	$(PY) -m fl_sidecar demo

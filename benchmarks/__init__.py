@@ -1,0 +1,1 @@
+"""Reproducible benchmarks against named baselines; run with ``make bench``, never in tests."""

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Builds the release abi3 wheel (one wheel for every CPython >= 3.8) into the
+# given directory (default dist/), with crates from CARGO_SOURCE (see cargo.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-dist}
+if [ -z "${CARGO_SOURCE:-}" ]; then
+  if compgen -G "/usr/share/cargo/registry/pyo3-*" >/dev/null; then CARGO_SOURCE=debian; else CARGO_SOURCE=crates-io; fi
+fi
+args=(--release --out "$out")
+if [ "$CARGO_SOURCE" = "debian" ]; then
+  args+=(--offline
+         --config 'source.crates-io.replace-with="debian"'
+         --config 'source.debian.directory="/usr/share/cargo/registry"')
+fi
+MATURIN=${MATURIN:-$(command -v maturin || echo /opt/maturin/bin/maturin)}
+if [ -x .venv/bin/maturin ] && [ -z "${MATURIN_FORCE:-}" ]; then MATURIN=.venv/bin/maturin; fi
+"$MATURIN" build "${args[@]}"
