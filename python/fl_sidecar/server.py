@@ -1,0 +1,451 @@
+"""``fl-sidecar serve``: the sidecar process.
+
+Starts, in this order: logging, metrics (when a port is configured), the FL
+server client, the event bus and the notification endpoint (with the training
+script runner in compatibility mode), then the gRPC server on a unix socket
+(mode 0600) and/or loopback TCP, with health checking, reflection and the
+optional API token. When everything listens it prints one JSON line to stdout
+(``{"event": "ready", ...}``: the real ports) and writes the same to
+``--ready-file``.
+
+On SIGTERM or SIGINT it drains: health turns NOT_SERVING, new calls are
+refused with UNAVAILABLE, WatchEvents streams end, the notification endpoint
+stops, in-flight transfers get ``--drain-seconds`` to finish, the rest are
+cancelled; then the socket file, the ready file and the spool directory are
+removed and the process exits 0.
+
+Threads: gRPC calls run on a pool of ``--max-concurrent-rpcs`` threads and
+the server admits no more calls than that (the rest get RESOURCE_EXHAUSTED at
+once), so a call never waits behind WatchEvents streams that hold their
+threads for hours. Health Watch streams hold no thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import hmac
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
+from typing import Any, Callable, Dict, List, Optional
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fl_sidecar import __version__
+from fl_sidecar.config import MAX_MESSAGE_SIZE, Settings, add_arguments, strip_userinfo
+from fl_sidecar.errors import ConfigurationError
+from fl_sidecar.events import EventBus, ServerEvent
+from fl_sidecar.server_api import Credentials, FlServerClient
+from fl_sidecar.service import SERVICE_NAME, SidecarService
+from fl_sidecar.telemetry import Metrics, configure_logging
+from fl_sidecar.transfers import TransferManager
+from fl_sidecar.v1 import sidecar_pb2_grpc
+
+__all__ = ["TOKEN_METADATA_KEY", "SidecarServer", "register", "run_serve"]
+
+TOKEN_METADATA_KEY = "x-fl-sidecar-token"
+"""The gRPC metadata key that carries the API token."""
+
+_log = logging.getLogger(__name__)
+
+# Health checks stay open without the token: orchestrators' gRPC probes cannot
+# send metadata, and health reveals nothing but SERVING / NOT_SERVING.
+_UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
+_FINAL_GRACE = 1.0  # seconds the gRPC server gives leftover calls (health watches) at the end
+
+
+class _TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Refuses every call without the right ``x-fl-sidecar-token`` with UNAUTHENTICATED."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode("utf-8")
+
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], handler_call_details: Any
+    ) -> Any:
+        method = handler_call_details.method or ""
+        if method.startswith(_UNAUTHENTICATED_PREFIXES):
+            return continuation(handler_call_details)
+        presented = b""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == TOKEN_METADATA_KEY:
+                presented = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+                break
+        if hmac.compare_digest(presented, self._token):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        return _refusing_handler(handler)
+
+
+def _refusing_handler(handler: Any) -> Any:
+    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            f"missing or wrong API token (metadata {TOKEN_METADATA_KEY})",
+        )
+
+    if handler is None:
+        return None
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def server_credentials(settings: Settings) -> Optional[Credentials]:
+    """The sidecar's own FL server credentials: header, then token, then Basic, then URL.
+
+    Raises:
+        ConfigurationError: a credential is malformed.
+    """
+    try:
+        if settings.authorization:
+            return Credentials.from_header(settings.authorization)
+        if settings.server_token:
+            return Credentials.token(settings.server_token)
+        if settings.username is not None and settings.password is not None:
+            return Credentials.basic(settings.username, settings.password)
+    except ValueError:
+        raise ConfigurationError("the configured FL server credentials are malformed") from None
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(settings.server_url)
+    if parts.username is not None:
+        return Credentials.basic(unquote(parts.username), unquote(parts.password or ""))
+    return None
+
+
+def _prepare_socket_path(path: str) -> None:
+    """Make the socket's directory (0700 when created); remove a stale socket, refuse a live one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigurationError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        _log.info("removing a stale socket", extra={"socket": path})
+        os.unlink(path)
+        return
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        raise ConfigurationError(f"cannot check the existing socket {path}: {exc}") from None
+    finally:
+        probe.close()
+    raise ConfigurationError(f"another server is listening on {path}; refusing to start")
+
+
+class SidecarServer:
+    """The running sidecar: gRPC server, notification endpoint, metrics, transfers.
+
+    Use :meth:`start`, then :meth:`drain_and_stop` (what SIGTERM does).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        """Build every part from ``settings``; nothing listens yet.
+
+        Raises:
+            ConfigurationError: invalid settings. OSError: the spool directory cannot be made.
+        """
+        self.settings = settings
+        self.metrics = Metrics()
+        self.bus = EventBus()
+        self.client = FlServerClient(
+            strip_userinfo(settings.server_url),
+            server_credentials(settings),
+            timeout=settings.http_timeout,
+            retries=settings.http_retries,
+            compression=settings.compression,
+            max_download_size=settings.max_model_size,
+            spool_dir=settings.spool_dir,
+        )
+        self.transfers = TransferManager(
+            self.client,
+            spool_dir=settings.spool_dir,
+            max_model_size=settings.max_model_size,
+            trust_pickles=settings.trust_pickles,
+            metrics=self.metrics,
+        )
+        self.service = SidecarService(
+            self.transfers,
+            self.bus,
+            server_url=settings.public_server_url,
+            trust_pickles=settings.trust_pickles,
+            max_unpack_size=settings.max_model_size,
+            metrics=self.metrics,
+        )
+        self.health = health.HealthServicer()
+        self.notifications: Any = None
+        self.metrics_port: Optional[int] = None
+        self.tcp_port: Optional[int] = None
+        self._grpc: Any = None
+        self._socket_inode: Optional[int] = None
+        self._stopped = threading.Event()
+
+    # -- start --
+
+    def start(self) -> Dict[str, Any]:
+        """Start every part; returns the facts printed as the ready line.
+
+        Raises:
+            ConfigurationError: the socket path is taken by a live server or not a socket.
+            OSError / RuntimeError: an address cannot be bound.
+        """
+        settings = self.settings
+        if settings.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(settings.metrics_host, settings.metrics_port)
+        self._start_notifications()
+        self._start_grpc()
+        ready: Dict[str, Any] = {
+            "event": "ready",
+            "pid": os.getpid(),
+            "version": __version__,
+            "socket": settings.socket_path,
+            "grpc_target": f"unix://{settings.socket_path}" if settings.socket_path else None,
+            "tcp_port": self.tcp_port,
+            "tcp_target": (
+                f"{_host_for_url(settings.listen[0])}:{self.tcp_port}"
+                if settings.listen is not None
+                else None
+            ),
+            "notification_url": self.service.notification_url or None,
+            "metrics_port": self.metrics_port,
+        }
+        _log.info("sidecar serving", extra={k: v for k, v in ready.items() if k != "event"})
+        return ready
+
+    def _start_notifications(self) -> None:
+        settings = self.settings
+        if settings.notification_port is None:
+            return
+        from fl_sidecar.notifications import NotificationServer
+
+        on_event = self._event_handler()
+        self.notifications = NotificationServer(
+            self.bus,
+            host=settings.notification_host,
+            port=settings.notification_port,
+            on_event=on_event,
+        )
+        self.notifications.start()
+        self.service.notification_url = self.notifications.url
+
+    def _event_handler(self) -> Callable[[ServerEvent], None]:
+        runner: Any = None
+        settings = self.settings
+        if settings.script_path is not None:
+            from fl_sidecar.scripts import ScriptRunner
+
+            # Without an executor the script runs with this Python.
+            runner = ScriptRunner(
+                executor=settings.script_executor or sys.executable,
+                script_path=settings.script_path,
+                working_directory=settings.script_working_directory,
+            )
+            _log.info(
+                "compatibility mode: events start the training script",
+                extra={"script": settings.script_path, "executor": settings.script_executor},
+            )
+        events_counter = self.metrics.events
+
+        def on_event(event: ServerEvent) -> None:
+            events_counter.labels(event.kind.value).inc()
+            if runner is not None:
+                runner.handle(event)
+
+        return on_event
+
+    def _start_grpc(self) -> None:
+        settings = self.settings
+        workers = settings.max_concurrent_rpcs
+        interceptors: List[Any] = []
+        if settings.api_token:
+            interceptors.append(_TokenInterceptor(settings.api_token))
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fl-sidecar-rpc"),
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
+                # Two sidecars must never share a TCP port silently.
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=workers,
+        )
+        sidecar_pb2_grpc.add_SidecarServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        if settings.socket_path is not None:
+            self._bind_unix(server, settings.socket_path)
+        if settings.listen is not None:
+            host, port = settings.listen
+            bound = server.add_insecure_port(f"{_host_for_url(host)}:{port}")
+            if bound == 0:
+                raise OSError(f"cannot listen on {host}:{port}")
+            self.tcp_port = bound
+        server.start()
+        self._grpc = server
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    def _bind_unix(self, server: Any, path: str) -> None:
+        _prepare_socket_path(path)
+        # grpc creates (binds) the socket inside add_insecure_port; the umask
+        # makes it 0600 from its first moment, the chmod is belt and braces.
+        old_umask = os.umask(0o177)
+        try:
+            bound = server.add_insecure_port(f"unix:{path}")
+        finally:
+            os.umask(old_umask)
+        if bound == 0:
+            raise OSError(f"cannot listen on the unix socket {path}")
+        os.chmod(path, 0o600)
+        info = os.lstat(path)
+        if not stat.S_ISSOCK(info.st_mode) or stat.S_IMODE(info.st_mode) != 0o600:
+            raise OSError(f"the socket {path} does not have mode 0600")
+        self._socket_inode = info.st_ino
+
+    # -- stop --
+
+    def drain_and_stop(self) -> None:
+        """Drain (health NOT_SERVING, refuse new calls, wait for transfers), stop, clean up.
+
+        Idempotent; blocks at most about ``drain_seconds`` + 1 second.
+        """
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        settings = self.settings
+        _log.info("draining", extra={"drain_seconds": settings.drain_seconds})
+        self.health.enter_graceful_shutdown()
+        self.service.begin_drain()
+        if self.notifications is not None:
+            self.notifications.stop()
+        deadline = time.monotonic() + settings.drain_seconds
+        while self._transfers_in_flight() > 0 and time.monotonic() < deadline:
+            # In-flight transfers have no completion event to wait on; poll briefly.
+            time.sleep(0.05)
+        left = self._transfers_in_flight()
+        if left:
+            _log.warning("cancelling transfers still running after the drain", extra={"left": left})
+        if self._grpc is not None:
+            self._grpc.stop(grace=_FINAL_GRACE).wait()
+        self._cleanup()
+        _log.info("stopped")
+
+    def _transfers_in_flight(self) -> int:
+        total = 0.0
+        for metric in self.metrics.in_flight.collect():
+            for sample in metric.samples:
+                total += sample.value
+        return int(total)
+
+    def _cleanup(self) -> None:
+        settings = self.settings
+        if settings.socket_path is not None and self._socket_inode is not None:
+            with contextlib.suppress(FileNotFoundError):
+                # Remove only our own socket, not one a successor created meanwhile.
+                if os.lstat(settings.socket_path).st_ino == self._socket_inode:
+                    os.unlink(settings.socket_path)
+        if settings.ready_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(settings.ready_file)
+        self.transfers.close()
+        self.client.close()
+        self.metrics.close()
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _write_ready_file(path: str, ready: Dict[str, Any]) -> None:
+    temp = f"{path}.{os.getpid()}.tmp"
+    with open(temp, "w", encoding="utf-8") as file:
+        json.dump(ready, file)
+        file.write("\n")
+    os.replace(temp, path)
+
+
+def run_serve(settings: Settings) -> int:
+    """Run the sidecar until SIGTERM/SIGINT; returns the exit status (0 after a clean drain).
+
+    Raises:
+        ConfigurationError: invalid settings or the socket is taken.
+    """
+    configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
+    stop = threading.Event()
+    received: List[int] = []
+
+    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
+        received.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server = SidecarServer(settings)
+    try:
+        ready = server.start()
+        if settings.ready_file:
+            _write_ready_file(settings.ready_file, ready)
+        print(json.dumps(ready), flush=True)
+        while not stop.wait(0.5):
+            pass
+        _log.info(
+            "signal received",
+            extra={"signal": signal.Signals(received[0]).name if received else "?"},
+        )
+    finally:
+        server.drain_and_stop()
+    return 0
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    try:
+        settings = Settings.from_args(args)
+        return run_serve(settings)
+    except ConfigurationError as exc:
+        print(f"fl-sidecar serve: {exc}", file=sys.stderr)
+        return 2
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``serve`` subcommand to the CLI's subparsers."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the sidecar (gRPC for trainers, notifications from the FL server)",
+        description=(
+            "Run the fl-sidecar: gRPC for trainers on a unix socket (or loopback TCP), the "
+            "FL server's notification endpoint, optional Prometheus metrics. Every flag can "
+            "also be set by the environment variable in brackets; flags win."
+        ),
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=_serve_command)

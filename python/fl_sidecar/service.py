@@ -1,0 +1,668 @@
+"""The gRPC servicer of ``fl_sidecar.v1.Sidecar``: converts messages, calls domain code.
+
+It holds no transfer logic of its own (that is :mod:`fl_sidecar.transfers`,
+:mod:`fl_sidecar.server_api`, :mod:`fl_sidecar.codec` and
+:mod:`fl_sidecar.events`); it validates requests, turns messages into calls
+and results into messages, and maps domain errors to gRPC status codes as the
+proto's header comment documents (:func:`status_for`). Unexpected exceptions
+become INTERNAL and are logged with their traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Tuple, TypeVar
+
+import grpc
+
+from fl_sidecar import __version__
+from fl_sidecar.config import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_MESSAGE_SIZE
+from fl_sidecar.errors import (
+    AuthenticationError,
+    CodecError,
+    ConfigurationError,
+    ConflictError,
+    CorruptDataError,
+    MalformedNotificationError,
+    ModelError,
+    ModelFormatError,
+    NotFoundError,
+    PermissionDeniedError,
+    RequestRejectedError,
+    ServerError,
+    ServerUnavailableError,
+    SidecarError,
+    SizeLimitExceededError,
+    TensorMismatchError,
+    UnsafePickleError,
+    UploadOutcomeUnknownError,
+)
+from fl_sidecar.events import EventBus, EventKind, ServerEvent
+from fl_sidecar.server_api import Credentials
+from fl_sidecar.telemetry import Metrics
+from fl_sidecar.transfers import (
+    FORMAT_SAFETENSORS,
+    FORMAT_TORCH,
+    DownloadCancelledError,
+    SpooledModel,
+    TransferManager,
+    is_sha256_hex,
+)
+from fl_sidecar.v1 import sidecar_pb2 as pb
+from fl_sidecar.v1 import sidecar_pb2_grpc as pb_grpc
+
+__all__ = ["SERVICE_NAME", "SidecarService", "status_for"]
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Sidecar"].full_name
+"""``"fl_sidecar.v1.Sidecar"``, the name used by health checking and reflection."""
+
+_log = logging.getLogger(__name__)
+
+# Pack/Unpack output is gathered to at least this many bytes per message
+# (fewer, larger messages are cheaper) and cut at MAX_CHUNK_SIZE.
+_MIN_OUTPUT_MESSAGE = 1024 * 1024
+_MAX_PACK_CHUNK_SIZE = 8 * 1024 * 1024
+_PROGRESS_POLL = 0.25  # seconds between checks that the trainer is still there
+_EVENT_POLL = 1.0  # seconds
+
+_EVENT_KINDS: Dict[EventKind, int] = {
+    EventKind.TRAINING_START: pb.EVENT_KIND_TRAINING_START,
+    EventKind.UPDATE_ROUND_START: pb.EVENT_KIND_UPDATE_ROUND_START,
+    EventKind.MODEL_TEST_ROUND: pb.EVENT_KIND_MODEL_TEST_ROUND,
+    EventKind.TRAINING_FINISHED: pb.EVENT_KIND_TRAINING_FINISHED,
+    EventKind.SWAG_ROUND_START: pb.EVENT_KIND_SWAG_ROUND_START,
+    EventKind.CLIENT_REMOVED: pb.EVENT_KIND_CLIENT_REMOVED,
+    EventKind.UNKNOWN: pb.EVENT_KIND_UNKNOWN,
+}
+
+# Most specific first: the first matching class decides.
+_STATUS_BY_ERROR: List[Tuple[type, grpc.StatusCode]] = [
+    (SizeLimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (CorruptDataError, grpc.StatusCode.DATA_LOSS),
+    (CodecError, grpc.StatusCode.DATA_LOSS),
+    (UnsafePickleError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ModelFormatError, grpc.StatusCode.INVALID_ARGUMENT),
+    (TensorMismatchError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelError, grpc.StatusCode.INVALID_ARGUMENT),
+    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
+    (RequestRejectedError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UploadOutcomeUnknownError, grpc.StatusCode.UNKNOWN),
+    (ServerUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (ServerError, grpc.StatusCode.UNKNOWN),
+    (DownloadCancelledError, grpc.StatusCode.CANCELLED),
+    (ConfigurationError, grpc.StatusCode.INVALID_ARGUMENT),
+    (MalformedNotificationError, grpc.StatusCode.INVALID_ARGUMENT),
+]
+
+T = TypeVar("T")
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status code for a domain error, as the proto documents; INTERNAL otherwise."""
+    if isinstance(exc, SidecarError):
+        return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
+    for error_class, code in _STATUS_BY_ERROR:
+        if isinstance(exc, error_class):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _invalid(message: str) -> SidecarError:
+    return SidecarError(message, code="INVALID_ARGUMENT")
+
+
+def _format_name(value: int) -> str:
+    if value in (pb.MODEL_FORMAT_UNSPECIFIED, pb.MODEL_FORMAT_TORCH):
+        return FORMAT_TORCH
+    if value == pb.MODEL_FORMAT_SAFETENSORS:
+        return FORMAT_SAFETENSORS
+    raise _invalid(f"unknown model format {value}; expected TORCH or SAFETENSORS")
+
+
+def _credentials(message: pb.Credentials) -> Optional[Credentials]:
+    kind = message.WhichOneof("kind")
+    try:
+        if kind == "basic":
+            return Credentials.basic(message.basic.username, message.basic.password)
+        if kind == "token":
+            return Credentials.token(message.token)
+        if kind == "authorization_header":
+            return Credentials.from_header(message.authorization_header)
+    except (ValueError, ConfigurationError):
+        # The message of the original error might quote the secret.
+        raise _invalid(f"the call's {kind} credentials are malformed") from None
+    return None
+
+
+def _metrics_mapping(metrics: Any) -> Dict[str, float]:
+    result: Dict[str, float] = {}
+    for metric in metrics:
+        if not metric.name:
+            raise _invalid("a metric has no name")
+        if metric.name in result:
+            raise _invalid(f"the metric {metric.name!r} appears twice")
+        result[metric.name] = metric.value
+    return result
+
+
+def _require_id(value: str, what: str) -> str:
+    if not value:
+        raise _invalid(f"{what} is required")
+    if len(value) > 200 or any(c.isspace() or c in "/?#" for c in value):
+        raise _invalid(f"{what} {value[:64]!r} is not a valid id")
+    return value
+
+
+def _codec_module() -> Any:
+    return importlib.import_module("fl_sidecar.codec")
+
+
+def _split(data: bytes) -> Iterator[bytes]:
+    view = memoryview(data)
+    for start in range(0, len(view), MAX_CHUNK_SIZE):
+        yield bytes(view[start : start + MAX_CHUNK_SIZE])
+
+
+class _OutputBuffer:
+    """Gathers produced bytes into messages of 1-4 MiB."""
+
+    def __init__(self) -> None:
+        self._parts: List[bytes] = []
+        self._size = 0
+        self.total = 0
+
+    def add(self, data: bytes) -> Iterator[bytes]:
+        if not data:
+            return
+        self._parts.append(data)
+        self._size += len(data)
+        self.total += len(data)
+        if self._size >= _MIN_OUTPUT_MESSAGE:
+            yield from self.flush()
+
+    def flush(self) -> Iterator[bytes]:
+        if not self._parts:
+            return
+        joined = b"".join(self._parts)
+        self._parts, self._size = [], 0
+        yield from _split(joined)
+
+
+def _unary(method: Callable[..., T]) -> Callable[..., T]:
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: SidecarService, request: Any, context: grpc.ServicerContext) -> T:
+        started = time.monotonic()
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            self._fail(name, context, exc)
+            raise  # not reached: _fail aborts
+        finally:
+            self._observe(name, started)
+
+    return wrapper
+
+
+def _streaming(
+    method: Callable[..., Iterator[T]],
+) -> Callable[..., Iterator[T]]:
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: SidecarService, request: Any, context: grpc.ServicerContext) -> Iterator[T]:
+        started = time.monotonic()
+        try:
+            yield from method(self, request, context)
+        except Exception as exc:
+            self._fail(name, context, exc)
+        finally:
+            self._observe(name, started)
+
+    return wrapper
+
+
+class SidecarService(pb_grpc.SidecarServicer):
+    """Implements every RPC of ``fl_sidecar.v1.Sidecar``."""
+
+    def __init__(
+        self,
+        transfers: TransferManager,
+        bus: EventBus,
+        *,
+        server_url: str,
+        trust_pickles: bool,
+        max_unpack_size: int,
+        notification_url: str = "",
+        metrics: Optional[Metrics] = None,
+    ) -> None:
+        """Wire the servicer to its domain objects.
+
+        Args:
+            transfers: downloads and uploads models.
+            bus: the server's notifications, for WatchEvents.
+            server_url: the FL server's URL, already stripped of credentials.
+            trust_pickles: reported by GetInfo (the transfers apply it).
+            max_unpack_size: default output limit of Unpack, in bytes.
+            notification_url: where the FL server should POST notifications.
+            metrics: where call durations and errors are counted.
+        """
+        self.transfers = transfers
+        self.bus = bus
+        self.server_url = server_url
+        self.trust_pickles = trust_pickles
+        self.max_unpack_size = max_unpack_size
+        self.notification_url = notification_url
+        self.metrics = metrics
+        self._draining = threading.Event()
+
+    def begin_drain(self) -> None:
+        """Refuse new calls with UNAVAILABLE and end every WatchEvents stream."""
+        self._draining.set()
+        self.bus.close()
+
+    # -- plumbing --
+
+    def _fail(self, method: str, context: grpc.ServicerContext, exc: BaseException) -> None:
+        code = status_for(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            _log.error("bug: unexpected error", exc_info=exc, extra={"method": method})
+            message = f"internal error in the sidecar ({type(exc).__name__}); see its log"
+        else:
+            message = str(exc) or type(exc).__name__
+            _log.info(
+                "call failed",
+                extra={"method": method, "code": code.name, "error": type(exc).__name__},
+            )
+        if self.metrics is not None:
+            self.metrics.rpc_errors.labels(method, code.name).inc()
+        context.abort(code, message)
+
+    def _observe(self, method: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.rpc_seconds.labels(method).observe(time.monotonic() - started)
+
+    def _check_open(self) -> None:
+        if self._draining.is_set():
+            raise SidecarError("the sidecar is shutting down", code="UNAVAILABLE")
+
+    # -- RPCs --
+
+    @_unary
+    def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> Any:
+        """Facts about this sidecar; never credentials."""
+        try:
+            codec = _codec_module()
+            level, chunk_size = int(codec.DEFAULT_LEVEL), int(codec.DEFAULT_CHUNK_SIZE)
+        except ImportError:
+            level, chunk_size = 0, 0
+        coding = self.transfers.client.negotiated_coding
+        return pb.GetInfoResponse(
+            version=__version__,
+            codec="zstd-seekable",
+            codec_level=level,
+            codec_chunk_size=chunk_size,
+            server_url=self.server_url,
+            negotiated_coding=coding or "",
+            notification_url=self.notification_url,
+            max_message_size=MAX_MESSAGE_SIZE,
+            trusts_pickles=self.trust_pickles,
+        )
+
+    @_streaming
+    def DownloadModel(
+        self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.DownloadModelResponse]:
+        """Fetch, vet/convert, then stream ModelInfo and chunks; progress while fetching."""
+        self._check_open()
+        model_id = _require_id(request.model_id, "model_id")
+        fmt = _format_name(request.format)
+        chunk_size = request.chunk_size or DEFAULT_CHUNK_SIZE
+        if chunk_size > MAX_CHUNK_SIZE:
+            raise _invalid(f"chunk_size {chunk_size} exceeds the maximum of {MAX_CHUNK_SIZE} bytes")
+        credentials = _credentials(request.credentials)
+
+        updates: queue.Queue[Tuple[str, Any]] = queue.Queue()
+        cancelled = threading.Event()
+        context.add_callback(cancelled.set)
+
+        def fetch() -> None:
+            try:
+                model = self.transfers.download(
+                    model_id,
+                    fmt,
+                    credentials=credentials,
+                    progress=lambda done, total: updates.put(("progress", (done, total))),
+                    on_converting=lambda: updates.put(("converting", None)),
+                    cancelled=cancelled,
+                )
+            except BaseException as exc:
+                updates.put(("error", exc))
+            else:
+                if cancelled.is_set():
+                    model.discard()
+                else:
+                    updates.put(("done", model))
+
+        worker = threading.Thread(target=fetch, name="fl-sidecar-download", daemon=True)
+        worker.start()
+        model: Optional[SpooledModel] = None
+        try:
+            model = yield from self._await_download(updates, context)
+            yield pb.DownloadModelResponse(
+                info=pb.ModelInfo(
+                    model_id=model_id,
+                    format=pb.MODEL_FORMAT_SAFETENSORS
+                    if model.format == FORMAT_SAFETENSORS
+                    else pb.MODEL_FORMAT_TORCH,
+                    size=model.size,
+                    sha256=model.sha256,
+                    content_encoding=model.content_encoding,
+                    wire_bytes=model.wire_bytes,
+                )
+            )
+            with open(model.path, "rb") as file:
+                while True:
+                    block = file.read(chunk_size)
+                    if not block:
+                        break
+                    yield pb.DownloadModelResponse(chunk=block)
+            _log.info(
+                "model downloaded",
+                extra={
+                    "model_id": model_id,
+                    "format": model.format,
+                    "bytes": model.size,
+                    "wire_bytes": model.wire_bytes,
+                    "coding": model.content_encoding,
+                },
+            )
+        finally:
+            cancelled.set()
+            if model is not None:
+                model.discard()
+
+    def _await_download(
+        self, updates: queue.Queue[Tuple[str, Any]], context: grpc.ServicerContext
+    ) -> Generator[pb.DownloadModelResponse, None, SpooledModel]:
+        # A generator that yields progress messages and returns the spooled model.
+        while True:
+            try:
+                kind, value = updates.get(timeout=_PROGRESS_POLL)
+            except queue.Empty:
+                if not context.is_active():
+                    raise DownloadCancelledError("the trainer cancelled the download") from None
+                continue
+            latest_progress = None
+            # Coalesce progress: only the newest count is worth a message.
+            while kind == "progress":
+                latest_progress = value
+                try:
+                    kind, value = updates.get_nowait()
+                except queue.Empty:
+                    kind = ""
+            if latest_progress is not None:
+                done, total = latest_progress
+                yield pb.DownloadModelResponse(
+                    progress=pb.Progress(
+                        phase=pb.Progress.PHASE_FETCHING, done=done, total=total or 0
+                    )
+                )
+            if kind == "converting":
+                yield pb.DownloadModelResponse(
+                    progress=pb.Progress(phase=pb.Progress.PHASE_CONVERTING)
+                )
+            elif kind == "error":
+                raise value
+            elif kind == "done":
+                spooled: SpooledModel = value
+                return spooled
+
+    @_unary
+    def UploadModel(self, request_iterator: Iterator[pb.UploadModelRequest], context: Any) -> Any:
+        """Spool the chunks, check them against the header, convert if asked, upload."""
+        self._check_open()
+        first = self._next_request(request_iterator)
+        if first is None or first.WhichOneof("kind") != "header":
+            raise _invalid("the first message of UploadModel must be the header")
+        header = first.header
+        model_id = _require_id(header.model_id, "header.model_id")
+        fmt = _format_name(header.format)
+        metrics = _metrics_mapping(header.metrics)
+        credentials = _credentials(header.credentials)
+        if header.sha256 and not is_sha256_hex(header.sha256):
+            raise _invalid("header.sha256 must be 64 hex digits")
+        if header.size > self.transfers.max_model_size:
+            raise SizeLimitExceededError(
+                f"the model's {header.size} bytes exceed the sidecar's limit of "
+                f"{self.transfers.max_model_size} bytes"
+            )
+        spool = self.transfers.new_upload_spool()
+        try:
+            while True:
+                message = self._next_request(request_iterator)
+                if message is None:
+                    break
+                if message.WhichOneof("kind") != "chunk":
+                    raise _invalid("UploadModel takes one header, then only chunks")
+                spool.write(message.chunk)
+            path = spool.finish(header.size or None, header.sha256 or None)
+            if not context.is_active():
+                raise SidecarError("the trainer went away; nothing was uploaded", code="CANCELLED")
+            result = self.transfers.upload(
+                model_id,
+                Path(path),
+                fmt,
+                round=header.round,
+                sample_size=header.sample_size,
+                metrics=metrics,
+                owner=header.owner or None,
+                credentials=credentials,
+            )
+        finally:
+            spool.discard()
+        _log.info(
+            "model uploaded",
+            extra={
+                "model_id": model_id,
+                "round": header.round,
+                "format": fmt,
+                "bytes": result.raw_bytes,
+                "wire_bytes": result.wire_bytes,
+                "coding": result.content_encoding,
+                "status": result.status,
+            },
+        )
+        return pb.UploadModelResponse(
+            http_status=result.status,
+            detail=result.detail,
+            raw_bytes=result.raw_bytes,
+            wire_bytes=result.wire_bytes,
+            content_encoding=result.content_encoding,
+            seconds=result.seconds,
+        )
+
+    @staticmethod
+    def _next_request(request_iterator: Iterator[T]) -> Optional[T]:
+        try:
+            return next(request_iterator, None)
+        except grpc.RpcError:
+            # The trainer cancelled or the connection broke mid-stream.
+            raise SidecarError(
+                "the trainer went away mid-stream; nothing was uploaded", code="CANCELLED"
+            ) from None
+
+    @_unary
+    def UploadMetrics(self, request: pb.UploadMetricsRequest, context: Any) -> Any:
+        """Post test metrics of the global model."""
+        self._check_open()
+        model_id = _require_id(request.model_id, "model_id")
+        metrics = _metrics_mapping(request.metrics)
+        if not metrics:
+            raise _invalid("UploadMetrics needs at least one metric")
+        result = self.transfers.client.upload_metrics(
+            model_id,
+            metrics,
+            owner=request.owner or None,
+            credentials=_credentials(request.credentials),
+        )
+        return pb.UploadMetricsResponse(http_status=result.status, detail=result.detail)
+
+    @_unary
+    def GetTraining(self, request: pb.GetTrainingRequest, context: Any) -> Any:
+        """The training's state as the FL server reports it."""
+        self._check_open()
+        training_id = _require_id(request.training_id, "training_id")
+        answer = self.transfers.client.get_training(
+            training_id, credentials=_credentials(request.credentials)
+        )
+        return pb.GetTrainingResponse(
+            state=str(answer.get("state", "")), json=json.dumps(answer, default=str)
+        )
+
+    @_streaming
+    def Pack(
+        self, request_iterator: Iterator[pb.PackRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.PackResponse]:
+        """Pack the streamed bytes; emit packed bytes as they are produced, then a summary."""
+        self._check_open()
+        codec = _codec_module()
+        level, chunk_size = int(codec.DEFAULT_LEVEL), int(codec.DEFAULT_CHUNK_SIZE)
+        packer: Any = None
+        raw = 0
+        output = _OutputBuffer()
+        for index, message in enumerate(_requests(request_iterator)):
+            kind = message.WhichOneof("kind")
+            if kind == "options":
+                if index != 0:
+                    raise _invalid("Pack options must be the first message")
+                if message.options.level:
+                    level = message.options.level
+                if message.options.chunk_size:
+                    chunk_size = message.options.chunk_size
+                if chunk_size > _MAX_PACK_CHUNK_SIZE:
+                    raise _invalid(
+                        f"chunk_size {chunk_size} exceeds the maximum of "
+                        f"{_MAX_PACK_CHUNK_SIZE} bytes"
+                    )
+                continue
+            if kind != "chunk":
+                continue
+            if packer is None:
+                packer = _new_packer(codec, level, chunk_size)
+            raw += len(message.chunk)
+            for block in output.add(packer.write(message.chunk)):
+                yield pb.PackResponse(chunk=block)
+        if packer is None:
+            packer = _new_packer(codec, level, chunk_size)
+        for block in output.add(packer.finish()):
+            yield pb.PackResponse(chunk=block)
+        for block in output.flush():
+            yield pb.PackResponse(chunk=block)
+        frames = -(-raw // chunk_size) if raw else 0
+        yield pb.PackResponse(
+            summary=pb.PackSummary(raw_bytes=raw, packed_bytes=output.total, frames=frames)
+        )
+
+    @_streaming
+    def Unpack(
+        self, request_iterator: Iterator[pb.UnpackRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.UnpackResponse]:
+        """Unpack any zstd stream; emit the original bytes as they are produced, then a summary."""
+        self._check_open()
+        codec = _codec_module()
+        limit = self.max_unpack_size
+        unpacker: Any = None
+        packed = 0
+        output = _OutputBuffer()
+        for index, message in enumerate(_requests(request_iterator)):
+            kind = message.WhichOneof("kind")
+            if kind == "options":
+                if index != 0:
+                    raise _invalid("Unpack options must be the first message")
+                if message.options.max_output_size:
+                    limit = message.options.max_output_size
+                continue
+            if kind != "chunk":
+                continue
+            if unpacker is None:
+                unpacker = codec.Unpacker(max_output_size=limit)
+            packed += len(message.chunk)
+            for block in output.add(unpacker.write(message.chunk)):
+                yield pb.UnpackResponse(chunk=block)
+        if unpacker is None:
+            unpacker = codec.Unpacker(max_output_size=limit)
+        unpacker.finish()
+        for block in output.flush():
+            yield pb.UnpackResponse(chunk=block)
+        yield pb.UnpackResponse(
+            summary=pb.UnpackSummary(packed_bytes=packed, raw_bytes=output.total)
+        )
+
+    @_streaming
+    def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Event]:
+        """Stream the bus's events (backlog or resume, then live) until cancel or drain."""
+        self._check_open()
+        after_seq = request.after_seq if request.HasField("after_seq") else None
+        subscription = self.bus.subscribe(
+            after_seq=after_seq, training_ids=list(request.training_ids) or None
+        )
+        # Wakes the blocked get() when the trainer cancels, so its thread is freed at once.
+        context.add_callback(subscription.close)
+        try:
+            while not self._draining.is_set():
+                event = subscription.get(timeout=_EVENT_POLL)
+                if event is None:
+                    if subscription.closed or not context.is_active():
+                        return
+                    continue
+                yield _event_message(event)
+        finally:
+            subscription.close()
+
+
+def _requests(request_iterator: Iterator[T]) -> Iterator[T]:
+    while True:
+        try:
+            message = next(request_iterator, None)
+        except grpc.RpcError:
+            raise SidecarError("the trainer went away mid-stream", code="CANCELLED") from None
+        if message is None:
+            return
+        yield message
+
+
+def _new_packer(codec: Any, level: int, chunk_size: int) -> Any:
+    try:
+        return codec.Packer(level=level, chunk_size=chunk_size)
+    except (ValueError, TypeError) as exc:
+        raise _invalid(f"invalid pack options: {exc}") from None
+
+
+def _event_message(event: ServerEvent) -> pb.Event:
+    message = pb.Event(
+        seq=event.seq,
+        kind=_EVENT_KINDS.get(event.kind, pb.EVENT_KIND_UNKNOWN),  # type: ignore[arg-type]
+        notification_type=event.notification_type,
+        training_id=event.training_id,
+        model_id=event.model_id or "",
+        body_json=event.body_json,
+        raw_json=event.raw_json,
+        received_at=event.received_at,
+    )
+    if event.round is not None:
+        message.round = event.round
+    return message

@@ -1,0 +1,475 @@
+"""Model transfers of the sidecar: spooling, vetting, conversion, and the FL server calls.
+
+The domain layer between the gRPC servicer (:mod:`fl_sidecar.service`, which
+only converts messages) and the building blocks: :mod:`fl_sidecar.server_api`
+(HTTP), :mod:`fl_sidecar.models` (the only torch importer, imported lazily
+here so that the sidecar starts without torch when every model passes through
+as TORCH).
+
+Memory stays bounded: models live in spool files in a private directory
+(mode 0700) that is removed when the manager closes, never whole in memory.
+The sidecar never executes a pickle: a TORCH download is vetted with the
+restricted reader unless ``trust_pickles`` is set, conversions use the
+restricted reader, and a SAFETENSORS upload is written into a copy of the
+global model's archive.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable, Deque, Mapping, Optional, Tuple
+
+from fl_sidecar.errors import (
+    ChecksumMismatchError,
+    CorruptDataError,
+    FlSidecarError,
+    ModelFormatError,
+    SizeLimitExceededError,
+    TruncatedDataError,
+    UnsafePickleError,
+)
+from fl_sidecar.server_api import Credentials, FlServerClient, ProgressCallback, TransferResult
+from fl_sidecar.telemetry import Metrics
+
+__all__ = [
+    "FORMAT_SAFETENSORS",
+    "FORMAT_TORCH",
+    "DownloadCancelledError",
+    "SpooledModel",
+    "TransferManager",
+    "UploadSpool",
+]
+
+FORMAT_TORCH = "torch"
+FORMAT_SAFETENSORS = "safetensors"
+
+_log = logging.getLogger(__name__)
+_SHA256_PATTERN = re.compile(r"[0-9a-f]{64}\Z")
+_READ_SIZE = 1024 * 1024
+_TEMPLATE_CACHE_SIZE = 2
+
+
+class DownloadCancelledError(FlSidecarError):
+    """The trainer went away while the model was being fetched; the partial file is gone."""
+
+
+@dataclass
+class SpooledModel:
+    """A model in a spool file, ready to be streamed to the trainer.
+
+    Attributes:
+        path: the spool file (deleted by :meth:`discard`).
+        size: bytes of the file.
+        sha256: hex digest of the file.
+        format: ``"torch"`` or ``"safetensors"``.
+        content_encoding: how it crossed the network from the FL server.
+        wire_bytes: bytes it took on the network.
+    """
+
+    path: Path
+    size: int
+    sha256: str
+    format: str
+    content_encoding: str
+    wire_bytes: int
+
+    def discard(self) -> None:
+        """Delete the spool file (idempotent)."""
+        _unlink_quietly(self.path)
+
+
+class UploadSpool:
+    """Collects an upload's chunks in a spool file, counting and hashing them.
+
+    Memory stays at one chunk; the file is deleted by :meth:`discard`.
+    """
+
+    def __init__(self, path: Path, max_size: int) -> None:
+        """Create the spool file at ``path`` (mode 0600); ``max_size`` is in bytes."""
+        self.path = path
+        self.max_size = max_size
+        self.size = 0
+        self._hash = hashlib.sha256()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._file: Optional[IO[bytes]] = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> None:
+        """Append a chunk.
+
+        Raises:
+            SizeLimitExceededError: the upload grew beyond ``max_size`` bytes.
+        """
+        if self._file is None:
+            raise ValueError("the spool is closed")
+        if self.size + len(data) > self.max_size:
+            raise SizeLimitExceededError(
+                f"the model exceeds the sidecar's limit of {self.max_size} bytes"
+            )
+        self._file.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    def finish(self, expected_size: Optional[int], expected_sha256: Optional[str]) -> Path:
+        """Close the file and check it against the header's promises.
+
+        Args:
+            expected_size: bytes announced (``None``: not checked).
+            expected_sha256: hex digest announced (``None``: not checked).
+
+        Returns:
+            The spool file's path.
+
+        Raises:
+            TruncatedDataError: fewer bytes arrived than announced.
+            CorruptDataError: more bytes arrived than announced.
+            ChecksumMismatchError: the SHA-256 differs from the announced one.
+        """
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if expected_size is not None and self.size < expected_size:
+            raise TruncatedDataError(
+                f"the upload ended after {self.size} of the {expected_size} bytes announced"
+            )
+        if expected_size is not None and self.size > expected_size:
+            raise CorruptDataError(
+                f"the upload carried {self.size} bytes, more than the {expected_size} announced"
+            )
+        digest = self._hash.hexdigest()
+        if expected_sha256 is not None and digest != expected_sha256.lower():
+            raise ChecksumMismatchError(
+                f"the upload's SHA-256 is {digest}, not the {expected_sha256} announced"
+            )
+        return self.path
+
+    def discard(self) -> None:
+        """Close and delete the spool file (idempotent)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        _unlink_quietly(self.path)
+
+
+def is_sha256_hex(text: str) -> bool:
+    """Whether ``text`` is a 64-character hex SHA-256 digest (either case)."""
+    return _SHA256_PATTERN.match(text.lower()) is not None
+
+
+class TransferManager:
+    """Downloads and uploads models for trainers, through one :class:`FlServerClient`.
+
+    Thread-safe: each call uses its own spool files; the template cache is locked.
+    """
+
+    def __init__(
+        self,
+        client: FlServerClient,
+        *,
+        spool_dir: Optional[str] = None,
+        max_model_size: int,
+        trust_pickles: bool = False,
+        metrics: Optional[Metrics] = None,
+    ) -> None:
+        """Create the private spool directory (mode 0700) under ``spool_dir``.
+
+        Args:
+            client: the FL server client (its default credentials apply when a call has none).
+            spool_dir: parent of the spool directory; ``None`` is the system temp dir.
+            max_model_size: largest upload accepted, in bytes.
+            trust_pickles: pass TORCH downloads through without vetting them.
+            metrics: where bytes and durations are counted.
+
+        Raises:
+            OSError: the spool directory cannot be created.
+        """
+        self.client = client
+        self.max_model_size = max_model_size
+        self.trust_pickles = trust_pickles
+        self.metrics = metrics
+        self.spool_dir = Path(tempfile.mkdtemp(prefix="fl-sidecar-spool-", dir=spool_dir))
+        self._templates: Deque[Tuple[Tuple[str, int], Path]] = collections.deque()
+        self._template_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Remove the spool directory with every file still in it."""
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
+
+    def _spool_path(self, suffix: str) -> Path:
+        return self.spool_dir / f"{uuid.uuid4().hex}{suffix}"
+
+    def new_upload_spool(self) -> UploadSpool:
+        """A fresh :class:`UploadSpool` limited to ``max_model_size`` bytes."""
+        return UploadSpool(self._spool_path(".upload"), self.max_model_size)
+
+    # -- download --
+
+    def download(
+        self,
+        model_id: str,
+        fmt: str,
+        *,
+        credentials: Optional[Credentials] = None,
+        progress: Optional[ProgressCallback] = None,
+        on_converting: Optional[Callable[[], None]] = None,
+        cancelled: Optional[threading.Event] = None,
+    ) -> SpooledModel:
+        """Fetch the global model into a spool file, vet or convert it.
+
+        Args:
+            model_id: the global model's id.
+            fmt: ``"torch"`` (the server's bytes) or ``"safetensors"`` (converted).
+            credentials: for this call; ``None`` uses the client's own.
+            progress: called with (wire bytes received, wire total or ``None``).
+            on_converting: called once before vetting or conversion starts.
+            cancelled: set when the trainer went away; the fetch then stops.
+
+        Returns:
+            The spooled model; the caller must :meth:`SpooledModel.discard` it.
+
+        Raises:
+            ServerError subclasses from the FL server; CodecError for a corrupt body;
+            UnsafePickleError: the archive's pickle would run code (and pickles are not
+            trusted, or the format is SAFETENSORS); ModelFormatError: not a torch
+            archive; DownloadCancelledError: ``cancelled`` was set.
+        """
+        archive = self._spool_path(".pt")
+        stop = cancelled if cancelled is not None else threading.Event()
+
+        def on_progress(done: int, total: Optional[int]) -> None:
+            if stop.is_set():
+                raise DownloadCancelledError("the trainer cancelled the download")
+            if progress is not None:
+                progress(done, total)
+
+        self._track_in_flight("download", +1)
+        try:
+            result = self.client.download_model(
+                model_id, archive, credentials=credentials, progress=on_progress
+            )
+            self._count("download", result)
+            if stop.is_set():
+                raise DownloadCancelledError("the trainer cancelled the download")
+            if fmt == FORMAT_SAFETENSORS:
+                if on_converting is not None:
+                    on_converting()
+                converted = self._spool_path(".safetensors")
+                try:
+                    _models().archive_to_safetensors(archive, converted)
+                except BaseException:
+                    _unlink_quietly(converted)
+                    raise
+                size, sha256 = _size_and_sha256(converted)
+                _unlink_quietly(archive)
+                return SpooledModel(
+                    converted,
+                    size,
+                    sha256,
+                    FORMAT_SAFETENSORS,
+                    result.content_encoding,
+                    result.wire_bytes,
+                )
+            if not self.trust_pickles:
+                if on_converting is not None:
+                    on_converting()
+                self._vet(archive)
+            sha256 = result.sha256 or _size_and_sha256(archive)[1]
+            return SpooledModel(
+                archive,
+                result.raw_bytes,
+                sha256,
+                FORMAT_TORCH,
+                result.content_encoding,
+                result.wire_bytes,
+            )
+        except BaseException:
+            _unlink_quietly(archive)
+            raise
+        finally:
+            self._track_in_flight("download", -1)
+
+    def _vet(self, archive: Path) -> None:
+        models = _models()
+        try:
+            models.read_tensors(archive)
+        except UnsafePickleError as exc:
+            raise UnsafePickleError(
+                f"the FL server's model would run code when unpickled ({exc}); the sidecar "
+                "refuses it. Start the sidecar with --trust-pickles (FL_SIDECAR_TRUST_PICKLES=1) "
+                "only if you trust the server"
+            ) from exc
+
+    # -- upload --
+
+    def upload(
+        self,
+        model_id: str,
+        source: Path,
+        fmt: str,
+        *,
+        round: int,
+        sample_size: int,
+        metrics: Mapping[str, float],
+        owner: Optional[str] = None,
+        credentials: Optional[Credentials] = None,
+        on_converting: Optional[Callable[[], None]] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> TransferResult:
+        """Upload a spooled model (converting SAFETENSORS into the global model's archive).
+
+        Args:
+            model_id: the global model's id.
+            source: the spooled upload (a torch archive, or a safetensors file).
+            fmt: ``"torch"`` or ``"safetensors"``.
+            round, sample_size, metrics, owner: the upload's fields.
+            credentials: for this call; ``None`` uses the client's own.
+            on_converting: called once before a conversion starts.
+            progress: called with (wire bytes sent, wire total).
+
+        Returns:
+            What the FL server answered and what was moved.
+
+        Raises:
+            ModelFormatError: TORCH data that is not a torch archive, or SAFETENSORS data
+            that is not safetensors. TensorMismatchError: the weights do not match the
+            global model. ServerError subclasses from the FL server.
+        """
+        self._track_in_flight("upload", +1)
+        converted: Optional[Path] = None
+        try:
+            if fmt == FORMAT_SAFETENSORS:
+                if on_converting is not None:
+                    on_converting()
+                converted = self._spool_path(".pt")
+                self._write_into_template(model_id, round, source, converted, credentials)
+                to_send = converted
+            else:
+                self._check_torch(source)
+                to_send = source
+            result = self.client.upload_model(
+                model_id,
+                to_send,
+                round=round,
+                sample_size=sample_size,
+                metrics=metrics,
+                owner=owner,
+                credentials=credentials,
+                progress=progress,
+            )
+            self._count("upload", result)
+            return result
+        finally:
+            if converted is not None:
+                _unlink_quietly(converted)
+            self._track_in_flight("upload", -1)
+
+    def _check_torch(self, source: Path) -> None:
+        models = _models()
+        detected = models.detect_format(source)
+        if detected == models.ModelFormat.SAFETENSORS:
+            raise ModelFormatError(
+                "the upload is declared TORCH but holds a safetensors file; declare "
+                "MODEL_FORMAT_SAFETENSORS"
+            )
+
+    def _write_into_template(
+        self,
+        model_id: str,
+        round: int,
+        weights: Path,
+        dest: Path,
+        credentials: Optional[Credentials],
+    ) -> None:
+        models = _models()
+        if models.detect_format(weights) != models.ModelFormat.SAFETENSORS:
+            raise ModelFormatError(
+                "the upload is declared SAFETENSORS but is not a safetensors file"
+            )
+        # The lock also keeps a template from being evicted while it is being read.
+        with self._template_lock:
+            template = self._template(model_id, round, credentials)
+            models.safetensors_into_archive(template, weights, dest)
+
+    def _template(self, model_id: str, round: int, credentials: Optional[Credentials]) -> Path:
+        key = (model_id, round)
+        for cached_key, path in self._templates:
+            if cached_key == key and path.exists():
+                return path
+        path = self._spool_path(".template.pt")
+        started = time.monotonic()
+        try:
+            result = self.client.download_model(model_id, path, credentials=credentials)
+        except BaseException:
+            _unlink_quietly(path)
+            raise
+        self._count("download", result)
+        _log.info(
+            "fetched the global model as the template for a safetensors upload",
+            extra={
+                "model_id": model_id,
+                "round": round,
+                "bytes": result.raw_bytes,
+                "seconds": round_seconds(time.monotonic() - started),
+            },
+        )
+        self._templates.append((key, path))
+        while len(self._templates) > _TEMPLATE_CACHE_SIZE:
+            _old_key, old_path = self._templates.popleft()
+            _unlink_quietly(old_path)
+        return path
+
+    # -- bookkeeping --
+
+    def _count(self, direction: str, result: TransferResult) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.transfer_bytes.labels(direction, "raw").inc(result.raw_bytes)
+        self.metrics.transfer_bytes.labels(direction, "wire").inc(result.wire_bytes)
+        self.metrics.transfer_seconds.labels(direction).observe(result.seconds)
+
+    def _track_in_flight(self, direction: str, delta: int) -> None:
+        if self.metrics is not None:
+            self.metrics.in_flight.labels(direction).inc(delta)
+
+
+def round_seconds(seconds: float) -> float:
+    """Seconds rounded to milliseconds, for logs."""
+    return round(seconds, 3)
+
+
+def _models() -> Any:
+    # torch is heavy and optional: import model I/O only when a model needs it.
+    return importlib.import_module("fl_sidecar.models")
+
+
+def _size_and_sha256(path: Path) -> Tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as file:
+        while True:
+            block = file.read(_READ_SIZE)
+            if not block:
+                break
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        _log.warning("could not remove a spool file", extra={"path": str(path), "error": str(exc)})
