@@ -85,13 +85,13 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         url = server.start()
-        print(f"dev FL server listening on {url}", flush=True)
         if args.ready_file:
             # Written then renamed, so a watcher never reads half a URL.
             tmp = f"{args.ready_file}.tmp"
             with open(tmp, "w", encoding="utf-8") as handle:
                 handle.write(url + "\n")
             os.replace(tmp, args.ready_file)
+        print(f"dev FL server listening on {url}", flush=True)
         while not stop.wait(0.5):
             pass
         _log.info("stopping the dev FL server")
