@@ -9,9 +9,21 @@ if [ -z "${CARGO_SOURCE:-}" ]; then
 fi
 args=(--release)
 if [ "$CARGO_SOURCE" = "debian" ]; then
-  args+=(--offline
-         --config 'source.crates-io.replace-with="debian"'
-         --config 'source.debian.directory="/usr/share/cargo/registry"')
+  # maturin runs `cargo metadata` without our --config flags, so the source replacement
+  # goes into the (git-ignored) project config that every cargo call reads.
+  mkdir -p .cargo
+  cat > .cargo/config.toml <<'TOML'
+# Written by scripts/build-native.sh (CARGO_SOURCE=debian): crates from Debian's packages.
+[source.crates-io]
+replace-with = "debian"
+[source.debian]
+directory = "/usr/share/cargo/registry"
+[net]
+offline = true
+TOML
+  args+=(--offline)
+elif [ -f .cargo/config.toml ] && grep -q 'scripts/build-native.sh' .cargo/config.toml; then
+  rm .cargo/config.toml
 fi
 export VIRTUAL_ENV="$PWD/.venv"
 export PATH="$VIRTUAL_ENV/bin:$PATH"

@@ -15,4 +15,5 @@ if [ "$CARGO_SOURCE" = "debian" ]; then
          --config 'net.offline=true')
 fi
 cmd=$1; shift
-exec cargo "$cmd" "${args[@]}" "$@"
+# Global options go before the subcommand, so external ones (cargo fmt) accept them too.
+exec cargo "${args[@]}" "$cmd" "$@"

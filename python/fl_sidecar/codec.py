@@ -1,0 +1,358 @@
+"""The codec: pack bytes into the zstd seekable format and unpack any zstd stream.
+
+A packed blob is a run of independent zstd frames of at most ``chunk_size``
+uncompressed bytes each (each with its content size and content checksum, each
+needing a window of at most 8 MiB as RFC 9659 requires for HTTP content coding
+``zstd``), followed by the seek table of zstd's contrib/seekable_format as a
+skippable frame. Any zstd decoder reads it as ordinary concatenated frames; ours
+packs and unpacks the frames in parallel in native code with the GIL released,
+and unpacks straight into one ``bytes`` object of its final size.
+
+Inputs are read through the buffer protocol without copying: ``bytes``,
+``bytearray``, ``memoryview`` and numpy arrays all work, as long as they are
+C-contiguous (anything else is a :class:`ValueError`; a non-buffer is a
+:class:`TypeError`). Do not resize or mutate a buffer while a call reads it.
+
+Errors are the classes of :mod:`fl_sidecar.errors`:
+:class:`~fl_sidecar.errors.CorruptDataError` (not zstd, bad header or block),
+:class:`~fl_sidecar.errors.TruncatedDataError` (the data ends inside a frame),
+:class:`~fl_sidecar.errors.ChecksumMismatchError` (content does not match its checksum),
+:class:`~fl_sidecar.errors.SeekTableError` (the seek table is malformed or lies), and
+:class:`~fl_sidecar.errors.SizeLimitExceededError` (the output would exceed
+``max_output_size``; raised before allocating whenever the sizes are known up front).
+The first four are all :class:`~fl_sidecar.errors.CorruptDataError`.
+
+Warning -- decoding our blobs elsewhere:
+    python-zstandard's one-shot ``zstandard.ZstdDecompressor().decompress(blob)``
+    returns only the FIRST frame of a multi-frame blob, silently. Use
+    ``ZstdDecompressor().stream_reader(blob, read_across_frames=True).read()``,
+    the ``zstd`` command-line tool, ``backports.zstd`` / ``compression.zstd``, or
+    :func:`unpack` here. A blob cut exactly at a frame boundary is itself a valid
+    zstd stream; only the seek table (``inspect(blob).has_seek_table``) or the
+    expected size tells that frames are missing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, NamedTuple, Optional, Union
+
+from fl_sidecar import _codec
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+    PathLike = Union[str, "os.PathLike[str]"]
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_LEVEL",
+    "DEFAULT_MAX_OUTPUT_SIZE",
+    "MAX_CHUNK_SIZE",
+    "MAX_LEVEL",
+    "MIN_LEVEL",
+    "BlobInfo",
+    "PackStats",
+    "Packer",
+    "Unpacker",
+    "inspect",
+    "is_zstd",
+    "pack",
+    "pack_file",
+    "unpack",
+    "unpack_file",
+]
+
+#: Default zstd compression level (chosen by measurement; see docs/codec.md).
+DEFAULT_LEVEL: int = _codec.DEFAULT_LEVEL
+#: Default uncompressed bytes per frame (chosen by measurement; see docs/codec.md).
+DEFAULT_CHUNK_SIZE: int = _codec.DEFAULT_CHUNK_SIZE
+#: Largest chunk size, in bytes: frames must not need a window above 8 MiB (RFC 9659).
+MAX_CHUNK_SIZE: int = _codec.MAX_CHUNK_SIZE
+#: Default limit on the decompressed size, in bytes (4 GiB).
+DEFAULT_MAX_OUTPUT_SIZE: int = _codec.DEFAULT_MAX_OUTPUT_SIZE
+#: The compression levels zstd accepts (negative levels are its fast modes; 0 means 3).
+MIN_LEVEL: int = _codec.MIN_LEVEL
+MAX_LEVEL: int = _codec.MAX_LEVEL
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class PackStats(NamedTuple):
+    """Sizes of a finished packing."""
+
+    raw_size: int
+    """Uncompressed bytes read."""
+    packed_size: int
+    """Bytes of the packed blob, seek table included."""
+    frames: int
+    """Number of zstd frames."""
+
+
+class BlobInfo(NamedTuple):
+    """What a blob says about itself, read without decompressing."""
+
+    frames: int
+    """Number of zstd frames."""
+    compressed_size: int
+    """Size of the blob, in bytes."""
+    decompressed_size: Optional[int]
+    """Total decompressed size in bytes, or None when some frame does not record it."""
+    has_checksums: bool
+    """Whether every frame carries its content checksum."""
+    has_seek_table: bool
+    """Whether the blob ends with a seek table (checked against its frames)."""
+
+    @property
+    def ratio(self) -> Optional[float]:
+        """Decompressed size / compressed size, or None when the decompressed size is unknown."""
+        if self.decompressed_size is None or self.compressed_size == 0:
+            return None
+        return self.decompressed_size / self.compressed_size
+
+
+def _check_count(name: str, value: int) -> int:
+    # The binding takes unsigned sizes; a negative one would surface as OverflowError.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _contiguous(data: Buffer) -> Buffer:
+    """Checks ``data`` is a C-contiguous buffer (TypeError / ValueError otherwise)."""
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    view = memoryview(data)  # TypeError for anything without the buffer protocol
+    if not view.c_contiguous:
+        raise ValueError(
+            "data must be a C-contiguous buffer; copy it first "
+            "(bytes(...), numpy.ascontiguousarray(...))"
+        )
+    return data
+
+
+def pack(
+    data: Buffer,
+    *,
+    level: int = DEFAULT_LEVEL,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    threads: int = 0,
+) -> bytes:
+    """Packs ``data`` into a seekable zstd blob, compressing its frames in parallel.
+
+    Args:
+        data: any C-contiguous buffer; read in place, never copied.
+        level: zstd level, ``MIN_LEVEL`` to ``MAX_LEVEL``.
+        chunk_size: uncompressed bytes per frame, 1 to ``MAX_CHUNK_SIZE`` (8 MiB).
+        threads: worker threads, 0 for one per core.
+
+    Returns:
+        The blob. Empty input gives one empty frame plus the seek table.
+
+    Raises:
+        TypeError: ``data`` is not a buffer.
+        ValueError: ``data`` is not C-contiguous, or a parameter is out of range.
+    """
+    return _codec.pack(
+        _contiguous(data),
+        level,
+        _check_count("chunk_size", chunk_size),
+        _check_count("threads", threads),
+    )
+
+
+def unpack(
+    blob: Buffer,
+    *,
+    max_output_size: int = DEFAULT_MAX_OUTPUT_SIZE,
+    threads: int = 0,
+) -> bytes:
+    """Unpacks any zstd stream: ours, or plain single- or multi-frame zstd.
+
+    When every frame's size is known (frame headers or seek table) the result is
+    allocated once at its final size and the frames are decoded into it in
+    parallel; otherwise the frames are decoded as a stream.
+
+    Args:
+        blob: any C-contiguous buffer holding the compressed bytes; never copied.
+        max_output_size: the most decompressed bytes to accept.
+        threads: worker threads, 0 for one per core.
+
+    Returns:
+        The decompressed bytes.
+
+    Raises:
+        CorruptDataError: not a zstd stream, or a bad header or block.
+        TruncatedDataError: the data ends inside a frame (or is empty).
+        ChecksumMismatchError: a frame's content does not match its checksum.
+        SeekTableError: the seek table is malformed or disagrees with the frames.
+        SizeLimitExceededError: the output would exceed ``max_output_size``.
+        TypeError / ValueError: ``blob`` is not a C-contiguous buffer, bad parameter.
+    """
+    return _codec.unpack(
+        _contiguous(blob),
+        _check_count("max_output_size", max_output_size),
+        _check_count("threads", threads),
+    )
+
+
+def pack_file(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    level: int = DEFAULT_LEVEL,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    threads: int = 0,
+) -> PackStats:
+    """Packs the file ``src`` into the file ``dst`` with memory of about ``threads x chunk_size``.
+
+    ``dst`` is written through a temporary file in the same folder and renamed into
+    place, so a failure leaves no partial ``dst`` (and an existing one untouched).
+
+    Returns:
+        The sizes (bytes) and the frame count.
+
+    Raises:
+        OSError: ``src`` cannot be read or ``dst`` cannot be written.
+        ValueError: a parameter is out of range.
+    """
+    raw, packed, frames = _codec.pack_file(
+        os.fspath(src),
+        os.fspath(dst),
+        level,
+        _check_count("chunk_size", chunk_size),
+        _check_count("threads", threads),
+    )
+    return PackStats(raw, packed, frames)
+
+
+def unpack_file(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    max_output_size: int = DEFAULT_MAX_OUTPUT_SIZE,
+    threads: int = 0,
+) -> int:
+    """Unpacks the zstd file ``src`` into ``dst`` with bounded memory (streaming).
+
+    ``dst`` is written through a temporary file and renamed into place only when
+    the whole stream decoded and verified. ``threads`` is accepted for symmetry;
+    the file path decodes on one thread.
+
+    Returns:
+        The number of bytes written.
+
+    Raises:
+        The errors of :func:`unpack`, and OSError for file problems.
+    """
+    _check_count("threads", threads)
+    written: int = _codec.unpack_file(
+        os.fspath(src), os.fspath(dst), _check_count("max_output_size", max_output_size)
+    )
+    return written
+
+
+def inspect(blob: Buffer) -> BlobInfo:
+    """Reads a blob's facts from its frame headers and seek table without decompressing.
+
+    The walk checks the structure: every frame and block header, and the seek table
+    against the frames it describes.
+
+    Raises:
+        CorruptDataError, TruncatedDataError, SeekTableError: as for :func:`unpack`.
+    """
+    frames, compressed, decompressed, checksums, seek_table = _codec.inspect(_contiguous(blob))
+    return BlobInfo(frames, compressed, decompressed, checksums, seek_table)
+
+
+def is_zstd(prefix: bytes) -> bool:
+    """True when ``prefix`` starts with the zstd frame magic (or a skippable-frame magic).
+
+    Only the first 4 bytes are looked at; fewer than 4 bytes is False.
+    """
+    head = bytes(prefix[:4])
+    if len(head) < 4:
+        return False
+    if head == _ZSTD_MAGIC:
+        return True
+    # Skippable frames (magic 0x184D2A50..0x184D2A5F, little-endian) also start valid streams.
+    return head[1:] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50
+
+
+class Packer:
+    """Streaming encoder: memory stays at about ``threads x chunk_size``.
+
+    Feed pieces with :meth:`write` (each returns the compressed bytes ready now,
+    possibly ``b""``), then call :meth:`finish` once for the rest and the seek table.
+    Concatenating every returned piece gives the same blob as :func:`pack`.
+    """
+
+    def __init__(
+        self,
+        *,
+        level: int = DEFAULT_LEVEL,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        threads: int = 0,
+    ) -> None:
+        """Raises ValueError for a parameter out of range."""
+        self._inner = _codec.Packer(
+            level, _check_count("chunk_size", chunk_size), _check_count("threads", threads)
+        )
+
+    def write(self, data: Buffer) -> bytes:
+        """Feeds ``data`` (any C-contiguous buffer); returns compressed bytes ready now.
+
+        Raises:
+            TypeError / ValueError: not a C-contiguous buffer, or the packer is finished.
+        """
+        return self._inner.write(_contiguous(data))
+
+    def finish(self) -> bytes:
+        """Returns the remaining frames and the seek table; the packer is then closed.
+
+        Raises:
+            ValueError: called twice.
+        """
+        return self._inner.finish()
+
+    @property
+    def stats(self) -> PackStats:
+        """Sizes (bytes) and frames emitted so far."""
+        return PackStats(*self._inner.stats())
+
+
+class Unpacker:
+    """Streaming decoder for any zstd stream (ours, or plain single/multi-frame zstd).
+
+    Feed compressed pieces of any size with :meth:`write` (each returns the
+    decompressed bytes ready now), then call :meth:`finish`. Frame checksums and
+    seek tables are verified as they pass. After an error the decoder is spent.
+    """
+
+    def __init__(self, *, max_output_size: int = DEFAULT_MAX_OUTPUT_SIZE) -> None:
+        """``max_output_size``: the most decompressed bytes to produce in total."""
+        self._inner = _codec.Unpacker(_check_count("max_output_size", max_output_size))
+
+    def write(self, data: Buffer) -> bytes:
+        """Feeds compressed bytes; returns the decompressed bytes ready now.
+
+        Raises:
+            The errors of :func:`unpack` (TruncatedDataError only from :meth:`finish`).
+        """
+        return self._inner.write(_contiguous(data))
+
+    def finish(self) -> None:
+        """Declares the end of the input.
+
+        Raises:
+            TruncatedDataError: the stream stopped inside a frame, or nothing was fed.
+            SeekTableError: it ends with a seek table that does not match its frames.
+        """
+        self._inner.finish()
+
+    @property
+    def produced(self) -> int:
+        """Decompressed bytes produced so far."""
+        return self._inner.produced

@@ -1,0 +1,311 @@
+//! The pyo3 binding `fl_sidecar._codec`: registers the codec's functions and classes,
+//! reads inputs through the buffer protocol without copying, releases the GIL for the
+//! work, and maps each core error to its class in `fl_sidecar.errors`.
+
+mod buffer;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+
+use fl_sidecar_core as core;
+use fl_sidecar_core::{CodecError, PackOptions};
+use pyo3::exceptions::PyValueError;
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyType};
+
+use buffer::InputBuffer;
+
+/// A core error, or a panic caught at the boundary.
+enum Failure {
+    Codec(CodecError),
+    Panic(String),
+}
+
+impl From<CodecError> for Failure {
+    fn from(e: CodecError) -> Self {
+        Failure::Codec(e)
+    }
+}
+
+/// Runs `f`, turning a panic into a `Failure` so none crosses into Python.
+fn guarded<T>(f: impl FnOnce() -> Result<T, Failure>) -> Result<T, Failure> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            Err(Failure::Panic(msg))
+        }
+    }
+}
+
+fn error_class<'py>(py: Python<'py>, name: &str) -> PyResult<&'py PyType> {
+    Ok(py
+        .import("fl_sidecar.errors")?
+        .getattr(name)?
+        .downcast::<PyType>()?)
+}
+
+fn raise(py: Python<'_>, name: &str, msg: String) -> PyErr {
+    match error_class(py, name) {
+        Ok(cls) => PyErr::from_type(cls, msg),
+        Err(e) => e,
+    }
+}
+
+fn to_py_err(py: Python<'_>, failure: Failure) -> PyErr {
+    match failure {
+        Failure::Panic(msg) => raise(py, "CodecError", format!("internal codec error: {msg}")),
+        Failure::Codec(e) => {
+            let msg = e.to_string();
+            match e {
+                CodecError::InvalidArgument(_) => PyValueError::new_err(msg),
+                CodecError::Corrupt(_) => raise(py, "CorruptDataError", msg),
+                CodecError::Truncated(_) => raise(py, "TruncatedDataError", msg),
+                CodecError::ChecksumMismatch(_) => raise(py, "ChecksumMismatchError", msg),
+                CodecError::SeekTable(_) => raise(py, "SeekTableError", msg),
+                CodecError::SizeLimitExceeded { .. } => raise(py, "SizeLimitExceededError", msg),
+                CodecError::Io(io) => PyErr::from(io),
+            }
+        }
+    }
+}
+
+/// Runs `f` without the GIL and behind the panic guard.
+fn run_released<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> Result<T, Failure> + Send,
+) -> PyResult<T> {
+    py.allow_threads(|| guarded(f))
+        .map_err(|e| to_py_err(py, e))
+}
+
+/// A new `bytes` of exactly `len` bytes, filled in place by `fill` (no zeroing, no copy).
+fn new_bytes(
+    py: Python<'_>,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]) -> PyResult<()>,
+) -> PyResult<PyObject> {
+    let size = ffi::Py_ssize_t::try_from(len)
+        .map_err(|_| PyValueError::new_err("output too large for a bytes object"))?;
+    // SAFETY: a NULL source asks CPython for an uninitialised bytes object of `size` bytes,
+    // which nothing else can see until we return it.
+    unsafe {
+        let ptr = ffi::PyBytes_FromStringAndSize(std::ptr::null(), size);
+        let obj: PyObject = PyObject::from_owned_ptr_or_err(py, ptr)?;
+        if len > 0 {
+            let data = ffi::PyBytes_AsString(ptr) as *mut u8;
+            fill(std::slice::from_raw_parts_mut(data, len))?;
+        }
+        Ok(obj)
+    }
+}
+
+/// Packs a C-contiguous buffer into a seekable zstd blob (bytes).
+#[pyfunction]
+#[pyo3(text_signature = "(data, level, chunk_size, threads)")]
+fn pack(
+    py: Python<'_>,
+    data: &PyAny,
+    level: i32,
+    chunk_size: usize,
+    threads: usize,
+) -> PyResult<PyObject> {
+    let input = InputBuffer::get(py, data)?;
+    let slice = input.as_slice();
+    let opts = PackOptions {
+        level,
+        chunk_size,
+        threads,
+    };
+    let packed = run_released(py, || Ok(core::pack_parts(slice, &opts)?))?;
+    new_bytes(py, packed.len(), |out| {
+        run_released(py, || {
+            packed.write_into(out);
+            Ok(())
+        })
+    })
+}
+
+/// Unpacks any zstd blob (bytes), in parallel straight into the result when sizes are known.
+#[pyfunction]
+#[pyo3(text_signature = "(blob, max_output_size, threads)")]
+fn unpack(
+    py: Python<'_>,
+    blob: &PyAny,
+    max_output_size: u64,
+    threads: usize,
+) -> PyResult<PyObject> {
+    let input = InputBuffer::get(py, blob)?;
+    let slice = input.as_slice();
+    let plan = run_released(py, || Ok(core::plan(slice, max_output_size)?))?;
+    match plan.output_size() {
+        Some(total) => new_bytes(py, total, |out| {
+            run_released(py, || Ok(plan.decode_into(out, threads)?))
+        }),
+        None => {
+            let data = run_released(py, || Ok(plan.decode_to_vec(threads)?))?;
+            Ok(PyBytes::new(py, &data).into())
+        }
+    }
+}
+
+/// Packs the file `src` into the file `dst`; returns (raw_size, packed_size, frames).
+#[pyfunction]
+#[pyo3(text_signature = "(src, dst, level, chunk_size, threads)")]
+fn pack_file(
+    py: Python<'_>,
+    src: PathBuf,
+    dst: PathBuf,
+    level: i32,
+    chunk_size: usize,
+    threads: usize,
+) -> PyResult<(u64, u64, u64)> {
+    let opts = PackOptions {
+        level,
+        chunk_size,
+        threads,
+    };
+    let stats = run_released(py, || Ok(core::pack_file(&src, &dst, &opts)?))?;
+    Ok((stats.raw_size, stats.packed_size, stats.frames))
+}
+
+/// Unpacks the file `src` into the file `dst`; returns the bytes written.
+#[pyfunction]
+#[pyo3(text_signature = "(src, dst, max_output_size)")]
+fn unpack_file(py: Python<'_>, src: PathBuf, dst: PathBuf, max_output_size: u64) -> PyResult<u64> {
+    run_released(py, || Ok(core::unpack_file(&src, &dst, max_output_size)?))
+}
+
+/// (frames, compressed_size, decompressed_size or None, has_checksums, has_seek_table).
+#[pyfunction]
+#[pyo3(text_signature = "(blob)")]
+#[allow(clippy::type_complexity)]
+fn inspect(py: Python<'_>, blob: &PyAny) -> PyResult<(u64, u64, Option<u64>, bool, bool)> {
+    let input = InputBuffer::get(py, blob)?;
+    let slice = input.as_slice();
+    let info = run_released(py, || Ok(core::inspect(slice)?))?;
+    Ok((
+        info.frames,
+        info.compressed_size,
+        info.decompressed_size,
+        info.has_checksums,
+        info.has_seek_table,
+    ))
+}
+
+/// Streaming encoder: `write` returns the compressed bytes ready now, `finish` the rest.
+#[pyclass(module = "fl_sidecar._codec")]
+struct Packer {
+    inner: core::Packer,
+}
+
+#[pymethods]
+impl Packer {
+    #[new]
+    fn new(level: i32, chunk_size: usize, threads: usize) -> PyResult<Self> {
+        let opts = PackOptions {
+            level,
+            chunk_size,
+            threads,
+        };
+        Python::with_gil(|py| {
+            core::Packer::new(opts)
+                .map(|inner| Packer { inner })
+                .map_err(|e| to_py_err(py, e.into()))
+        })
+    }
+
+    fn write(&mut self, py: Python<'_>, data: &PyAny) -> PyResult<PyObject> {
+        let input = InputBuffer::get(py, data)?;
+        let slice = input.as_slice();
+        let inner = &mut self.inner;
+        let out = run_released(py, || {
+            let mut out = Vec::new();
+            inner.write(slice, &mut out)?;
+            Ok(out)
+        })?;
+        Ok(PyBytes::new(py, &out).into())
+    }
+
+    fn finish(&mut self, py: Python<'_>) -> PyResult<PyObject> {
+        let inner = &mut self.inner;
+        let out = run_released(py, || {
+            let mut out = Vec::new();
+            inner.finish(&mut out)?;
+            Ok(out)
+        })?;
+        Ok(PyBytes::new(py, &out).into())
+    }
+
+    /// (raw_size, packed_size, frames) so far.
+    fn stats(&self) -> (u64, u64, u64) {
+        let s = self.inner.stats();
+        (s.raw_size, s.packed_size, s.frames)
+    }
+}
+
+/// Streaming decoder for any zstd stream.
+#[pyclass(module = "fl_sidecar._codec")]
+struct Unpacker {
+    inner: core::Unpacker,
+}
+
+#[pymethods]
+impl Unpacker {
+    #[new]
+    fn new(max_output_size: u64) -> Self {
+        Unpacker {
+            inner: core::Unpacker::new(max_output_size),
+        }
+    }
+
+    fn write(&mut self, py: Python<'_>, data: &PyAny) -> PyResult<PyObject> {
+        let input = InputBuffer::get(py, data)?;
+        let slice = input.as_slice();
+        let inner = &mut self.inner;
+        let out = run_released(py, || {
+            let mut out = Vec::new();
+            inner.write(slice, &mut out)?;
+            Ok(out)
+        })?;
+        Ok(PyBytes::new(py, &out).into())
+    }
+
+    fn finish(&mut self, py: Python<'_>) -> PyResult<()> {
+        let inner = &mut self.inner;
+        run_released(py, || Ok(inner.finish()?))
+    }
+
+    /// Decompressed bytes produced so far.
+    #[getter]
+    fn produced(&self) -> u64 {
+        self.inner.produced()
+    }
+}
+
+#[pymodule]
+fn _codec(_py: Python<'_>, m: &PyModule) -> PyResult<()> {
+    m.add("DEFAULT_LEVEL", core::DEFAULT_LEVEL)?;
+    m.add("DEFAULT_CHUNK_SIZE", core::DEFAULT_CHUNK_SIZE)?;
+    m.add("MAX_CHUNK_SIZE", core::MAX_CHUNK_SIZE)?;
+    m.add("DEFAULT_MAX_OUTPUT_SIZE", core::DEFAULT_MAX_OUTPUT_SIZE)?;
+    m.add("MIN_LEVEL", zstd_levels().0)?;
+    m.add("MAX_LEVEL", zstd_levels().1)?;
+    m.add_function(wrap_pyfunction!(pack, m)?)?;
+    m.add_function(wrap_pyfunction!(unpack, m)?)?;
+    m.add_function(wrap_pyfunction!(pack_file, m)?)?;
+    m.add_function(wrap_pyfunction!(unpack_file, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_class::<Packer>()?;
+    m.add_class::<Unpacker>()?;
+    Ok(())
+}
+
+fn zstd_levels() -> (i32, i32) {
+    core::level_range()
+}
