@@ -56,6 +56,7 @@ __all__ = [
     "EventKind",
     "ServerEvent",
     "Subscription",
+    "is_valid_id",
     "parse_notification",
 ]
 
@@ -144,7 +145,13 @@ def _reject_constant(name: str) -> Any:
     raise MalformedNotificationError(f"notification contains the non-JSON constant {name}")
 
 
-def _valid_id(value: Any) -> bool:
+def is_valid_id(value: Any) -> bool:
+    """Whether ``value`` is an acceptable training or model id.
+
+    A string of 1 to 128 letters, digits and ``._:-`` that does not start with
+    ``-`` (UUIDs are): safe as a separate command-line argument, a file name
+    part and in a log line.
+    """
     return isinstance(value, str) and _ID_PATTERN.match(value) is not None
 
 
@@ -208,7 +215,7 @@ def parse_notification(
             f"notification_type is not a plain name: {_describe(notification_type)}"
         )
     training_id = decoded.get("training_uuid")
-    if not _valid_id(training_id):
+    if not is_valid_id(training_id):
         raise MalformedNotificationError(
             f"training_uuid is missing or not an id: {_describe(training_id)}"
         )
@@ -216,7 +223,7 @@ def parse_notification(
     if not isinstance(body, dict):
         raise MalformedNotificationError(f"body is missing or not a JSON object: {_describe(body)}")
     kind = EventKind.from_notification_type(notification_type)
-    if kind in _MODEL_KINDS and not _valid_id(body.get("global_model_uuid")):
+    if kind in _MODEL_KINDS and not is_valid_id(body.get("global_model_uuid")):
         raise MalformedNotificationError(
             f"{notification_type}: body.global_model_uuid is missing or not an id: "
             f"{_describe(body.get('global_model_uuid'))}"
@@ -229,7 +236,7 @@ def parse_notification(
                 f"{notification_type}: body.round is missing or not an integer in "
                 f"0..{MAX_ROUND}: {_describe(round_)}"
             )
-    assert isinstance(training_id, str)  # checked by _valid_id
+    assert isinstance(training_id, str)  # checked by is_valid_id
     return notification_type, training_id, body
 
 
