@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import socket
 import uuid
 
 from conftest import DevServerHandle, encode_multipart
@@ -142,3 +143,59 @@ def test_not_a_torch_file_is_refused(devserver: DevServerHandle) -> None:
 def test_health(devserver: DevServerHandle) -> None:
     result = devserver.request("GET", "/healthz")
     assert result.status == 200 and result.json() == {"status": "ok"}
+
+
+def _raw(devserver: DevServerHandle, data: bytes) -> int:
+    """Send raw bytes, return the status code of the answer."""
+    with socket.create_connection((devserver.host, devserver.port), timeout=10) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_hostile_requests_get_4xx_never_500(devserver: DevServerHandle) -> None:
+    user = devserver.create_user()
+    user_cases = [
+        {"username": "x", "password": "p", "message_endpoint": "http://[::1"},
+        {"username": "x", "password": "p", "message_endpoint": "http://h:99999/"},
+        {"username": ["x"], "password": {"a": 1}, "message_endpoint": 5},
+    ]
+    for case in user_cases:
+        assert devserver.request("POST", "/api/users/", json_body=case).status == 400
+    deep = b"[" * 100_000
+    assert (
+        devserver.request("POST", "/api/users/", body=deep, content_type="application/json").status
+        == 400
+    )
+    training = {"model_id": str(uuid.uuid4()), "target_num_updates": 10**30}
+    assert devserver.request("POST", "/api/trainings/", user=user, json_body=training).status == 400
+    for path in ("/api/models/%00/", "/api/models/%C3%A9/metrics/", "/api/trainings/../../etc/"):
+        status = devserver.request("GET", path, user=user).status
+        assert 400 <= status < 500, path
+    nan = b"metric_names=a&metric_values=nan"
+    status = devserver.request(
+        "POST",
+        f"/api/models/{uuid.uuid4()}/metrics/",
+        user=user,
+        body=nan,
+        content_type="application/x-www-form-urlencoded",
+    ).status
+    assert status == 400
+    auth = user.token_header().encode()
+    assert (
+        _raw(devserver, b"POST /api/users/ HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+        == 400
+    )
+    huge = b"POST /api/trainings/ HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth
+    huge += b"\r\nContent-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n{}"
+    assert _raw(devserver, huge) == 413
+    bad_type = b"POST /api/models/ HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth
+    bad_type += (
+        b"\r\nContent-Type: multipart/form-data; boundary=\x01\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    assert _raw(devserver, bad_type) == 400
+    latin = b"GET /api/models/\xe9\xff/ HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth + b"\r\n\r\n"
+    assert _raw(devserver, latin) == 400

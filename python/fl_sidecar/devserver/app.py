@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -55,6 +56,8 @@ Headers = List[Tuple[str, str]]
 Body = Union[Dict[str, Any], List[Any]]
 
 _JSON_LIMIT = 1024 * 1024
+_INT_RE = re.compile(r"^-?[0-9]{1,18}$")
+_MAX_COUNT = 10**15  # rounds, sample sizes: far below SQLite's 64-bit integers
 _DRAIN_LIMIT = 64 * 1024 * 1024
 _DOWNLOAD_CHUNK = 1024 * 1024
 _UUID_RE = re.compile(
@@ -157,6 +160,14 @@ def _check_password(password: str, encoded: str) -> bool:
     except ValueError:
         return False
     return hmac.compare_digest(expected, encoded)
+
+
+def _form_int(name: str, raw: str) -> int:
+    """A decimal integer form field (ASCII digits only, at most 18 of them)."""
+    text = raw.strip()
+    if not _INT_RE.match(text):
+        raise _listed(f"{name} must be an integer, got {raw[:40]!r}")
+    return int(text)
 
 
 def _parse_uuid(text: str) -> Optional[str]:
@@ -334,6 +345,8 @@ class DevServerApp:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise _detail(400, f"JSON parse error - {exc}") from None
+        except RecursionError:
+            raise _detail(400, "JSON parse error - nested too deeply") from None
         if not isinstance(data, dict):
             raise _detail(400, "Invalid data. Expected a dictionary.")
         return data
@@ -436,8 +449,13 @@ class DevServerApp:
         password = text("password", True, 1024)
         endpoint = text("message_endpoint", True, 2048)
         if endpoint and "message_endpoint" not in errors:
-            parsed = urllib.parse.urlsplit(endpoint)
-            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            try:
+                parsed = urllib.parse.urlsplit(endpoint)
+                valid = parsed.scheme in ("http", "https") and bool(parsed.hostname)
+                valid = valid and (parsed.port is None or parsed.port > 0)
+            except ValueError:  # e.g. an unclosed IPv6 bracket or a port out of range
+                valid = False
+            if not valid:
                 errors["message_endpoint"] = ["Enter a valid URL."]
         first_name = text("first_name", False, 150)
         last_name = text("last_name", False, 150)
@@ -551,16 +569,10 @@ class DevServerApp:
             raw_samples = form.first("sample_size")
             if raw_samples is None:
                 raise _detail(400, "'sample_size'")
-            try:
-                upload_round = int(raw_round.strip())
-            except ValueError:
-                raise _listed(f"round must be an integer, got {raw_round[:40]!r}") from None
-            try:
-                sample_size = int(raw_samples.strip())
-            except ValueError:
-                raise _listed(f"sample_size must be an integer, got {raw_samples[:40]!r}") from None
-            if sample_size < 1:
-                raise _listed("sample_size must be a positive integer")
+            upload_round = _form_int("round", raw_round)
+            sample_size = _form_int("sample_size", raw_samples)
+            if not 1 <= sample_size <= _MAX_COUNT:
+                raise _listed(f"sample_size must be an integer from 1 to {_MAX_COUNT}")
             names = form.fields.get("metric_names", [])
             values = self._parse_metric_values(names, form.fields.get("metric_values", []))
             part = form.take_file("model_file")
@@ -602,6 +614,9 @@ class DevServerApp:
                 value = float(raw)
             except ValueError:
                 raise _detail(400, f"Metric {name[:80]!r} has a non-numeric value.") from None
+            if not math.isfinite(value):
+                # NaN cannot be stored in SQLite nor written as JSON.
+                raise _detail(400, f"Metric {name[:80]!r} is not a finite number.")
             values.append(value)
         return values
 
@@ -924,8 +939,10 @@ class DevServerApp:
             raise _HttpError(400, {"model_id": ["This field is required."]})
         model = self._model_or_400(raw_model)
         target = data.get("target_num_updates")
-        if not isinstance(target, int) or isinstance(target, bool) or target < 1:
-            raise _HttpError(400, {"target_num_updates": ["A positive integer is required."]})
+        if not isinstance(target, int) or isinstance(target, bool) or not 1 <= target <= _MAX_COUNT:
+            raise _HttpError(
+                400, {"target_num_updates": [f"An integer from 1 to {_MAX_COUNT} is required."]}
+            )
         metric_names = data.get("metric_names", [])
         if not isinstance(metric_names, list) or not all(isinstance(m, str) for m in metric_names):
             raise _HttpError(400, {"metric_names": ["Expected a list of strings."]})
