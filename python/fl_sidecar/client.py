@@ -113,20 +113,32 @@ _EVENT_KINDS = {
 
 
 def default_target() -> str:
-    """The sidecar address to use when the caller names none.
+    """The sidecar address to use when the caller names none, as the settings module resolves it.
 
-    The settings module decides (``FL_SIDECAR_TARGET``, then the socket the
-    sidecar serves on by default, ``FL_SIDECAR_SOCKET`` or
-    ``$XDG_RUNTIME_DIR/fl-sidecar/sidecar.sock`` or ``/tmp/fl-sidecar-<uid>/sidecar.sock``).
+    ``fl_sidecar.config.client_target()`` when the settings module offers it;
+    otherwise where a sidecar started in this environment would serve:
+    ``FL_SIDECAR_SOCKET``, ``FL_SIDECAR_LISTEN``, else
+    ``$XDG_RUNTIME_DIR/fl-sidecar/sidecar.sock`` or ``/tmp/fl-sidecar-<uid>/sidecar.sock``.
+    A training script started by a sidecar in compatibility mode inherits
+    its environment, so it finds that sidecar.
+
+    Raises:
+        fl_sidecar.errors.ConfigurationError: the environment's settings are invalid.
     """
+    import argparse
+
     from fl_sidecar import config
 
     resolver = getattr(config, "client_target", None)
     if callable(resolver):
         return normalize_target(str(resolver()))
-    # The settings module owns the environment; hand it over rather than
-    # reading variables here.
-    return "unix:" + config.default_socket_path(os.environ)
+    settings = config.Settings.from_args(argparse.Namespace())
+    if settings.socket_path is not None:
+        return "unix:" + settings.socket_path
+    if settings.listen is not None:
+        host, port = settings.listen
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return "unix:" + config.default_socket_path({})
 
 
 def normalize_target(target: Optional[str]) -> str:

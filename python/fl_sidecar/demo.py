@@ -66,6 +66,7 @@ class SidecarProcess:
         log_path: where its stdout and stderr go.
         extra_args: more ``serve`` flags.
         env: extra environment variables (e.g. compatibility mode's script settings).
+        api_token: the API token the sidecar requires of callers (by environment).
     """
 
     socket_path: str
@@ -75,6 +76,7 @@ class SidecarProcess:
     log_path: Optional[str] = None
     extra_args: Sequence[str] = ()
     env: Optional[Dict[str, str]] = None
+    api_token: Optional[str] = field(default=None, repr=False)
     process: Optional[subprocess.Popen[bytes]] = None
     info: Optional[SidecarInfo] = None
 
@@ -90,28 +92,28 @@ class SidecarProcess:
             DemoError: it exited or did not answer within ``timeout`` seconds
                 (the end of its log is in the message).
         """
-        ready_file = self.socket_path + ".ready"
         argv = [
             _python(),
             "-m",
             "fl_sidecar",
             "serve",
-            "--socket",
-            self.socket_path,
             "--server-url",
             self.server_url,
             "--notification-port",
             "0",
-            "--ready-file",
-            ready_file,
             *self.extra_args,
         ]
         env = dict(os.environ)
         env.update(self.env or {})
+        # By environment, not flag: a training script the sidecar starts in
+        # compatibility mode inherits it and so finds this sidecar.
+        env["FL_SIDECAR_SOCKET"] = self.socket_path
         if self.username is not None:
             env["FL_SIDECAR_USERNAME"] = self.username
         if self.password is not None:
             env["FL_SIDECAR_PASSWORD"] = self.password
+        if self.api_token is not None:
+            env["FL_SIDECAR_API_TOKEN"] = self.api_token
         log: Any = subprocess.DEVNULL
         if self.log_path is not None:
             log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
@@ -123,7 +125,7 @@ class SidecarProcess:
             if log is not subprocess.DEVNULL:
                 log.close()
         deadline = time.monotonic() + timeout
-        with SidecarClient(self.target, timeout=5.0) as client:
+        with SidecarClient(self.target, timeout=5.0, api_token=self.api_token) as client:
             while True:
                 if self.process.poll() is not None:
                     raise DemoError(
@@ -336,9 +338,6 @@ def run_demo(
                 username=username,
                 password=password,
                 log_path=os.path.join(workdir, f"sidecar-{i}.log"),
-                # TORCH-format trainers load the pickled module themselves:
-                # the sidecar passes the dev server's bytes through.
-                extra_args=("--trust-pickles",) if i % 2 == 1 else (),
             )
             sidecars.append(sidecar)
             info = sidecar.start()
