@@ -1,0 +1,607 @@
+"""A restricted unpickler for the ``data.pkl`` of torch archives: it never runs the pickle.
+
+torch archives (``torch.save`` of a module or a state_dict, ``torch.jit.save``)
+hold one pickle that rebuilds the object graph, plus one zip record per tensor
+storage. Unpickling that graph with :mod:`pickle` imports and calls whatever the
+pickle names, which is how a malicious model runs code on the machine that loads
+it. This module reads the same pickle with an unpickler that
+
+- imports nothing: :meth:`RestrictedUnpickler.find_class` answers every global
+  from a fixed table of inert stand-ins, or with a placeholder class, or refuses;
+- calls nothing but its own stand-ins for torch's tensor and storage rebuild
+  functions, which only *record* what the tensor would be (:class:`TensorRef`,
+  :class:`StorageRef`); calling any other global raises
+  :class:`~fl_sidecar.errors.UnsafePickleError` before anything happens;
+- turns objects of unknown classes (the model's own ``__main__.Net``,
+  ``torch.nn.modules.linear.Linear``, TorchScript's ``__torch__.*``) into
+  :class:`Placeholder` instances that keep their pickled state as plain data.
+
+It does not import torch: dtypes are carried as names (``"float32"``), and
+:mod:`fl_sidecar.models` turns the records into tensors.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import re
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from fl_sidecar.errors import ModelFormatError, UnsafePickleError
+
+__all__ = [
+    "DtypeName",
+    "Placeholder",
+    "PlaceholderMeta",
+    "RestrictedUnpickler",
+    "StorageRef",
+    "TensorRef",
+    "restricted_loads",
+]
+
+# Legacy typed-storage class names (``torch.FloatStorage``) -> dtype name.
+STORAGE_DTYPES: Dict[str, str] = {
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexDoubleStorage": "complex128",
+    "ComplexFloatStorage": "complex64",
+}
+
+# dtype attribute names of the torch module that a pickle may name (``torch.float32``),
+# mapped to one canonical name each.
+DTYPE_ALIASES: Dict[str, str] = {
+    "float64": "float64",
+    "double": "float64",
+    "float32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "int64": "int64",
+    "long": "int64",
+    "int32": "int32",
+    "int": "int32",
+    "int16": "int16",
+    "short": "int16",
+    "int8": "int8",
+    "uint8": "uint8",
+    "uint16": "uint16",
+    "uint32": "uint32",
+    "uint64": "uint64",
+    "bool": "bool",
+    "complex128": "complex128",
+    "cdouble": "complex128",
+    "complex64": "complex64",
+    "cfloat": "complex64",
+    "float8_e4m3fn": "float8_e4m3fn",
+    "float8_e5m2": "float8_e5m2",
+    "float8_e4m3fnuz": "float8_e4m3fnuz",
+    "float8_e5m2fnuz": "float8_e5m2fnuz",
+}
+
+# Modules whose globals are refused outright, even as inert placeholders: naming them
+# in a model pickle has no honest purpose.
+_FORBIDDEN_MODULES = frozenset(
+    {
+        "os",
+        "posix",
+        "nt",
+        "subprocess",
+        "sys",
+        "builtins",
+        "__builtin__",
+        "importlib",
+        "shutil",
+        "socket",
+        "pickle",
+        "_pickle",
+        "marshal",
+        "types",
+        "ctypes",
+        "io",
+        "_io",
+        "operator",
+        "_operator",
+        "functools",
+        "runpy",
+        "code",
+        "codeop",
+        "codecs",
+        "_codecs",
+        "pty",
+        "webbrowser",
+        "platform",
+        "multiprocessing",
+        "threading",
+        "_thread",
+        "signal",
+        "tempfile",
+        "glob",
+        "pathlib",
+        "inspect",
+        "pdb",
+        "timeit",
+        "copyreg",
+        "copy_reg",
+        "asyncio",
+        "http",
+        "urllib",
+        "requests",
+        "pip",
+        "setuptools",
+        "zipimport",
+    }
+)
+_FORBIDDEN_PREFIXES = tuple(m + "." for m in _FORBIDDEN_MODULES)
+
+_STORAGE_KEY = re.compile(r"\A[A-Za-z0-9_]{1,64}\Z")
+_MAX_DIMS = 64
+
+
+class DtypeName(str):
+    """A dtype named by the pickle, as its canonical torch name (``"float32"``)."""
+
+    __slots__ = ()
+
+
+class StorageType:
+    """The storage class a persistent id names (``torch.FloatStorage``), as its dtype name."""
+
+    __slots__ = ("dtype", "untyped")
+
+    def __init__(self, dtype: str, *, untyped: bool = False) -> None:
+        self.dtype = dtype
+        self.untyped = untyped
+
+    def __setstate__(self, state: object) -> None:
+        raise ModelFormatError("the pickle gives state to a storage type")
+
+
+class StorageRef:
+    """One storage record of the archive (``<prefix>/data/<key>``).
+
+    Attributes:
+        key: the record's key.
+        dtype: the element dtype name the storage was saved with (``"uint8"`` when untyped).
+        numel: the number of elements of that dtype (bytes when untyped).
+        location: the device tag it was saved from (``"cpu"``, ``"cuda:0"``).
+    """
+
+    __slots__ = ("dtype", "key", "location", "numel")
+
+    def __init__(self, key: str, dtype: str, numel: int, location: str) -> None:
+        self.key = key
+        self.dtype = dtype
+        self.numel = numel
+        self.location = location
+
+    def __setstate__(self, state: object) -> None:
+        raise ModelFormatError("the pickle gives state to a storage")
+
+
+class TensorRef:
+    """A tensor the pickle would rebuild: a strided view of a storage, not yet read.
+
+    Attributes:
+        storage: the storage it views.
+        dtype: its dtype name (the storage's, unless rebuilt with an explicit dtype).
+        offset: the view's offset, in elements.
+        size: its shape.
+        stride: its strides, in elements.
+        requires_grad: as pickled.
+        is_parameter: rebuilt as an ``nn.Parameter``.
+    """
+
+    __slots__ = ("dtype", "is_parameter", "offset", "requires_grad", "size", "storage", "stride")
+
+    def __init__(
+        self,
+        storage: StorageRef,
+        dtype: str,
+        offset: int,
+        size: Tuple[int, ...],
+        stride: Tuple[int, ...],
+        requires_grad: bool,
+    ) -> None:
+        self.storage = storage
+        self.dtype = dtype
+        self.offset = offset
+        self.size = size
+        self.stride = stride
+        self.requires_grad = requires_grad
+        self.is_parameter = False
+
+    def __setstate__(self, state: object) -> None:
+        raise ModelFormatError("the pickle gives state to a tensor")
+
+
+class PlaceholderMeta(type):
+    """Metaclass of placeholder classes: calling one (pickle REDUCE) is refused.
+
+    An unknown global may be a class (rebuilt with NEWOBJ + BUILD, which never runs
+    its code) or any function (``os.system``); the pickle calling it is exactly
+    the attack, so it is never allowed.
+    """
+
+    pickle_module: str
+    pickle_name: str
+
+    def __call__(cls, *args: object, **kwargs: object) -> Any:
+        raise UnsafePickleError(
+            f"the pickle calls {cls.pickle_module}.{cls.pickle_name}(...), which the restricted"
+            " reader does not run"
+        )
+
+
+class Placeholder(metaclass=PlaceholderMeta):
+    """An inert stand-in for an object of a class the reader does not import.
+
+    Attributes:
+        pickle_args: the arguments NEWOBJ passed (usually empty).
+        pickle_state: what BUILD gave it (for modules: their ``__dict__``), or None.
+    """
+
+    pickle_module = ""
+    pickle_name = ""
+
+    def __new__(cls, *args: object, **kwargs: object) -> Placeholder:
+        # NEWOBJ calls cls.__new__ directly, bypassing the metaclass: this only
+        # records the arguments, it runs nothing of the named class.
+        inst = object.__new__(cls)
+        inst.__dict__["pickle_args"] = (args, kwargs)
+        inst.__dict__["pickle_state"] = None
+        return inst
+
+    def __setstate__(self, state: object) -> None:
+        self.__dict__["pickle_state"] = state
+
+    @property
+    def qualified_name(self) -> str:
+        """The class the pickle named, as ``module.Name``."""
+        return f"{type(self).pickle_module}.{type(self).pickle_name}"
+
+    def state_dict_view(self) -> Optional[Dict[Any, Any]]:
+        """The BUILD state when it is a dict (the object's ``__dict__``), else None.
+
+        A (dict, slots) pair, as pickle writes for objects with ``__slots__``, gives its dict.
+        """
+        state = self.__dict__["pickle_state"]
+        if isinstance(state, dict):
+            return state
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+            return state[0]
+        return None
+
+
+class SafeOrderedDict(collections.OrderedDict):  # type: ignore[type-arg]
+    """An OrderedDict whose BUILD state (a state_dict's ``_metadata``) is kept as data."""
+
+    pickle_state: object = None
+
+    def __setstate__(self, state: object) -> None:
+        self.pickle_state = state
+
+
+def _check_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ModelFormatError(f"the pickle gives a non-integer {what}: {type(value).__name__}")
+    if value < 0:
+        raise ModelFormatError(f"the pickle gives a negative {what}: {value}")
+    return value
+
+
+def _check_dims(value: object, what: str) -> Tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or len(value) > _MAX_DIMS:
+        raise ModelFormatError(f"the pickle gives an invalid tensor {what}")
+    return tuple(_check_int(v, what) for v in value)
+
+
+def _make_tensor(
+    storage: object, offset: object, size: object, stride: object, dtype: Optional[str]
+) -> TensorRef:
+    if not isinstance(storage, StorageRef):
+        raise ModelFormatError("the pickle rebuilds a tensor from something that is not a storage")
+    dims = _check_dims(size, "size")
+    strides = _check_dims(stride, "stride")
+    if len(dims) != len(strides):
+        raise ModelFormatError("the pickle gives a tensor whose size and stride differ in rank")
+    return TensorRef(
+        storage, dtype or storage.dtype, _check_int(offset, "storage offset"), dims, strides, False
+    )
+
+
+def _rebuild_tensor(storage: object, offset: object, size: object, stride: object) -> TensorRef:
+    return _make_tensor(storage, offset, size, stride, None)
+
+
+def _rebuild_tensor_v2(
+    storage: object,
+    offset: object,
+    size: object,
+    stride: object,
+    requires_grad: object = False,
+    backward_hooks: object = None,
+    metadata: object = None,
+) -> TensorRef:
+    tensor = _make_tensor(storage, offset, size, stride, None)
+    tensor.requires_grad = bool(requires_grad is True)
+    return tensor
+
+
+def _rebuild_tensor_v3(
+    storage: object,
+    offset: object,
+    size: object,
+    stride: object,
+    requires_grad: object,
+    backward_hooks: object,
+    dtype: object,
+    metadata: object = None,
+) -> TensorRef:
+    if not isinstance(dtype, DtypeName):
+        raise ModelFormatError("the pickle rebuilds a tensor with an unknown dtype")
+    tensor = _make_tensor(storage, offset, size, stride, str(dtype))
+    tensor.requires_grad = bool(requires_grad is True)
+    return tensor
+
+
+def _rebuild_parameter(data: object, requires_grad: object, backward_hooks: object) -> TensorRef:
+    if not isinstance(data, TensorRef):
+        raise ModelFormatError(
+            "the pickle rebuilds a parameter from something that is not a tensor"
+        )
+    data.is_parameter = True
+    data.requires_grad = bool(requires_grad is True)
+    return data
+
+
+def _rebuild_parameter_with_state(
+    data: object, requires_grad: object, backward_hooks: object, state: object
+) -> TensorRef:
+    # The state holds Python attributes set on the Parameter; they are not weights.
+    return _rebuild_parameter(data, requires_grad, backward_hooks)
+
+
+class _TensorClass:
+    """``torch.Tensor`` / ``torch.nn.Parameter`` as named by ``_rebuild_from_type_v2``."""
+
+    __slots__ = ("is_parameter",)
+
+    def __init__(self, is_parameter: bool) -> None:
+        self.is_parameter = is_parameter
+
+    def __setstate__(self, state: object) -> None:
+        raise ModelFormatError("the pickle gives state to a tensor class")
+
+
+_REBUILD_FUNCTIONS: Dict[str, Callable[..., TensorRef]] = {
+    "_rebuild_tensor": _rebuild_tensor,
+    "_rebuild_tensor_v2": _rebuild_tensor_v2,
+    "_rebuild_tensor_v3": _rebuild_tensor_v3,
+    "_rebuild_parameter": _rebuild_parameter,
+    "_rebuild_parameter_with_state": _rebuild_parameter_with_state,
+}
+_REBUILD_CALLABLES = frozenset(_REBUILD_FUNCTIONS.values())
+
+
+def _rebuild_from_type_v2(func: object, new_type: object, args: object, state: object) -> TensorRef:
+    # torch uses this for tensors that carry Python attributes or are subclasses; only
+    # the plain Tensor and Parameter types are accepted, and func must be one of ours.
+    if func not in _REBUILD_CALLABLES or not isinstance(new_type, _TensorClass):
+        raise UnsafePickleError("the pickle rebuilds a tensor through an unknown function or type")
+    if not isinstance(args, tuple):
+        raise ModelFormatError("the pickle rebuilds a tensor with invalid arguments")
+    tensor = func(*args)
+    if not isinstance(tensor, TensorRef):  # pragma: no cover - our functions return TensorRef
+        raise ModelFormatError("the pickle rebuilds something that is not a tensor")
+    if new_type.is_parameter:
+        tensor.is_parameter = True
+    return tensor
+
+
+def _torch_size(dims: object = ()) -> Tuple[int, ...]:
+    return _check_dims(dims, "torch.Size")
+
+
+class _Device(str):
+    __slots__ = ()
+
+
+def _torch_device(kind: object, index: object = None) -> _Device:
+    if not isinstance(kind, str) or (index is not None and not isinstance(index, int)):
+        raise ModelFormatError("the pickle builds an invalid torch.device")
+    return _Device(kind if index is None else f"{kind}:{index}")
+
+
+def _safe_set(items: object = ()) -> set[Any]:
+    if not isinstance(items, (list, tuple, set, frozenset)):
+        raise ModelFormatError("the pickle builds a set from something that is not a sequence")
+    return set(items)
+
+
+def _safe_frozenset(items: object = ()) -> frozenset[Any]:
+    return frozenset(_safe_set(items))
+
+
+def _codecs_encode(text: object, encoding: object = "utf-8") -> bytes:
+    # Protocol 2 pickles bytes as _codecs.encode(str, "latin1"): only that is allowed.
+    if not isinstance(text, str) or encoding != "latin1":
+        raise UnsafePickleError("the pickle calls _codecs.encode with unexpected arguments")
+    return text.encode("latin1")
+
+
+def _safe_ordered_dict(items: object = ()) -> SafeOrderedDict:
+    if not isinstance(items, (list, tuple)):
+        raise ModelFormatError("the pickle builds an OrderedDict from an unexpected value")
+    return SafeOrderedDict(items)
+
+
+# (module, name) -> the inert object find_class hands the unpickler instead.
+_ALLOWED: Dict[Tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): SafeOrderedDict,
+    ("torch._utils", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Tensor"): _TensorClass(False),
+    ("torch._tensor", "Tensor"): _TensorClass(False),
+    ("torch.nn.parameter", "Parameter"): _TensorClass(True),
+    ("torch", "Size"): _torch_size,
+    ("torch", "device"): _torch_device,
+    ("builtins", "set"): _safe_set,
+    ("__builtin__", "set"): _safe_set,
+    ("builtins", "frozenset"): _safe_frozenset,
+    ("__builtin__", "frozenset"): _safe_frozenset,
+    ("_codecs", "encode"): _codecs_encode,
+}
+for _name, _func in _REBUILD_FUNCTIONS.items():
+    _ALLOWED[("torch._utils", _name)] = _func
+for _name, _dtype in STORAGE_DTYPES.items():
+    _ALLOWED[("torch", _name)] = StorageType(_dtype)
+_ALLOWED[("torch", "UntypedStorage")] = StorageType("uint8", untyped=True)
+_ALLOWED[("torch.storage", "UntypedStorage")] = StorageType("uint8", untyped=True)
+for _name, _dtype in DTYPE_ALIASES.items():
+    _ALLOWED[("torch", _name)] = DtypeName(_dtype)
+
+# torch rebuild functions for tensor kinds the reader cannot represent: refused as a
+# format limitation (they are harmless, just unsupported).
+_UNSUPPORTED_TORCH = frozenset(
+    {
+        "_rebuild_sparse_tensor",
+        "_rebuild_nested_tensor",
+        "_rebuild_qtensor",
+        "_rebuild_wrapper_subclass",
+        "_rebuild_device_tensor_from_numpy",
+        "_rebuild_device_tensor_from_cpu_tensor",
+        "_rebuild_meta_tensor_no_storage",
+        "_rebuild_xla_tensor",
+        "_rebuild_mtia_tensor",
+    }
+)
+
+
+def _unsupported(name: str) -> Callable[..., Any]:
+    def refuse(*args: object, **kwargs: object) -> Any:
+        raise ModelFormatError(
+            f"the archive holds a tensor kind the reader does not support: {name}"
+        )
+
+    return refuse
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Reads a torch archive's pickle without importing or running anything it names.
+
+    Storages come back as :class:`StorageRef`, tensors as :class:`TensorRef`, objects of
+    unknown classes as :class:`Placeholder` instances.
+    """
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        self._placeholders: Dict[Tuple[str, str], type] = {}
+        self.storages: Dict[str, StorageRef] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Answers a GLOBAL with an inert stand-in; raises UnsafePickleError for the rest."""
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise UnsafePickleError("the pickle names a global with a non-string name")
+        allowed = _ALLOWED.get((module, name))
+        if allowed is not None:
+            return allowed
+        if module in _FORBIDDEN_MODULES or module.startswith(_FORBIDDEN_PREFIXES):
+            raise UnsafePickleError(
+                f"the pickle names {module}.{name}, which a model never needs; refused"
+            )
+        if module == "torch._utils" and name in _UNSUPPORTED_TORCH:
+            return _unsupported(name)
+        if (
+            "." in name
+            or not name.isidentifier()
+            or not all(part.isidentifier() for part in module.split("."))
+        ):
+            # Dotted names resolve attribute chains (getattr); odd names have no honest use.
+            raise UnsafePickleError(f"the pickle names an unusual global {module!r} {name!r}")
+        key = (module, name)
+        cls = self._placeholders.get(key)
+        if cls is None:
+            cls = PlaceholderMeta(
+                name, (Placeholder,), {"pickle_module": module, "pickle_name": name}
+            )
+            self._placeholders[key] = cls
+        return cls
+
+    def persistent_load(self, pid: Any) -> Any:
+        """Records a storage the pickle refers to; it is read later, from its own record."""
+        if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage":
+            raise ModelFormatError("the pickle refers to an unknown kind of persistent object")
+        _, storage_type, key, location, numel = pid
+        if not isinstance(storage_type, StorageType):
+            raise ModelFormatError("the pickle refers to a storage of an unknown type")
+        if not isinstance(key, str) or not _STORAGE_KEY.match(key):
+            raise ModelFormatError(f"the pickle refers to a storage with an invalid key {key!r}")
+        if not isinstance(location, str) or len(location) > 64:
+            raise ModelFormatError("the pickle refers to a storage with an invalid location")
+        count = _check_int(numel, "storage size")
+        known = self.storages.get(key)
+        if known is not None:
+            if known.dtype != storage_type.dtype or known.numel != count:
+                raise ModelFormatError(f"storage {key} is referred to with different types")
+            return known
+        ref = StorageRef(key, storage_type.dtype, count, location)
+        self.storages[key] = ref
+        return ref
+
+
+def restricted_loads(data: bytes) -> Tuple[Any, Dict[str, StorageRef]]:
+    """Unpickles ``data`` with :class:`RestrictedUnpickler`.
+
+    Returns:
+        the root object (placeholders, records and plain containers) and the storages
+        it refers to, by key.
+
+    Raises:
+        UnsafePickleError: the pickle names or calls something other than tensor rebuilding
+            and plain containers; nothing of it ran.
+        ModelFormatError: the pickle is malformed or truncated.
+    """
+    unpickler = RestrictedUnpickler(io.BytesIO(data))
+    try:
+        root = unpickler.load()
+    except (UnsafePickleError, ModelFormatError):
+        raise
+    except RecursionError as exc:
+        raise ModelFormatError("the pickle nests too deeply") from exc
+    except MemoryError as exc:
+        raise ModelFormatError("the pickle needs too much memory") from exc
+    except Exception as exc:
+        # Malformed opcodes, NEWOBJ on a non-type, BUILD on an object that takes no
+        # state...: the C unpickler raises many types; none of them ran anything.
+        raise ModelFormatError(f"the archive's pickle is malformed: {exc}") from exc
+    return root, unpickler.storages
+
+
+def walk_placeholders(root: object) -> List[Placeholder]:
+    """Every placeholder reachable from ``root`` through containers and states, once each."""
+    found: List[Placeholder] = []
+    seen: set[int] = set()
+    stack: List[object] = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Placeholder):
+            found.append(obj)
+            stack.append(obj.__dict__["pickle_state"])
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+    return found

