@@ -103,6 +103,7 @@ class FaultProxy:
         upstream: (host, port) of the real server.
         actions: actions for the first connections, in order.
         default: action once ``actions`` is used up.
+        port: the loopback port to listen on (0: a free one).
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class FaultProxy:
         upstream: Tuple[str, int],
         actions: Sequence[str] = (),
         default: str = "pass",
+        port: int = 0,
     ) -> None:
         self.upstream = upstream
         self.default = default
@@ -120,7 +122,7 @@ class FaultProxy:
         self._stopping = threading.Event()
         self._threads: List[threading.Thread] = []
         self._socks: List[socket.socket] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", port))
         self.port = self._listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._accepter = threading.Thread(target=self._accept_loop, daemon=True)
@@ -153,6 +155,9 @@ class FaultProxy:
     def stop(self) -> None:
         """Close the listener and every connection (stalled ones included)."""
         self._stopping.set()
+        # shutdown() wakes the thread blocked in accept(); close() alone does not.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         with self._lock:
             socks = list(self._socks)
