@@ -44,6 +44,7 @@ from typing import (
     Set,
     Tuple,
     Type,
+    cast,
 )
 
 from fl_sidecar.errors import MalformedNotificationError
@@ -236,8 +237,7 @@ def parse_notification(
                 f"{notification_type}: body.round is missing or not an integer in "
                 f"0..{MAX_ROUND}: {_describe(round_)}"
             )
-    assert isinstance(training_id, str)  # checked by is_valid_id
-    return notification_type, training_id, body
+    return notification_type, cast(str, training_id), body
 
 
 def _optional_model_id(body: Mapping[str, Any]) -> Optional[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import socket
 import threading
 import urllib.error
@@ -419,3 +420,33 @@ def test_a_busy_port_raises_oserror(server: NotificationServer, bus: EventBus) -
     with pytest.raises(OSError):
         other.start()
     assert not other.running
+
+
+# --- logs ----------------------------------------------------------------------
+
+
+def test_logs_are_structured_and_never_quote_a_body_in_full(
+    server: NotificationServer, bus: EventBus, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "SECRET" + "x" * 500
+    caplog.set_level(logging.DEBUG, logger="fl_sidecar")
+    unknown = json.dumps(
+        {"notification_type": "NEW_" + "Y" * 100, "training_uuid": "t1", "body": {"k": secret}}
+    ).encode()
+    malformed = json.dumps(
+        {"notification_type": "TRAINING_START", "training_uuid": secret, "body": {}}
+    ).encode()
+    assert post(server, unknown)[0] == 400
+    assert post(server, malformed)[0] == 400
+    assert post(server, notification("UPDATE_ROUND_START", 4))[0] == 202
+    records = [r for r in caplog.records if r.name.startswith("fl_sidecar")]
+    assert records
+    for record in records:
+        text = record.getMessage() + " ".join(str(value) for value in vars(record).values())
+        assert "SECRET" + "x" * 60 not in text
+        assert "Y" * 100 not in text
+    accepted = [r for r in records if getattr(r, "seq", None) == 2]
+    assert accepted, "the accepted notification was not logged with its seq"
+    assert getattr(accepted[0], "round", None) == 4
+    assert getattr(accepted[0], "status", None) == 202
+    assert getattr(accepted[0], "training_id", None) == TRAINING

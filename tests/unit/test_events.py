@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import pytest
 from hypothesis import given, settings
@@ -530,3 +530,69 @@ def test_fuzz_structured_notifications(fields: Dict[str, Any]) -> None:
     assert event.notification_type == fields["notification_type"]
     if event.kind in (EventKind.UPDATE_ROUND_START, EventKind.MODEL_TEST_ROUND):
         assert event.round == body["round"] and event.model_id == body["global_model_uuid"]
+
+
+# --- a model of the bus, checked against random histories ---------------------
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("publish"), st.sampled_from(["a", "b"])),
+        st.tuples(st.just("subscribe"), st.none() | st.integers(min_value=0, max_value=30)),
+        st.tuples(st.just("read"), st.integers(min_value=0, max_value=5)),
+        st.tuples(st.just("close"), st.integers(min_value=0, max_value=5)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(operations, st.integers(min_value=1, max_value=8))
+def test_bus_matches_a_simple_model(ops: List[Tuple[str, Any]], history: int) -> None:
+    """Replay, resume, fan-out and the history bound, against a plain-list model."""
+    bus = EventBus(history=history)
+    published: List[str] = []  # training of each seq (index = seq - 1)
+    received_by_anyone: Set[int] = set()
+    # Per subscription: (subscription, the seqs it should still get, its
+    # after_seq floor, closed?)
+    subs: List[Tuple[Subscription, List[int], int, List[bool]]] = []
+
+    def retained(seq: int) -> bool:
+        return seq > len(published) - history
+
+    for op, arg in ops:
+        if op == "publish":
+            event = bus.publish("UPDATE_ROUND_START", arg, {"round": 0}, "{}")
+            published.append(arg)
+            assert event.seq == len(published)
+            for _, expected, floor, closed in subs:
+                if not closed[0] and event.seq > floor:
+                    expected.append(event.seq)
+        elif op == "subscribe":
+            last = len(published)
+            if arg is None:
+                backlog = [
+                    seq
+                    for seq in range(1, last + 1)
+                    if retained(seq) and seq not in received_by_anyone
+                ]
+            else:
+                backlog = [seq for seq in range(arg + 1, last + 1) if retained(seq)]
+            floor = last if arg is None else arg
+            subs.append((bus.subscribe(after_seq=arg), backlog, floor, [False]))
+        elif subs:
+            sub, expected, _, closed = subs[arg % len(subs)]
+            if op == "close":
+                sub.close()
+                closed[0] = True
+                expected.clear()
+                continue
+            got = drain(sub)
+            # Events dropped from the history before this reader got to them are skipped.
+            want = [seq for seq in expected if retained(seq)]
+            assert got == want
+            expected.clear()
+            received_by_anyone.update(got)
+    assert bus.last_seq() == len(published)
+    assert [event.seq for event in bus.snapshot()] == [
+        seq for seq in range(1, len(published) + 1) if retained(seq)
+    ]
