@@ -283,7 +283,12 @@ class SidecarService(pb_grpc.SidecarServicer):
             message = str(exc) or type(exc).__name__
             _log.info(
                 "call failed",
-                extra={"method": method, "code": code.name, "error": type(exc).__name__},
+                extra={
+                    "method": method,
+                    "code": code.name,
+                    "error": type(exc).__name__,
+                    "detail": message[:300],
+                },
             )
         if self.metrics is not None:
             self.metrics.rpc_errors.labels(method, code.name).inc()

@@ -1,0 +1,502 @@
+"""Model transfers through the real sidecar, with the generated stubs alone.
+
+Real processes only: the embedded dev FL server (in this process, on a real
+socket), the ``fl-sidecar serve`` subprocess (``sidecar_harness``) and gRPC
+calls through ``fl_sidecar.v1.sidecar_pb2_grpc.SidecarStub``, no high-level
+client, as a trainer in another language would make them.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import io
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Optional, Tuple
+
+import grpc
+import pytest
+from conftest import DevServerHandle, User
+from sidecar_harness import SidecarProcess, running_sidecar
+
+from fl_sidecar.devserver import DevServer
+from fl_sidecar.v1 import sidecar_pb2 as pb
+from fl_sidecar.v1 import sidecar_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+MAX_MODEL_SIZE = 1024 * 1024  # the module's sidecar refuses uploads above 1 MiB
+CHUNK = 64 * 1024
+
+
+def _module_bytes(seed: int) -> bytes:
+    torch.manual_seed(seed)
+    module = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return buffer.getvalue()
+
+
+@dataclass
+class World:
+    """The dev server, two participant users and a sidecar configured as user A."""
+
+    devserver: DevServerHandle
+    actor: User
+    alice: User
+    bob: User
+    sidecar: SidecarProcess
+    secrets: List[str] = field(default_factory=list)
+
+    @property
+    def stub(self) -> sidecar_pb2_grpc.SidecarStub:
+        return self.sidecar.stub
+
+    def new_training(self, model: Optional[bytes] = None) -> Tuple[str, str, bytes]:
+        """A started training of alice and bob; returns (model id, training id, model bytes)."""
+        data = model if model is not None else _module_bytes(len(self.secrets))
+        model_id = self.devserver.upload_model(self.actor, data)
+        training_id = self.devserver.create_training(
+            self.actor, model_id, [self.alice, self.bob], target_num_updates=2
+        )
+        self.devserver.start_training(self.actor, training_id)
+        return model_id, training_id, data
+
+    def arrived(self, training_id: str) -> int:
+        return int(self.devserver.training(self.actor, training_id)["local_models_arrived"])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    server = DevServer(
+        data_dir=tmp_path_factory.mktemp("devserver"),
+        notify_timeout=5.0,
+        notify_retry_delays=(0.05,),
+        password_iterations=1000,
+    )
+    server.start()
+    try:
+        handle = DevServerHandle(server)
+        actor = handle.create_user(actor=True, client=False)
+        alice = handle.create_user(password="Alice-Pw-7c1e9a-secret")
+        bob = handle.create_user(password="Bob-Pw-33d0f2-secret")
+        password_file = tmp_path_factory.mktemp("secrets") / "alice.pw"
+        password_file.write_text(alice.password + "\n")
+        with running_sidecar(
+            server_url=handle.url,
+            args=[
+                "--username",
+                alice.username,
+                "--password-file",
+                str(password_file),
+                "--max-model-size",
+                str(MAX_MODEL_SIZE),
+                "--log-level",
+                "DEBUG",
+            ],
+        ) as sidecar:
+            world = World(handle, actor, alice, bob, sidecar)
+            world.secrets = [
+                alice.password,
+                bob.password,
+                bob.token,
+                alice.token,
+                base64.b64encode(f"{alice.username}:{alice.password}".encode()).decode(),
+                base64.b64encode(f"{bob.username}:{bob.password}".encode()).decode(),
+            ]
+            yield world
+    finally:
+        server.stop()
+
+
+def _token(user: User) -> pb.Credentials:
+    return pb.Credentials(token=user.token)
+
+
+def _basic(user: User) -> pb.Credentials:
+    return pb.Credentials(basic=pb.BasicAuth(username=user.username, password=user.password))
+
+
+def download(
+    stub: sidecar_pb2_grpc.SidecarStub, request: pb.DownloadModelRequest
+) -> Tuple[pb.ModelInfo, bytes, List[pb.Progress]]:
+    """One DownloadModel call: (info, the bytes, progress messages); checks the message order."""
+    info: Optional[pb.ModelInfo] = None
+    progress: List[pb.Progress] = []
+    chunks: List[bytes] = []
+    for message in stub.DownloadModel(request, timeout=60):
+        kind = message.WhichOneof("kind")
+        if kind == "progress":
+            assert info is None, "progress after the ModelInfo"
+            progress.append(message.progress)
+        elif kind == "info":
+            assert info is None, "two ModelInfo messages"
+            info = message.info
+        else:
+            assert info is not None, "a chunk before the ModelInfo"
+            assert 0 < len(message.chunk) <= (request.chunk_size or 1024 * 1024)
+            chunks.append(message.chunk)
+    assert info is not None
+    return info, b"".join(chunks), progress
+
+
+def upload_messages(
+    header: pb.UploadHeader, data: bytes, chunk: int = CHUNK
+) -> Iterator[pb.UploadModelRequest]:
+    yield pb.UploadModelRequest(header=header)
+    for start in range(0, len(data), chunk):
+        yield pb.UploadModelRequest(chunk=data[start : start + chunk])
+
+
+def _code(call: Callable[[], Any]) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    code: grpc.StatusCode = caught.value.code()
+    return code
+
+
+def _details(call: Callable[[], Any]) -> Tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.code(), caught.value.details() or ""
+
+
+# --- downloads ---------------------------------------------------------------
+
+
+def test_download_torch_is_the_servers_bytes(world: World) -> None:
+    model_id, _training_id, data = world.new_training()
+    info, body, progress = download(
+        world.stub,
+        pb.DownloadModelRequest(model_id=model_id, format=pb.MODEL_FORMAT_TORCH, chunk_size=1000),
+    )
+    assert body == data
+    assert info.model_id == model_id
+    assert info.format == pb.MODEL_FORMAT_TORCH
+    assert info.size == len(data)
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert info.content_encoding in ("zstd", "identity")
+    assert info.wire_bytes > 0
+    assert all(
+        p.phase in (pb.Progress.PHASE_FETCHING, pb.Progress.PHASE_CONVERTING) for p in progress
+    )
+
+
+def test_download_safetensors_loads_with_safetensors(world: World) -> None:
+    model_id, _training_id, data = world.new_training()
+    info, body, _progress = download(
+        world.stub,
+        pb.DownloadModelRequest(
+            model_id=model_id, format=pb.MODEL_FORMAT_SAFETENSORS, credentials=_token(world.bob)
+        ),
+    )
+    assert info.format == pb.MODEL_FORMAT_SAFETENSORS
+    assert info.size == len(body)
+    assert info.sha256 == hashlib.sha256(body).hexdigest()
+    tensors = safetensors_torch.load(body)
+    expected = torch.load(io.BytesIO(data), weights_only=False).state_dict()
+    assert sorted(tensors) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(tensors[name], tensor), name
+
+
+def test_download_of_an_unknown_model_is_not_found(world: World) -> None:
+    code, details = _details(
+        lambda: download(
+            world.stub, pb.DownloadModelRequest(model_id="00000000-0000-0000-0000-000000000000")
+        )
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert "not found" in details.lower()
+
+
+def test_download_bad_requests_are_invalid_argument(world: World) -> None:
+    for request in (
+        pb.DownloadModelRequest(model_id=""),
+        pb.DownloadModelRequest(model_id="../../etc/passwd"),
+        pb.DownloadModelRequest(model_id="x", chunk_size=5 * 1024 * 1024),
+        pb.DownloadModelRequest(model_id="x", format=7),  # type: ignore[arg-type]
+    ):
+        code = _code(functools.partial(download, world.stub, request))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_download_with_wrong_credentials_is_unauthenticated(world: World) -> None:
+    model_id, _training_id, _data = world.new_training()
+    request = pb.DownloadModelRequest(model_id=model_id, credentials=pb.Credentials(token="f" * 40))
+    assert _code(lambda: download(world.stub, request)) == grpc.StatusCode.UNAUTHENTICATED
+
+
+# --- uploads -----------------------------------------------------------------
+
+
+def test_generated_stubs_alone_run_a_round_torch_and_safetensors(world: World) -> None:
+    """Alice uploads TORCH, Bob SAFETENSORS; the dev server aggregates; round 1 begins."""
+    model_id, training_id, data = world.new_training()
+    answer = world.stub.UploadModel(
+        upload_messages(
+            pb.UploadHeader(
+                model_id=model_id,
+                round=0,
+                sample_size=10,
+                metrics=[pb.Metric(name="loss", value=0.5)],
+                format=pb.MODEL_FORMAT_TORCH,
+                size=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+            ),
+            data,
+        ),
+        timeout=60,
+    )
+    assert answer.http_status == 201, answer.detail
+    assert answer.raw_bytes == len(data)
+    assert answer.wire_bytes > 0
+    assert answer.content_encoding in ("zstd", "identity")
+    assert world.arrived(training_id) == 1
+
+    _info, weights, _progress = download(
+        world.stub,
+        pb.DownloadModelRequest(
+            model_id=model_id, format=pb.MODEL_FORMAT_SAFETENSORS, credentials=_basic(world.bob)
+        ),
+    )
+    tensors = safetensors_torch.load(weights)
+    trained = {name: tensor + 1.0 for name, tensor in tensors.items()}
+    new_weights = safetensors_torch.save(trained)
+    answer = world.stub.UploadModel(
+        upload_messages(
+            pb.UploadHeader(
+                model_id=model_id,
+                round=0,
+                sample_size=30,
+                format=pb.MODEL_FORMAT_SAFETENSORS,
+                credentials=_basic(world.bob),
+            ),
+            new_weights,
+        ),
+        timeout=60,
+    )
+    assert answer.http_status == 201, answer.detail
+    assert world.devserver.wait_idle(30)
+    state = world.devserver.training(world.actor, training_id)
+    assert state["round"] == 1
+    assert state["state"] == "O"
+
+    # The new global model is the FedAvg of both: original*10/40 + (original+1)*30/40.
+    _info, new_global, _progress = download(
+        world.stub,
+        pb.DownloadModelRequest(model_id=model_id, format=pb.MODEL_FORMAT_SAFETENSORS),
+    )
+    averaged = safetensors_torch.load(new_global)
+    for name, tensor in tensors.items():
+        assert torch.allclose(averaged[name], tensor + 0.75, atol=1e-5), name
+
+    training = world.stub.GetTraining(pb.GetTrainingRequest(training_id=training_id), timeout=30)
+    assert training.state == "O"
+    assert training_id in training.json
+
+    metrics = world.stub.UploadMetrics(
+        pb.UploadMetricsRequest(model_id=model_id, metrics=[pb.Metric(name="accuracy", value=0.9)]),
+        timeout=30,
+    )
+    assert metrics.http_status == 201, metrics.detail
+
+
+def test_upload_without_header_is_invalid_argument(world: World) -> None:
+    model_id, training_id, data = world.new_training()
+    only_chunks = iter([pb.UploadModelRequest(chunk=data[:100])])
+    code, details = _details(lambda: world.stub.UploadModel(only_chunks, timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "header" in details
+    assert _code(lambda: world.stub.UploadModel(iter([]), timeout=30)) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    # A second header mid-stream is refused too.
+    header = pb.UploadHeader(model_id=model_id, round=0, sample_size=1)
+    twice = iter([pb.UploadModelRequest(header=header), pb.UploadModelRequest(header=header)])
+    assert _code(lambda: world.stub.UploadModel(twice, timeout=30)) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert world.arrived(training_id) == 0
+
+
+def test_upload_of_the_wrong_format_is_invalid_argument(world: World) -> None:
+    model_id, training_id, data = world.new_training()
+    header = pb.UploadHeader(model_id=model_id, round=0, sample_size=1)
+    garbage = b"this is not a torch archive" * 100
+    assert _code(lambda: world.stub.UploadModel(upload_messages(header, garbage), timeout=30)) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    # safetensors bytes declared TORCH
+    weights = safetensors_torch.save({"0.weight": torch.zeros(4, 8)})
+    code, details = _details(
+        lambda: world.stub.UploadModel(upload_messages(header, weights), timeout=30)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "SAFETENSORS" in details
+    # a torch archive declared SAFETENSORS
+    header.format = pb.MODEL_FORMAT_SAFETENSORS
+    assert _code(lambda: world.stub.UploadModel(upload_messages(header, data), timeout=30)) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    # safetensors with names that do not match the global model
+    wrong = safetensors_torch.save({"other.weight": torch.zeros(2, 2)})
+    assert _code(lambda: world.stub.UploadModel(upload_messages(header, wrong), timeout=30)) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert world.arrived(training_id) == 0
+
+
+def test_upload_that_breaks_its_promises_is_data_loss(world: World) -> None:
+    model_id, training_id, data = world.new_training()
+    short = pb.UploadHeader(model_id=model_id, round=0, sample_size=1, size=len(data) + 1)
+    assert _code(lambda: world.stub.UploadModel(upload_messages(short, data), timeout=30)) == (
+        grpc.StatusCode.DATA_LOSS
+    )
+    bad_hash = pb.UploadHeader(model_id=model_id, round=0, sample_size=1, sha256="0" * 64)
+    assert _code(lambda: world.stub.UploadModel(upload_messages(bad_hash, data), timeout=30)) == (
+        grpc.StatusCode.DATA_LOSS
+    )
+    assert world.arrived(training_id) == 0
+
+
+def test_upload_over_the_size_limit_is_resource_exhausted(world: World) -> None:
+    model_id, training_id, _data = world.new_training()
+    announced = pb.UploadHeader(model_id=model_id, round=0, sample_size=1, size=MAX_MODEL_SIZE + 1)
+    assert _code(
+        lambda: world.stub.UploadModel(iter([pb.UploadModelRequest(header=announced)]))
+    ) == (grpc.StatusCode.RESOURCE_EXHAUSTED)
+    unannounced = pb.UploadHeader(model_id=model_id, round=0, sample_size=1)
+    too_big = b"\0" * (MAX_MODEL_SIZE + 1)
+    assert _code(
+        lambda: world.stub.UploadModel(
+            upload_messages(unannounced, too_big, 256 * 1024), timeout=30
+        )
+    ) == (grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert world.arrived(training_id) == 0
+
+
+def test_upload_for_the_wrong_round_or_by_a_stranger(world: World) -> None:
+    model_id, training_id, data = world.new_training()
+    wrong_round = pb.UploadHeader(model_id=model_id, round=3, sample_size=1)
+    assert _code(
+        lambda: world.stub.UploadModel(upload_messages(wrong_round, data), timeout=30)
+    ) == (grpc.StatusCode.FAILED_PRECONDITION)
+    stranger = pb.UploadHeader(
+        model_id=model_id, round=0, sample_size=1, credentials=_token(world.actor)
+    )
+    assert _code(lambda: world.stub.UploadModel(upload_messages(stranger, data), timeout=30)) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    assert world.arrived(training_id) == 0
+
+
+def test_trainer_that_disconnects_mid_upload_uploads_nothing(world: World) -> None:
+    model_id, training_id, data = world.new_training()
+    sent = threading.Event()
+    release = threading.Event()
+
+    def messages() -> Iterator[pb.UploadModelRequest]:
+        yield pb.UploadModelRequest(
+            header=pb.UploadHeader(model_id=model_id, round=0, sample_size=7)
+        )
+        yield pb.UploadModelRequest(chunk=data[: len(data) // 2])
+        sent.set()
+        release.wait(30)  # the trainer "hangs", then goes away
+
+    future = world.stub.UploadModel.future(messages(), timeout=60)
+    assert sent.wait(30)
+    future.cancel()
+    release.set()
+    with pytest.raises(grpc.FutureCancelledError):
+        future.result()
+    # A complete upload afterwards is the first and only one the server sees.
+    answer = world.stub.UploadModel(
+        upload_messages(pb.UploadHeader(model_id=model_id, round=0, sample_size=5), data),
+        timeout=60,
+    )
+    assert answer.http_status == 201
+    assert world.arrived(training_id) == 1
+    rows = world.devserver.server.app.store.all(
+        "SELECT sample_size FROM local_models WHERE training_id = ?", (training_id,)
+    )
+    assert [row["sample_size"] for row in rows] == [5]
+
+
+# --- pickles -----------------------------------------------------------------
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> Tuple[Any, Tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant_evil_model(world: World, marker: Path) -> str:
+    """A global model whose stored file is a pickle that would run a command when loaded."""
+    model_id, _training_id, _data = world.new_training()
+    buffer = io.BytesIO()
+    torch.save({"weight": torch.zeros(2), "payload": _Evil(str(marker))}, buffer)
+    row = world.devserver.server.app.store.one("SELECT path FROM models WHERE id = ?", (model_id,))
+    assert row is not None
+    Path(row["path"]).write_bytes(buffer.getvalue())
+    return model_id
+
+
+def test_malicious_pickle_from_the_server_is_refused(world: World, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    model_id = _plant_evil_model(world, marker)
+    for fmt in (pb.MODEL_FORMAT_TORCH, pb.MODEL_FORMAT_SAFETENSORS):
+        request = pb.DownloadModelRequest(model_id=model_id, format=fmt)
+        code, details = _details(functools.partial(download, world.stub, request))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "pickle" in details.lower() or "code" in details.lower()
+    assert not marker.exists()
+
+
+def test_malicious_pickle_passes_through_only_with_trust(world: World, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    model_id = _plant_evil_model(world, marker)
+    with running_sidecar(
+        server_url=world.devserver.url,
+        args=["--token", world.alice.token, "--trust-pickles"],
+        notifications=False,
+    ) as trusting:
+        info = trusting.stub.GetInfo(pb.GetInfoRequest(), timeout=10)
+        assert info.trusts_pickles is True
+        _info, body, _progress = download(trusting.stub, pb.DownloadModelRequest(model_id=model_id))
+        assert b"system" in body  # the bytes as the server sent them
+        # SAFETENSORS still never runs the pickle.
+        assert _code(
+            lambda: download(
+                trusting.stub,
+                pb.DownloadModelRequest(model_id=model_id, format=pb.MODEL_FORMAT_SAFETENSORS),
+            )
+        ) == (grpc.StatusCode.FAILED_PRECONDITION)
+        log = trusting.log_text()
+    assert not marker.exists()
+    assert world.alice.token not in log
+
+
+# --- last: nothing leaked ----------------------------------------------------
+
+
+def test_zz_no_credential_in_the_log(world: World) -> None:
+    """After downloads and uploads with Basic and Token credentials, the log holds none."""
+    log = world.sidecar.log_text()
+    assert "model uploaded" in log
+    assert "model downloaded" in log
+    for secret in world.secrets:
+        assert secret not in log
+    info = world.stub.GetInfo(pb.GetInfoRequest(), timeout=10)
+    for secret in world.secrets:
+        assert secret not in str(info)
