@@ -247,3 +247,41 @@ def test_training_setup_validation(devserver: DevServerHandle, tiny_model: Model
         "PUT", f"/api/trainings/{training_id}/clients/", user=actor, json_body={"clients": []}
     )
     assert late.status == 400
+
+
+def test_zstd_coded_upload_and_download_through_the_middleware(
+    devserver: DevServerHandle, notification_sink: SinkFactory, tiny_model: ModelFactory
+) -> None:
+    from fl_sidecar import codec
+
+    sink = notification_sink()
+    _actor, (user,), model_id, _ = devserver.setup_training(
+        tiny_model(0), [sink.url], target_num_updates=1
+    )
+    local = tiny_model(7)
+    content_type, body = encode_multipart(
+        [("round", "0"), ("sample_size", "4")], [("model_file", "model_file", local)]
+    )
+    packed = codec.pack(body)
+    result = devserver.request(
+        "POST",
+        f"/api/models/{model_id}/",
+        user=user,
+        body=packed,
+        content_type=content_type,
+        headers={"Content-Encoding": "zstd"},
+    )
+    assert result.status == 201, result.body
+    assert "zstd" in result.headers["accept-encoding"]
+    assert sink.wait_for(3)[-1]["notification_type"] == "MODEL_TEST_ROUND"
+    coded = devserver.request(
+        "GET", f"/api/models/{model_id}/", user=user, headers={"Accept-Encoding": "zstd"}
+    )
+    assert coded.status == 200 and coded.headers.get("content-encoding") == "zstd"
+    got = _state_of(codec.unpack(coded.body))
+    for key, value in _state_of(local).items():  # one client: the average is its model
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0)
+
+
+def _state_of(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=False).state_dict()
