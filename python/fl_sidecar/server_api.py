@@ -35,7 +35,6 @@ import base64
 import binascii
 import contextlib
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import (
     IO,
     Any,
@@ -342,9 +342,11 @@ def _retry_after(resp: requests.Response) -> Optional[float]:
     return None
 
 
-def _codec() -> Any:
-    """The codec module, imported on first use (it is a native extension; metrics need none)."""
-    return importlib.import_module("fl_sidecar.codec")
+def _codec() -> ModuleType:
+    """The codec module, imported on first use (a native extension; JSON calls need none)."""
+    from fl_sidecar import codec
+
+    return codec
 
 
 def _codec_available() -> bool:

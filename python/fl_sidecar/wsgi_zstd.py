@@ -24,9 +24,9 @@ Django, in the project's ``wsgi.py``, one line after ``application`` is made::
 
 from __future__ import annotations
 
-import importlib
 import json
 import tempfile
+from types import ModuleType
 from typing import (
     IO,
     Any,
@@ -57,8 +57,11 @@ _ONE_SHOT_LIMIT = 1024 * 1024  # answers up to this size get a Content-Length af
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
-def _codec() -> Any:
-    return importlib.import_module("fl_sidecar.codec")
+def _codec() -> ModuleType:
+    """The codec module, imported on first use (a native extension)."""
+    from fl_sidecar import codec
+
+    return codec
 
 
 def _codings(value: str) -> List[str]:
