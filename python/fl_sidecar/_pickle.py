@@ -26,7 +26,7 @@ import collections
 import io
 import pickle
 import re
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from fl_sidecar.errors import ModelFormatError, UnsafePickleError
 
@@ -439,10 +439,29 @@ def _codecs_encode(text: object, encoding: object = "utf-8") -> bytes:
     return text.encode("latin1")
 
 
-def _safe_ordered_dict(items: object = ()) -> SafeOrderedDict:
-    if not isinstance(items, (list, tuple)):
-        raise ModelFormatError("the pickle builds an OrderedDict from an unexpected value")
-    return SafeOrderedDict(items)
+class _ObjectType:
+    """``builtins.object`` as named by protocol 0/1 pickles (only for _reconstructor)."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: object) -> None:
+        raise ModelFormatError("the pickle gives state to builtins.object")
+
+
+_OBJECT = _ObjectType()
+
+
+def _reconstructor(cls: object, base: object, state: object) -> Placeholder:
+    # Protocols 0 and 1 rebuild objects as copyreg._reconstructor(cls, object, None),
+    # i.e. object.__new__(cls); only placeholder classes are accepted.
+    if (
+        not isinstance(cls, type)
+        or not issubclass(cls, Placeholder)
+        or base is not _OBJECT
+        or state is not None
+    ):
+        raise UnsafePickleError("the pickle calls copyreg._reconstructor with unexpected arguments")
+    return cls.__new__(cls)
 
 
 # (module, name) -> the inert object find_class hands the unpickler instead.
@@ -460,6 +479,10 @@ _ALLOWED: Dict[Tuple[str, str], Any] = {
     ("builtins", "frozenset"): _safe_frozenset,
     ("__builtin__", "frozenset"): _safe_frozenset,
     ("_codecs", "encode"): _codecs_encode,
+    ("copy_reg", "_reconstructor"): _reconstructor,
+    ("copyreg", "_reconstructor"): _reconstructor,
+    ("__builtin__", "object"): _OBJECT,
+    ("builtins", "object"): _OBJECT,
 }
 for _name, _func in _REBUILD_FUNCTIONS.items():
     _ALLOWED[("torch._utils", _name)] = _func
@@ -585,23 +608,3 @@ def restricted_loads(data: bytes) -> Tuple[Any, Dict[str, StorageRef]]:
         # state...: the C unpickler raises many types; none of them ran anything.
         raise ModelFormatError(f"the archive's pickle is malformed: {exc}") from exc
     return root, unpickler.storages
-
-
-def walk_placeholders(root: object) -> List[Placeholder]:
-    """Every placeholder reachable from ``root`` through containers and states, once each."""
-    found: List[Placeholder] = []
-    seen: set[int] = set()
-    stack: List[object] = [root]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, Placeholder):
-            found.append(obj)
-            stack.append(obj.__dict__["pickle_state"])
-        elif isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            stack.extend(obj)
-    return found

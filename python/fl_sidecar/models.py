@@ -74,29 +74,35 @@ Source = Union[bytes, bytearray, memoryview, PathLike]
 _ZIP_MAGIC = b"PK\x03\x04"
 # The pre-1.6 torch.save format: a bare pickle stream starting with a magic number.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
-_MAX_PICKLE_SIZE = 512 * 1024 * 1024  # bytes; the pickle of a 1 GiB model is a few MiB
+_MAX_PICKLE_SIZE = 256 * 1024 * 1024  # bytes; the pickle of a 1 GiB model is a few MiB
 _MAX_CODE_SIZE = 16 * 1024 * 1024  # bytes, one TorchScript code file
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # bytes, as the safetensors library allows
-_MAX_DEPTH = 500  # nesting of modules and containers
+_MAX_DEPTH = 200  # nesting of modules and containers; the walk recurses ~2 frames a level
 _COPY_CHUNK = 16 * 1024 * 1024  # bytes
 
+# safetensors dtype names; the torch names are looked up because older torch builds
+# (before 2.3) lack the unsigned 16-64 bit dtypes.
 _SAFETENSORS_DTYPES: Dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "C64": torch.complex64,
+    st: getattr(torch, name)
+    for st, name in (
+        ("F64", "float64"),
+        ("F32", "float32"),
+        ("F16", "float16"),
+        ("BF16", "bfloat16"),
+        ("I64", "int64"),
+        ("I32", "int32"),
+        ("I16", "int16"),
+        ("I8", "int8"),
+        ("U8", "uint8"),
+        ("BOOL", "bool"),
+        ("U16", "uint16"),
+        ("U32", "uint32"),
+        ("U64", "uint64"),
+        ("F8_E4M3", "float8_e4m3fn"),
+        ("F8_E5M2", "float8_e5m2"),
+        ("C64", "complex64"),
+    )
+    if isinstance(getattr(torch, name, None), torch.dtype)
 }
 _SAFETENSORS_NAMES: Dict[torch.dtype, str] = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
@@ -512,7 +518,10 @@ class _Collector:
 
 def _collect_tensors(archive: _Archive) -> Dict[str, TensorRef]:
     collector = _Collector(archive)
-    collector.any(archive.root, "", 0)
+    try:
+        collector.any(archive.root, "", 0)
+    except RecursionError as exc:  # a deep stack on entry; the depth limit covers the rest
+        raise ModelFormatError("the model nests too deeply") from exc
     return collector.out
 
 

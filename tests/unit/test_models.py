@@ -151,6 +151,46 @@ def test_pickled_module_round_trip() -> None:
     loaded(torch.randn(2, 4))
 
 
+@pytest.mark.parametrize("protocol", [1, 2, 3, 4, 5])
+def test_every_pickle_protocol_torch_saves(protocol: int) -> None:
+    net = Net()
+    buf = io.BytesIO()
+    torch.save(net, buf, pickle_protocol=protocol)
+    data = buf.getvalue()
+    assert models.describe(data).root_class.endswith(".Net")
+    _assert_equal_state(models.read_tensors(data), net.state_dict())
+    new = _changed(net.state_dict())
+    out = models.write_tensors(data, new)
+    assert out is not None
+    _assert_equal_state(torch.load(io.BytesIO(out), weights_only=False).state_dict(), new)
+
+
+def test_deflated_and_renamed_archive(tmp_path: Path) -> None:
+    # Archives re-zipped by other tools (deflate, another top folder) still work.
+    state = {"a": torch.randn(4, 4), "b": torch.arange(5)}
+    src = zipfile.ZipFile(io.BytesIO(_saved(state)))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr("model/" + info.filename.split("/", 1)[1], src.read(info))
+    data = buf.getvalue()
+    _assert_equal_state(models.read_tensors(data), state)
+    new = _changed(state)
+    out = models.write_tensors(data, new)
+    assert out is not None
+    _assert_equal_state(dict(torch.load(io.BytesIO(out), weights_only=True)), new)
+
+
+def test_parameters_with_grad_are_accepted_as_new_weights() -> None:
+    net = Net()
+    data = models.dump_module(net)
+    live = net.state_dict(keep_vars=True)
+    assert any(v.requires_grad for v in live.values())
+    out = models.write_tensors(data, live)
+    assert out is not None
+    _assert_equal_state(models.read_tensors(out), net.state_dict())
+
+
 def test_rewritten_archive_loads_with_mmap(tmp_path: Path) -> None:
     net = Net()
     template = tmp_path / "global.pt"

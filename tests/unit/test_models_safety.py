@@ -140,7 +140,15 @@ HOSTILE: Dict[str, Callable[[Path], bytes]] = {
         + b"\x85R."
     ),
     "INST with arguments": lambda m: f"(V{m}\ni__main__\nNet\n.".encode(),
-    "copyreg reconstructor": lambda m: b"ccopy_reg\n_reconstructor\n(tR.",
+    "copyreg __newobj__": lambda m: b"ccopy_reg\n__newobj__\n(c__main__\nNet\ntR.",
+    "copyreg reconstructor on another base": lambda m: (
+        b"ccopy_reg\n_reconstructor\n(c__main__\nNet\nc__main__\nBase\nNtR."
+    ),
+    "copyreg reconstructor with state": lambda m: (
+        b"ccopy_reg\n_reconstructor\n(c__main__\nNet\nc__builtin__\nobject\n(V"
+        + str(m).encode()
+        + b"\nttR."
+    ),
     "_rebuild_from_type_v2 with a foreign function": lambda m: (
         b"ctorch._tensor\n_rebuild_from_type_v2\n(cos\nsystem\n"
         b"ctorch\nTensor\n(V" + f"touch {m}".encode() + b"\nt(dtR."
@@ -181,6 +189,20 @@ def test_placeholder_class_cannot_be_called() -> None:
     root, _ = restricted_loads(pkl)
     with pytest.raises(UnsafePickleError):
         type(root)()
+
+
+def test_deep_nesting_is_a_format_error_not_a_crash() -> None:
+    depth = 100_000
+    pkl = b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."
+    with pytest.raises(ModelFormatError, match="deep"):
+        models.read_tensors(_archive_with_pickle(pkl))
+
+
+def test_self_containing_structure_is_a_format_error() -> None:
+    # a list that contains itself: l = []; l.append(l)
+    pkl = b"\x80\x02]q\x00h\x00a."
+    with pytest.raises(ModelFormatError, match="itself"):
+        models.read_tensors(_archive_with_pickle(pkl))
 
 
 # ---------------------------------------------------------------- malformed input
