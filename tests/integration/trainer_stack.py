@@ -98,11 +98,13 @@ class TrainerStack:
         env: Optional[Dict[str, str]] = None,
         register: bool = True,
         api_token: Optional[str] = None,
+        username: Optional[str] = None,
+        password: Optional[str] = None,
     ) -> ClientSide:
         """Start a sidecar for a new client user (registered with its notification URL)."""
         index = len(self.clients)
-        username = f"client{index}-{os.getpid()}"
-        password = f"pw-{index}-secret"
+        username = username or f"client{index}-{os.getpid()}"
+        password = password or f"pw-{index}-secret"
         sidecar = SidecarProcess(
             socket_path=str(self.workdir / f"s{index}.sock"),
             server_url=self.devserver.url,
