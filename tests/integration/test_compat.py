@@ -18,7 +18,7 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Any, Dict, Iterator
 
 import pytest
 from trainer_stack import ClientSide, TrainerStack, tiny_module, tiny_module_bytes
@@ -145,7 +145,7 @@ def test_compatibility_mode_runs_the_script_per_round(stack: TrainerStack, tmp_p
         assert torch.allclose(tensor, expected, atol=1e-6), name
 
 
-def plain_state(stack: TrainerStack, model_id: str) -> Dict[str, "torch.Tensor"]:
+def plain_state(stack: TrainerStack, model_id: str) -> Dict[str, Any]:
     side = stack.clients[0]
     return side.client.download_state_dict(model_id)
 
