@@ -13,10 +13,11 @@ Trainers read events through :meth:`EventBus.subscribe` (the gRPC
   reconnect), then every live event.
 
 Every subscriber receives every live event; events arrive in publication
-order. The history keeps the newest ``history`` events: a resume from a
-sequence number older than :meth:`EventBus.oldest_seq` gets what is retained,
-and a subscriber that falls more than ``history`` events behind skips the ones
-dropped meanwhile (:attr:`Subscription.missed` counts them). An event counts as
+order. The history keeps the newest ``history`` events, and no more than
+``max_bytes`` of their JSON text (the newest event is always kept): a resume
+from a sequence number older than :meth:`EventBus.oldest_seq` gets what is
+retained, and a subscriber that falls further behind than the history skips
+the events dropped meanwhile (:attr:`Subscription.missed` counts them). An event counts as
 received once :meth:`Subscription.get` (or iteration) returned it.
 """
 
@@ -51,6 +52,7 @@ from fl_sidecar.errors import MalformedNotificationError
 
 __all__ = [
     "DEFAULT_HISTORY",
+    "DEFAULT_HISTORY_BYTES",
     "DEFAULT_MAX_NOTIFICATION_SIZE",
     "MAX_ROUND",
     "EventBus",
@@ -63,6 +65,9 @@ __all__ = [
 
 DEFAULT_HISTORY = 10_000
 """Events the bus retains for replay and resume."""
+
+DEFAULT_HISTORY_BYTES = 64 * 1024 * 1024
+"""Bytes of event JSON text (raw plus body) the bus retains at most."""
 
 DEFAULT_MAX_NOTIFICATION_SIZE = 64 * 1024
 """Bytes: the largest notification the endpoint accepts (the real ones are ~150 bytes)."""
@@ -254,26 +259,40 @@ def _optional_round(body: Mapping[str, Any]) -> Optional[int]:
     return None
 
 
+def _size(event: ServerEvent) -> int:
+    return len(event.raw_json) + len(event.body_json)
+
+
 class EventBus:
     """Numbers the server's notifications and fans them out to subscribers.
 
     Thread-safe: any thread may publish, subscribe, read or close. Memory is
-    bounded by ``history`` events (each at most the endpoint's body limit).
+    bounded by ``history`` events and ``max_bytes`` of their JSON text.
     """
 
-    def __init__(self, *, history: int = DEFAULT_HISTORY) -> None:
+    def __init__(
+        self, *, history: int = DEFAULT_HISTORY, max_bytes: int = DEFAULT_HISTORY_BYTES
+    ) -> None:
         """Create an empty bus.
 
         Args:
             history: how many of the newest events to retain for replay and
                 resume (at least 1).
+            max_bytes: the most characters of ``raw_json`` plus ``body_json``
+                the retained events may hold together (a flood of large
+                notifications cannot grow memory beyond it); the newest event
+                is kept whatever its size.
 
         Raises:
-            ValueError: ``history`` is less than 1.
+            ValueError: ``history`` or ``max_bytes`` is less than 1.
         """
         if history < 1:
             raise ValueError(f"history must be at least 1, got {history}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
         self._history = history
+        self._max_bytes = max_bytes
+        self._retained_bytes = 0
         self._cond = threading.Condition(threading.Lock())
         self._events: Deque[ServerEvent] = collections.deque()
         self._last_seq = 0
@@ -331,9 +350,13 @@ class EventBus:
             )
             self._events.append(event)
             self._undelivered.add(event.seq)
-            while len(self._events) > self._history:
+            self._retained_bytes += _size(event)
+            while len(self._events) > self._history or (
+                self._retained_bytes > self._max_bytes and len(self._events) > 1
+            ):
                 dropped = self._events.popleft()
                 self._undelivered.discard(dropped.seq)
+                self._retained_bytes -= _size(dropped)
             self._cond.notify_all()
         return event
 

@@ -25,7 +25,6 @@ are delivered as received.
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import json
 import logging
@@ -65,9 +64,8 @@ STATUS_BY_KIND: Dict[EventKind, int] = {
 _SOCKET_TIMEOUT = 30.0
 # Bounds what a log line may quote of a client-controlled string.
 _LOG_QUOTE_LIMIT = 80
-# Handler threads alive at once; more connections are refused with 503 so a
-# flood cannot exhaust threads (the real server sends a handful at a time).
-_MAX_CONCURRENT_REQUESTS = 64
+# Seconds between checks for stop() while every handler slot is taken.
+_SLOT_POLL = 0.05
 
 
 def _quote(value: str) -> str:
@@ -82,24 +80,23 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
     # Set by NotificationServer before serving.
     notifications: NotificationServer
 
-    def __init__(self, address: Tuple[str, int], family: socket.AddressFamily) -> None:
+    def __init__(
+        self, address: Tuple[str, int], family: socket.AddressFamily, max_connections: int
+    ) -> None:
         self.address_family = family
-        self._slots = threading.BoundedSemaphore(_MAX_CONCURRENT_REQUESTS)
+        self.stopping = False
+        self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, _Handler, bind_and_activate=True)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            logger.warning(
-                "notification endpoint busy, refusing connection",
-                extra={"limit": _MAX_CONCURRENT_REQUESTS},
-            )
-            with contextlib.suppress(OSError):
-                request.sendall(
-                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                    b"Connection: close\r\n\r\n"
-                )
-            self.shutdown_request(request)
-            return
+        # At the limit, wait for a free handler instead of refusing: the real
+        # server never retries a non-2xx answer (a refusal would lose the
+        # notification), while its POST waits as long as it takes. Meanwhile
+        # new connections queue in the kernel's listen backlog.
+        while not self._slots.acquire(timeout=_SLOT_POLL):
+            if self.stopping:
+                self.shutdown_request(request)
+                return
         try:
             super().process_request(request, client_address)
         except BaseException:
@@ -208,8 +205,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class NotificationServer:
     """Receives the FL server's notifications over HTTP and publishes them on a bus.
 
-    Serves on its own threads (one per connection, at most 64 at once);
-    :meth:`start` returns once the socket listens.
+    Serves on its own threads (one per connection, at most ``max_connections``
+    at once); :meth:`start` returns once the socket listens.
     """
 
     def __init__(
@@ -220,6 +217,7 @@ class NotificationServer:
         port: int = DEFAULT_PORT,
         max_body_size: int = DEFAULT_MAX_NOTIFICATION_SIZE,
         on_event: Optional[Callable[[ServerEvent], None]] = None,
+        max_connections: int = 64,
     ) -> None:
         """Configure the endpoint (nothing listens before :meth:`start`).
 
@@ -232,9 +230,13 @@ class NotificationServer:
             on_event: called with each published event after the answer was
                 sent, on the request's thread; it should return quickly.
                 Exceptions are logged, never answered.
+            max_connections: connections served at once (one thread each);
+                further ones wait, unanswered, until one ends. Bounds the
+                threads a flood of connections can take.
 
         Raises:
-            ValueError: ``port`` is outside 0..65535 or ``max_body_size`` < 1.
+            ValueError: ``port`` is outside 0..65535, or ``max_body_size`` or
+                ``max_connections`` is less than 1.
         """
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {port}")
@@ -243,6 +245,9 @@ class NotificationServer:
         self.bus = bus
         self.host = host
         self.max_body_size = max_body_size
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {max_connections}")
+        self.max_connections = max_connections
         self._requested_port = port
         self._on_event = on_event
         self._server: Optional[_HTTPServer] = None
@@ -278,7 +283,7 @@ class NotificationServer:
             if self._server is not None:
                 return
             family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-            server = _HTTPServer((self.host, self._requested_port), family)
+            server = _HTTPServer((self.host, self._requested_port), family, self.max_connections)
             server.notifications = self
             thread = threading.Thread(
                 target=server.serve_forever,
@@ -300,6 +305,7 @@ class NotificationServer:
             self._server, self._thread = None, None
         if server is None:
             return
+        server.stopping = True
         server.shutdown()
         server.server_close()
         if thread is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -362,6 +363,53 @@ def test_concurrent_senders_all_get_answers_and_every_event_is_published(
     assert sorted(event.training_id for event in events) == sorted(f"t{i}" for i in range(16))
 
 
+def test_connections_over_the_limit_wait_instead_of_being_refused(bus: EventBus) -> None:
+    # The real server never retries a non-2xx answer: a refusal would lose the
+    # notification. Two idle connections take both slots; a third sender must
+    # get its answer once one of them goes away.
+    with NotificationServer(bus, port=0, max_connections=2) as server:
+        idle = [
+            socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) for _ in range(2)
+        ]
+        for sock in idle:
+            sock.sendall(b"POST / HTTP/1.1\r\n")  # headers never finished
+        answered: List[int] = []
+        sender = threading.Thread(
+            target=lambda: answered.append(post(server, notification("TRAINING_START"))[0])
+        )
+        sender.start()
+        sender.join(0.3)
+        # Still waiting: not refused, not answered (a broken limit answers at once).
+        assert answered == []
+        assert bus.last_seq() == 0
+        idle[0].close()
+        sender.join(WAIT)
+        assert answered == [200]
+        assert bus.last_seq() == 1
+        idle[1].close()
+
+
+def test_stop_returns_while_every_slot_is_taken(bus: EventBus) -> None:
+    server = NotificationServer(bus, port=0, max_connections=1)
+    server.start()
+    idle = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+    waiting = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+    try:
+        idle.sendall(b"POST / HTTP/1.1\r\n")
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        stopper.join(WAIT)
+        assert not stopper.is_alive()
+        assert not server.running
+        # The waiting connection was closed without an answer (a reset when
+        # it was still in the listen backlog).
+        with contextlib.suppress(ConnectionResetError):
+            assert waiting.recv(1024) == b""
+    finally:
+        idle.close()
+        waiting.close()
+
+
 # --- lifecycle -------------------------------------------------------------------
 
 
@@ -413,6 +461,8 @@ def test_invalid_settings_are_refused(bus: EventBus) -> None:
         NotificationServer(bus, port=70000)
     with pytest.raises(ValueError):
         NotificationServer(bus, max_body_size=0)
+    with pytest.raises(ValueError):
+        NotificationServer(bus, max_connections=0)
 
 
 def test_a_busy_port_raises_oserror(server: NotificationServer, bus: EventBus) -> None:

@@ -596,3 +596,20 @@ def test_bus_matches_a_simple_model(ops: List[Tuple[str, Any]], history: int) ->
     assert [event.seq for event in bus.snapshot()] == [
         seq for seq in range(1, len(published) + 1) if retained(seq)
     ]
+
+
+def test_history_is_bounded_in_bytes_too() -> None:
+    bus = EventBus(history=1000, max_bytes=1000)
+    with pytest.raises(ValueError):
+        EventBus(max_bytes=0)
+    big = "x" * 300
+    for _ in range(10):
+        bus.publish("NEW", "t1", {"pad": big}, big)  # ~610 characters each
+    retained = bus.snapshot()
+    assert [event.seq for event in retained] == [10]
+    huge = "y" * 5000
+    event = bus.publish("NEW", "t1", {}, huge)
+    # The newest event is kept whatever its size.
+    assert bus.snapshot() == [event]
+    small = [bus.publish("NEW", "t1", {}, "{}").seq for _ in range(3)]
+    assert [event.seq for event in bus.snapshot()] == small
