@@ -34,7 +34,6 @@ import socket
 import stat
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 from typing import Any, Callable, Dict, List, Optional
@@ -348,24 +347,15 @@ class SidecarServer:
         self.service.begin_drain()
         if self.notifications is not None:
             self.notifications.stop()
-        deadline = time.monotonic() + settings.drain_seconds
-        while self._transfers_in_flight() > 0 and time.monotonic() < deadline:
-            # In-flight transfers have no completion event to wait on; poll briefly.
-            time.sleep(0.05)
-        left = self._transfers_in_flight()
-        if left:
-            _log.warning("cancelling transfers still running after the drain", extra={"left": left})
+        if not self.service.wait_idle(settings.drain_seconds):
+            _log.warning(
+                "cancelling calls still running after the drain",
+                extra={"left": self.service.active_calls()},
+            )
         if self._grpc is not None:
             self._grpc.stop(grace=_FINAL_GRACE).wait()
         self._cleanup()
         _log.info("stopped")
-
-    def _transfers_in_flight(self) -> int:
-        total = 0.0
-        for metric in self.metrics.in_flight.collect():
-            for sample in metric.samples:
-                total += sample.value
-        return int(total)
 
     def _cleanup(self) -> None:
         settings = self.settings

@@ -71,6 +71,8 @@ _MIN_OUTPUT_MESSAGE = 1024 * 1024
 _MAX_PACK_CHUNK_SIZE = 8 * 1024 * 1024
 _PROGRESS_POLL = 0.25  # seconds between checks that the trainer is still there
 _EVENT_POLL = 1.0  # seconds
+# Calls the drain does not wait for: WatchEvents ends when the bus closes, GetInfo is instant.
+_NOT_DRAINED = frozenset({"WatchEvents", "GetInfo"})
 
 _EVENT_KINDS: Dict[EventKind, int] = {
     EventKind.TRAINING_START: pb.EVENT_KIND_TRAINING_START,
@@ -204,13 +206,14 @@ def _unary(method: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(method)
     def wrapper(self: SidecarService, request: Any, context: grpc.ServicerContext) -> T:
         started = time.monotonic()
+        self._enter(name)
         try:
             return method(self, request, context)
         except Exception as exc:
             self._fail(name, context, exc)
             raise  # not reached: _fail aborts
         finally:
-            self._observe(name, started)
+            self._leave(name, started)
 
     return wrapper
 
@@ -223,12 +226,13 @@ def _streaming(
     @functools.wraps(method)
     def wrapper(self: SidecarService, request: Any, context: grpc.ServicerContext) -> Iterator[T]:
         started = time.monotonic()
+        self._enter(name)
         try:
             yield from method(self, request, context)
         except Exception as exc:
             self._fail(name, context, exc)
         finally:
-            self._observe(name, started)
+            self._leave(name, started)
 
     return wrapper
 
@@ -266,11 +270,38 @@ class SidecarService(pb_grpc.SidecarServicer):
         self.notification_url = notification_url
         self.metrics = metrics
         self._draining = threading.Event()
+        self._idle = threading.Condition(threading.Lock())
+        self._active = 0
 
     def begin_drain(self) -> None:
         """Refuse new calls with UNAVAILABLE and end every WatchEvents stream."""
         self._draining.set()
         self.bus.close()
+
+    def active_calls(self) -> int:
+        """Calls in progress that the drain waits for (all but WatchEvents and GetInfo)."""
+        with self._idle:
+            return self._active
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no drained call is in progress; True if none is."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout=timeout)
+
+    def _enter(self, method: str) -> None:
+        if method in _NOT_DRAINED:
+            return
+        with self._idle:
+            self._active += 1
+
+    def _leave(self, method: str, started: float) -> None:
+        self._observe(method, started)
+        if method in _NOT_DRAINED:
+            return
+        with self._idle:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.notify_all()
 
     # -- plumbing --
 

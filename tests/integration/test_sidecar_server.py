@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 from typing import Iterator
@@ -251,3 +252,40 @@ def test_generated_stub_with_explicit_channel(sidecar: SidecarProcess) -> None:
         stub = sidecar_pb2_grpc.SidecarStub(channel)
         info = stub.GetInfo(pb.GetInfoRequest(), timeout=10)
     assert info.max_message_size >= 4 * 1024 * 1024
+
+
+def test_drain_lets_a_call_in_progress_finish_and_refuses_new_ones() -> None:
+    zstandard = pytest.importorskip("zstandard")
+    data = os.urandom(64 * 1024) * 40
+    blob = zstandard.ZstdCompressor(level=1).compress(data)
+    half = len(blob) // 2
+    sent_first_half = threading.Event()
+    release = threading.Event()
+
+    def requests() -> Iterator[pb.UnpackRequest]:
+        yield pb.UnpackRequest(chunk=blob[:half])
+        sent_first_half.set()
+        release.wait(30)
+        yield pb.UnpackRequest(chunk=blob[half:])
+
+    process = start_sidecar(notifications=False)
+    try:
+        watch = process.health_stub().Watch(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=60
+        )
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        responses = process.stub.Unpack(requests(), timeout=60)
+        assert sent_first_half.wait(30)
+        process.signal()
+        # NOT_SERVING proves the drain has begun while the Unpack call is still open.
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            process.stub.GetTraining(pb.GetTrainingRequest(training_id="t"), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        release.set()
+        out = b"".join(m.chunk for m in responses if m.WhichOneof("kind") == "chunk")
+        assert out == data
+        assert process.wait(timeout=30) == 0
+    finally:
+        release.set()
+        process.cleanup()
