@@ -600,13 +600,13 @@ impl Unpacker {
 
     fn check_table(&self, table: &SeekTable) -> Result<()> {
         let n = table.entries.len();
-        if n > self.run.len() {
+        if n != self.run.len() {
             return Err(CodecError::SeekTable(format!(
-                "the seek table lists {n} frames, but only {} precede it",
+                "the seek table lists {n} frames, but {} precede it",
                 self.run.len()
             )));
         }
-        let described = &self.run[self.run.len() - n..];
+        let described = &self.run[..];
         for (i, (rec, entry)) in described.iter().zip(&table.entries).enumerate() {
             if u64::from(entry.compressed_size) != rec.compressed
                 || u64::from(entry.decompressed_size) != rec.decompressed

@@ -374,18 +374,18 @@ impl Layout {
     }
 }
 
-/// Checks a seek table against the frames it describes (the last `entries.len()` of
-/// `run`, which must end right where the table starts) and records its promises in them.
+/// Checks a seek table against the frames it describes (all of `run`: every zstd frame
+/// since the stream start or the last skippable frame, ending where the table starts)
+/// and records its promises in them.
 fn apply_seek_table(run: &mut [FrameInfo], table: &SeekTable, table_offset: usize) -> Result<()> {
     let n = table.entries.len();
-    if n > run.len() {
+    if n != run.len() {
         return Err(CodecError::SeekTable(format!(
-            "the seek table at offset {table_offset} lists {n} frames, but only {} precede it",
+            "the seek table at offset {table_offset} lists {n} frames, but {} precede it",
             run.len()
         )));
     }
-    let first = run.len() - n;
-    let described = &mut run[first..];
+    let described = run;
     for (i, (frame, entry)) in described.iter_mut().zip(&table.entries).enumerate() {
         if entry.compressed_size as usize != frame.compressed_size {
             return Err(CodecError::SeekTable(format!(
@@ -416,8 +416,9 @@ fn apply_seek_table(run: &mut [FrameInfo], table: &SeekTable, table_offset: usiz
 /// Walks a whole blob: every frame header and block header, every skippable frame, and
 /// every seek table (each checked against the frames just before it).
 ///
-/// A seek table describes the zstd frames immediately preceding it, so concatenated
-/// seekable blobs (a valid zstd stream) are read correctly.
+/// A seek table describes every zstd frame since the previous skippable frame (or the
+/// start), so concatenated seekable blobs (a valid zstd stream) are read correctly, and a
+/// table that lists more or fewer frames than that is a `SeekTable` error.
 pub fn scan(blob: &[u8]) -> Result<Layout> {
     if blob.is_empty() {
         return Err(CodecError::Truncated(

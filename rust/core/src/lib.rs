@@ -60,3 +60,6 @@ pub fn is_zstd(prefix: &[u8]) -> bool {
 pub fn level_range() -> (i32, i32) {
     (zstd_safe::min_c_level(), zstd_safe::max_c_level())
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,447 @@
+//! Unit tests of the core: round trips, the exact seek-table layout, foreign zstd, and
+//! hostile input (bit flips, truncation, lying seek tables, bombs).
+
+use crate::decode::{plan, unpack, Unpacker};
+use crate::encode::{pack, PackOptions, Packer, MAX_CHUNK_SIZE};
+use crate::error::CodecError;
+use crate::format::{scan, SEEKABLE_MAGIC, SEEK_TABLE_SKIPPABLE_MAGIC};
+use crate::{inspect, is_zstd};
+
+/// Deterministic pseudo-random bytes (xorshift), compressible when `text` is set.
+fn sample(len: usize, seed: u64, text: bool) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if text {
+                b"abcdefgh  \n"[(x % 11) as usize]
+            } else {
+                x as u8
+            }
+        })
+        .collect()
+}
+
+fn opts(level: i32, chunk_size: usize, threads: usize) -> PackOptions {
+    PackOptions {
+        level,
+        chunk_size,
+        threads,
+    }
+}
+
+const LIMIT: u64 = 1 << 30;
+
+fn stream_unpack(blob: &[u8], piece: usize, limit: u64) -> Result<Vec<u8>, CodecError> {
+    let mut u = Unpacker::new(limit);
+    let mut out = Vec::new();
+    for p in blob.chunks(piece.max(1)) {
+        u.write(p, &mut out)?;
+    }
+    u.finish()?;
+    Ok(out)
+}
+
+#[test]
+fn round_trips_sizes_around_chunk_multiples() {
+    for chunk in [1usize, 7, 64, 1000] {
+        for len in [
+            0,
+            1,
+            chunk - 1,
+            chunk,
+            chunk + 1,
+            3 * chunk - 1,
+            3 * chunk,
+            3 * chunk + 1,
+        ] {
+            for threads in [0, 1, 3] {
+                let data = sample(len, len as u64 + 1, len % 2 == 0);
+                let blob = pack(&data, &opts(3, chunk, threads)).unwrap();
+                assert_eq!(unpack(&blob, LIMIT, threads).unwrap(), data, "len {len}");
+                assert_eq!(stream_unpack(&blob, 5, LIMIT).unwrap(), data);
+                let info = inspect(&blob).unwrap();
+                assert_eq!(info.frames as usize, len.div_ceil(chunk).max(1));
+                assert_eq!(info.decompressed_size, Some(len as u64));
+                assert!(info.has_checksums && info.has_seek_table);
+                assert!(is_zstd(&blob));
+            }
+        }
+    }
+}
+
+#[test]
+fn every_level_round_trips() {
+    let data = sample(5000, 9, true);
+    for level in [-5, -1, 0, 1, 2, 3, 5, 9, 12, 15, 19, 20, 22] {
+        let blob = pack(&data, &opts(level, 1024, 2)).unwrap();
+        assert_eq!(unpack(&blob, LIMIT, 2).unwrap(), data, "level {level}");
+    }
+}
+
+#[test]
+fn rejects_bad_parameters() {
+    let data = [1u8; 10];
+    for o in [
+        opts(3, 0, 0),
+        opts(3, MAX_CHUNK_SIZE + 1, 0),
+        opts(99, 10, 0),
+        opts(3, 10, 100_000),
+    ] {
+        assert!(matches!(
+            pack(&data, &o),
+            Err(CodecError::InvalidArgument(_))
+        ));
+    }
+}
+
+#[test]
+fn streaming_packer_matches_one_shot() {
+    let data = sample(10_000, 3, true);
+    let o = opts(3, 512, 2);
+    for piece in [1usize, 100, 1024, 20_000] {
+        let mut p = Packer::new(o).unwrap();
+        let mut out = Vec::new();
+        for part in data.chunks(piece) {
+            p.write(part, &mut out).unwrap();
+        }
+        let stats = p.finish(&mut out).unwrap();
+        assert_eq!(out, pack(&data, &o).unwrap(), "piece {piece}");
+        assert_eq!(stats.raw_size, data.len() as u64);
+        assert_eq!(stats.packed_size, out.len() as u64);
+        assert!(p.finish(&mut out).is_err(), "finish twice");
+    }
+}
+
+#[test]
+fn seek_table_is_laid_out_per_the_spec() {
+    let data = sample(2500, 5, false);
+    let blob = pack(&data, &opts(3, 1000, 1)).unwrap();
+    let n = blob.len();
+    let u32_at = |at: usize| u32::from_le_bytes(blob[at..at + 4].try_into().unwrap());
+    assert_eq!(u32_at(n - 4), SEEKABLE_MAGIC);
+    assert_eq!(blob[n - 5], 0x80, "checksum flag set, reserved bits clear");
+    assert_eq!(u32_at(n - 9), 3);
+    let table_start = n - (8 + 3 * 12 + 9);
+    assert_eq!(u32_at(table_start), SEEK_TABLE_SKIPPABLE_MAGIC);
+    assert_eq!(u32_at(table_start + 4), 3 * 12 + 9);
+    let layout = scan(&blob).unwrap();
+    for (i, frame) in layout.frames.iter().enumerate() {
+        let e = table_start + 8 + 12 * i;
+        assert_eq!(u32_at(e) as usize, frame.compressed_size);
+        let raw = &data[i * 1000..((i + 1) * 1000).min(data.len())];
+        assert_eq!(u32_at(e + 4) as usize, raw.len());
+        let xxh = xxhash_rust::xxh64::xxh64(raw, 0) as u32;
+        assert_eq!(u32_at(e + 8), xxh);
+        assert_eq!(frame.header.content_size, Some(raw.len() as u64));
+        assert!(frame.header.has_checksum);
+    }
+}
+
+#[test]
+fn frames_never_need_more_than_an_8_mib_window() {
+    let data = vec![7u8; MAX_CHUNK_SIZE + 10];
+    let blob = pack(&data, &opts(19, MAX_CHUNK_SIZE, 0)).unwrap();
+    for frame in scan(&blob).unwrap().frames {
+        assert!(frame.header.window_size <= 8 << 20, "{frame:?}");
+    }
+    assert_eq!(opts(3, MAX_CHUNK_SIZE, 0).window_log(), 23);
+    assert_eq!(opts(3, 4 << 20, 0).window_log(), 22);
+    assert_eq!(opts(3, 100, 0).window_log(), 10);
+}
+
+fn foreign_frame(data: &[u8], checksum: bool, content_size: bool) -> Vec<u8> {
+    use zstd_safe::{CCtx, CParameter};
+    let mut cctx = CCtx::create();
+    cctx.set_parameter(CParameter::ChecksumFlag(checksum))
+        .unwrap();
+    cctx.set_parameter(CParameter::ContentSizeFlag(content_size))
+        .unwrap();
+    let mut out = Vec::new();
+    if content_size {
+        out.reserve(zstd_safe::compress_bound(data.len()));
+        cctx.compress2(&mut out, data).unwrap();
+    } else {
+        // Streaming without a pledged size leaves the content size out of the header.
+        let mut buf = vec![0u8; zstd_safe::compress_bound(data.len()) + 64];
+        let mut ob = zstd_safe::OutBuffer::around(&mut buf[..]);
+        let mut ib = zstd_safe::InBuffer::around(data);
+        cctx.compress_stream2(
+            &mut ob,
+            &mut ib,
+            zstd_sys::ZSTD_EndDirective::ZSTD_e_continue,
+        )
+        .unwrap();
+        loop {
+            let left = cctx
+                .compress_stream2(&mut ob, &mut ib, zstd_sys::ZSTD_EndDirective::ZSTD_e_end)
+                .unwrap();
+            if left == 0 {
+                break;
+            }
+        }
+        let n = ob.pos();
+        out.extend_from_slice(&buf[..n]);
+    }
+    out
+}
+
+#[test]
+fn decodes_plain_zstd_from_others() {
+    let a = sample(70_000, 11, true);
+    let b = sample(3_000, 12, false);
+    for (checksum, content_size) in [(false, true), (true, false), (false, false)] {
+        let mut blob = foreign_frame(&a, checksum, content_size);
+        let info = inspect(&blob).unwrap();
+        assert!(!info.has_seek_table);
+        assert_eq!(info.decompressed_size.is_some(), content_size);
+        assert_eq!(unpack(&blob, LIMIT, 0).unwrap(), a);
+        blob.extend(foreign_frame(&b, checksum, content_size));
+        let expected = [a.clone(), b.clone()].concat();
+        assert_eq!(unpack(&blob, LIMIT, 0).unwrap(), expected);
+        assert_eq!(stream_unpack(&blob, 777, LIMIT).unwrap(), expected);
+    }
+}
+
+#[test]
+fn concatenated_seekable_blobs_decode() {
+    let a = sample(3000, 1, true);
+    let b = sample(2000, 2, true);
+    let mut blob = pack(&a, &opts(3, 1000, 0)).unwrap();
+    blob.extend(pack(&b, &opts(3, 700, 0)).unwrap());
+    let expected = [a, b].concat();
+    assert_eq!(unpack(&blob, LIMIT, 0).unwrap(), expected);
+    assert_eq!(stream_unpack(&blob, 33, LIMIT).unwrap(), expected);
+}
+
+#[test]
+fn no_single_bit_flip_yields_different_data() {
+    let data = sample(600, 21, true);
+    let blob = pack(&data, &opts(3, 256, 1)).unwrap();
+    let table_descriptor = blob.len() - 5;
+
+    let frame_descriptors: Vec<usize> = scan(&blob)
+        .unwrap()
+        .frames
+        .iter()
+        .map(|f| f.offset + 4)
+        .collect();
+    for byte in 0..blob.len() {
+        for bit in 0..8 {
+            let mut bad = blob.clone();
+            bad[byte] ^= 1 << bit;
+            let one_shot = unpack(&bad, LIMIT, 1);
+            let streamed = stream_unpack(&bad, 50, LIMIT);
+            // Bits the specs leave unused, which decoders must ignore: bit 4 of a frame
+            // header descriptor (RFC 8878) and bits 0-1 of the seek table descriptor.
+            if (frame_descriptors.contains(&byte) && bit == 4)
+                || (byte == table_descriptor && bit < 2)
+            {
+                assert_eq!(one_shot.unwrap(), data);
+                assert_eq!(streamed.unwrap(), data);
+                continue;
+            }
+            for (name, r) in [("one-shot", one_shot), ("streamed", streamed)] {
+                match r {
+                    Err(CodecError::Corrupt(_))
+                    | Err(CodecError::Truncated(_))
+                    | Err(CodecError::ChecksumMismatch(_))
+                    | Err(CodecError::SeekTable(_))
+                    | Err(CodecError::SizeLimitExceeded { .. }) => {}
+                    // Some entropy-coded bits are don't-cares: the same content comes out,
+                    // and its checksum proves it. Different content never does.
+                    Ok(ref v) if *v == data => {}
+                    other => panic!(
+                        "{name}: flip of bit {bit} in byte {byte} gave {:?}",
+                        other.map(|v| v.len())
+                    ),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn truncation_is_a_prefix_at_frame_ends_and_an_error_elsewhere() {
+    let data = sample(900, 4, true);
+    let blob = pack(&data, &opts(3, 300, 1)).unwrap();
+    let layout = scan(&blob).unwrap();
+    let frame_ends: Vec<usize> = layout
+        .frames
+        .iter()
+        .map(|f| f.offset + f.compressed_size)
+        .collect();
+    for cut in 0..blob.len() {
+        let r = unpack(&blob[..cut], LIMIT, 1);
+        let s = stream_unpack(&blob[..cut], 7, LIMIT);
+        if let Some(i) = frame_ends.iter().position(|&e| e == cut) {
+            // Whole frames are a valid zstd stream; only the seek table tells they are few.
+            let prefix = &data[..(i + 1) * 300];
+            assert_eq!(r.unwrap(), prefix);
+            assert_eq!(s.unwrap(), prefix);
+            assert!(!inspect(&blob[..cut]).unwrap().has_seek_table);
+        } else {
+            assert!(
+                matches!(r, Err(CodecError::Truncated(_))),
+                "cut {cut}: {r:?}"
+            );
+            assert!(
+                matches!(s, Err(CodecError::Truncated(_))),
+                "cut {cut}: {s:?}"
+            );
+        }
+    }
+}
+
+/// Rewrites the seek table of `blob` with `edit` applied to its entries.
+fn with_table(blob: &[u8], edit: impl FnOnce(&mut Vec<[u32; 3]>)) -> Vec<u8> {
+    let layout = scan(blob).unwrap();
+    let last = layout.frames.last().unwrap();
+    let data_end = last.offset + last.compressed_size;
+    let n = layout.frames.len();
+    let mut entries: Vec<[u32; 3]> = (0..n)
+        .map(|i| {
+            let at = data_end + 8 + 12 * i;
+            let r = |k: usize| u32::from_le_bytes(blob[at + k..at + k + 4].try_into().unwrap());
+            [r(0), r(4), r(8)]
+        })
+        .collect();
+    edit(&mut entries);
+    let mut out = blob[..data_end].to_vec();
+    let table: Vec<crate::format::SeekEntry> = entries
+        .iter()
+        .map(|e| crate::format::SeekEntry {
+            compressed_size: e[0],
+            decompressed_size: e[1],
+            checksum: Some(e[2]),
+        })
+        .collect();
+    crate::format::write_seek_table(&table, true, &mut out);
+    out
+}
+
+#[test]
+fn lying_seek_tables_are_refused() {
+    let data = sample(1000, 8, true);
+    let blob = pack(&data, &opts(3, 250, 1)).unwrap();
+    assert_eq!(with_table(&blob, |_| {}), blob);
+    let lies: Vec<Box<dyn Fn(&mut Vec<[u32; 3]>)>> = vec![
+        Box::new(|e| e[1][1] += 1),
+        Box::new(|e| e[1][1] -= 1),
+        Box::new(|e| e[2][0] += 1),
+        Box::new(|e| e[0][2] ^= 1),
+        Box::new(|e| {
+            e.remove(0);
+        }),
+        Box::new(|e| e.push([10, 10, 0])),
+        Box::new(|e| e.clear()),
+    ];
+    for (i, lie) in lies.iter().enumerate() {
+        let bad = with_table(&blob, lie);
+        let r = unpack(&bad, LIMIT, 1);
+        assert!(matches!(r, Err(CodecError::SeekTable(_))), "lie {i}: {r:?}");
+        let s = stream_unpack(&bad, 64, LIMIT);
+        assert!(
+            matches!(s, Err(CodecError::SeekTable(_))),
+            "lie {i} streamed: {s:?}"
+        );
+    }
+}
+
+/// A frame with no content size and `blocks` RLE blocks of 128 KiB: a few bytes per
+/// 128 KiB of output.
+fn rle_bomb(blocks: usize) -> Vec<u8> {
+    let mut b = 0xFD2F_B528u32.to_le_bytes().to_vec();
+    b.push(0x00); // no content size, not single segment, no checksum
+    b.push(13 << 3); // window 8 MiB
+    for i in 0..blocks {
+        let last = u32::from(i + 1 == blocks);
+        let h = last | (1 << 1) | ((128 * 1024) << 3);
+        b.extend_from_slice(&h.to_le_bytes()[..3]);
+        b.push(0xAB);
+    }
+    b
+}
+
+#[test]
+fn bombs_stop_at_the_limit() {
+    let bomb = rle_bomb(8192); // 1 GiB of output from 32 KiB
+    assert!(bomb.len() < 40_000);
+    let limit = 1 << 20;
+    let r = unpack(&bomb, limit, 0);
+    assert!(
+        matches!(r, Err(CodecError::SizeLimitExceeded { .. })),
+        "{r:?}"
+    );
+    let mut u = Unpacker::new(limit);
+    let mut out = Vec::new();
+    let r = u.write(&bomb, &mut out);
+    assert!(
+        matches!(r, Err(CodecError::SizeLimitExceeded { .. })),
+        "{r:?}"
+    );
+    assert!(u.produced() <= limit + 1, "decoded {} bytes", u.produced());
+    assert!(out.len() as u64 <= limit);
+    // A small bomb within the limit decodes.
+    let ok = unpack(&rle_bomb(4), limit, 0).unwrap();
+    assert_eq!(ok, vec![0xAB; 4 * 128 * 1024]);
+}
+
+#[test]
+fn claimed_sizes_are_checked_before_allocating() {
+    let blob = pack(&vec![0u8; 4 << 20], &opts(3, 1 << 20, 0)).unwrap();
+    let r = plan(&blob, 1 << 20);
+    assert!(matches!(
+        r,
+        Err(CodecError::SizeLimitExceeded { needed, .. }) if needed == 4 << 20
+    ));
+    // A header that claims 2^40 bytes: refused from the header alone.
+    let mut claim = 0xFD2F_B528u32.to_le_bytes().to_vec();
+    claim.push(0xE0); // 8-byte content size, single segment
+    claim.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    claim.extend_from_slice(&(1 | (1 << 1) | (16 << 3) as u32).to_le_bytes()[..3]);
+    claim.push(0);
+    let r = unpack(&claim, LIMIT, 0);
+    assert!(
+        matches!(r, Err(CodecError::SizeLimitExceeded { .. })),
+        "{r:?}"
+    );
+    let r = stream_unpack(&claim, 3, LIMIT);
+    assert!(
+        matches!(r, Err(CodecError::SizeLimitExceeded { .. })),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn garbage_and_empty_input_get_typed_errors() {
+    assert!(matches!(
+        unpack(b"", LIMIT, 0),
+        Err(CodecError::Truncated(_))
+    ));
+    assert!(matches!(
+        stream_unpack(b"", 1, LIMIT),
+        Err(CodecError::Truncated(_))
+    ));
+    assert!(matches!(
+        unpack(b"\x28\xb5", LIMIT, 0),
+        Err(CodecError::Truncated(_))
+    ));
+    assert!(matches!(
+        unpack(b"hello world", LIMIT, 0),
+        Err(CodecError::Corrupt(_))
+    ));
+    assert!(matches!(
+        stream_unpack(b"hello world", 3, LIMIT),
+        Err(CodecError::Corrupt(_))
+    ));
+    for seed in 0..200u64 {
+        let junk = sample(64, seed, false);
+        let mut framed = 0xFD2F_B528u32.to_le_bytes().to_vec();
+        framed.extend(&junk);
+        assert!(unpack(&framed, LIMIT, 0).is_err());
+        assert!(stream_unpack(&framed, 9, LIMIT).is_err());
+    }
+}
