@@ -140,7 +140,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             length = int(length_header.strip())
         except ValueError:
             length = -1
-        if length < 0 or not length_header.strip().isdigit():
+        digits = length_header.strip()
+        if length < 0 or not (digits.isascii() and digits.isdigit()):
             self._answer(400, "Content-Length is not a non-negative integer", close=True)
             return
         if length > owner.max_body_size:
@@ -168,7 +169,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def __getattr__(self, name: str) -> Any:
         # BaseHTTPRequestHandler answers 501 to methods without a do_X
-        # method; every method but POST is 405 here, like the reference.
+        # method; here every method but POST, known or not, is a 405.
         if name.startswith("do_") and name != "do_POST":
             return self._method_not_allowed
         raise AttributeError(name)

@@ -358,7 +358,7 @@ class ScriptRunner:
                 job()
             except Exception:
                 # A hook's bug must not stop the training's later runs.
-                logger.exception("training hook failed", extra={"training_id": training_id})
+                logger.exception("training job failed", extra={"training_id": training_id})
 
     def _run(self, action: str, training_id: str, round: int, model_id: str, seq: int) -> None:
         argv = self.command(action, training_id, round, model_id)
@@ -375,6 +375,9 @@ class ScriptRunner:
         except OSError as exc:
             error = f"could not start: {exc.strerror or exc}"
             process = None
+        else:
+            if process is None:
+                error = "stopped before it started"
         if process is not None:
             logger.info(
                 "training script started",
@@ -422,7 +425,7 @@ class ScriptRunner:
                 "action": action,
                 "round": round,
                 "returncode": returncode,
-                "duration_s": round_seconds(run.duration),
+                "duration_s": _round_seconds(run.duration),
             },
         )
         if self._on_result is not None:
@@ -453,7 +456,7 @@ class ScriptRunner:
             return process
 
 
-def round_seconds(value: float) -> float:
+def _round_seconds(value: float) -> float:
     """``value`` rounded to milliseconds, for logs."""
     return float(f"{value:.3f}")
 
