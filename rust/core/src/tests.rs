@@ -327,7 +327,8 @@ fn lying_seek_tables_are_refused() {
     let data = sample(1000, 8, true);
     let blob = pack(&data, &opts(3, 250, 1)).unwrap();
     assert_eq!(with_table(&blob, |_| {}), blob);
-    let lies: Vec<Box<dyn Fn(&mut Vec<[u32; 3]>)>> = vec![
+    type Lie = Box<dyn Fn(&mut Vec<[u32; 3]>)>;
+    let lies: Vec<Lie> = vec![
         Box::new(|e| e[1][1] += 1),
         Box::new(|e| e[1][1] -= 1),
         Box::new(|e| e[2][0] += 1),
