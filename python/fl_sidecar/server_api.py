@@ -927,7 +927,8 @@ class FlServerClient:
                 self.negotiated_coding = "identity"
             return
         q = _parse_codings(advertised).get("zstd", 0.0)
-        self.negotiated_coding = "zstd" if q > 0 else "identity"
+        # After a 415 the advertisement is not believed again (no 415 loop).
+        self.negotiated_coding = "zstd" if q > 0 and not self._zstd_refused else "identity"
 
     def _attempt(
         self,

@@ -1,0 +1,311 @@
+"""Content-coding negotiation over real sockets: the client, the middleware, plain servers.
+
+- the dev server (behind the middleware): zstd both ways, checked on the wire
+  through the fault proxy in pass-through mode;
+- a recording WSGI app behind the middleware: the decoded upload is exact;
+- a plain WSGI app without it (served by wsgiref on port 0): identity, no 415 loop;
+- a server that advertises zstd but answers 415: one fallback, remembered;
+- hostile zstd bodies against the dev server: 4xx, never 5xx.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import hashlib
+import http.client
+import io
+import json
+import socketserver
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Tuple
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import pytest
+import zstandard
+from conftest import DevServerHandle
+from faultproxy import FaultProxy
+
+from fl_sidecar import codec
+from fl_sidecar.devserver import DevServer
+from fl_sidecar.server_api import Credentials, FlServerClient
+from fl_sidecar.wsgi_zstd import ENVIRON_WIRE_BYTES, ZstdMiddleware
+
+MODEL_BYTES = b"\x00\x01\x02\x03torch-ish" * 40_000  # 520 KB, compressible
+
+
+def compressible_model(seed: int = 0) -> bytes:
+    """torch.save of an nn.Linear(256, 256) with small integer weights (compresses well)."""
+    import torch
+
+    module = torch.nn.Linear(256, 256)
+    with torch.no_grad():
+        module.weight.copy_((torch.arange(256 * 256).reshape(256, 256) + seed) % 7 - 3.0)
+        module.bias.fill_(float(seed))
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return buffer.getvalue()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class RecordingApp:
+    """A minimal FL-like server: GET serves MODEL_BYTES, POST records the body it got.
+
+    ``refuse_codings``: answer 415 to any Content-Encoding (and advertise zstd anyway
+    when ``advertise`` is set), like a server whose decoding broke.
+    """
+
+    def __init__(self, *, advertise: bool = False, refuse_codings: bool = False) -> None:
+        self.advertise = advertise
+        self.refuse_codings = refuse_codings
+        self.requests: List[Dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else b""
+        record = {
+            "method": environ["REQUEST_METHOD"],
+            "path": environ["PATH_INFO"],
+            "content_encoding": environ.get("HTTP_CONTENT_ENCODING"),
+            "content_type": environ.get("CONTENT_TYPE", ""),
+            "accept_encoding": environ.get("HTTP_ACCEPT_ENCODING"),
+            "wire_bytes": environ.get(ENVIRON_WIRE_BYTES),
+            "body": body,
+        }
+        with self._lock:
+            self.requests.append(record)
+        extra = [("Accept-Encoding", "zstd")] if self.advertise else []
+        if self.refuse_codings and record["content_encoding"]:
+            start_response("415 Unsupported Media Type", [("Content-Length", "0"), *extra])
+            return [b""]
+        if record["method"] == "GET":
+            start_response(
+                "200 OK",
+                [
+                    ("Content-Type", "application/octet-stream"),
+                    ("Content-Length", str(len(MODEL_BYTES))),
+                    *extra,
+                ],
+            )
+            return [MODEL_BYTES]
+        answer = json.dumps({"detail": "Model Update Accepted"}).encode()
+        status = "201 Created" if record["method"] == "POST" else "200 OK"
+        start_response(
+            status,
+            [("Content-Type", "application/json"), ("Content-Length", str(len(answer))), *extra],
+        )
+        return [answer]
+
+    def seen(self, method: str) -> List[Dict[str, Any]]:
+        with self._lock:
+            return [r for r in self.requests if r["method"] == method]
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Any], str]]:
+    """Factory: serve a WSGI app with wsgiref on a free loopback port; returns its URL."""
+    servers: List[Tuple[WSGIServer, threading.Thread]] = []
+
+    def start(app: Any) -> str:
+        server = make_server(
+            "127.0.0.1", 0, app, server_class=_ThreadingServer, handler_class=_QuietHandler
+        )
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.daemon = True
+        thread.start()
+        servers.append((server, thread))
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield start
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def _form(record: Dict[str, Any]) -> Dict[str, Any]:
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + record["content_type"].encode() + b"\r\n\r\n" + record["body"]
+    )
+    out: Dict[str, Any] = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        value = part.get_payload(decode=True)
+        out.setdefault(str(name), []).append(value)
+    return out
+
+
+def test_zstd_both_ways_with_the_dev_server_on_the_wire(
+    devserver: DevServerHandle, tmp_path: Path
+) -> None:
+    model = compressible_model(0)
+    _, clients, model_id, training_id = devserver.setup_training(model, ["http://127.0.0.1:9/"])
+    local = tmp_path / "local.pt"
+    local.write_bytes(compressible_model(1))
+    with FaultProxy((devserver.host, devserver.port)) as proxy, FlServerClient(
+        proxy.url, Credentials.token(clients[0].token)
+    ) as client:
+        got = client.download_model(model_id, tmp_path / "global.pt")
+        assert (tmp_path / "global.pt").read_bytes() == model
+        assert got.content_encoding == "zstd" and got.raw_bytes == len(model)
+        assert got.wire_bytes < len(model) // 2
+        assert client.negotiated_coding == "zstd"
+        (get,) = proxy.seen("GET", f"/api/models/{model_id}/")
+        assert get.headers["accept-encoding"] == "zstd"
+        head, _, body_start = get.response_head.partition(b"\r\n\r\n")
+        assert b"content-encoding: zstd" in head.lower()
+        assert codec.is_zstd(body_start[:4])
+
+        sent = client.upload_model(model_id, local, round=0, sample_size=7, metrics={"a": 1.0})
+        assert sent.status == 201 and sent.content_encoding == "zstd"
+        (post,) = proxy.seen("POST", f"/api/models/{model_id}/")
+        assert post.headers["content-encoding"] == "zstd"
+        assert post.headers["content-type"].startswith("multipart/form-data; boundary=")
+        assert codec.is_zstd(post.body_prefix[:4])
+        assert post.body_bytes == sent.wire_bytes < local.stat().st_size // 2
+        assert client.get_training(training_id)["local_models_arrived"] == 1
+    assert devserver.wait_idle(20)
+
+
+def test_upload_decoded_by_the_middleware_is_exact(serve: Any, tmp_path: Path) -> None:
+    app = RecordingApp()
+    url = serve(ZstdMiddleware(app, max_request_size=64 * 1024 * 1024))
+    local = tmp_path / "local.pt"
+    local.write_bytes(MODEL_BYTES + b"local")
+    with FlServerClient(url, Credentials.token("t0k3n")) as client:
+        sent = client.upload_model(
+            "m1", local, round=3, sample_size=12, metrics={"acc": 0.5, "loss": 2.25}, owner="me"
+        )
+        assert client.negotiated_coding == "zstd"
+    assert sent.content_encoding == "zstd" and sent.wire_bytes < sent.raw_bytes // 4
+    assert [r["method"] for r in app.requests] == ["OPTIONS", "POST"]
+    post = app.seen("POST")[0]
+    assert post["content_encoding"] is None  # decoded before the app saw it
+    assert post["wire_bytes"] == sent.wire_bytes
+    form = _form(post)
+    assert form["model_file"] == [local.read_bytes()]
+    assert form["round"] == [b"3"] and form["sample_size"] == [b"12"] and form["owner"] == [b"me"]
+    assert form["metric_names"] == [b"acc", b"loss"]
+    assert form["metric_values"] == [b"0.5", b"2.25"]
+    assert sent.sha256 == hashlib.sha256(local.read_bytes()).hexdigest()
+
+
+def test_plain_server_without_the_middleware_gets_identity(serve: Any, tmp_path: Path) -> None:
+    app = RecordingApp()
+    url = serve(app)
+    local = tmp_path / "local.pt"
+    local.write_bytes(MODEL_BYTES)
+    with FlServerClient(url, Credentials.token("t")) as client:
+        got = client.download_model("m1", tmp_path / "g.pt")
+        assert got.content_encoding == "identity" and got.wire_bytes == len(MODEL_BYTES)
+        assert (tmp_path / "g.pt").read_bytes() == MODEL_BYTES
+        assert client.negotiated_coding == "identity"
+        for _ in range(2):
+            sent = client.upload_model("m1", local, round=0, sample_size=1)
+            assert sent.status == 201 and sent.content_encoding == "identity"
+    assert app.seen("GET")[0]["accept_encoding"] == "zstd"
+    posts = app.seen("POST")
+    assert len(posts) == 2 and all(p["content_encoding"] is None for p in posts)
+    assert _form(posts[0])["model_file"] == [MODEL_BYTES]
+    assert app.seen("OPTIONS") == []  # the download already taught the client
+    # A fresh client that uploads first probes once, then sends identity.
+    with FlServerClient(url, Credentials.token("t")) as fresh:
+        fresh.upload_model("m1", local, round=0, sample_size=1)
+        fresh.upload_metrics("m1", {"acc": 1.0})
+    assert len(app.seen("OPTIONS")) == 1 and len(app.seen("POST")) == 4
+
+
+def test_415_falls_back_to_identity_once_and_remembers(serve: Any, tmp_path: Path) -> None:
+    app = RecordingApp(advertise=True, refuse_codings=True)
+    url = serve(app)
+    local = tmp_path / "local.pt"
+    local.write_bytes(MODEL_BYTES)
+    with FlServerClient(url, Credentials.token("t")) as client:
+        first = client.upload_model("m1", local, round=0, sample_size=1)
+        assert first.status == 201 and first.content_encoding == "identity"
+        assert client.negotiated_coding == "identity"
+        second = client.upload_model("m1", local, round=1, sample_size=1)
+        assert second.content_encoding == "identity"
+    codings = [p["content_encoding"] for p in app.seen("POST")]
+    assert codings == ["zstd", None, None]
+
+
+def test_never_and_always_modes(serve: Any, tmp_path: Path) -> None:
+    app = RecordingApp()
+    url = serve(ZstdMiddleware(app, max_request_size=1 << 26))
+    local = tmp_path / "local.pt"
+    local.write_bytes(MODEL_BYTES)
+    with FlServerClient(url, compression="never") as never:
+        assert never.download_model("m", tmp_path / "a.pt").content_encoding == "identity"
+        assert never.upload_model("m", local, round=0, sample_size=1).content_encoding == "identity"
+    with FlServerClient(url, compression="always") as always:
+        assert always.upload_model("m", local, round=0, sample_size=1).content_encoding == "zstd"
+    assert app.seen("GET")[0]["accept_encoding"] == "identity"
+    assert [r["method"] for r in app.requests] == ["GET", "POST", "POST"]  # no probes
+
+
+def _raw_request(
+    url: str, body: bytes, headers: Dict[str, str], path: str = "/api/models/"
+) -> Tuple[int, Dict[str, str], bytes]:
+    host, port = url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST", path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def small_devserver(tmp_path: Path) -> Iterator[str]:
+    server = DevServer(data_dir=tmp_path / "data", max_upload_size=1024 * 1024)
+    url = server.start()
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+def test_dev_server_refuses_hostile_zstd_bodies_with_4xx(small_devserver: str) -> None:
+    multipart = b'--B\r\nContent-Disposition: form-data; name="name"\r\n\r\nx\r\n--B--\r\n'
+    packed = codec.pack(multipart * 1000)
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (256 * 1024 * 1024))
+    cases: Dict[str, Tuple[bytes, str, int]] = {
+        "bomb": (bomb, "zstd", 413),
+        "truncated": (packed[: len(packed) // 2], "zstd", 400),
+        "corrupt": (packed[:20] + b"\xff" * 8 + packed[28:], "zstd", 400),
+        "not zstd": (b"hello" * 100, "zstd", 400),
+        "gzip": (b"\x1f\x8b" + b"\0" * 50, "gzip", 415),
+        "stacked": (packed, "zstd, zstd", 415),
+    }
+    for name, (body, coding, expected) in cases.items():
+        status, headers, answer = _raw_request(
+            small_devserver,
+            body,
+            {
+                "Content-Encoding": coding,
+                "Content-Type": "multipart/form-data; boundary=B",
+                "Authorization": "Token " + "0" * 40,
+            },
+        )
+        assert status == expected, (name, answer)
+        assert headers["accept-encoding"] == "zstd", name
+        assert "detail" in json.loads(answer), name
+    # Still serving, and a valid zstd body reaches the app (which then wants credentials).
+    status, _, answer = _raw_request(
+        small_devserver,
+        packed,
+        {"Content-Encoding": "zstd", "Content-Type": "multipart/form-data; boundary=B"},
+    )
+    assert status == 401, answer
