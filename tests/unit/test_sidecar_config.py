@@ -1,0 +1,219 @@
+"""Settings of ``fl-sidecar serve``: flags over environment over defaults, validation, secrets."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import grpc
+import pytest
+
+from fl_sidecar import errors
+from fl_sidecar.config import (
+    DEFAULT_MAX_MODEL_SIZE,
+    DEFAULT_NOTIFICATION_PORT,
+    Settings,
+    add_arguments,
+    is_loopback_host,
+    parse_listen,
+    parse_size,
+    strip_userinfo,
+)
+from fl_sidecar.service import status_for
+from fl_sidecar.telemetry import RedactingFilter, configure_logging
+
+
+def settings(argv: List[str], env: Optional[Dict[str, str]] = None) -> Settings:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return Settings.from_args(parser.parse_args(argv), env or {})
+
+
+def test_defaults_are_safe() -> None:
+    s = settings([], {"XDG_RUNTIME_DIR": "/run/user/1000"})
+    assert s.socket_path == "/run/user/1000/fl-sidecar/sidecar.sock"
+    assert s.listen is None
+    assert s.notification_host == "127.0.0.1"
+    assert s.notification_port == DEFAULT_NOTIFICATION_PORT
+    assert s.metrics_port is None
+    assert s.trust_pickles is False
+    assert s.api_token is None
+    assert s.max_model_size == DEFAULT_MAX_MODEL_SIZE
+    assert s.compression == "auto"
+    assert s.compatibility_mode is False
+
+
+def test_flags_override_environment() -> None:
+    env = {
+        "FL_SIDECAR_SERVER_URL": "http://env:1",
+        "FL_DEMONSTRATOR_BASE_URL": "http://reference:2",
+        "FL_SIDECAR_MAX_MODEL_SIZE": "2G",
+        "FL_SIDECAR_TRUST_PICKLES": "yes",
+        "FL_CLIENT_SERVER_PORT": "9000",
+        "FL_SIDECAR_LOG_FORMAT": "json",
+    }
+    s = settings([], env)
+    assert s.server_url == "http://env:1"
+    assert s.max_model_size == 2 * 1024**3
+    assert s.trust_pickles is True
+    assert s.notification_port == 9000
+    assert s.log_format == "json"
+    s = settings(
+        [
+            "--server-url",
+            "http://flag:3",
+            "--max-model-size",
+            "500MB",
+            "--notification-port",
+            "0",
+            "--log-format",
+            "text",
+        ],
+        env,
+    )
+    assert s.server_url == "http://flag:3"
+    assert s.max_model_size == 500 * 1000**2
+    assert s.notification_port == 0
+    assert s.log_format == "text"
+
+
+def test_reference_base_url_is_the_fallback() -> None:
+    assert settings([], {"FL_DEMONSTRATOR_BASE_URL": "http://ref:8000"}).server_url == (
+        "http://ref:8000"
+    )
+
+
+def test_compatibility_mode_from_the_reference_variables() -> None:
+    s = settings(
+        [],
+        {
+            "FL_DEMONSTRATOR_TRAINING_SCRIPT_EXECUTOR": "python3",
+            "FL_DEMONSTRATOR_TRAINING_SCRIPT_PATH": "train.py",
+            "FL_DEMONSTRATOR_TRAINING_SCRIPT_WORKING_DIRETORY": "/work",
+        },
+    )
+    assert s.compatibility_mode
+    assert (s.script_executor, s.script_path, s.script_working_directory) == (
+        "python3",
+        "train.py",
+        "/work",
+    )
+
+
+def test_secrets_from_files_and_never_in_repr(tmp_path: Path) -> None:
+    password_file = tmp_path / "pw"
+    password_file.write_text("s3cret-password\n")
+    token_file = tmp_path / "token"
+    token_file.write_text("api-token-value")
+    s = settings(
+        ["--username", "alice", "--password-file", str(password_file)],
+        {"FL_SIDECAR_API_TOKEN_FILE": str(token_file)},
+    )
+    assert s.password == "s3cret-password"
+    assert s.api_token == "api-token-value"
+    assert "s3cret-password" not in repr(s)
+    assert "api-token-value" not in repr(s)
+    assert set(s.secrets()) >= {"s3cret-password", "api-token-value"}
+
+
+def test_missing_secret_file_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(errors.ConfigurationError, match="secret file"):
+        settings(["--username", "a", "--password-file", str(tmp_path / "absent")])
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--listen", "0.0.0.0:50051"], {}, "--allow-remote"),
+        (["--listen", "nonsense"], {}, "listen"),
+        (["--notification-host", "0.0.0.0"], {}, "--allow-remote"),
+        ([], {"FL_SIDECAR_TRUST_PICKLES": "maybe"}, "boolean"),
+        ([], {"FL_SIDECAR_MAX_MODEL_SIZE": "12 parsecs"}, "size"),
+        ([], {"FL_SIDECAR_MAX_MODEL_SIZE": "0"}, "size"),
+        ([], {"FL_CLIENT_SERVER_PORT": "70000"}, "port"),
+        ([], {"FL_SIDECAR_COMPRESSION": "gzip"}, "compression"),
+        ([], {"FL_SIDECAR_LOG_LEVEL": "LOUD"}, "log level"),
+        (["--server-url", "ftp://x"], {}, "URL"),
+        (["--username", "alice"], {}, "password"),
+        (["--socket", "/tmp/" + "x" * 200], {}, "longer"),
+    ],
+)
+def test_invalid_settings_are_refused(argv: List[str], env: Dict[str, str], message: str) -> None:
+    with pytest.raises(errors.ConfigurationError, match=message):
+        settings(argv, env)
+
+
+def test_remote_addresses_with_allow_remote() -> None:
+    s = settings(["--listen", "0.0.0.0:50051", "--allow-remote"])
+    assert s.listen == ("0.0.0.0", 50051)
+    assert s.socket_path is None  # TCP only when --listen is given without --socket
+
+
+def test_invalid_url_message_does_not_echo_the_password() -> None:
+    with pytest.raises(errors.ConfigurationError) as caught:
+        settings(["--server-url", "ftp://bob:hunter2-pw@host/"])
+    assert "hunter2-pw" not in str(caught.value)
+
+
+def test_helpers() -> None:
+    assert parse_size("4G") == 4 * 1024**3
+    assert parse_size("1048576") == 1024 * 1024
+    assert parse_listen("[::1]:80") == ("::1", 80)
+    assert is_loopback_host("localhost") and is_loopback_host("127.0.0.5")
+    assert is_loopback_host("::1")
+    assert not is_loopback_host("10.0.0.1") and not is_loopback_host("example.com")
+    assert strip_userinfo("https://u:p@host:8000/api?x=1") == "https://host:8000/api?x=1"
+    assert strip_userinfo("http://host/") == "http://host/"
+
+
+def test_status_codes_follow_the_proto() -> None:
+    def code(exc: BaseException) -> grpc.StatusCode:
+        return status_for(exc)
+
+    assert code(errors.NotFoundError("x")) == grpc.StatusCode.NOT_FOUND
+    assert code(errors.AuthenticationError("x")) == grpc.StatusCode.UNAUTHENTICATED
+    assert code(errors.PermissionDeniedError("x")) == grpc.StatusCode.PERMISSION_DENIED
+    assert code(errors.ConflictError("x")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code(errors.UploadOutcomeUnknownError("x")) == grpc.StatusCode.UNKNOWN
+    assert code(errors.ServerUnavailableError("x")) == grpc.StatusCode.UNAVAILABLE
+    assert code(errors.ChecksumMismatchError("x")) == grpc.StatusCode.DATA_LOSS
+    assert code(errors.TruncatedDataError("x")) == grpc.StatusCode.DATA_LOSS
+    assert code(errors.SizeLimitExceededError("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert code(errors.UnsafePickleError("x")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code(errors.ModelFormatError("x")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code(errors.TensorMismatchError("x")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code(errors.SidecarError("x", code="CANCELLED")) == grpc.StatusCode.CANCELLED
+    assert code(KeyError("bug")) == grpc.StatusCode.INTERNAL
+
+
+def test_logs_redact_secrets_in_text_and_json() -> None:
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    for fmt in ("text", "json"):
+        stream = io.StringIO()
+        configure_logging(level="INFO", fmt=fmt, secrets=["tok-secret-123"], stream=stream)
+        try:
+            log = logging.getLogger("fl_sidecar.test")
+            log.info("header %s", "Token tok-secret-123", extra={"auth": "x tok-secret-123"})
+            try:
+                raise ValueError("tok-secret-123 in an exception")
+            except ValueError:
+                log.exception("failed")
+        finally:
+            root.handlers[:] = saved_handlers
+            root.setLevel(saved_level)
+        text = stream.getvalue()
+        assert "tok-secret-123" not in text
+        assert "***" in text
+        if fmt == "json":
+            first = json.loads(text.splitlines()[0])
+            assert first["msg"] == "header Token ***"
+            assert first["auth"] == "x ***"
+
+
+def test_redacting_filter_ignores_tiny_strings() -> None:
+    assert RedactingFilter(["ab"]).redact("abc") == "abc"
