@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 import time
 from typing import Any, Callable, Optional, TextIO, Tuple
@@ -95,19 +96,19 @@ def parse_metric(text: str) -> Tuple[str, float]:
         raise argparse.ArgumentTypeError(f"metric {name!r}: {value!r} is not a number") from None
 
 
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
 def _size(text: str) -> int:
-    units = {"": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3}
-    units["gib"] = 1024**3
-    stripped = text.strip().lower().rstrip("b") if text.strip().lower() != "b" else ""
-    number = stripped.rstrip("kmgi")
-    unit = stripped[len(number) :]
-    try:
-        value = int(float(number) * units[unit])
-    except (KeyError, ValueError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4MiB, 1G, 1048576)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("sizes must not be negative")
-    return value
+    """Parse a byte count: ``1048576``, ``512k``, ``4MiB``, ``1G`` (binary units).
+
+    Raises:
+        argparse.ArgumentTypeError: not a size.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4MiB, 1G, 1048576)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
 def _client(args: argparse.Namespace) -> Any:

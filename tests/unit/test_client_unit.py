@@ -1,0 +1,222 @@
+"""Unit tests of the trainer side: targets, credentials, metrics, CLI parsing, compat surface.
+
+No sockets, no processes: a gRPC channel object is created lazily and never
+connects here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import queue
+from typing import Any, Iterator, List
+
+import pytest
+
+from fl_sidecar import client as client_module
+from fl_sidecar.client import CallCredentials, EventStream, SidecarClient, normalize_target
+from fl_sidecar.compat import (
+    Communication,
+    CommunicationException,
+    MetricsUploadException,
+    ModelDownloadException,
+    ModelUploadException,
+    is_torchscript_instance,
+)
+from fl_sidecar.errors import FlSidecarError, SidecarError
+from fl_sidecar.events import EventKind
+from fl_sidecar.tools import ProgressBar, _size, parse_metric
+from fl_sidecar.v1 import sidecar_pb2 as pb
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("unix:///run/x.sock", "unix:///run/x.sock"),
+        ("/run/x.sock", "unix:/run/x.sock"),
+        ("localhost:50051", "localhost:50051"),
+        ("  127.0.0.1:9  ", "127.0.0.1:9"),
+    ],
+)
+def test_normalize_target(given: str, expected: str) -> None:
+    assert normalize_target(given) == expected
+
+
+def test_relative_socket_path_becomes_absolute() -> None:
+    target = normalize_target("./side.sock")
+    assert target.startswith("unix:/") and target.endswith("/side.sock")
+
+
+def test_empty_target_is_refused() -> None:
+    with pytest.raises(ValueError):
+        normalize_target("   ")
+
+
+def test_chunk_size_is_bounded() -> None:
+    with pytest.raises(ValueError):
+        SidecarClient("unix:/nonexistent.sock", chunk_size=0)
+    with pytest.raises(ValueError):
+        SidecarClient("unix:/nonexistent.sock", chunk_size=16 * 1024 * 1024)
+
+
+def test_credentials_become_the_right_oneof_and_stay_hidden() -> None:
+    basic = CallCredentials.basic("alice", "s3cret-pw")
+    assert basic.to_proto().WhichOneof("kind") == "basic"
+    assert basic.to_proto().basic.password == "s3cret-pw"
+    assert "s3cret-pw" not in repr(basic)
+    token = CallCredentials.api_token("tok-123")
+    assert token.to_proto().token == "tok-123"
+    assert "tok-123" not in repr(token)
+    header = CallCredentials.header("Basic Zm9vOmJhcg==")
+    assert header.to_proto().authorization_header == "Basic Zm9vOmJhcg=="
+    assert CallCredentials().to_proto().WhichOneof("kind") is None
+
+
+def test_metrics_must_be_numbers() -> None:
+    metrics = client_module._metric_list({"accuracy": 0.5, "loss": 2})
+    assert [(m.name, m.value) for m in metrics] == [("accuracy", 0.5), ("loss", 2.0)]
+    assert client_module._metric_list([("a", 1)])[0].name == "a"
+    with pytest.raises(ValueError, match="accuracy"):
+        client_module._metric_list({"accuracy": "high"})
+
+
+def test_unknown_format_is_refused() -> None:
+    assert client_module._format_value("SAFETENSORS") == pb.MODEL_FORMAT_SAFETENSORS
+    with pytest.raises(ValueError, match="onnx"):
+        client_module._format_value("onnx")
+
+
+def test_event_conversion_keeps_optional_round() -> None:
+    message = pb.Event(
+        seq=7,
+        kind=pb.EVENT_KIND_UPDATE_ROUND_START,
+        notification_type="UPDATE_ROUND_START",
+        training_id="t",
+        model_id="m",
+        round=0,
+        body_json='{"round": 0}',
+    )
+    event = client_module._event_from_proto(message)
+    assert (event.seq, event.kind, event.round, event.model_id) == (
+        7,
+        EventKind.UPDATE_ROUND_START,
+        0,
+        "m",
+    )
+    bare = client_module._event_from_proto(pb.Event(seq=1, notification_type="SOMETHING_NEW"))
+    assert bare.kind is EventKind.UNKNOWN
+    assert bare.round is None and bare.model_id is None
+
+
+class _FakeCall:
+    """Stands in for a grpc stream object: an iterator with cancel()."""
+
+    def __init__(self, messages: List[Any]) -> None:
+        self._messages: queue.Queue[Any] = queue.Queue()
+        for message in messages:
+            self._messages.put(message)
+        self.cancelled = False
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._messages.get()
+            if item is None:
+                return
+            yield item
+
+    def end(self) -> None:
+        self._messages.put(None)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.end()
+
+
+def test_event_stream_get_wait_for_and_end() -> None:
+    call = _FakeCall(
+        [
+            pb.Event(seq=1, kind=pb.EVENT_KIND_TRAINING_START, training_id="a"),
+            pb.Event(seq=2, kind=pb.EVENT_KIND_UPDATE_ROUND_START, training_id="b", round=0),
+            pb.Event(seq=3, kind=pb.EVENT_KIND_UPDATE_ROUND_START, training_id="a", round=1),
+        ]
+    )
+    stream = EventStream(call)
+    event = stream.wait_for([EventKind.UPDATE_ROUND_START], training_id="a", timeout=5)
+    assert event.seq == 3
+    with pytest.raises(TimeoutError):
+        stream.get(timeout=0.05)
+    call.end()
+    assert list(stream) == []
+    with pytest.raises(EOFError):
+        stream.get(timeout=1)
+    stream.close()
+    assert call.cancelled
+
+
+def test_parse_metric() -> None:
+    assert parse_metric("accuracy=0.93") == ("accuracy", 0.93)
+    for bad in ("accuracy", "=1", "loss=abc"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_metric(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1048576", 1048576), ("4MiB", 4 * 1024**2), ("1G", 1024**3), ("512k", 512 * 1024)],
+)
+def test_size_parsing(text: str, expected: int) -> None:
+    assert _size(text) == expected
+
+
+def test_size_parsing_refuses_garbage() -> None:
+    for bad in ("lots", "4XB", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _size(bad)
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_draws_only_on_a_terminal() -> None:
+    quiet = io.StringIO()
+    bar = ProgressBar("download", quiet)
+    bar(10, 100)
+    bar.close()
+    assert quiet.getvalue() == ""
+
+    tty = _Tty()
+    bar = ProgressBar("download", tty, width=10)
+    bar(100, 100)
+    bar.close()
+    text = tty.getvalue()
+    assert "[##########]" in text and "100.0%" in text and text.endswith("\n")
+    unknown = _Tty()
+    bar = ProgressBar("x", unknown)
+    bar(2048, 0)
+    assert "2.0 KiB" in unknown.getvalue()
+
+
+def test_compat_exceptions_are_reference_named_and_typed() -> None:
+    for cls in (ModelDownloadException, ModelUploadException, MetricsUploadException):
+        assert issubclass(cls, CommunicationException)
+        assert issubclass(cls, SidecarError)
+        assert issubclass(cls, FlSidecarError)
+    exc = ModelUploadException("refused", code="FAILED_PRECONDITION")
+    assert exc.code == "FAILED_PRECONDITION"
+    assert exc.response is None
+
+
+def test_communication_from_user_password_builds_basic_auth() -> None:
+    com = Communication.from_user_password("c", "t", 2, "m", "alice", "pw")
+    assert com.http_authorization == "Basic YWxpY2U6cHc="
+    assert com.get_headers() == {"Authorization": "Basic YWxpY2U6cHc="}
+    assert (com.client_id, com.training_id, com.round, com.model_id) == ("c", "t", 2, "m")
+    assert "YWxpY2U6cHc=" not in repr(com)
+    assert Communication.unknown_message("NEW_TYPE", "t", {}) == 400
+
+
+def test_is_torchscript_instance_without_torch_objects() -> None:
+    assert not is_torchscript_instance(object())
+    assert not is_torchscript_instance(3)
