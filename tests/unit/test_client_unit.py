@@ -77,7 +77,7 @@ def test_metrics_must_be_numbers() -> None:
     assert [(m.name, m.value) for m in metrics] == [("accuracy", 0.5), ("loss", 2.0)]
     assert client_module._metric_list([("a", 1)])[0].name == "a"
     with pytest.raises(ValueError, match="accuracy"):
-        client_module._metric_list({"accuracy": "high"})
+        client_module._metric_list({"accuracy": "high"})  # type: ignore[dict-item]
 
 
 def test_unknown_format_is_refused() -> None:
