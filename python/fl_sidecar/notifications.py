@@ -16,21 +16,23 @@ reference client's server takes every path), default port 8101, answered with
 Bad input never gets a 500 (the reference client answers 500 to unknown types
 and malformed JSON). The real server's POST has no timeout and its worker pool
 is small, so the endpoint answers at once: it publishes on the
-:class:`~fl_sidecar.events.EventBus` (quick), sends the answer, and only then
-calls ``on_event`` (e.g. :meth:`fl_sidecar.scripts.ScriptRunner.handle`, which
-itself returns at once). Events are published in the order they arrive; the
-real server sometimes sends a round start before the training start, and both
-are delivered as received.
+:class:`~fl_sidecar.events.EventBus` (quick) and answers; ``on_event`` (e.g.
+:meth:`fl_sidecar.scripts.ScriptRunner.handle`) is called afterwards on one
+dispatcher thread, in sequence-number order, so a slow handler never delays an
+answer. Events are published in the order they arrive; the real server
+sometimes sends a round start before the training start, and both are
+delivered as received.
 """
 
 from __future__ import annotations
 
+import collections
 import http.server
 import json
 import logging
 import socket
 import threading
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from fl_sidecar.errors import MalformedNotificationError
 from fl_sidecar.events import (
@@ -66,6 +68,9 @@ _SOCKET_TIMEOUT = 30.0
 _LOG_QUOTE_LIMIT = 80
 # Seconds between checks for stop() while every handler slot is taken.
 _SLOT_POLL = 0.05
+# Events waiting for on_event at most; beyond it the oldest waiting one is
+# skipped (it stays on the bus for trainers) rather than growing memory.
+_DISPATCH_BACKLOG = 10_000
 
 
 def _quote(value: str) -> str:
@@ -203,6 +208,57 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass  # NotificationServer logs each notification itself, structured
 
 
+class _Dispatcher:
+    """One thread that hands events to ``on_event`` in the order they were put."""
+
+    def __init__(self, on_event: Callable[[ServerEvent], None]) -> None:
+        self._on_event = on_event
+        self._cond = threading.Condition()
+        self._queue: Deque[ServerEvent] = collections.deque()
+        self._closing = False
+        self._thread = threading.Thread(
+            target=self._run, name="fl-sidecar-notification-handler", daemon=True
+        )
+        self._thread.start()
+
+    def put(self, event: ServerEvent) -> None:
+        with self._cond:
+            if self._closing:
+                return  # stopping: the event stays on the bus
+            if len(self._queue) >= _DISPATCH_BACKLOG:
+                skipped = self._queue.popleft()
+                logger.error(
+                    "notification handler too slow; skipped an event (still on the bus)",
+                    extra={"seq": skipped.seq},
+                )
+            self._queue.append(event)
+            self._cond.notify()
+
+    def close(self, timeout: float) -> None:
+        """Let the queued events through (for at most ``timeout`` seconds), then end."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning(
+                "notification handler still busy at stop; it gets the rest when it returns"
+            )
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                event = self._queue.popleft()
+            try:
+                self._on_event(event)
+            except Exception:
+                logger.exception("notification handler failed", extra={"seq": event.seq})
+
+
 class NotificationServer:
     """Receives the FL server's notifications over HTTP and publishes them on a bus.
 
@@ -228,9 +284,10 @@ class NotificationServer:
                 address listens on IPv6.
             port: the TCP port; 0 picks a free one (see :attr:`port`).
             max_body_size: the largest accepted body, in bytes.
-            on_event: called with each published event after the answer was
-                sent, on the request's thread; it should return quickly.
-                Exceptions are logged, never answered.
+            on_event: called with each published event, after the answer,
+                on one dispatcher thread, in ``seq`` order. Exceptions are
+                logged, never answered. Up to 10,000 events wait for it; past
+                that the oldest waiting one is skipped (and logged).
             max_connections: connections served at once (one thread each);
                 further ones wait, unanswered, until one ends. Bounds the
                 threads a flood of connections can take.
@@ -254,6 +311,10 @@ class NotificationServer:
         self._server: Optional[_HTTPServer] = None
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
+        # Publishing and queueing for on_event happen under one lock, so the
+        # dispatcher sees events in seq order even when POSTs race.
+        self._publish_lock = threading.Lock()
+        self._dispatcher: Optional[_Dispatcher] = None
 
     @property
     def port(self) -> int:
@@ -293,17 +354,26 @@ class NotificationServer:
                 daemon=True,
             )
             thread.start()
+            if self._on_event is not None:
+                self._dispatcher = _Dispatcher(self._on_event)
             self._server, self._thread = server, thread
         logger.info(
             "notification endpoint listening",
             extra={"url": self.url, "max_body_size": self.max_body_size},
         )
 
-    def stop(self) -> None:
-        """Stop serving and close the socket; requests in progress finish. Idempotent."""
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving and close the socket, then let ``on_event`` catch up. Idempotent.
+
+        Args:
+            timeout: the longest wait, in seconds, for ``on_event`` to take the
+                events already published (what it has not taken by then is
+                left on the bus).
+        """
         with self._lock:
             server, thread = self._server, self._thread
-            self._server, self._thread = None, None
+            dispatcher = self._dispatcher
+            self._server, self._thread, self._dispatcher = None, None, None
         if server is None:
             return
         server.stopping = True
@@ -311,6 +381,8 @@ class NotificationServer:
         server.server_close()
         if thread is not None:
             thread.join()
+        if dispatcher is not None:
+            dispatcher.close(timeout)
         logger.info("notification endpoint stopped")
 
     def __enter__(self) -> NotificationServer:
@@ -335,7 +407,11 @@ class NotificationServer:
             handler._answer(400, str(exc), close=False)
             return
         raw_json = data.decode("utf-8")  # parse_notification checked it is UTF-8
-        event = self.bus.publish(notification_type, training_id, body, raw_json)
+        with self._publish_lock:
+            event = self.bus.publish(notification_type, training_id, body, raw_json)
+            dispatcher = self._dispatcher
+            if dispatcher is not None:
+                dispatcher.put(event)
         status = STATUS_BY_KIND[event.kind]
         logger.info(
             "notification seq=%d type=%s training=%s round=%s status=%d",
@@ -363,8 +439,3 @@ class NotificationServer:
             # The sender went away; the event is published all the same.
             handler.close_connection = True
             logger.warning("notification answer not delivered", extra={"seq": event.seq})
-        if self._on_event is not None:
-            try:
-                self._on_event(event)
-            except Exception:
-                logger.exception("notification handler failed", extra={"seq": event.seq})

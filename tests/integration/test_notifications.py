@@ -328,7 +328,45 @@ def test_answers_while_a_subscriber_and_the_event_handler_are_stuck(bus: EventBu
         assert bus.last_seq() == 3
         release.set()
     stuck_reader.close()
-    assert sorted(handled) == [1, 2, 3]
+    assert handled == [1, 2, 3]
+
+
+def test_a_stuck_handler_does_not_hold_connection_slots(bus: EventBus) -> None:
+    # on_event runs on its own thread: with one connection slot and the
+    # handler stuck on the first event, later senders still get answers.
+    release = threading.Event()
+    handled: List[int] = []
+
+    def stuck_handler(event: ServerEvent) -> None:
+        handled.append(event.seq)
+        # Longer than post()'s timeout: were the handler holding the only
+        # slot, the second POST would time out.
+        release.wait(6 * WAIT)
+
+    with NotificationServer(bus, port=0, max_connections=1, on_event=stuck_handler) as server:
+        statuses = [post(server, notification("MODEL_TEST_ROUND", n))[0] for n in range(4)]
+        assert statuses == [202] * 4
+        release.set()
+    assert handled == [1, 2, 3, 4]
+
+
+def test_on_event_sees_concurrent_notifications_in_seq_order(bus: EventBus) -> None:
+    handled: List[int] = []
+    with NotificationServer(
+        bus, port=0, on_event=lambda event: handled.append(event.seq)
+    ) as server:
+        threads = [
+            threading.Thread(
+                target=post, args=(server, notification("UPDATE_ROUND_START", i, f"t{i}"))
+            )
+            for i in range(12)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+    # stop() let the dispatcher catch up.
+    assert handled == list(range(1, 13))
 
 
 def test_a_failing_event_handler_does_not_break_the_endpoint(bus: EventBus) -> None:
