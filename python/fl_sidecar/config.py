@@ -91,6 +91,18 @@ _SIZE_UNITS: Dict[str, int] = {
     "TB": 1000**4,
     "TIB": 1024**4,
 }
+# Environment variables holding the FL server's credentials: never passed on to a training script.
+_SERVER_SECRET_VARIABLES = frozenset(
+    {
+        "FL_SIDECAR_USERNAME",
+        "FL_SIDECAR_PASSWORD",
+        "FL_SIDECAR_PASSWORD_FILE",
+        "FL_SIDECAR_TOKEN",
+        "FL_SIDECAR_TOKEN_FILE",
+        "FL_SIDECAR_AUTHORIZATION",
+        "FL_SIDECAR_AUTHORIZATION_FILE",
+    }
+)
 _SIZE_PATTERN = re.compile(r"\s*(\d+)\s*([A-Za-z]*)\s*\Z")
 
 T = TypeVar("T")
@@ -131,6 +143,7 @@ class Settings:
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
     ready_file: Optional[str] = None
+    script_env: Optional[Dict[str, str]] = field(default=None, repr=False, compare=False)
 
     @property
     def public_server_url(self) -> str:
@@ -301,6 +314,12 @@ class _Resolver:
         if (username is None) != (password is None):
             raise ConfigurationError("a username needs a password and a password a username")
         script_path = self._raw("script_path", "FL_DEMONSTRATOR_TRAINING_SCRIPT_PATH")
+        # The training script inherits the environment without the FL server's
+        # credentials (it talks to the sidecar, which keeps them), plus where
+        # the sidecar listens.
+        script_env = {k: v for k, v in self._env.items() if k not in _SERVER_SECRET_VARIABLES}
+        if socket_path is not None:
+            script_env["FL_SIDECAR_SOCKET"] = socket_path
         return Settings(
             socket_path=socket_path,
             listen=listen,
@@ -359,6 +378,7 @@ class _Resolver:
                 DEFAULT_MAX_CONCURRENT_RPCS,
             ),
             ready_file=self._raw("ready_file", "FL_SIDECAR_READY_FILE"),
+            script_env=script_env,
         )
 
 

@@ -200,6 +200,7 @@ class SidecarServer:
         )
         self.health = health.HealthServicer()
         self.notifications: Any = None
+        self.script_runner: Any = None
         self.metrics_port: Optional[int] = None
         self.tcp_port: Optional[int] = None
         self._grpc: Any = None
@@ -265,7 +266,9 @@ class SidecarServer:
                 executor=settings.script_executor or sys.executable,
                 script_path=settings.script_path,
                 working_directory=settings.script_working_directory,
+                env=settings.script_env,
             )
+            self.script_runner = runner
             _log.info(
                 "compatibility mode: events start the training script",
                 extra={"script": settings.script_path, "executor": settings.script_executor},
@@ -352,6 +355,9 @@ class SidecarServer:
                 "cancelling calls still running after the drain",
                 extra={"left": self.service.active_calls()},
             )
+        if self.script_runner is not None:
+            # After the drain, so a script's last upload could still finish.
+            self.script_runner.stop()
         if self._grpc is not None:
             self._grpc.stop(grace=_FINAL_GRACE).wait()
         self._cleanup()

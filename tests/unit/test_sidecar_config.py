@@ -217,3 +217,20 @@ def test_logs_redact_secrets_in_text_and_json() -> None:
 
 def test_redacting_filter_ignores_tiny_strings() -> None:
     assert RedactingFilter(["ab"]).redact("abc") == "abc"
+
+
+def test_training_script_environment_has_no_server_credentials() -> None:
+    s = settings(
+        ["--socket", "/tmp/x.sock"],
+        {
+            "FL_SIDECAR_USERNAME": "u",
+            "FL_SIDECAR_PASSWORD": "pw-1234",
+            "FL_SIDECAR_TOKEN": "tok-1234",
+            "PATH": "/bin",
+        },
+    )
+    assert s.script_env is not None
+    assert "FL_SIDECAR_PASSWORD" not in s.script_env
+    assert "FL_SIDECAR_TOKEN" not in s.script_env
+    assert s.script_env["PATH"] == "/bin"
+    assert s.script_env["FL_SIDECAR_SOCKET"] == "/tmp/x.sock"
