@@ -13,7 +13,8 @@ Connecting
     `unix:///run/fl-sidecar/sidecar.sock`. On TCP it listens on loopback.
   - When the sidecar is started with an API token, every call must carry
     the metadata entry `x-fl-sidecar-token: <token>`; otherwise it fails
-    with UNAUTHENTICATED.
+    with UNAUTHENTICATED. Health checks (`grpc.health.v1.Health`) need no
+    token, so that orchestrators' probes work.
   - Bulk data moves in chunks of 1-4 MiB. The sidecar accepts and sends
     messages up to 8 MiB; set your client's limits at least that high.
   - Standard services are also served: `grpc.health.v1.Health` (service
