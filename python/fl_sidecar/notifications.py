@@ -185,20 +185,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _answer(
         self, status: int, detail: str, *, close: bool, allow: Optional[str] = None
-    ) -> None:
+    ) -> bool:
+        """Send a JSON ``{"detail": ...}`` answer; ``False`` when the sender went away."""
         payload = json.dumps({"detail": detail}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        if allow is not None:
-            self.send_header("Allow", allow)
-        if close:
-            self.send_header("Connection", "close")
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            if allow is not None:
+                self.send_header("Allow", allow)
+            if close:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(payload)
+            self.wfile.flush()
+        except OSError:
             self.close_connection = True
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
-        self.wfile.flush()
+            logger.debug("notification endpoint: answer not delivered", extra={"status": status})
+            return False
+        return True
 
     def log_message(self, format: str, *args: Any) -> None:
         # http.server's own lines (bad request lines, timeouts) go to logging.
@@ -433,9 +440,6 @@ class NotificationServer:
             detail = f"unknown notification type {_quote(notification_type)} (published)"
         else:
             detail = "accepted"
-        try:
-            handler._answer(status, detail, close=False)
-        except OSError:
+        if not handler._answer(status, detail, close=False):
             # The sender went away; the event is published all the same.
-            handler.close_connection = True
             logger.warning("notification answer not delivered", extra={"seq": event.seq})
