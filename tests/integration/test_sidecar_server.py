@@ -174,6 +174,11 @@ def test_tcp_with_api_token() -> None:
         assert streaming.value.code() == grpc.StatusCode.UNAUTHENTICATED
         info = process.stub.GetInfo(pb.GetInfoRequest(), metadata=process.metadata, timeout=10)
         assert info.version
+        # Health stays open for orchestrators' probes, which cannot send metadata.
+        health = process.health_stub().Check(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
         assert token not in process.log_text()
 
 
