@@ -8,6 +8,9 @@ mean of the last round's uploads.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -156,3 +159,35 @@ def test_upload_for_a_round_the_training_is_not_in_is_refused(stack: TrainerStac
     # Nothing was counted: the training still waits for this client's round-0 model.
     state = stack.devserver.training(stack.actor, ids["training_id"])
     assert state["state"] == "O"
+
+
+def _run_demo(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fl_sidecar", "demo", *args],
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+
+
+def test_demo_runs_a_federated_training() -> None:
+    done = _run_demo("--rounds", "2", "--clients", "2")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    table = [line.split() for line in lines if line.strip()[:1].isdigit()]
+    assert [row[0] for row in table] == ["0", "1"]
+    accuracy = [float(row[-1].rstrip("%")) for row in table]
+    initial = next(line for line in lines if line.strip().startswith("init"))
+    assert accuracy[-1] > float(initial.split()[-1].rstrip("%"))
+    assert "completed" in done.stdout
+    # It cleaned up: the directory that held the sidecars' sockets and logs is gone.
+    socket_line = next(line for line in lines if line.startswith("sidecar 0"))
+    socket_path = socket_line.split()[2].replace("unix:", "", 1)
+    assert socket_path.endswith(".sock")
+    assert not os.path.exists(os.path.dirname(socket_path))
+
+
+def test_demo_fails_when_the_training_stalls() -> None:
+    done = _run_demo("--rounds", "1", "--timeout", "0.01")
+    assert done.returncode == 1
+    assert "stalled" in done.stdout
