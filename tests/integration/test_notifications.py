@@ -13,6 +13,8 @@ import urllib.request
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fl_sidecar.events import EventBus, EventKind, ServerEvent
 from fl_sidecar.notifications import DEFAULT_PORT, NotificationServer
@@ -282,6 +284,38 @@ def test_keep_alive_connection_serves_several_notifications(
         EventKind.UPDATE_ROUND_START,
         EventKind.MODEL_TEST_ROUND,
     ]
+
+
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[NotificationServer]:
+    bus = EventBus(history=100)
+    with NotificationServer(bus, port=0, max_body_size=LIMIT) as endpoint:
+        yield endpoint
+    bus.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.binary(max_size=600)
+    | st.builds(
+        lambda fields: json.dumps(fields).encode(),
+        st.dictionaries(
+            st.sampled_from(["notification_type", "training_uuid", "body", "x"]),
+            st.none()
+            | st.integers()
+            | st.text(max_size=30)
+            | st.sampled_from(["TRAINING_START", "UPDATE_ROUND_START", TRAINING])
+            | st.dictionaries(
+                st.sampled_from(["round", "global_model_uuid"]),
+                st.none() | st.integers() | st.text(max_size=40) | st.just(MODEL),
+            ),
+        ),
+    )
+)
+def test_fuzzed_bodies_never_get_a_5xx(shared_server: NotificationServer, data: bytes) -> None:
+    status, answer = post(shared_server, data)
+    assert status in (200, 202, 400)
+    assert isinstance(answer.get("detail"), str)
 
 
 # --- order and responsiveness ----------------------------------------------------
