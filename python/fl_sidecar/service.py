@@ -477,6 +477,8 @@ class SidecarService(pb_grpc.SidecarServicer):
         fmt = _format_name(header.format)
         metrics = _metrics_mapping(header.metrics)
         credentials = _credentials(header.credentials)
+        if header.sample_size < 1:
+            raise _invalid("header.sample_size must be at least 1 (it weights the FedAvg)")
         if header.sha256 and not is_sha256_hex(header.sha256):
             raise _invalid("header.sha256 must be 64 hex digits")
         if header.size > self.transfers.max_model_size:

@@ -27,7 +27,7 @@ MIB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def sidecar() -> Iterator[SidecarProcess]:
-    with running_sidecar() as process:
+    with running_sidecar(args=["--log-format", "json"]) as process:
         yield process
 
 
@@ -298,3 +298,11 @@ def test_cancelled_watch_frees_its_thread(sidecar: SidecarProcess) -> None:
         stream.cancel()
     info = sidecar.stub.GetInfo(pb.GetInfoRequest(), timeout=30)
     assert info.version
+
+
+def test_zz_json_logs_are_one_object_per_line(sidecar: SidecarProcess) -> None:
+    lines = sidecar.log_text().splitlines()
+    assert lines
+    records = [json.loads(line) for line in lines]
+    assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+    assert any(r["msg"] == "sidecar serving" and r.get("socket") for r in records)

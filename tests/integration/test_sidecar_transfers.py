@@ -14,9 +14,10 @@ import hashlib
 import io
 import os
 import threading
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import grpc
 import pytest
@@ -100,6 +101,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 str(MAX_MODEL_SIZE),
                 "--log-level",
                 "DEBUG",
+                "--metrics-port",
+                "0",
             ],
         ) as sidecar:
             world = World(handle, actor, alice, bob, sidecar)
@@ -385,6 +388,10 @@ def test_upload_over_the_size_limit_is_resource_exhausted(world: World) -> None:
 
 def test_upload_for_the_wrong_round_or_by_a_stranger(world: World) -> None:
     model_id, training_id, data = world.new_training()
+    no_samples = pb.UploadHeader(model_id=model_id, round=0, sample_size=0)
+    assert _code(lambda: world.stub.UploadModel(upload_messages(no_samples, data), timeout=30)) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
     wrong_round = pb.UploadHeader(model_id=model_id, round=3, sample_size=1)
     assert _code(
         lambda: world.stub.UploadModel(upload_messages(wrong_round, data), timeout=30)
@@ -500,3 +507,22 @@ def test_zz_no_credential_in_the_log(world: World) -> None:
     info = world.stub.GetInfo(pb.GetInfoRequest(), timeout=10)
     for secret in world.secrets:
         assert secret not in str(info)
+    # After uploads the coding with the server is known.
+    assert info.negotiated_coding in ("zstd", "identity")
+
+
+def test_zz_metrics_count_bytes_both_ways(world: World) -> None:
+    port = world.sidecar.metrics_port
+    assert port is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    values: Dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("fl_sidecar_transfer_bytes_total{"):
+            labels, value = line.rsplit(" ", 1)
+            values[labels] = float(value)
+    for direction in ("download", "upload"):
+        for form in ("raw", "wire"):
+            key = f'fl_sidecar_transfer_bytes_total{{direction="{direction}",form="{form}"}}'
+            assert values.get(key, 0) > 0, key
+    assert 'fl_sidecar_rpc_errors_total{code="NOT_FOUND",method="DownloadModel"}' in text
