@@ -35,12 +35,16 @@ Warning -- decoding our blobs elsewhere:
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union, cast
 
 from fl_sidecar import _codec
 
 if TYPE_CHECKING:
-    from typing_extensions import Buffer
+    import numpy.typing
+    from typing_extensions import Buffer as _Buffer
+
+    # numpy arrays export the buffer protocol, but numpy's stubs only say so for 3.12+.
+    Buffer = Union[_Buffer, "numpy.typing.NDArray[Any]"]
 
     PathLike = Union[str, "os.PathLike[str]"]
 
@@ -120,17 +124,17 @@ def _check_count(name: str, value: int) -> int:
     return value
 
 
-def _contiguous(data: Buffer) -> Buffer:
+def _contiguous(data: Buffer) -> _Buffer:
     """Checks ``data`` is a C-contiguous buffer (TypeError / ValueError otherwise)."""
     if isinstance(data, (bytes, bytearray)):
         return data
-    view = memoryview(data)  # TypeError for anything without the buffer protocol
+    view = memoryview(cast("_Buffer", data))  # TypeError without the buffer protocol
     if not view.c_contiguous:
         raise ValueError(
             "data must be a C-contiguous buffer; copy it first "
             "(bytes(...), numpy.ascontiguousarray(...))"
         )
-    return data
+    return cast("_Buffer", data)
 
 
 def pack(

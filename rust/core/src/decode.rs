@@ -14,7 +14,7 @@ use crate::error::{classify_zstd_error, zstd_error_name, CodecError, Result, Zst
 use crate::format::{
     frame_header_size, is_skippable_magic, parse_block_header, parse_frame_header,
     parse_seek_table_content, read_u32, scan, FrameHeader, FrameInfo, Layout, SeekTable,
-    MAX_FRAME_HEADER_SIZE, SEEK_TABLE_FOOTER_SIZE, SEEK_TABLE_SKIPPABLE_MAGIC,
+    MAX_FRAME_HEADER_SIZE, SEEKABLE_MAGIC, SEEK_TABLE_FOOTER_SIZE, SEEK_TABLE_SKIPPABLE_MAGIC,
     SKIPPABLE_HEADER_SIZE, ZSTD_MAGIC,
 };
 use crate::pool::run_in_pool;
@@ -26,6 +26,9 @@ pub const DEFAULT_MAX_OUTPUT_SIZE: u64 = 4 << 30;
 const BASE_WINDOW_LOG: u32 = 23;
 /// zstd's own default ceiling for streaming windows (128 MiB).
 const MAX_STREAM_WINDOW_LOG: u32 = 27;
+
+/// The largest window any zstd decoder supports (window log 31).
+const MAX_ZSTD_WINDOW: u64 = 1 << 31;
 
 /// Bytes the streaming decoder produces at a time.
 const STREAM_STEP: usize = 128 * 1024;
@@ -239,6 +242,8 @@ pub struct Unpacker {
     run: Vec<FrameRecord>,
     table: Vec<u8>,
     skippable_magic: u32,
+    skippable_tail: u32,
+    skippable_seen: u64,
     unverified_table_at_end: bool,
     failed: bool,
     frames: u64,
@@ -281,6 +286,8 @@ impl Unpacker {
             run: Vec::new(),
             table: Vec::new(),
             skippable_magic: 0,
+            skippable_tail: 0,
+            skippable_seen: 0,
             unverified_table_at_end: false,
             failed: false,
             frames: 0,
@@ -408,6 +415,10 @@ impl Unpacker {
                     if keep {
                         self.table.extend_from_slice(&input[..take]);
                     }
+                    for &b in &input[take.saturating_sub(4)..take] {
+                        self.skippable_tail = (self.skippable_tail >> 8) | (u32::from(b) << 24);
+                    }
+                    self.skippable_seen += take as u64;
                     if take as u64 == left {
                         self.end_skippable()?;
                     } else {
@@ -460,9 +471,15 @@ impl Unpacker {
                 });
             }
         }
+        if header.window_size > MAX_ZSTD_WINDOW {
+            return Err(CodecError::Corrupt(format!(
+                "zstd frame at offset {offset}: a window of {} bytes is beyond zstd's maximum",
+                header.window_size
+            )));
+        }
         let allowed_window = 1u64 << self.window_log_max;
         if header.window_size > allowed_window {
-            return Err(CodecError::SizeLimitExceeded {
+            return Err(CodecError::WindowTooLarge {
                 limit: allowed_window,
                 needed: header.window_size,
             });
@@ -571,6 +588,8 @@ impl Unpacker {
         let size = u64::from(read_u32(&self.small, 4));
         self.small.clear();
         self.skippable_magic = magic;
+        self.skippable_tail = 0;
+        self.skippable_seen = 0;
         // A seek table can list at most the frames seen since the last skippable frame,
         // which bounds what we buffer.
         let most = (self.run.len() as u64) * 12 + SEEK_TABLE_FOOTER_SIZE as u64;
@@ -579,12 +598,22 @@ impl Unpacker {
         self.table.clear();
         self.stage = Stage::SkippableBody { left: size, keep };
         if size == 0 {
+            // An empty seek-table frame has no footer: damaged if it ends the stream.
+            self.unverified_table_at_end = magic == SEEK_TABLE_SKIPPABLE_MAGIC;
             self.stage = Stage::Magic;
             self.run.clear();
         }
     }
 
     fn end_skippable(&mut self) -> Result<()> {
+        // A seekable footer in a frame without the seek-table magic: a damaged seek table,
+        // an error if nothing follows (as the one-shot decoder, reading from the end, says).
+        if self.skippable_magic != SEEK_TABLE_SKIPPABLE_MAGIC
+            && self.skippable_seen >= SEEK_TABLE_FOOTER_SIZE as u64
+            && self.skippable_tail == SEEKABLE_MAGIC
+        {
+            self.unverified_table_at_end = true;
+        }
         if self.skippable_magic == SEEK_TABLE_SKIPPABLE_MAGIC && !self.unverified_table_at_end {
             let at = self.item_start as usize;
             match parse_seek_table_content(&self.table, at)? {

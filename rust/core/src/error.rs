@@ -24,6 +24,13 @@ pub enum CodecError {
         /// What the stream needs (or has produced so far), in bytes.
         needed: u64,
     },
+    /// A frame needs a larger decoding window than allowed (a memory bomb).
+    WindowTooLarge {
+        /// The largest window allowed, in bytes.
+        limit: u64,
+        /// The window the frame asks for, in bytes.
+        needed: u64,
+    },
     /// Reading or writing a file failed.
     Io(std::io::Error),
 }
@@ -39,6 +46,11 @@ impl fmt::Display for CodecError {
             CodecError::SizeLimitExceeded { limit, needed } => write!(
                 f,
                 "output of {needed} bytes exceeds the limit of {limit} bytes (max_output_size)"
+            ),
+            CodecError::WindowTooLarge { limit, needed } => write!(
+                f,
+                "a frame needs a decoding window of {needed} bytes, more than the {limit} bytes \
+                 allowed (8 MiB, or up to 128 MiB when max_output_size allows)"
             ),
             CodecError::Io(e) => write!(f, "{e}"),
         }

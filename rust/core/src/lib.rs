@@ -37,6 +37,18 @@ pub struct BlobInfo {
 /// Reads a blob's facts from its frame headers and seek table, checking its structure.
 pub fn inspect(blob: &[u8]) -> Result<BlobInfo> {
     let layout = scan(blob)?;
+    // Without decompressing, a disagreement between a frame's stored checksum and the
+    // seek table's can only be reported as such (unpack tells which side is wrong).
+    for (i, frame) in layout.frames.iter().enumerate() {
+        if let (Some(own), Some(listed)) = (frame.checksum, frame.table_checksum) {
+            if own != listed {
+                return Err(CodecError::SeekTable(format!(
+                    "seek table entry {i}: checksum 0x{listed:08x} disagrees with the frame's \
+                     0x{own:08x}"
+                )));
+            }
+        }
+    }
     Ok(BlobInfo {
         frames: layout.frames.len() as u64,
         compressed_size: blob.len() as u64,

@@ -68,7 +68,9 @@ fn to_py_err(py: Python<'_>, failure: Failure) -> PyErr {
                 CodecError::Truncated(_) => raise(py, "TruncatedDataError", msg),
                 CodecError::ChecksumMismatch(_) => raise(py, "ChecksumMismatchError", msg),
                 CodecError::SeekTable(_) => raise(py, "SeekTableError", msg),
-                CodecError::SizeLimitExceeded { .. } => raise(py, "SizeLimitExceededError", msg),
+                CodecError::SizeLimitExceeded { .. } | CodecError::WindowTooLarge { .. } => {
+                    raise(py, "SizeLimitExceededError", msg)
+                }
                 CodecError::Io(io) => PyErr::from(io),
             }
         }
