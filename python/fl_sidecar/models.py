@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import enum
+import functools
 import io
 import json
 import math
@@ -167,6 +168,7 @@ class ArchiveInfo:
 # --------------------------------------------------------------------------- helpers
 
 
+@functools.lru_cache(maxsize=None)
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 

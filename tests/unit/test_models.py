@@ -11,6 +11,8 @@ from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 import pytest
 import safetensors.torch
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fl_sidecar import models
 from fl_sidecar.errors import ModelFormatError, TensorMismatchError
@@ -259,6 +261,63 @@ def test_many_dtypes_in_one_state_dict() -> None:
         assert torch.equal(_raw(got[name]), _raw(value)), name
     new = _changed({k: v for k, v in state.items() if k != "f8"})
     new["f8"] = torch.tensor([1.0], dtype=torch.float8_e4m3fn)
+    out = models.write_tensors(data, new)
+    assert out is not None
+    loaded = torch.load(io.BytesIO(out), weights_only=True)
+    for name, value in new.items():
+        assert torch.equal(_raw(loaded[name]), _raw(value)), name
+
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8]
+_VIEWS = ["whole", "tail", "transpose", "row"]
+
+
+def _apply_view(base: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "tail":
+        return base.reshape(-1)[1:]
+    if kind == "transpose":
+        return base.t() if base.dim() == 2 else base
+    if kind == "row":
+        return base[0] if base.dim() >= 1 and base.shape[0] else base
+    return base
+
+
+def _random_like(base: torch.Tensor, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if base.is_floating_point():
+        return torch.randn(base.shape, generator=gen).to(base.dtype)
+    return torch.randint(-100, 100, base.shape, generator=gen).to(base.dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    bases=st.lists(
+        st.tuples(st.sampled_from(_DTYPES), st.lists(st.integers(0, 4), min_size=0, max_size=3)),
+        min_size=1,
+        max_size=4,
+    ),
+    views=st.lists(st.tuples(st.integers(0, 3), st.sampled_from(_VIEWS)), max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_property_state_dicts_with_shared_views_round_trip(
+    bases: List[Tuple[torch.dtype, List[int]]],
+    views: List[Tuple[int, str]],
+    seed: int,
+) -> None:
+    old_bases = [
+        _random_like(torch.empty(shape, dtype=dtype), seed + i)
+        for i, (dtype, shape) in enumerate(bases)
+    ]
+    new_bases = [_random_like(b, seed + 1000 + i) for i, b in enumerate(old_bases)]
+    entries = [(f"base{i}", i, "whole") for i in range(len(bases))]
+    entries += [(f"view{j}", i % len(bases), kind) for j, (i, kind) in enumerate(views)]
+    state = {name: _apply_view(old_bases[i], kind) for name, i, kind in entries}
+    new = {name: _apply_view(new_bases[i], kind).clone() for name, i, kind in entries}
+    data = _saved(state)
+    got = models.read_tensors(data)
+    for name, value in state.items():
+        assert got[name].shape == value.shape and got[name].dtype == value.dtype
+        assert torch.equal(_raw(got[name]), _raw(value)), name
     out = models.write_tensors(data, new)
     assert out is not None
     loaded = torch.load(io.BytesIO(out), weights_only=True)

@@ -8,10 +8,12 @@ import pickle
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fl_sidecar import models
 from fl_sidecar._pickle import restricted_loads
@@ -206,6 +208,41 @@ def test_self_containing_structure_is_a_format_error() -> None:
 
 
 # ---------------------------------------------------------------- malformed input
+
+
+def _module_archive() -> bytes:
+    buf = io.BytesIO()
+    torch.save(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)), buf)
+    return buf.getvalue()
+
+
+_TEMPLATE = _module_archive()
+_TEMPLATE_PKL = zipfile.ZipFile(io.BytesIO(_TEMPLATE)).read("archive/data.pkl")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    flips=st.lists(
+        st.tuples(st.integers(0, len(_TEMPLATE_PKL) - 1), st.integers(0, 255)),
+        min_size=1,
+        max_size=4,
+    ),
+    cut=st.integers(1, len(_TEMPLATE_PKL)),
+)
+def test_property_mutated_pickles_fail_typed_or_read(
+    flips: List[Tuple[int, int]], cut: int
+) -> None:
+    pkl = bytearray(_TEMPLATE_PKL)
+    for pos, value in flips:
+        pkl[pos] = value
+    archive = _replace_record(_TEMPLATE, "data.pkl", bytes(pkl[:cut]))
+    # Either a typed error with a message, or tensors: never another exception or a crash.
+    try:
+        got = models.read_tensors(archive)
+    except (ModelFormatError, UnsafePickleError) as exc:
+        assert str(exc)
+    else:
+        assert all(isinstance(v, torch.Tensor) for v in got.values())
 
 
 def test_not_a_model_is_a_format_error(tmp_path: Path) -> None:
