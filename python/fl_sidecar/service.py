@@ -371,6 +371,7 @@ class SidecarService(pb_grpc.SidecarServicer):
 
         updates: queue.Queue[Tuple[str, Any]] = queue.Queue()
         cancelled = threading.Event()
+        handoff = threading.Lock()
         context.add_callback(cancelled.set)
 
         def fetch() -> None:
@@ -386,10 +387,13 @@ class SidecarService(pb_grpc.SidecarServicer):
             except BaseException as exc:
                 updates.put(("error", exc))
             else:
-                if cancelled.is_set():
-                    model.discard()
-                else:
-                    updates.put(("done", model))
+                # Under the lock: either the reader still takes the model, or
+                # it is gone and the model is deleted here; never neither.
+                with handoff:
+                    if cancelled.is_set():
+                        model.discard()
+                    else:
+                        updates.put(("done", model))
 
         worker = threading.Thread(target=fetch, name="fl-sidecar-download", daemon=True)
         worker.start()
@@ -425,9 +429,11 @@ class SidecarService(pb_grpc.SidecarServicer):
                 },
             )
         finally:
-            cancelled.set()
+            with handoff:
+                cancelled.set()
             if model is not None:
                 model.discard()
+            _discard_unclaimed(updates)
 
     def _await_download(
         self, updates: queue.Queue[Tuple[str, Any]], context: grpc.ServicerContext
@@ -670,6 +676,17 @@ class SidecarService(pb_grpc.SidecarServicer):
                 yield _event_message(event)
         finally:
             subscription.close()
+
+
+def _discard_unclaimed(updates: queue.Queue[Tuple[str, Any]]) -> None:
+    # A model the worker finished after the reader stopped waiting for it.
+    while True:
+        try:
+            kind, value = updates.get_nowait()
+        except queue.Empty:
+            return
+        if kind == "done":
+            value.discard()
 
 
 def _requests(request_iterator: Iterator[T]) -> Iterator[T]:

@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import threading
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -526,3 +527,35 @@ def test_zz_metrics_count_bytes_both_ways(world: World) -> None:
             key = f'fl_sidecar_transfer_bytes_total{{direction="{direction}",form="{form}"}}'
             assert values.get(key, 0) > 0, key
     assert 'fl_sidecar_rpc_errors_total{code="NOT_FOUND",method="DownloadModel"}' in text
+
+
+def _spool_files(sidecar: SidecarProcess) -> List[Path]:
+    return [path for path in (sidecar.workdir / "spool").rglob("*") if path.is_file()]
+
+
+def test_cancelled_download_leaves_no_spool_file(world: World) -> None:
+    torch.manual_seed(1)
+    buffer = io.BytesIO()
+    torch.save(torch.nn.Linear(2000, 2000), buffer)  # 16 MB: more than gRPC's flow window
+    model_id, _training_id, _data = world.new_training(buffer.getvalue())
+    with running_sidecar(
+        server_url=world.devserver.url, args=["--token", world.alice.token], notifications=False
+    ) as sidecar:
+        for fmt in (pb.MODEL_FORMAT_TORCH, pb.MODEL_FORMAT_SAFETENSORS):
+            stream = sidecar.stub.DownloadModel(
+                pb.DownloadModelRequest(model_id=model_id, format=fmt, chunk_size=4096),
+                timeout=60,
+            )
+            chunks = 0
+            for message in stream:
+                chunks += message.WhichOneof("kind") == "chunk"
+                if chunks == 3:
+                    break
+            assert len(_spool_files(sidecar)) == 1  # the model being streamed
+            stream.cancel()
+            # The sidecar notices the cancellation asynchronously: wait for its
+            # effect (bounded), there is no event to wait on from outside.
+            deadline = time.monotonic() + 20
+            while _spool_files(sidecar) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _spool_files(sidecar) == []
