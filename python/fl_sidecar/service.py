@@ -614,9 +614,9 @@ class SidecarService(pb_grpc.SidecarServicer):
             yield pb.PackResponse(chunk=block)
         for block in output.flush():
             yield pb.PackResponse(chunk=block)
-        frames = -(-raw // chunk_size) if raw else 0
+        stats = packer.stats
         yield pb.PackResponse(
-            summary=pb.PackSummary(raw_bytes=raw, packed_bytes=output.total, frames=frames)
+            summary=pb.PackSummary(raw_bytes=raw, packed_bytes=output.total, frames=stats.frames)
         )
 
     @_streaming
