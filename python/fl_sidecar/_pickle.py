@@ -383,6 +383,27 @@ class _TensorClass:
         raise ModelFormatError("the pickle gives state to a tensor class")
 
 
+class _Allowed:
+    """An allow-listed function as the unpickler sees it: callable, but not changeable.
+
+    A plain function object would let a pickle's BUILD set its attributes
+    (``__defaults__``...), changing it for every later archive; this wrapper has no
+    ``__dict__`` and refuses state.
+    """
+
+    __slots__ = ("_func", "_name")
+
+    def __init__(self, name: str, func: Callable[..., Any]) -> None:
+        self._name = name
+        self._func = func
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._func(*args, **kwargs)
+
+    def __setstate__(self, state: object) -> None:
+        raise UnsafePickleError(f"the pickle tries to change {self._name}")
+
+
 _REBUILD_FUNCTIONS: Dict[str, Callable[..., TensorRef]] = {
     "_rebuild_tensor": _rebuild_tensor,
     "_rebuild_tensor_v2": _rebuild_tensor_v2,
@@ -390,7 +411,10 @@ _REBUILD_FUNCTIONS: Dict[str, Callable[..., TensorRef]] = {
     "_rebuild_parameter": _rebuild_parameter,
     "_rebuild_parameter_with_state": _rebuild_parameter_with_state,
 }
-_REBUILD_CALLABLES = frozenset(_REBUILD_FUNCTIONS.values())
+_REBUILD_ALLOWED: Dict[str, _Allowed] = {
+    name: _Allowed(f"torch._utils.{name}", func) for name, func in _REBUILD_FUNCTIONS.items()
+}
+_REBUILD_CALLABLES = frozenset(_REBUILD_ALLOWED.values())
 
 
 def _rebuild_from_type_v2(func: object, new_type: object, args: object, state: object) -> TensorRef:
@@ -467,25 +491,29 @@ def _reconstructor(cls: object, base: object, state: object) -> Placeholder:
 # (module, name) -> the inert object find_class hands the unpickler instead.
 _ALLOWED: Dict[Tuple[str, str], Any] = {
     ("collections", "OrderedDict"): SafeOrderedDict,
-    ("torch._utils", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch._utils", "_rebuild_from_type_v2"): _Allowed(
+        "torch._tensor._rebuild_from_type_v2", _rebuild_from_type_v2
+    ),
+    ("torch._tensor", "_rebuild_from_type_v2"): _Allowed(
+        "torch._tensor._rebuild_from_type_v2", _rebuild_from_type_v2
+    ),
     ("torch", "Tensor"): _TensorClass(False),
     ("torch._tensor", "Tensor"): _TensorClass(False),
     ("torch.nn.parameter", "Parameter"): _TensorClass(True),
-    ("torch", "Size"): _torch_size,
-    ("torch", "device"): _torch_device,
-    ("builtins", "set"): _safe_set,
-    ("__builtin__", "set"): _safe_set,
-    ("builtins", "frozenset"): _safe_frozenset,
-    ("__builtin__", "frozenset"): _safe_frozenset,
-    ("_codecs", "encode"): _codecs_encode,
-    ("copy_reg", "_reconstructor"): _reconstructor,
-    ("copyreg", "_reconstructor"): _reconstructor,
+    ("torch", "Size"): _Allowed("torch.Size", _torch_size),
+    ("torch", "device"): _Allowed("torch.device", _torch_device),
+    ("builtins", "set"): _Allowed("set", _safe_set),
+    ("__builtin__", "set"): _Allowed("set", _safe_set),
+    ("builtins", "frozenset"): _Allowed("frozenset", _safe_frozenset),
+    ("__builtin__", "frozenset"): _Allowed("frozenset", _safe_frozenset),
+    ("_codecs", "encode"): _Allowed("_codecs.encode", _codecs_encode),
+    ("copy_reg", "_reconstructor"): _Allowed("copyreg._reconstructor", _reconstructor),
+    ("copyreg", "_reconstructor"): _Allowed("copyreg._reconstructor", _reconstructor),
     ("__builtin__", "object"): _OBJECT,
     ("builtins", "object"): _OBJECT,
 }
-for _name, _func in _REBUILD_FUNCTIONS.items():
-    _ALLOWED[("torch._utils", _name)] = _func
+for _name, _allowed in _REBUILD_ALLOWED.items():
+    _ALLOWED[("torch._utils", _name)] = _allowed
 for _name, _dtype in STORAGE_DTYPES.items():
     _ALLOWED[("torch", _name)] = StorageType(_dtype)
 _ALLOWED[("torch", "UntypedStorage")] = StorageType("uint8", untyped=True)
@@ -543,7 +571,7 @@ class RestrictedUnpickler(pickle.Unpickler):
                 f"the pickle names {module}.{name}, which a model never needs; refused"
             )
         if module == "torch._utils" and name in _UNSUPPORTED_TORCH:
-            return _unsupported(name)
+            return _Allowed(f"{module}.{name}", _unsupported(name))
         if (
             "." in name
             or not name.isidentifier()

@@ -186,6 +186,21 @@ def test_unknown_classes_become_inert_placeholders() -> None:
     assert storages == {}
 
 
+def test_pickle_cannot_change_the_allowed_functions() -> None:
+    # BUILD with slot state would setattr on a plain function (its __defaults__, say),
+    # changing it for every later archive.
+    pkl = (
+        b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__(K\x01ts\x86b."
+    )
+    with pytest.raises(UnsafePickleError):
+        restricted_loads(pkl)
+    for builder in (b"ctorch\nSize\n", b"ccollections\nOrderedDict\n", b"c__main__\nNet\n"):
+        with pytest.raises((UnsafePickleError, ModelFormatError)):
+            restricted_loads(b"\x80\x02" + builder + b"}X\x01\x00\x00\x00aK\x01sb.")
+    # ...and reading a normal archive afterwards still works.
+    assert torch.equal(models.read_tensors(_plain_archive())["w"], torch.arange(6.0).view(2, 3))
+
+
 def test_placeholder_class_cannot_be_called() -> None:
     pkl = b"\x80\x02c__main__\nNet\nq\x00)\x81."
     root, _ = restricted_loads(pkl)
