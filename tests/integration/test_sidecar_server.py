@@ -6,6 +6,7 @@ Every test runs the real ``python -m fl_sidecar serve`` subprocess (see
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -43,7 +44,7 @@ def sidecar() -> Iterator[SidecarProcess]:
     """One sidecar (unix socket) whose server URL carries credentials that must never show."""
     with running_sidecar(
         server_url=f"http://alice:{SECRET_PASSWORD}@127.0.0.1:9/fl/",
-        args=["--metrics-port", "0"],
+        args=["--metrics-port", "0", "--http-retries", "0"],
     ) as process:
         yield process
 
@@ -65,6 +66,16 @@ def test_socket_is_private_and_get_info_has_no_credentials(sidecar: SidecarProce
     assert info.notification_url == sidecar.notification_url
     assert info.notification_url.startswith("http://127.0.0.1:")
     assert SECRET_PASSWORD not in sidecar.log_text()
+    ready_file = json.loads((sidecar.workdir / "ready.json").read_text())
+    assert ready_file == sidecar.ready
+
+
+def test_unreachable_fl_server_is_unavailable(sidecar: SidecarProcess) -> None:
+    request = pb.DownloadModelRequest(model_id="0b7a8a36-6c39-4f3e-9f43-3a6d2c1f0e55")
+    with pytest.raises(grpc.RpcError) as caught:
+        list(sidecar.stub.DownloadModel(request, timeout=60))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert SECRET_PASSWORD not in (caught.value.details() or "")
 
 
 def test_reflection_lists_the_service(sidecar: SidecarProcess) -> None:
