@@ -843,6 +843,10 @@ def _cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def _all_on_cpu(module: torch.nn.Module) -> bool:
+    return all(t.device.type == "cpu" for t in _state_tensors(module))
+
+
 def dump_module(module: torch.nn.Module) -> bytes:
     """Serializes a module as the reference client does: ``torch.save``, or ``torch.jit.save``.
 
@@ -858,7 +862,7 @@ def dump_module(module: torch.nn.Module) -> bytes:
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"dump_module needs an nn.Module, not {type(module).__name__}")
-    on_cpu = all(t.device.type == "cpu" for t in _state_tensors(module))
+    on_cpu = _all_on_cpu(module)
     buf = io.BytesIO()
     try:
         if isinstance(module, torch.jit.ScriptModule):

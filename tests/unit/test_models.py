@@ -609,6 +609,37 @@ def test_cpu_copy_copies_without_touching_the_original() -> None:
     assert dict(model.named_parameters()) == original
 
 
+@pytest.mark.parametrize("scripted", [False, True])
+def test_dump_module_copy_path_on_cpu(scripted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without an accelerator here, take the accelerator branch on CPU tensors: the
+    # archive must be the same model, and the trainer's module must stay as it was.
+    module: torch.nn.Module = torch.jit.script(Tied()) if scripted else Tied()
+    before = dict(module.named_parameters())
+    values = {name: p.detach().clone() for name, p in before.items()}
+    monkeypatch.setattr(models, "_all_on_cpu", lambda m: False)
+    data = models.dump_module(module)
+    assert dict(module.named_parameters()) == before
+    for name, p in module.named_parameters():
+        assert p is before[name]
+        assert torch.equal(p, values[name])
+    _assert_equal_state(models.read_tensors(data), dict(module.state_dict()))
+    loaded = models.load_trusted(data)
+    if scripted:
+        assert isinstance(loaded, torch.jit.ScriptModule)
+    else:
+        assert type(loaded) is Tied
+        assert loaded.head.weight is loaded.emb.weight
+
+
+def test_dump_module_of_a_meta_module_is_a_typed_error() -> None:
+    module = Tied().to("meta")
+    before = dict(module.named_parameters())
+    with pytest.raises(ModelFormatError):
+        models.dump_module(module)
+    assert dict(module.named_parameters()) == before
+    assert all(p.device.type == "meta" for p in module.parameters())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_dump_module_moves_gpu_tensors_to_cpu_without_moving_the_model() -> None:
     for module in (Tied().cuda(), torch.jit.script(Net().cuda())):
