@@ -52,7 +52,13 @@ from fl_sidecar.telemetry import Metrics, configure_logging
 from fl_sidecar.transfers import TransferManager
 from fl_sidecar.v1 import sidecar_pb2_grpc
 
-__all__ = ["TOKEN_METADATA_KEY", "SidecarServer", "register", "run_serve"]
+__all__ = [
+    "TOKEN_METADATA_KEY",
+    "SidecarServer",
+    "check_socket_directory",
+    "register",
+    "run_serve",
+]
 
 TOKEN_METADATA_KEY = "x-fl-sidecar-token"
 """The gRPC metadata key that carries the API token."""
@@ -129,11 +135,28 @@ def server_credentials(settings: Settings) -> Optional[Credentials]:
     return None
 
 
+def check_socket_directory(directory: str) -> None:
+    """Refuse a socket directory that others may write to without the sticky bit.
+
+    There another user could delete our socket and put their own in its place.
+
+    Raises:
+        ConfigurationError: the directory is group- or world-writable and not sticky.
+    """
+    mode = os.stat(directory).st_mode
+    if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+        raise ConfigurationError(
+            f"the socket directory {directory} is writable by others (mode "
+            f"{stat.S_IMODE(mode):o}); use a private directory"
+        )
+
+
 def _prepare_socket_path(path: str) -> None:
     """Make the socket's directory (0700 when created); remove a stale socket, refuse a live one."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         os.makedirs(directory, mode=0o700, exist_ok=True)
+    check_socket_directory(directory)
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:

@@ -234,3 +234,18 @@ def test_training_script_environment_has_no_server_credentials() -> None:
     assert "FL_SIDECAR_TOKEN" not in s.script_env
     assert s.script_env["PATH"] == "/bin"
     assert s.script_env["FL_SIDECAR_SOCKET"] == "/tmp/x.sock"
+
+
+def test_socket_directory_writable_by_others_is_refused(tmp_path: Path) -> None:
+    from fl_sidecar.server import check_socket_directory
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    check_socket_directory(str(private))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(errors.ConfigurationError, match="writable by others"):
+        check_socket_directory(str(shared))
+    shared.chmod(0o1777)  # sticky, like /tmp: others cannot remove our socket
+    check_socket_directory(str(shared))
