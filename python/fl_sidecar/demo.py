@@ -431,6 +431,11 @@ def run_demo(
             raise DemoError(f"the training ended in state {state.get('state')!r}, not C")
         say("")
         _print_table(rounds, baseline, train, test, round_seconds, out)
+        say(
+            "(down/up: bytes the trainers received/sent over gRPC (raw) and the sidecars "
+            "moved over HTTP (wire), all clients together; round 0 includes the sidecars' "
+            "first-use imports)"
+        )
         final = test.get(rounds, [])
         if final:
             final_accuracy = sum(x["accuracy"] for x in final) / len(final)
