@@ -232,6 +232,21 @@ def test_download_bad_requests_are_invalid_argument(world: World) -> None:
         assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_download_with_a_full_authorization_header(world: World) -> None:
+    model_id, _training_id, data = world.new_training()
+    credentials = pb.Credentials(authorization_header=world.bob.token_header())
+    _info, body, _progress = download(
+        world.stub, pb.DownloadModelRequest(model_id=model_id, credentials=credentials)
+    )
+    assert body == data
+    malformed = pb.Credentials(basic=pb.BasicAuth(username="a:b", password="Pw-in-reply-9"))
+    request = pb.DownloadModelRequest(model_id=model_id, credentials=malformed)
+    code, details = _details(lambda: download(world.stub, request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "basic credentials are malformed" in details
+    assert "Pw-in-reply-9" not in details
+
+
 def test_download_with_wrong_credentials_is_unauthenticated(world: World) -> None:
     model_id, _training_id, _data = world.new_training()
     request = pb.DownloadModelRequest(model_id=model_id, credentials=pb.Credentials(token="f" * 40))
