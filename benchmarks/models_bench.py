@@ -11,14 +11,19 @@ Run: ``python -m benchmarks.models_bench [--runs N]``. Side by side in one run, 
 - to safetensors: ``models.archive_to_safetensors`` (file to file, one storage at a
           time) vs ``torch.load`` + ``safetensors.torch.save_file``.
 
-Prints medians of the runs (>= 5) and the ratio ours/theirs of the times (< 1: faster).
+Prints medians of the runs (>= 5) and the ratio ours/theirs of the times (< 1: faster),
+then the peak memory each operation adds to a fresh process that has imported torch
+(Linux VmHWM, reset after the imports; each in its own subprocess), side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +59,34 @@ def _median(fn: Callable[[], object], runs: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+_PEAK = """
+import sys, torch, safetensors.torch
+sys.path[:0] = {path!r}
+from fl_sidecar import models
+import __main__
+from benchmarks.models_bench import Holder
+__main__.Holder = Holder  # torch.load looks the class up where it was saved from
+src, dst = {src!r}, {dst!r}
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current RSS: the imports' peak is not ours
+before = status("VmRSS")
+{op}
+print((status("VmHWM") - before) / 1024)
+"""
+
+
+def _peak_mib(op: str, src: Path, dst: Path) -> float:
+    """Peak RSS (MiB) that ``op`` adds to a fresh process that already imported torch."""
+    code = _PEAK.format(path=sys.path, src=str(src), dst=str(dst), op=op)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, env=os.environ
+    )
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -118,6 +151,28 @@ def main(argv: Optional[List[str]] = None) -> int:
             t_theirs = _median(theirs, runs)
             ratio = t_ours / t_theirs
             print(f"{name:<16}{t_ours:>9.3f}  {baseline:<46}{t_theirs:>9.3f}{ratio:>13.2f}")
+        peaks = [
+            (
+                "to safetensors",
+                "models.archive_to_safetensors(src, dst)",
+                "torch.load + save_file",
+                "sd = torch.load(src, weights_only=False).state_dict()\n"
+                "safetensors.torch.save_file(sd, dst)",
+            ),
+            (
+                "read",
+                "models.read_tensors(src)",
+                "torch.load(weights_only=False)",
+                "torch.load(src, weights_only=False)",
+            ),
+        ]
+        print(f"\npeak RSS added (MiB), model {size / 2**20:.1f} MiB")
+        print(f"{'case':<16}{'ours':>8}  {'baseline':<34}{'theirs':>8}{'ours/theirs':>13}")
+        for name, ours_op, baseline, theirs_op in peaks:
+            m_ours = _peak_mib(ours_op, module_path, st_path)
+            m_theirs = _peak_mib(theirs_op, module_path, st_path)
+            ratio = m_ours / m_theirs
+            print(f"{name:<16}{m_ours:>8.1f}  {baseline:<34}{m_theirs:>8.1f}{ratio:>13.2f}")
     return 0
 
 
