@@ -149,7 +149,10 @@ def test_zstd_both_ways_with_the_dev_server_on_the_wire(
     devserver: DevServerHandle, tmp_path: Path
 ) -> None:
     model = compressible_model(0)
-    _, clients, model_id, training_id = devserver.setup_training(model, ["http://127.0.0.1:9/"])
+    # Two participants, one uploads: the round stays open, nothing is aggregated.
+    _, clients, model_id, training_id = devserver.setup_training(
+        model, ["http://127.0.0.1:9/", "http://127.0.0.1:9/"]
+    )
     local = tmp_path / "local.pt"
     local.write_bytes(compressible_model(1))
     with FaultProxy((devserver.host, devserver.port)) as proxy, FlServerClient(
