@@ -446,6 +446,20 @@ def _torch_device(kind: object, index: object = None) -> _Device:
     return _Device(kind if index is None else f"{kind}:{index}")
 
 
+def _jit_list(data: object) -> object:
+    # TorchScript tags typed lists (List[int], List[Tensor]...) with these identity
+    # functions of torch.jit._pickle; the value is the list itself.
+    if not isinstance(data, list):
+        raise ModelFormatError("the pickle builds a TorchScript list from a non-list")
+    return data
+
+
+def _jit_type_tag(value: object, type_str: object) -> object:
+    if not isinstance(type_str, str):
+        raise ModelFormatError("the pickle gives a TorchScript type tag that is not a string")
+    return value
+
+
 def _safe_set(items: object = ()) -> set[Any]:
     if not isinstance(items, (list, tuple, set, frozenset)):
         raise ModelFormatError("the pickle builds a set from something that is not a sequence")
@@ -510,6 +524,11 @@ _ALLOWED: Dict[Tuple[str, str], Any] = {
     ("copy_reg", "_reconstructor"): _Allowed("copyreg._reconstructor", _reconstructor),
     ("copyreg", "_reconstructor"): _Allowed("copyreg._reconstructor", _reconstructor),
     ("__builtin__", "object"): _OBJECT,
+    ("torch.jit._pickle", "build_intlist"): _Allowed("build_intlist", _jit_list),
+    ("torch.jit._pickle", "build_doublelist"): _Allowed("build_doublelist", _jit_list),
+    ("torch.jit._pickle", "build_boollist"): _Allowed("build_boollist", _jit_list),
+    ("torch.jit._pickle", "build_tensorlist"): _Allowed("build_tensorlist", _jit_list),
+    ("torch.jit._pickle", "restore_type_tag"): _Allowed("restore_type_tag", _jit_type_tag),
     ("builtins", "object"): _OBJECT,
 }
 for _name, _allowed in _REBUILD_ALLOWED.items():

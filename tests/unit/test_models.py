@@ -352,6 +352,39 @@ def test_torchscript_round_trip(how: str) -> None:
     loaded(example)
 
 
+class Attributes(torch.nn.Module):
+    """Typed container attributes, which TorchScript pickles with torch.jit._pickle tags."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3)
+        self.lstm = torch.nn.LSTM(2, 2)
+        # torch.jit.Attribute, not class annotations: those are strings here (PEP 563).
+        self.sizes = torch.jit.Attribute([1, 2, 3], List[int])
+        self.scales = torch.jit.Attribute([0.5], List[float])
+        self.flags = torch.jit.Attribute([True], List[bool])
+        self.table = torch.jit.Attribute({"a": 1}, Dict[str, int])
+        self.extras = torch.jit.Attribute([torch.ones(2)], List[torch.Tensor])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.conv(x)
+        return out
+
+
+def test_torchscript_typed_attributes() -> None:
+    module = torch.jit.script(Attributes())
+    data = models.dump_module(module)
+    expected = dict(jit_load(io.BytesIO(data)).state_dict())
+    _assert_equal_state(models.read_tensors(data), expected)
+    new = _changed(expected)
+    out = models.write_tensors(data, new)
+    assert out is not None
+    loaded = jit_load(io.BytesIO(out))
+    _assert_equal_state(dict(loaded.state_dict()), new)
+    assert loaded.sizes == [1, 2, 3]
+    assert torch.equal(loaded.extras[0], torch.ones(2))
+
+
 def test_torchscript_with_tied_weights_and_attribute_tensors() -> None:
     class WithPlain(torch.nn.Module):
         def __init__(self) -> None:
