@@ -492,7 +492,7 @@ class SidecarService(pb_grpc.SidecarServicer):
                 f"the model's {header.size} bytes exceed the sidecar's limit of "
                 f"{self.transfers.max_model_size} bytes"
             )
-        spool = self.transfers.new_upload_spool()
+        spool = self.transfers.new_upload_spool(hashed=bool(header.sha256))
         try:
             while True:
                 message = self._next_request(request_iterator)
