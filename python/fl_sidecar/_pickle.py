@@ -566,6 +566,20 @@ def _unsupported(name: str) -> Callable[..., Any]:
     return refuse
 
 
+# Calls whose real effect is only to build a value the reader never needs: numpy arrays,
+# dtypes and scalars kept as model attributes (e.g. a normalisation mean). They give an
+# inert placeholder instead; numpy itself is never imported or called.
+_INERT_CALLS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "dtype"),
+    }
+)
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Reads a torch archive's pickle without importing or running anything it names.
 
@@ -598,6 +612,12 @@ class RestrictedUnpickler(pickle.Unpickler):
         ):
             # Dotted names resolve attribute chains (getattr); odd names have no honest use.
             raise UnsafePickleError(f"the pickle names an unusual global {module!r} {name!r}")
+        cls = self._placeholder_class(module, name)
+        if (module, name) in _INERT_CALLS:
+            return _Allowed(f"{module}.{name}", lambda *args: cls.__new__(cls, *args))
+        return cls
+
+    def _placeholder_class(self, module: str, name: str) -> type:
         key = (module, name)
         cls = self._placeholders.get(key)
         if cls is None:

@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -218,6 +219,30 @@ def test_state_dict_archive_round_trip() -> None:
     assert out is not None
     loaded = torch.load(io.BytesIO(out), weights_only=True)
     _assert_equal_state(dict(loaded), new)
+
+
+class WithNumpy(torch.nn.Module):
+    """A module keeping numpy values as plain attributes, as preprocessing code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(2, 2)
+        self.mean = np.array([0.5, 0.25])
+        self.scale = np.float32(2.0)
+        self.kind = np.dtype("int16")
+
+
+def test_numpy_attributes_are_inert() -> None:
+    model = WithNumpy()
+    data = models.dump_module(model)
+    _assert_equal_state(models.read_tensors(data), model.state_dict())
+    new = _changed(model.state_dict())
+    out = models.write_tensors(data, new)
+    assert out is not None
+    loaded = torch.load(io.BytesIO(out), weights_only=False)
+    _assert_equal_state(loaded.state_dict(), new)
+    assert np.array_equal(loaded.mean, model.mean)
+    assert loaded.scale == model.scale and loaded.kind == model.kind
 
 
 def test_nested_checkpoint_dict_names_are_dotted() -> None:
