@@ -245,6 +245,27 @@ def test_numpy_attributes_are_inert() -> None:
     assert loaded.scale == model.scale and loaded.kind == model.kind
 
 
+@pytest.mark.parametrize("scripted", [False, True])
+def test_recurrent_and_attention_layers(scripted: bool) -> None:
+    torch_model: torch.nn.Module = torch.nn.Sequential(
+        torch.nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16),
+        torch.nn.GRU(8, 4),
+    )
+    model: torch.nn.Module = torch.jit.script(torch_model) if scripted else torch_model
+    data = models.dump_module(model)
+    reference = dict(model.state_dict())
+    _assert_equal_state(models.read_tensors(data), reference)
+    new = _changed(reference)
+    out = models.write_tensors(data, new)
+    assert out is not None
+    loaded = models.load_trusted(out)
+    _assert_equal_state(dict(loaded.state_dict()), new)
+    if not scripted:
+        # the GRU's cached flat weights are the new parameters, not stale copies
+        gru = loaded[1]
+        assert all(w is p for w, p in zip(gru._flat_weights, gru.parameters()))
+
+
 def test_nested_checkpoint_dict_names_are_dotted() -> None:
     data = _saved({"model": Net(), "epoch": 3, "extra": [torch.zeros(2)]})
     names = list(models.read_tensors(data))
