@@ -453,6 +453,11 @@ def _serve_command(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         print(f"fl-sidecar serve: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # An address in use, a directory that cannot be made: the cause, not a traceback.
+        _log.error("cannot start", extra={"error": str(exc)})
+        print(f"fl-sidecar serve: cannot start: {exc}", file=sys.stderr)
+        return 1
 
 
 def register(subparsers: Any) -> None:

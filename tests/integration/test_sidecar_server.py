@@ -305,3 +305,37 @@ def test_drain_lets_a_call_in_progress_finish_and_refuses_new_ones() -> None:
     finally:
         release.set()
         process.cleanup()
+
+
+def test_notification_port_in_use_fails_cleanly() -> None:
+    workdir = _short_tempdir()
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fl_sidecar",
+                "serve",
+                "--socket",
+                str(workdir / "s.sock"),
+                "--notification-port",
+                str(port),
+            ],
+            env=_child_env(None),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 1
+        assert b"cannot start" in result.stderr
+        assert b"Traceback" not in result.stderr
+        assert not (workdir / "s.sock").exists()
+    finally:
+        taken.close()
+        for child in workdir.iterdir():
+            child.unlink()
+        workdir.rmdir()
