@@ -101,6 +101,8 @@ _SAFETENSORS_DTYPES: Dict[str, torch.dtype] = {
         ("U64", "uint64"),
         ("F8_E4M3", "float8_e4m3fn"),
         ("F8_E5M2", "float8_e5m2"),
+        ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+        ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
         ("C64", "complex64"),
     )
     if isinstance(getattr(torch, name, None), torch.dtype)
@@ -187,7 +189,7 @@ def _is_bytes(source: object) -> bool:
 
 def _head(source: Source, size: int) -> bytes:
     if _is_bytes(source):
-        return bytes(memoryview(source)[:size])  # type: ignore[arg-type]
+        return bytes(memoryview(source).cast("B")[:size])  # type: ignore[arg-type]
     with open(os.fspath(source), "rb") as f:  # type: ignore[arg-type]
         head: bytes = f.read(size)
     return head
@@ -257,6 +259,11 @@ class _Archive:
             self.zip = zipfile.ZipFile(self._file)
             infos = self.zip.infolist()
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as exc:
+            self._file.seek(0)
+            if _safetensors_header_length(self._file.read(16), None) is not None:
+                raise ModelFormatError(
+                    "this is safetensors, not a torch archive: use from_safetensors"
+                ) from exc
             raise ModelFormatError(f"not a readable zip archive: {exc}") from exc
         if not infos:
             raise ModelFormatError("the zip archive is empty")

@@ -391,6 +391,11 @@ def test_safetensors_garbage_is_a_format_error(tmp_path: Path) -> None:
         models.from_safetensors(lying)
 
 
+def test_safetensors_given_as_an_archive_says_so() -> None:
+    with pytest.raises(ModelFormatError, match="safetensors"):
+        models.read_tensors(models.to_safetensors({"a": torch.ones(2)}))
+
+
 def test_load_trusted_refuses_what_is_not_a_torch_archive() -> None:
     with pytest.raises(ModelFormatError):
         models.load_trusted(b"not a model")
