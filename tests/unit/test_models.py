@@ -383,6 +383,7 @@ def test_torchscript_round_trip(how: str) -> None:
     assert models.detect_format(data) is models.ModelFormat.TORCHSCRIPT
     info = models.describe(data)
     assert info.is_module
+    assert info.root_class.startswith("__torch__.") and info.root_class.endswith(".Net")
     expected = jit_load(io.BytesIO(data)).state_dict()
     got = models.read_tensors(data)
     _assert_equal_state(got, dict(expected))  # names and order as TorchScript's state_dict

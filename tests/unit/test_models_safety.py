@@ -391,6 +391,34 @@ def test_safetensors_garbage_is_a_format_error(tmp_path: Path) -> None:
         models.from_safetensors(lying)
 
 
+_GOOD_SAFETENSORS = models.to_safetensors(
+    {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, dtype=torch.bfloat16)}
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    flips=st.lists(
+        st.tuples(st.integers(0, len(_GOOD_SAFETENSORS) - 1), st.integers(0, 255)),
+        min_size=1,
+        max_size=4,
+    ),
+    cut=st.integers(0, len(_GOOD_SAFETENSORS)),
+)
+def test_property_mutated_safetensors_fail_typed_or_read(
+    flips: List[Tuple[int, int]], cut: int
+) -> None:
+    data = bytearray(_GOOD_SAFETENSORS)
+    for pos, value in flips:
+        data[pos] = value
+    try:
+        got = models.from_safetensors(bytes(data[:cut]))
+    except ModelFormatError as exc:
+        assert str(exc)
+    else:
+        assert all(isinstance(v, torch.Tensor) for v in got.values())
+
+
 def test_safetensors_given_as_an_archive_says_so() -> None:
     with pytest.raises(ModelFormatError, match="safetensors"):
         models.read_tensors(models.to_safetensors({"a": torch.ones(2)}))
