@@ -641,12 +641,13 @@ class SidecarService(pb_grpc.SidecarServicer):
             if kind != "chunk":
                 continue
             if unpacker is None:
-                unpacker = codec.Unpacker(max_output_size=limit)
+                unpacker = _PacedUnpacker(codec.Unpacker(max_output_size=limit))
             packed += len(message.chunk)
-            for block in output.add(unpacker.write(message.chunk)):
-                yield pb.UnpackResponse(chunk=block)
+            for produced in unpacker.write(message.chunk):
+                for block in output.add(produced):
+                    yield pb.UnpackResponse(chunk=block)
         if unpacker is None:
-            unpacker = codec.Unpacker(max_output_size=limit)
+            unpacker = _PacedUnpacker(codec.Unpacker(max_output_size=limit))
         unpacker.finish()
         for block in output.flush():
             yield pb.UnpackResponse(chunk=block)
@@ -676,6 +677,49 @@ class SidecarService(pb_grpc.SidecarServicer):
                 yield _event_message(event)
         finally:
             subscription.close()
+
+
+class _PacedUnpacker:
+    """Feeds an Unpacker in pieces so that one write produces at most about 8 MiB.
+
+    A decompression bomb turns a few bytes into megabytes (zstd RLE blocks reach
+    about 32000:1), and one write returns everything the input completes; fed
+    a whole 1 MiB message, it could allocate gigabytes before the output limit
+    trips. The piece size follows the ratio seen so far: 256 bytes to start, up
+    to 1 MiB for ordinary data, down to 256 bytes for a bomb. This bounds a bomb
+    from its first byte; one hidden behind ordinary data is bounded only by the
+    output limit (a hard per-write bound needs an output-bounded decoder API).
+    """
+
+    _TARGET_OUTPUT = 8 * 1024 * 1024
+    _FIRST_PIECE = 256
+    _MIN_PIECE = 256
+    _MAX_PIECE = 1024 * 1024
+
+    def __init__(self, unpacker: Any) -> None:
+        self._unpacker = unpacker
+        self._piece = self._FIRST_PIECE
+        self._fed = 0
+        self._produced = 0
+
+    def write(self, data: bytes) -> Iterator[bytes]:
+        view = memoryview(data)
+        position = 0
+        while position < len(view):
+            piece = view[position : position + self._piece]
+            position += len(piece)
+            produced = self._unpacker.write(piece)
+            self._fed += len(piece)
+            self._produced += len(produced)
+            ratio = max(1.0, self._produced / self._fed)
+            self._piece = int(
+                min(self._MAX_PIECE, max(self._MIN_PIECE, self._TARGET_OUTPUT / ratio))
+            )
+            if produced:
+                yield produced
+
+    def finish(self) -> None:
+        self._unpacker.finish()
 
 
 def _discard_unclaimed(updates: queue.Queue[Tuple[str, Any]]) -> None:
