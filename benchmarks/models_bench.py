@@ -68,7 +68,7 @@ from fl_sidecar import models
 import __main__
 from benchmarks.models_bench import Holder
 __main__.Holder = Holder  # torch.load looks the class up where it was saved from
-src, dst = {src!r}, {dst!r}
+src, dst, out = {src!r}, {dst!r}, {out!r}
 def status(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
@@ -80,13 +80,13 @@ print((status("VmHWM") - before) / 1024)
 """
 
 
-def _peak_mib(op: str, src: Path, dst: Path) -> float:
+def _peak_mib(op: str, src: Path, dst: Path, out: Path) -> float:
     """Peak RSS (MiB) that ``op`` adds to a fresh process that already imported torch."""
-    code = _PEAK.format(path=sys.path, src=str(src), dst=str(dst), op=op)
-    out = subprocess.run(
+    code = _PEAK.format(path=sys.path, src=str(src), dst=str(dst), out=str(out), op=op)
+    proc = subprocess.run(
         [sys.executable, "-c", code], check=True, capture_output=True, text=True, env=os.environ
     )
-    return float(out.stdout.strip().splitlines()[-1])
+    return float(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -153,6 +153,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{name:<16}{t_ours:>9.3f}  {baseline:<46}{t_theirs:>9.3f}{ratio:>13.2f}")
         peaks = [
             (
+                "from safetensors",
+                "models.safetensors_into_archive(src, dst, out)",
+                "torch.load + load_state_dict + save",
+                "m = torch.load(src, weights_only=False)\n"
+                "m.load_state_dict(safetensors.torch.load_file(dst))\n"
+                "torch.save(m, out)",
+            ),
+            (
                 "to safetensors",
                 "models.archive_to_safetensors(src, dst)",
                 "torch.load + save_file",
@@ -169,8 +177,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"\npeak RSS added (MiB), model {size / 2**20:.1f} MiB")
         print(f"{'case':<16}{'ours':>8}  {'baseline':<34}{'theirs':>8}{'ours/theirs':>13}")
         for name, ours_op, baseline, theirs_op in peaks:
-            m_ours = _peak_mib(ours_op, module_path, st_path)
-            m_theirs = _peak_mib(theirs_op, module_path, st_path)
+            m_ours = _peak_mib(ours_op, module_path, st_path, out_path)
+            m_theirs = _peak_mib(theirs_op, module_path, st_path, out_path)
             ratio = m_ours / m_theirs
             print(f"{name:<16}{m_ours:>8.1f}  {baseline:<34}{m_theirs:>8.1f}{ratio:>13.2f}")
     return 0
