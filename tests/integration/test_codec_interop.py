@@ -92,18 +92,21 @@ def test_zstd_cli_on_files_round_trip(tmp_path: Path) -> None:
 def child_peak(script: str, tmp_path: Path) -> Dict[str, int]:
     """Runs ``script`` in a fresh interpreter; it prints a JSON dict of measurements.
 
-    ``current_kib()`` is the resident size now, ``peak_kib()`` the high-water mark: peak
-    after minus current before bounds what the measured work added (Linux only).
+    ``current_kib()`` is the resident size now, ``peak_kib()`` the high-water mark
+    (VmHWM: this process image only; ``ru_maxrss`` would also count the parent's pages
+    at fork): peak after minus current before bounds what the measured work added (Linux).
     """
     prelude = textwrap.dedent(
         """
-        import json, resource, sys
+        import json, sys
         from fl_sidecar import codec
-        def peak_kib():
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        def current_kib():
+        def status_kib(field):
             with open("/proc/self/status") as f:
-                return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+                return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
+        def peak_kib():
+            return status_kib("VmHWM")
+        def current_kib():
+            return status_kib("VmRSS")
         """
     )
     done = subprocess.run(

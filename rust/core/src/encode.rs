@@ -15,7 +15,7 @@ use crate::pool::{check_threads, effective_threads, run_in_pool};
 /// The default compression level (chosen by measurement, see docs/codec.md).
 pub const DEFAULT_LEVEL: i32 = 3;
 /// The default chunk size: uncompressed bytes per frame (see docs/codec.md).
-pub const DEFAULT_CHUNK_SIZE: usize = 4 << 20;
+pub const DEFAULT_CHUNK_SIZE: usize = 2 << 20;
 /// The largest chunk size: frames must not need a window above 8 MiB (RFC 9659).
 pub const MAX_CHUNK_SIZE: usize = 8 << 20;
 /// The window log of the largest allowed window (8 MiB).
@@ -173,6 +173,7 @@ impl Packed {
     /// Writes the blob into `out`, which must be exactly `len()` bytes.
     pub fn write_into(&self, out: &mut [u8]) {
         assert_eq!(out.len(), self.len(), "output buffer has the wrong size");
+        crate::decode::advise_huge_pages(out);
         let mut rest = out;
         for f in &self.frames {
             let (head, tail) = rest.split_at_mut(f.data.len());
