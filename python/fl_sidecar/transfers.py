@@ -36,6 +36,7 @@ from fl_sidecar.errors import (
     CorruptDataError,
     FlSidecarError,
     ModelFormatError,
+    SidecarError,
     SizeLimitExceededError,
     TruncatedDataError,
     UnsafePickleError,
@@ -386,7 +387,15 @@ class TransferManager:
             self._track_in_flight("upload", -1)
 
     def _check_torch(self, source: Path) -> None:
-        models = _models()
+        try:
+            models = _models()
+        except SidecarError:
+            # No torch here: a TORCH upload passes through after a cheap check.
+            if not _looks_like_torch_archive(source):
+                raise ModelFormatError(
+                    "the upload is declared TORCH but is not a torch archive"
+                ) from None
+            return
         detected = models.detect_format(source)
         if detected == models.ModelFormat.SAFETENSORS:
             raise ModelFormatError(
@@ -461,7 +470,24 @@ def round_seconds(seconds: float) -> float:
 
 def _models() -> Any:
     # torch is heavy and optional: import model I/O only when a model needs it.
-    return importlib.import_module("fl_sidecar.models")
+    try:
+        return importlib.import_module("fl_sidecar.models")
+    except ImportError as exc:
+        if exc.name not in ("torch", "safetensors") and not str(exc.name).startswith("torch."):
+            raise
+        raise SidecarError(
+            "this needs torch in the sidecar (vetting or converting a model): install "
+            "'fl-sidecar[torch]', or use TORCH with --trust-pickles",
+            code="FAILED_PRECONDITION",
+        ) from None
+
+
+def _looks_like_torch_archive(path: Path) -> bool:
+    # Without torch: torch.save and torch.jit.save write zip archives; a
+    # legacy torch.save starts with a pickle protocol opcode.
+    with open(path, "rb") as file:
+        head = file.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def _size_and_sha256(path: Path) -> Tuple[int, str]:

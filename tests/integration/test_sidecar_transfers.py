@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import grpc
 import pytest
 from conftest import DevServerHandle, User
-from sidecar_harness import SidecarProcess, running_sidecar
+from sidecar_harness import _PACKAGE_ROOT, SidecarProcess, running_sidecar
 
 from fl_sidecar.devserver import DevServer
 from fl_sidecar.v1 import sidecar_pb2 as pb
@@ -574,3 +574,43 @@ def test_cancelled_download_leaves_no_spool_file(world: World) -> None:
             while _spool_files(sidecar) and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert _spool_files(sidecar) == []
+
+
+def test_without_torch_torch_models_pass_through(world: World, tmp_path: Path) -> None:
+    """A sidecar whose Python has no torch still moves TORCH models (with --trust-pickles)."""
+    blocker = tmp_path / "no-torch"
+    blocker.mkdir()
+    (blocker / "torch.py").write_text("raise ImportError('no torch here', name='torch')\n")
+    model_id, training_id, data = world.new_training()
+    env = {"PYTHONPATH": os.pathsep.join([str(blocker), _PACKAGE_ROOT])}
+    with running_sidecar(
+        server_url=world.devserver.url,
+        args=["--token", world.alice.token],
+        env=env,
+        notifications=False,
+    ) as plain:
+        code, details = _details(
+            lambda: download(plain.stub, pb.DownloadModelRequest(model_id=model_id))
+        )
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "torch" in details
+        answer = plain.stub.UploadModel(
+            upload_messages(pb.UploadHeader(model_id=model_id, round=0, sample_size=2), data),
+            timeout=60,
+        )
+        assert answer.http_status == 201
+        garbage = upload_messages(
+            pb.UploadHeader(model_id=model_id, round=0, sample_size=2), b"not a model" * 50
+        )
+        assert _code(lambda: plain.stub.UploadModel(garbage, timeout=60)) == (
+            grpc.StatusCode.INVALID_ARGUMENT
+        )
+    with running_sidecar(
+        server_url=world.devserver.url,
+        args=["--token", world.alice.token, "--trust-pickles"],
+        env=env,
+        notifications=False,
+    ) as trusting:
+        _info, body, _progress = download(trusting.stub, pb.DownloadModelRequest(model_id=model_id))
+        assert body == data
+    assert world.arrived(training_id) == 1
