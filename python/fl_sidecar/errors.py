@@ -102,7 +102,7 @@ class UnsafePickleError(ModelError):
     """A pickle asked for something other than rebuilding tensors and plain containers.
 
     The restricted reader refuses it without running any of it. Load it with
-    ``trusted=True`` only if you trust where it came from.
+    :func:`fl_sidecar.models.load_trusted` only if you trust where it came from.
     """
 
 
