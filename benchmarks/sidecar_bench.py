@@ -12,9 +12,11 @@ Per round, side by side and interleaved:
 
 - ``sidecar download``: ``DownloadModel`` as SAFETENSORS (the sidecar fetches the
   torch archive from the dev server, converts it, streams it). The *leg* is the
-  gRPC streaming phase, from the ``ModelInfo`` message to the last byte
-  (including the client's sha256 check, as shipped); *total* includes the fetch
-  and conversion inside the sidecar.
+  gRPC streaming phase, from the ``ModelInfo`` message to the last chunk
+  (including the client's sha256 check, as shipped; measured again with
+  ``verify=False``). ``download()`` then joins the chunks into one ``bytes``
+  (one copy of the model, reported on its own row; ``download_to_file`` has no
+  such copy); *total* includes the fetch and conversion inside the sidecar.
 - ``sidecar upload``: ``UploadModel`` of those SAFETENSORS bytes. The *leg* ends
   when the last chunk is handed to gRPC (flow control keeps it within a few
   MiB of the sidecar); *total* includes the sidecar's conversion and HTTP upload.
@@ -314,6 +316,7 @@ def run(size_mib: int, runs: int, chunk_mib: int) -> int:
         import psutil
 
         client = SidecarClient(sidecar.target, timeout=600, chunk_size=chunk)
+        fast = SidecarClient(sidecar.target, timeout=600, chunk_size=chunk, verify=False)
         events = client.watch_events(training_ids=[training_id])
         client.get_info()
         sidecar_ps = psutil.Process(sidecar.process.pid)
@@ -331,6 +334,8 @@ def run(size_mib: int, runs: int, chunk_mib: int) -> int:
             for k in (
                 "raw_down",
                 "leg_down",
+                "leg_down_noverify",
+                "join",
                 "total_down",
                 "raw_up",
                 "leg_up",
@@ -346,16 +351,25 @@ def run(size_mib: int, runs: int, chunk_mib: int) -> int:
             def on_down(done: int, total: int, marks: Dict[str, float] = marks) -> None:
                 if total and "info" not in marks:
                     marks["info"] = time.perf_counter()
+                if total and done >= total:
+                    marks["last"] = time.perf_counter()
 
             with RssSampler(sidecar.process.pid) as sampler:
-                started = time.perf_counter()
-                data, _result = client.download_with_info(
-                    model_id, format="safetensors", progress=on_down
-                )
-                ended = time.perf_counter()
+                for key, which in (("leg_down", client), ("leg_down_noverify", fast)):
+                    marks.clear()
+                    started = time.perf_counter()
+                    data, _ = which.download_with_info(
+                        model_id, format="safetensors", progress=on_down
+                    )
+                    ended = time.perf_counter()
+                    results[key].append(marks["last"] - marks["info"])
+                    if key == "leg_down":
+                        results["total_down"].append(ended - started)
+                        results["join"].append(ended - marks["last"])
+                        kept = data
+                    del data
+                data = kept
                 size = len(data)
-                results["total_down"].append(ended - started)
-                results["leg_down"].append(ended - marks["info"])
 
                 def on_up(done: int, total: int, marks: Dict[str, float] = marks) -> None:
                     if done >= total:
@@ -394,6 +408,7 @@ def run(size_mib: int, runs: int, chunk_mib: int) -> int:
         events.wait_for([EventKind.TRAINING_FINISHED], timeout=900)
         events.close()
         client.close()
+        fast.close()
         _report(size, runs, chunk, results, warm_rss - baseline_rss)
         return 0
     finally:
@@ -423,6 +438,8 @@ def _report(
     rows: List[Tuple[str, str, Optional[str]]] = [
         ("raw grpcio download (limit)", "raw_down", None),
         ("sidecar download, gRPC leg", "leg_down", "raw_down"),
+        ("  same, verify=False (no sha256)", "leg_down_noverify", "raw_down"),
+        ("  then joining chunks into bytes", "join", None),
         ("sidecar download, total", "total_down", None),
         ("raw grpcio upload (limit)", "raw_up", None),
         ("sidecar upload, gRPC leg", "leg_up", "raw_up"),

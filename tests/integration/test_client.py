@@ -222,3 +222,14 @@ def test_api_token_is_sent_as_metadata(stack: TrainerStack) -> None:
     assert info.value.code == "UNAUTHENTICATED"
     with SidecarClient(guarded.sidecar.target, api_token="t0ken-for-test") as client:
         assert client.get_info().notification_url
+
+
+def test_download_without_verification_reports_the_announced_digest(
+    stack: TrainerStack, side: ClientSide
+) -> None:
+    original = tiny_module_bytes(seed=4)
+    model_id = stack.devserver.upload_model(stack.actor, original)
+    with SidecarClient(side.sidecar.target, verify=False) as fast:
+        data, result = fast.download_with_info(model_id)
+    assert data == original
+    assert result.sha256 == hashlib.sha256(original).hexdigest()
