@@ -233,3 +233,15 @@ def test_download_without_verification_reports_the_announced_digest(
         data, result = fast.download_with_info(model_id)
     assert data == original
     assert result.sha256 == hashlib.sha256(original).hexdigest()
+
+
+def test_get_training_reports_the_state(stack: TrainerStack, side: ClientSide) -> None:
+    ids = stack.training([side], rounds=1, start=False)
+    status = side.client.get_training(ids["training_id"])
+    assert status.state == "I"
+    assert status.data.get("state") == "I"
+    stack.devserver.start_training(stack.actor, ids["training_id"])
+    assert side.client.get_training(ids["training_id"]).state == "O"
+    with pytest.raises(SidecarError) as info:
+        side.client.get_training(str(uuid.uuid4()))
+    assert info.value.code == "NOT_FOUND"
