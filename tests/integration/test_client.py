@@ -245,3 +245,43 @@ def test_get_training_reports_the_state(stack: TrainerStack, side: ClientSide) -
     with pytest.raises(SidecarError) as info:
         side.client.get_training(str(uuid.uuid4()))
     assert info.value.code == "NOT_FOUND"
+
+
+class _TrainerCrashed(Exception):
+    pass
+
+
+def test_a_trainer_failing_mid_upload_uploads_nothing(
+    stack: TrainerStack, side: ClientSide
+) -> None:
+    ids = stack.training([side], rounds=1, start=True)
+    weights = side.client.download_state_dict(ids["model_id"])
+    big = bytes(3 * 1024 * 1024)  # several chunks, so the stream is cut in the middle
+
+    def crash(done: int, total: int) -> None:
+        if done >= 1024 * 1024:
+            raise _TrainerCrashed
+
+    with pytest.raises((SidecarError, _TrainerCrashed)):
+        side.client.upload(ids["model_id"], big, round=0, sample_size=1, progress=crash)
+    assert stack.devserver.training(stack.actor, ids["training_id"])["state"] == "O"
+    # Nothing was counted: the real upload of round 0 is still accepted.
+    reply = side.client.upload_state_dict(ids["model_id"], weights, round=0, sample_size=1)
+    assert reply.http_status == 201
+
+
+def test_weights_that_do_not_match_the_model_are_refused(
+    stack: TrainerStack, side: ClientSide
+) -> None:
+    torch = pytest.importorskip("torch")
+    ids = stack.training([side], rounds=1, start=True)
+    wrong = {"not.a.layer": torch.zeros(3)}
+    with pytest.raises(SidecarError) as info:
+        side.client.upload_state_dict(ids["model_id"], wrong, round=0, sample_size=1)
+    assert info.value.code == "INVALID_ARGUMENT"
+    assert stack.devserver.training(stack.actor, ids["training_id"])["state"] == "O"
+
+
+def test_negative_round_is_refused_before_sending(side: ClientSide) -> None:
+    with pytest.raises(ValueError, match="round"):
+        side.client.upload("m", b"x", round=-1, sample_size=1)
