@@ -830,8 +830,10 @@ class SidecarClient:
                     progress(done, total)
 
         try:
-            r = self._stub.UploadModel(requests(), timeout=timeout, metadata=self._metadata)
+            source = _Requests(requests())
+            r = self._stub.UploadModel(source, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
+            source.reraise()
             raise _map_rpc_error(exc, f"upload for model {header.model_id}") from None
         return UploadResult(
             http_status=r.http_status,
@@ -1056,12 +1058,14 @@ class SidecarClient:
 
         summary = None
         try:
-            for message in self._stub.Pack(requests(), timeout=timeout, metadata=self._metadata):
+            source = _Requests(requests())
+            for message in self._stub.Pack(source, timeout=timeout, metadata=self._metadata):
                 if message.WhichOneof("kind") == "chunk":
                     sink(message.chunk)
                 else:
                     summary = message.summary
         except grpc.RpcError as exc:
+            source.reraise()
             raise _map_rpc_error(exc, "Pack") from None
         if summary is None:
             raise SidecarError("Pack: the stream ended without its summary", code="DATA_LOSS")
@@ -1088,12 +1092,14 @@ class SidecarClient:
 
         summary = None
         try:
-            for message in self._stub.Unpack(requests(), timeout=timeout, metadata=self._metadata):
+            source = _Requests(requests())
+            for message in self._stub.Unpack(source, timeout=timeout, metadata=self._metadata):
                 if message.WhichOneof("kind") == "chunk":
                     sink(message.chunk)
                 else:
                     summary = message.summary
         except grpc.RpcError as exc:
+            source.reraise()
             raise _map_rpc_error(exc, "Unpack") from None
         if summary is None:
             raise SidecarError("Unpack: the stream ended without its summary", code="DATA_LOSS")
@@ -1236,6 +1242,37 @@ class SidecarClient:
             request.after_seq = int(after_seq)
         call = self._stub.WatchEvents(request, timeout=timeout, metadata=self._metadata)
         return EventStream(call)
+
+
+class _Requests:
+    """A request iterator that remembers an exception raised while producing requests.
+
+    grpc turns such an exception into a cancelled call with status UNKNOWN,
+    which the contract reserves for "the upload may have arrived"; the
+    trainer's own exception (a failing progress callback, a read error) is the
+    true cause, and the sidecar uploaded nothing.
+    """
+
+    def __init__(self, source: Iterator[Any]) -> None:
+        self._source = source
+        self.error: Optional[BaseException] = None
+
+    def __iter__(self) -> _Requests:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._source)
+        except StopIteration:
+            raise
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def reraise(self) -> None:
+        """Raise the remembered exception, if any."""
+        if self.error is not None:
+            raise self.error
 
 
 def _read_chunks(f: BinaryIO, size: int) -> Iterator[bytes]:
