@@ -8,8 +8,12 @@ use std::path::Path;
 use rayon::prelude::*;
 use zstd_safe::{CCtx, CParameter};
 
+use crate::decode::advise_huge_pages;
 use crate::error::{zstd_error_name, CodecError, Result};
-use crate::format::{write_seek_table, SeekEntry, SEEKABLE_MAX_FRAMES};
+use crate::format::{
+    read_u32, write_seek_table, SeekEntry, SEEKABLE_MAX_FRAMES, SEEK_TABLE_FOOTER_SIZE,
+    SKIPPABLE_HEADER_SIZE,
+};
 use crate::pool::{check_threads, effective_threads, run_in_pool};
 
 /// The default compression level (chosen by measurement, see docs/codec.md).
@@ -68,34 +72,6 @@ impl PackOptions {
     }
 }
 
-/// One compressed frame.
-#[derive(Debug, Clone)]
-pub struct CompressedFrame {
-    /// The whole zstd frame.
-    pub data: Vec<u8>,
-    /// Its decompressed size, in bytes.
-    pub raw_size: u32,
-}
-
-impl CompressedFrame {
-    fn seek_entry(&self) -> SeekEntry {
-        let n = self.data.len();
-        // The frame ends with its content checksum: the same low 32 bits of XXH64 the
-        // seek table records, so there is nothing to hash again.
-        let checksum = u32::from_le_bytes([
-            self.data[n - 4],
-            self.data[n - 3],
-            self.data[n - 2],
-            self.data[n - 1],
-        ]);
-        SeekEntry {
-            compressed_size: n as u32,
-            decompressed_size: self.raw_size,
-            checksum: Some(checksum),
-        }
-    }
-}
-
 fn new_cctx(opts: &PackOptions) -> std::result::Result<CCtx<'static>, String> {
     let mut cctx = CCtx::create();
     for p in [
@@ -110,87 +86,6 @@ fn new_cctx(opts: &PackOptions) -> std::result::Result<CCtx<'static>, String> {
     Ok(cctx)
 }
 
-fn compress_chunk(
-    cctx: &mut std::result::Result<CCtx<'static>, String>,
-    chunk: &[u8],
-) -> Result<CompressedFrame> {
-    let cctx = cctx
-        .as_mut()
-        .map_err(|e| CodecError::InvalidArgument(e.clone()))?;
-    let mut data = Vec::with_capacity(zstd_safe::compress_bound(chunk.len()));
-    cctx.compress2(&mut data, chunk)
-        .map_err(|code| CodecError::Corrupt(format!("zstd: {}", zstd_error_name(code))))?;
-    Ok(CompressedFrame {
-        data,
-        raw_size: chunk.len() as u32,
-    })
-}
-
-/// Compresses `data` into frames of `opts.chunk_size` bytes, in parallel.
-///
-/// Empty input gives one empty frame, so every packed blob starts with a zstd frame.
-pub fn compress_frames(data: &[u8], opts: &PackOptions) -> Result<Vec<CompressedFrame>> {
-    opts.validate()?;
-    if data.is_empty() {
-        return Ok(vec![compress_chunk(&mut new_cctx(opts), data)?]);
-    }
-    run_in_pool(opts.threads, || {
-        data.par_chunks(opts.chunk_size)
-            .map_init(|| new_cctx(opts), compress_chunk)
-            .collect::<Result<Vec<_>>>()
-    })?
-}
-
-/// A packed blob held as its parts, so a caller can allocate the output once.
-#[derive(Debug, Clone)]
-pub struct Packed {
-    frames: Vec<CompressedFrame>,
-    table: Vec<u8>,
-    raw_size: u64,
-}
-
-impl Packed {
-    /// Total size of the blob, in bytes.
-    pub fn len(&self) -> usize {
-        self.frames.iter().map(|f| f.data.len()).sum::<usize>() + self.table.len()
-    }
-
-    /// Always false: a blob has at least one frame and the seek table.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    /// Number of zstd frames.
-    pub fn frames(&self) -> usize {
-        self.frames.len()
-    }
-
-    /// Uncompressed size, in bytes.
-    pub fn raw_size(&self) -> u64 {
-        self.raw_size
-    }
-
-    /// Writes the blob into `out`, which must be exactly `len()` bytes.
-    pub fn write_into(&self, out: &mut [u8]) {
-        assert_eq!(out.len(), self.len(), "output buffer has the wrong size");
-        crate::decode::advise_huge_pages(out);
-        let mut rest = out;
-        for f in &self.frames {
-            let (head, tail) = rest.split_at_mut(f.data.len());
-            head.copy_from_slice(&f.data);
-            rest = tail;
-        }
-        rest.copy_from_slice(&self.table);
-    }
-
-    /// The blob as one vector.
-    pub fn to_vec(&self) -> Vec<u8> {
-        let mut out = vec![0u8; self.len()];
-        self.write_into(&mut out);
-        out
-    }
-}
-
 fn check_frame_count(frames: u64) -> Result<()> {
     if frames > SEEKABLE_MAX_FRAMES {
         return Err(CodecError::InvalidArgument(format!(
@@ -201,24 +96,127 @@ fn check_frame_count(frames: u64) -> Result<()> {
     Ok(())
 }
 
-/// Packs `data` into a seekable zstd blob, keeping the parts apart (see [`Packed`]).
-pub fn pack_parts(data: &[u8], opts: &PackOptions) -> Result<Packed> {
+/// The chunks `data` is cut into: at least one, so empty input still gives a frame.
+fn chunks_of<'a>(data: &'a [u8], opts: &PackOptions) -> Vec<&'a [u8]> {
+    if data.is_empty() {
+        vec![data]
+    } else {
+        data.chunks(opts.chunk_size).collect()
+    }
+}
+
+/// Bytes that compressing `data` into frames (without the seek table) may need at most.
+pub fn frames_bound(data_len: usize, opts: &PackOptions) -> usize {
+    let full = data_len / opts.chunk_size;
+    let rest = data_len % opts.chunk_size;
+    let mut bound = full * zstd_safe::compress_bound(opts.chunk_size);
+    if rest > 0 || data_len == 0 {
+        bound += zstd_safe::compress_bound(rest);
+    }
+    bound
+}
+
+/// Bytes that packing `data_len` bytes may need at most, seek table included.
+pub fn packed_bound(data_len: usize, opts: &PackOptions) -> usize {
+    let frames = if data_len == 0 {
+        1
+    } else {
+        data_len.div_ceil(opts.chunk_size)
+    };
+    frames_bound(data_len, opts) + SKIPPABLE_HEADER_SIZE + 12 * frames + SEEK_TABLE_FOOTER_SIZE
+}
+
+/// Compresses `data` into independent frames written one after another at the start of
+/// `out` (at least [`frames_bound`] bytes); returns the bytes used and the seek entries.
+///
+/// Each worker compresses straight into its chunk's worst-case slot of `out`, then the
+/// frames slide down to close the gaps: one pass over the compressed bytes, no per-frame
+/// buffers, and only `out`'s pages are ever touched.
+pub fn compress_into(
+    data: &[u8],
+    opts: &PackOptions,
+    out: &mut [u8],
+) -> Result<(usize, Vec<SeekEntry>)> {
     opts.validate()?;
-    check_frame_count((data.len() / opts.chunk_size) as u64 + 1)?;
-    let frames = compress_frames(data, opts)?;
-    let entries: Vec<SeekEntry> = frames.iter().map(CompressedFrame::seek_entry).collect();
+    let chunks = chunks_of(data, opts);
+    check_frame_count(chunks.len() as u64)?;
+    let bound = frames_bound(data.len(), opts);
+    if out.len() < bound {
+        return Err(CodecError::InvalidArgument(format!(
+            "output buffer of {} bytes is below the bound of {bound}",
+            out.len()
+        )));
+    }
+    advise_huge_pages(&mut out[..bound]);
+    let mut slots: Vec<(usize, &mut [u8])> = Vec::with_capacity(chunks.len());
+    let mut rest = &mut out[..bound];
+    let mut offset = 0;
+    for chunk in &chunks {
+        let size = zstd_safe::compress_bound(chunk.len());
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(size);
+        slots.push((offset, head));
+        offset += size;
+        rest = tail;
+    }
+    let written: Vec<(usize, usize)> = run_in_pool(opts.threads, || {
+        chunks
+            .par_iter()
+            .zip(slots.into_par_iter())
+            .map_init(
+                || new_cctx(opts),
+                |cctx, (chunk, (offset, slot))| {
+                    let cctx = cctx
+                        .as_mut()
+                        .map_err(|e| CodecError::InvalidArgument(e.clone()))?;
+                    let n = cctx.compress2(slot, chunk).map_err(|code| {
+                        CodecError::Corrupt(format!("zstd: {}", zstd_error_name(code)))
+                    })?;
+                    Ok((offset, n))
+                },
+            )
+            .collect::<Result<Vec<_>>>()
+    })??;
+    let mut entries = Vec::with_capacity(chunks.len());
+    let mut cursor = 0;
+    for ((offset, n), chunk) in written.into_iter().zip(&chunks) {
+        out.copy_within(offset..offset + n, cursor);
+        cursor += n;
+        // The frame ends with its content checksum: the same low 32 bits of XXH64 the
+        // seek table records, so there is nothing to hash again.
+        let checksum = read_u32(out, cursor - 4);
+        entries.push(SeekEntry {
+            compressed_size: n as u32,
+            decompressed_size: chunk.len() as u32,
+            checksum: Some(checksum),
+        });
+    }
+    Ok((cursor, entries))
+}
+
+/// Packs `data` into `out` (at least [`packed_bound`] bytes); returns the blob's length.
+pub fn pack_into(data: &[u8], opts: &PackOptions, out: &mut [u8]) -> Result<usize> {
+    let (used, entries) = compress_into(data, opts, out)?;
     let mut table = Vec::new();
     write_seek_table(&entries, true, &mut table);
-    Ok(Packed {
-        frames,
-        table,
-        raw_size: data.len() as u64,
-    })
+    let end = used + table.len();
+    if out.len() < end {
+        return Err(CodecError::InvalidArgument(format!(
+            "output buffer of {} bytes is too small for the seek table",
+            out.len()
+        )));
+    }
+    out[used..end].copy_from_slice(&table);
+    Ok(end)
 }
 
 /// Packs `data` into a seekable zstd blob.
 pub fn pack(data: &[u8], opts: &PackOptions) -> Result<Vec<u8>> {
-    Ok(pack_parts(data, opts)?.to_vec())
+    opts.validate()?;
+    let mut out = vec![0u8; packed_bound(data.len(), opts)];
+    let n = pack_into(data, opts, &mut out)?;
+    out.truncate(n);
+    out.shrink_to_fit();
+    Ok(out)
 }
 
 /// Sizes of a finished packing.
@@ -239,6 +237,7 @@ pub struct Packer {
     opts: PackOptions,
     batch: usize,
     pending: Vec<u8>,
+    scratch: Vec<u8>,
     entries: Vec<SeekEntry>,
     stats: PackStats,
     finished: bool,
@@ -253,6 +252,7 @@ impl Packer {
             opts,
             batch,
             pending: Vec::new(),
+            scratch: Vec::new(),
             entries: Vec::new(),
             stats: PackStats::default(),
             finished: false,
@@ -270,15 +270,17 @@ impl Packer {
     }
 
     fn emit(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<()> {
-        let frames = compress_frames(data, &self.opts)?;
-        check_frame_count(self.entries.len() as u64 + frames.len() as u64)?;
-        for f in &frames {
-            self.entries.push(f.seek_entry());
-            out.extend_from_slice(&f.data);
-            self.stats.packed_size += f.data.len() as u64;
+        let bound = frames_bound(data.len(), &self.opts);
+        if self.scratch.len() < bound {
+            self.scratch.resize(bound, 0);
         }
-        self.stats.frames += frames.len() as u64;
+        let (used, entries) = compress_into(data, &self.opts, &mut self.scratch)?;
+        check_frame_count(self.entries.len() as u64 + entries.len() as u64)?;
+        out.extend_from_slice(&self.scratch[..used]);
+        self.stats.packed_size += used as u64;
+        self.stats.frames += entries.len() as u64;
         self.stats.raw_size += data.len() as u64;
+        self.entries.extend(entries);
         Ok(())
     }
 
@@ -334,6 +336,7 @@ impl Packer {
         self.stats.packed_size += (out.len() - before) as u64;
         self.finished = true;
         self.pending = Vec::new();
+        self.scratch = Vec::new();
         Ok(self.stats)
     }
 }

@@ -13,8 +13,8 @@ pub use decode::{
     plan, unpack, unpack_file, unpack_stream, DecodePlan, Unpacker, DEFAULT_MAX_OUTPUT_SIZE,
 };
 pub use encode::{
-    pack, pack_file, pack_parts, pack_stream, PackOptions, PackStats, Packed, Packer,
-    DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, MAX_CHUNK_SIZE,
+    compress_into, frames_bound, pack, pack_file, pack_into, pack_stream, packed_bound,
+    PackOptions, PackStats, Packer, DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, MAX_CHUNK_SIZE,
 };
 pub use error::{CodecError, Result};
 pub use format::{scan, Layout};

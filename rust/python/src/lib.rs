@@ -4,6 +4,7 @@
 
 mod buffer;
 
+use std::os::raw::c_int;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 
@@ -124,13 +125,38 @@ fn pack(
         chunk_size,
         threads,
     };
-    let packed = run_released(py, || Ok(core::pack_parts(slice, &opts)?))?;
-    new_bytes(py, packed.len(), |out| {
-        run_released(py, || {
-            packed.write_into(out);
-            Ok(())
-        })
-    })
+    opts.validate().map_err(|e| to_py_err(py, e.into()))?;
+    let bound = core::packed_bound(slice.len(), &opts);
+    let size = ffi::Py_ssize_t::try_from(bound)
+        .map_err(|_| PyValueError::new_err("input too large for a bytes object"))?;
+    // SAFETY: a NULL source asks CPython for an uninitialised bytes object that nothing
+    // else can see until we return it; we fill its first `used` bytes, then shrink it to
+    // that (realloc of a large block remaps pages, it does not copy them).
+    unsafe {
+        let mut ptr = ffi::PyBytes_FromStringAndSize(std::ptr::null(), size);
+        if ptr.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        let out = std::slice::from_raw_parts_mut(ffi::PyBytes_AsString(ptr) as *mut u8, bound);
+        let used = match run_released(py, || Ok(core::pack_into(slice, &opts, out)?)) {
+            Ok(used) => used,
+            Err(e) => {
+                ffi::Py_DECREF(ptr);
+                return Err(e);
+            }
+        };
+        if _PyBytes_Resize(&mut ptr, used as ffi::Py_ssize_t) != 0 {
+            // On failure CPython has released the object and set the error.
+            return Err(PyErr::fetch(py));
+        }
+        Ok(PyObject::from_owned_ptr(py, ptr))
+    }
+}
+
+extern "C" {
+    // Not in the limited API, but exported by every CPython 3: shrinks a bytes object that
+    // has a single reference, in place when the allocator can.
+    fn _PyBytes_Resize(bytes: *mut *mut ffi::PyObject, newsize: ffi::Py_ssize_t) -> c_int;
 }
 
 /// Unpacks any zstd blob (bytes), in parallel straight into the result when sizes are known.
