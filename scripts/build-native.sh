@@ -25,6 +25,12 @@ TOML
 elif [ -f .cargo/config.toml ] && grep -q 'scripts/build-native.sh' .cargo/config.toml; then
   rm .cargo/config.toml
 fi
+if [ "$CARGO_SOURCE" = "crates-io" ] && grep -q 'Could not get crate checksum' Cargo.lock 2>/dev/null; then
+  # The committed Cargo.lock is resolved against Debian's crate packages, some of which
+  # carry placeholder checksums that crates.io rejects: resolve afresh (same semver ranges).
+  echo "Cargo.lock holds Debian checksums; regenerating it for crates.io" >&2
+  cargo generate-lockfile
+fi
 export VIRTUAL_ENV="$PWD/.venv"
 export PATH="$VIRTUAL_ENV/bin:$PATH"
 # Installs the package in development mode (metadata, the fl-sidecar script);

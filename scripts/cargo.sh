@@ -8,6 +8,16 @@ cd "$(dirname "$0")/.."
 if [ -z "${CARGO_SOURCE:-}" ]; then
   if compgen -G "/usr/share/cargo/registry/pyo3-*" >/dev/null; then CARGO_SOURCE=debian; else CARGO_SOURCE=crates-io; fi
 fi
+if [ "$CARGO_SOURCE" = "crates-io" ] && [ -f .cargo/config.toml ] \
+   && grep -q 'scripts/build-native.sh' .cargo/config.toml; then
+  rm .cargo/config.toml  # the Debian source replacement build-native.sh wrote
+fi
+if [ "$CARGO_SOURCE" = "crates-io" ] && grep -q 'Could not get crate checksum' Cargo.lock 2>/dev/null; then
+  # The committed Cargo.lock is resolved against Debian's crate packages, some of which
+  # carry placeholder checksums that crates.io rejects: resolve afresh (same semver ranges).
+  echo "Cargo.lock holds Debian checksums; regenerating it for crates.io" >&2
+  cargo generate-lockfile
+fi
 args=()
 if [ "$CARGO_SOURCE" = "debian" ]; then
   args+=(--config 'source.crates-io.replace-with="debian"'
