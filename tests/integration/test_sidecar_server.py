@@ -206,15 +206,28 @@ def test_non_loopback_listen_needs_allow_remote() -> None:
 
 
 def test_health_turns_not_serving_while_draining() -> None:
-    process = start_sidecar(notifications=False)
+    process = start_sidecar()
     try:
         watch = process.health_stub().Watch(
             health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=60
         )
         first = next(watch)
         assert first.status == health_pb2.HealthCheckResponse.SERVING
-        # A WatchEvents stream is open too: the drain must end it, not wait for it.
-        events = process.stub.WatchEvents(pb.WatchEventsRequest(), timeout=60)
+        # A WatchEvents stream is open too (it has delivered an event, so it is
+        # established): the drain must end it, not wait for it.
+        assert process.notification_url is not None
+        notification = json.dumps(
+            {
+                "notification_type": "TRAINING_START",
+                "training_uuid": "t-1",
+                "body": {"global_model_uuid": "m-1"},
+            }
+        ).encode()
+        posted = urllib.request.Request(process.notification_url, data=notification, method="POST")
+        with urllib.request.urlopen(posted, timeout=10) as answer:
+            assert answer.status == 200
+        events = process.stub.WatchEvents(pb.WatchEventsRequest(after_seq=0), timeout=60)
+        assert next(events).training_id == "t-1"
         process.signal()
         second = next(watch)
         assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -272,7 +285,7 @@ def test_generated_stub_with_explicit_channel(sidecar: SidecarProcess) -> None:
 
 def test_drain_lets_a_call_in_progress_finish_and_refuses_new_ones() -> None:
     zstandard = pytest.importorskip("zstandard")
-    data = os.urandom(64 * 1024) * 40
+    data = os.urandom(4 * 1024 * 1024)  # incompressible: the first half decodes to ~2 MiB
     blob = zstandard.ZstdCompressor(level=1).compress(data)
     half = len(blob) // 2
     sent_first_half = threading.Event()
@@ -292,6 +305,9 @@ def test_drain_lets_a_call_in_progress_finish_and_refuses_new_ones() -> None:
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         responses = process.stub.Unpack(requests(), timeout=60)
         assert sent_first_half.wait(30)
+        # Output of the first half: the call is running in the sidecar.
+        first = next(responses)
+        assert first.WhichOneof("kind") == "chunk"
         process.signal()
         # NOT_SERVING proves the drain has begun while the Unpack call is still open.
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -299,8 +315,8 @@ def test_drain_lets_a_call_in_progress_finish_and_refuses_new_ones() -> None:
             process.stub.GetTraining(pb.GetTrainingRequest(training_id="t"), timeout=10)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         release.set()
-        out = b"".join(m.chunk for m in responses if m.WhichOneof("kind") == "chunk")
-        assert out == data
+        rest = b"".join(m.chunk for m in responses if m.WhichOneof("kind") == "chunk")
+        assert first.chunk + rest == data
         assert process.wait(timeout=30) == 0
     finally:
         release.set()
