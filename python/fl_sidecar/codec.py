@@ -239,11 +239,14 @@ def unpack_file(
     max_output_size: int = DEFAULT_MAX_OUTPUT_SIZE,
     threads: int = 0,
 ) -> int:
-    """Unpacks the zstd file ``src`` into ``dst`` with bounded memory (streaming).
+    """Unpacks the zstd file ``src`` into ``dst`` with bounded memory.
 
-    ``dst`` is written through a temporary file and renamed into place only when
-    the whole stream decoded and verified. ``threads`` is accepted for symmetry;
-    the file path decodes on one thread.
+    A file ending with a seek table that lists all its frames (ours) is decoded
+    ``threads`` frames at a time in parallel (memory about 2 x threads x chunk_size);
+    any other zstd file is streamed on one thread. The total size is checked against
+    ``max_output_size`` before anything is written when the seek table gives it.
+    ``dst`` is written through a temporary file and renamed into place only when the
+    whole stream decoded and verified, so a failure leaves an existing ``dst`` untouched.
 
     Returns:
         The number of bytes written.
@@ -251,9 +254,11 @@ def unpack_file(
     Raises:
         The errors of :func:`unpack`, and OSError for file problems.
     """
-    _check_count("threads", threads)
     written: int = _codec.unpack_file(
-        os.fspath(src), os.fspath(dst), _check_count("max_output_size", max_output_size)
+        os.fspath(src),
+        os.fspath(dst),
+        _check_count("max_output_size", max_output_size),
+        _check_count("threads", threads),
     )
     return written
 

@@ -314,3 +314,21 @@ def test_max_output_size_exactly_at_the_limit() -> None:
     unpacker = codec.Unpacker(max_output_size=4999)
     with pytest.raises(SizeLimitExceededError):
         unpacker.write(blob)
+
+
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_unpack_file_parallel_and_limits(tmp_path: Path, threads: int) -> None:
+    data = np.random.default_rng(5).integers(0, 4, 300_000, dtype=np.uint8).tobytes()
+    packed, out = tmp_path / "p.zst", tmp_path / "out.bin"
+    packed.write_bytes(codec.pack(data, chunk_size=20_000))
+    assert codec.unpack_file(packed, out, threads=threads) == len(data)
+    assert out.read_bytes() == data
+    # Refused from the seek table before a byte is written; the old file stays.
+    with pytest.raises(SizeLimitExceededError):
+        codec.unpack_file(packed, out, max_output_size=len(data) - 1, threads=threads)
+    assert out.read_bytes() == data
+    # Foreign zstd (no seek table, no sizes) streams through the same call.
+    foreign = tmp_path / "f.zst"
+    foreign.write_bytes(zstandard.ZstdCompressor(write_content_size=False).compress(data))
+    assert codec.unpack_file(foreign, tmp_path / "f.bin", threads=threads) == len(data)
+    assert (tmp_path / "f.bin").read_bytes() == data

@@ -2,7 +2,7 @@
 //! frame headers and the seek table), and a streaming decoder for anything else.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use rayon::prelude::*;
@@ -754,8 +754,108 @@ pub fn unpack_stream(
     Ok(unpacker.produced())
 }
 
-/// Unpacks the file `src` into the file `dst` with bounded memory; returns the bytes written.
-pub fn unpack_file(src: &Path, dst: &Path, max_output_size: u64) -> Result<u64> {
-    let mut reader = File::open(src)?;
-    write_atomically(dst, |w| unpack_stream(&mut reader, w, max_output_size))
+/// Unpacks the file `src` into the file `dst`; returns the bytes written.
+///
+/// A file that ends with a seek table describing all of it is decoded `threads` frames at a
+/// time in parallel (memory about twice `threads` frames); anything else goes through the
+/// streaming decoder. Either way the limit is checked before writing, when sizes are known.
+pub fn unpack_file(src: &Path, dst: &Path, max_output_size: u64, threads: usize) -> Result<u64> {
+    let mut file = File::open(src)?;
+    match seekable_file_layout(&mut file)? {
+        Some(table) => write_atomically(dst, |w| {
+            unpack_seekable_file(&mut file, &table, w, max_output_size, threads)
+        }),
+        None => {
+            file.seek(SeekFrom::Start(0))?;
+            write_atomically(dst, |w| unpack_stream(&mut file, w, max_output_size))
+        }
+    }
+}
+
+/// The seek table at the end of `file` when it describes every byte before it.
+fn seekable_file_layout(file: &mut File) -> Result<Option<SeekTable>> {
+    let len = file.metadata()?.len();
+    let footer_len = (SKIPPABLE_HEADER_SIZE + SEEK_TABLE_FOOTER_SIZE) as u64;
+    if len < footer_len {
+        return Ok(None);
+    }
+    let mut footer = [0u8; SEEK_TABLE_FOOTER_SIZE];
+    file.seek(SeekFrom::Start(len - SEEK_TABLE_FOOTER_SIZE as u64))?;
+    file.read_exact(&mut footer)?;
+    if read_u32(&footer, 5) != SEEKABLE_MAGIC {
+        return Ok(None);
+    }
+    let frames = u64::from(read_u32(&footer, 0));
+    let entry_size: u64 = if footer[4] & 0x80 != 0 { 12 } else { 8 };
+    let table_len = frames * entry_size + footer_len;
+    if table_len > len {
+        // Let the streaming decoder name what is wrong.
+        return Ok(None);
+    }
+    let table_start = len - table_len;
+    let mut tail = vec![0u8; table_len as usize];
+    file.seek(SeekFrom::Start(table_start))?;
+    file.read_exact(&mut tail)?;
+    let Some((_, table)) = crate::format::seek_table_at_end(&tail)? else {
+        return Ok(None);
+    };
+    let described: u64 = table
+        .entries
+        .iter()
+        .map(|e| u64::from(e.compressed_size))
+        .sum();
+    // Frames before the table that it does not list (concatenated blobs): stream it all.
+    Ok((described == table_start).then_some(table))
+}
+
+fn unpack_seekable_file(
+    file: &mut File,
+    table: &SeekTable,
+    writer: &mut impl Write,
+    max_output_size: u64,
+    threads: usize,
+) -> Result<u64> {
+    let total: u64 = table
+        .entries
+        .iter()
+        .map(|e| u64::from(e.decompressed_size))
+        .sum();
+    if total > max_output_size {
+        return Err(CodecError::SizeLimitExceeded {
+            limit: max_output_size,
+            needed: total,
+        });
+    }
+    file.seek(SeekFrom::Start(0))?;
+    let batch = crate::pool::effective_threads(threads);
+    let mut input = Vec::new();
+    let mut output = Vec::new();
+    let mut produced = 0u64;
+    for entries in table.entries.chunks(batch) {
+        let compressed: usize = entries.iter().map(|e| e.compressed_size as usize).sum();
+        input.clear();
+        input.resize(compressed, 0);
+        file.read_exact(&mut input).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                CodecError::Truncated("the file ends before the frames its seek table lists".into())
+            } else {
+                e.into()
+            }
+        })?;
+        // These frames plus their own slice of the table form a small seekable blob: the
+        // one-shot decoder checks every frame against its entry exactly as for a whole blob.
+        crate::format::write_seek_table(entries, table.has_checksums, &mut input);
+        let plan = plan(&input, max_output_size - produced)?;
+        let size = plan.output_size().ok_or_else(|| {
+            CodecError::SeekTable("the seek table leaves a frame size unknown".into())
+        })?;
+        output.clear();
+        output.resize(size, 0);
+        plan.decode_into(&mut output, threads)?;
+        writer.write_all(&output)?;
+        produced += size as u64;
+    }
+    debug_assert_eq!(produced, total);
+    writer.flush()?;
+    Ok(produced)
 }

@@ -447,3 +447,51 @@ fn garbage_and_empty_input_get_typed_errors() {
         assert!(stream_unpack(&framed, 9, LIMIT).is_err());
     }
 }
+
+#[test]
+fn files_round_trip_in_parallel_and_streamed() {
+    let dir = std::env::temp_dir().join(format!("fl-codec-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = sample(50_000, 31, true);
+    let src = dir.join("src.bin");
+    std::fs::write(&src, &data).unwrap();
+    let o = opts(3, 4096, 2);
+    let stats = crate::pack_file(&src, &dir.join("p.zst"), &o).unwrap();
+    assert_eq!(stats.frames, 13);
+    let blob = std::fs::read(dir.join("p.zst")).unwrap();
+    assert_eq!(blob, pack(&data, &o).unwrap());
+    for threads in [0, 1, 3] {
+        let n = crate::unpack_file(&dir.join("p.zst"), &dir.join("out"), LIMIT, threads).unwrap();
+        assert_eq!(n, data.len() as u64);
+        assert_eq!(std::fs::read(dir.join("out")).unwrap(), data);
+    }
+    // Over the limit: refused from the seek table before anything is written.
+    let r = crate::unpack_file(&dir.join("p.zst"), &dir.join("big"), 1000, 0);
+    assert!(
+        matches!(r, Err(CodecError::SizeLimitExceeded { .. })),
+        "{r:?}"
+    );
+    assert!(!dir.join("big").exists());
+    // A lying table in a file: the batch check catches it.
+    std::fs::write(dir.join("lie.zst"), with_table(&blob, |e| e[5][1] -= 1)).unwrap();
+    let r = crate::unpack_file(&dir.join("lie.zst"), &dir.join("x"), LIMIT, 2);
+    assert!(matches!(r, Err(CodecError::SeekTable(_))), "{r:?}");
+    // Concatenated blobs and foreign zstd take the streaming path.
+    let mut two = blob.clone();
+    two.extend(&blob);
+    std::fs::write(dir.join("two.zst"), &two).unwrap();
+    crate::unpack_file(&dir.join("two.zst"), &dir.join("y"), LIMIT, 2).unwrap();
+    assert_eq!(
+        std::fs::read(dir.join("y")).unwrap(),
+        [&data[..], &data[..]].concat()
+    );
+    std::fs::write(dir.join("f.zst"), foreign_frame(&data, false, false)).unwrap();
+    crate::unpack_file(&dir.join("f.zst"), &dir.join("z"), LIMIT, 2).unwrap();
+    assert_eq!(std::fs::read(dir.join("z")).unwrap(), data);
+    // Truncated inside a frame: typed error, nothing left behind.
+    std::fs::write(dir.join("cut.zst"), &blob[..blob.len() / 2]).unwrap();
+    let r = crate::unpack_file(&dir.join("cut.zst"), &dir.join("w"), LIMIT, 2);
+    assert!(matches!(r, Err(CodecError::Truncated(_))), "{r:?}");
+    assert!(!dir.join("w").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -204,9 +204,17 @@ fn pack_file(
 
 /// Unpacks the file `src` into the file `dst`; returns the bytes written.
 #[pyfunction]
-#[pyo3(text_signature = "(src, dst, max_output_size)")]
-fn unpack_file(py: Python<'_>, src: PathBuf, dst: PathBuf, max_output_size: u64) -> PyResult<u64> {
-    run_released(py, || Ok(core::unpack_file(&src, &dst, max_output_size)?))
+#[pyo3(text_signature = "(src, dst, max_output_size, threads)")]
+fn unpack_file(
+    py: Python<'_>,
+    src: PathBuf,
+    dst: PathBuf,
+    max_output_size: u64,
+    threads: usize,
+) -> PyResult<u64> {
+    run_released(py, || {
+        Ok(core::unpack_file(&src, &dst, max_output_size, threads)?)
+    })
 }
 
 /// (frames, compressed_size, decompressed_size or None, has_checksums, has_seek_table).
