@@ -355,3 +355,14 @@ def test_random_bytes_never_crash(junk: bytes) -> None:
         for decode in (one_shot, streamed):
             with contextlib.suppress(CodecError):
                 decode(candidate)
+
+
+def test_empty_frames_are_still_verified() -> None:
+    blob = bytearray(codec.pack(b""))
+    assert codec.unpack(bytes(blob)) == b""
+    # The empty frame's stored checksum (XXH64 of nothing) is checked even though no byte
+    # comes out.
+    frame_end = len(blob) - (8 + 12 + 9)
+    blob[frame_end - 1] ^= 0x01
+    with pytest.raises(CorruptDataError):
+        codec.unpack(bytes(blob))

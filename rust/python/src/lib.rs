@@ -100,10 +100,13 @@ fn new_bytes(
     unsafe {
         let ptr = ffi::PyBytes_FromStringAndSize(std::ptr::null(), size);
         let obj: PyObject = PyObject::from_owned_ptr_or_err(py, ptr)?;
-        if len > 0 {
-            let data = ffi::PyBytes_AsString(ptr) as *mut u8;
-            fill(std::slice::from_raw_parts_mut(data, len))?;
-        }
+        // Called even for an empty result: decoding zero bytes still verifies the frames.
+        let data = if len == 0 {
+            &mut [][..]
+        } else {
+            std::slice::from_raw_parts_mut(ffi::PyBytes_AsString(ptr) as *mut u8, len)
+        };
+        fill(data)?;
         Ok(obj)
     }
 }
