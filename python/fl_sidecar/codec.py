@@ -348,7 +348,8 @@ class Unpacker:
         """Feeds compressed bytes; returns the decompressed bytes ready now.
 
         Raises:
-            The errors of :func:`unpack` (TruncatedDataError only from :meth:`finish`).
+            The errors of :func:`unpack` (TruncatedDataError only from :meth:`finish`);
+            ValueError after :meth:`finish` or after an earlier error.
         """
         return self._inner.write(_contiguous(data))
 
@@ -358,6 +359,7 @@ class Unpacker:
         Raises:
             TruncatedDataError: the stream stopped inside a frame, or nothing was fed.
             SeekTableError: it ends with a seek table that does not match its frames.
+            ValueError: called twice, or after an error.
         """
         self._inner.finish()
 

@@ -15,8 +15,8 @@ use crate::error::{classify_zstd_error, zstd_error_name, CodecError, Result, Zst
 use crate::format::{
     frame_header_size, is_skippable_magic, parse_block_header, parse_frame_header,
     parse_seek_table_content, read_u32, scan, FrameHeader, FrameInfo, Layout, SeekTable,
-    MAX_FRAME_HEADER_SIZE, SEEKABLE_MAGIC, SEEK_TABLE_FOOTER_SIZE, SEEK_TABLE_SKIPPABLE_MAGIC,
-    SKIPPABLE_HEADER_SIZE, ZSTD_MAGIC,
+    MAX_FRAMES, MAX_FRAME_HEADER_SIZE, SEEKABLE_MAGIC, SEEK_TABLE_FOOTER_SIZE,
+    SEEK_TABLE_SKIPPABLE_MAGIC, SKIPPABLE_HEADER_SIZE, ZSTD_MAGIC,
 };
 use crate::pool::run_in_pool;
 
@@ -279,12 +279,14 @@ pub struct Unpacker {
     dctx: DCtx<'static>,
     frame: Option<CurrentFrame>,
     run: Vec<FrameRecord>,
+    run_overflow: bool,
     table: Vec<u8>,
     skippable_magic: u32,
     skippable_tail: u32,
     skippable_seen: u64,
     unverified_table_at_end: bool,
     failed: bool,
+    finished: bool,
     frames: u64,
     scratch: Vec<u8>,
     window_log_max: u32,
@@ -323,12 +325,14 @@ impl Unpacker {
             dctx,
             frame: None,
             run: Vec::new(),
+            run_overflow: false,
             table: Vec::new(),
             skippable_magic: 0,
             skippable_tail: 0,
             skippable_seen: 0,
             unverified_table_at_end: false,
             failed: false,
+            finished: false,
             frames: 0,
             scratch: Vec::new(),
             window_log_max,
@@ -350,6 +354,11 @@ impl Unpacker {
         if self.failed {
             return Err(CodecError::InvalidArgument(
                 "the unpacker already failed; start a new one".into(),
+            ));
+        }
+        if self.finished {
+            return Err(CodecError::InvalidArgument(
+                "the unpacker is already finished".into(),
             ));
         }
         let result = self.write_inner(input, out);
@@ -611,12 +620,17 @@ impl Unpacker {
             (None, Some(h)) => (h.digest() as u32, false),
             (None, None) => (0, false),
         };
-        self.run.push(FrameRecord {
-            compressed: self.consumed - frame.offset,
-            decompressed: frame.produced,
-            checksum,
-            has_own_checksum,
-        });
+        if self.run.len() < MAX_FRAMES {
+            self.run.push(FrameRecord {
+                compressed: self.consumed - frame.offset,
+                decompressed: frame.produced,
+                checksum,
+                has_own_checksum,
+            });
+        } else {
+            // Bounded bookkeeping: a seek table after this many frames cannot be verified.
+            self.run_overflow = true;
+        }
         self.frames += 1;
         self.stage = Stage::Magic;
         Ok(())
@@ -641,6 +655,7 @@ impl Unpacker {
             self.unverified_table_at_end = magic == SEEK_TABLE_SKIPPABLE_MAGIC;
             self.stage = Stage::Magic;
             self.run.clear();
+            self.run_overflow = false;
         }
     }
 
@@ -662,11 +677,17 @@ impl Unpacker {
         }
         self.table = Vec::new();
         self.run.clear();
+        self.run_overflow = false;
         self.stage = Stage::Magic;
         Ok(())
     }
 
     fn check_table(&self, table: &SeekTable) -> Result<()> {
+        if self.run_overflow {
+            return Err(CodecError::SeekTable(format!(
+                "the seek table follows more than {MAX_FRAMES} frames: too many to verify"
+            )));
+        }
         let n = table.entries.len();
         if n != self.run.len() {
             return Err(CodecError::SeekTable(format!(
@@ -713,6 +734,11 @@ impl Unpacker {
                 "the unpacker already failed; start a new one".into(),
             ));
         }
+        if self.finished {
+            return Err(CodecError::InvalidArgument(
+                "the unpacker is already finished".into(),
+            ));
+        }
         if self.stage != Stage::Magic || !self.small.is_empty() {
             self.failed = true;
             return Err(CodecError::Truncated(format!(
@@ -734,6 +760,7 @@ impl Unpacker {
                     .into(),
             ));
         }
+        self.finished = true;
         Ok(())
     }
 }

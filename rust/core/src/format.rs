@@ -21,6 +21,10 @@ pub const SKIPPABLE_HEADER_SIZE: usize = 8;
 pub const SEEKABLE_MAX_FRAMES: u64 = 0x0800_0000;
 /// The largest block a zstd frame may hold (and regenerate), in bytes.
 pub const MAX_BLOCK_SIZE: usize = 128 * 1024;
+/// The most frames a blob may have: each costs about 100 bytes of bookkeeping while
+/// walking, and a hostile blob packs one into 9 bytes, so this bounds that memory
+/// (about 100 MiB); 2 MiB frames reach it only at 2 TiB.
+pub const MAX_FRAMES: usize = 1 << 20;
 /// The largest frame header, in bytes.
 pub const MAX_FRAME_HEADER_SIZE: usize = 18;
 
@@ -439,6 +443,11 @@ pub fn scan(blob: &[u8]) -> Result<Layout> {
         if magic == ZSTD_MAGIC {
             let frame = walk_frame(&blob[..data_end], at)?;
             at += frame.compressed_size;
+            if layout.frames.len() == MAX_FRAMES {
+                return Err(CodecError::Corrupt(format!(
+                    "more than {MAX_FRAMES} zstd frames: refusing to walk them"
+                )));
+            }
             layout.frames.push(frame);
         } else if is_skippable_magic(magic) {
             if data_end - at < SKIPPABLE_HEADER_SIZE {

@@ -495,3 +495,33 @@ fn files_round_trip_in_parallel_and_streamed() {
     assert!(!dir.join("w").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn frame_count_is_bounded_while_walking() {
+    // 9-byte empty frames, one more than the walker keeps track of.
+    let empty: [u8; 9] = [0x28, 0xB5, 0x2F, 0xFD, 0x20, 0x00, 0x01, 0x00, 0x00];
+    let n = crate::format::MAX_FRAMES + 1;
+    let mut blob = Vec::with_capacity(n * 9);
+    for _ in 0..n {
+        blob.extend_from_slice(&empty);
+    }
+    assert_eq!(unpack(&blob[..9 * 3], LIMIT, 0).unwrap(), b"");
+    let r = unpack(&blob, LIMIT, 0);
+    assert!(matches!(r, Err(CodecError::Corrupt(_))), "{r:?}");
+    // Streaming needs no per-frame bookkeeping without a seek table.
+    assert_eq!(stream_unpack(&blob, 1 << 20, LIMIT).unwrap(), b"");
+}
+
+#[test]
+fn unpacker_refuses_use_after_finish() {
+    let blob = pack(b"abc", &opts(3, 10, 1)).unwrap();
+    let mut u = Unpacker::new(LIMIT);
+    let mut out = Vec::new();
+    u.write(&blob, &mut out).unwrap();
+    u.finish().unwrap();
+    assert!(matches!(
+        u.write(&blob, &mut out),
+        Err(CodecError::InvalidArgument(_))
+    ));
+    assert!(matches!(u.finish(), Err(CodecError::InvalidArgument(_))));
+}
