@@ -25,9 +25,11 @@ parallel decode-and-join, and the 1 GiB peak RSS < 100 MiB + threads x chunk_siz
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import io
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -176,23 +178,45 @@ def print_rows(rows: Sequence[Row], level: int) -> None:
         print(f"{name:<12} {op:<7} {base:<36} {ours:8.0f} {theirs:8.0f} {speed:8.2f} {size_s:>8}")
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads (user + system), in seconds."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def sweep(data: bytes, runs: int) -> None:
-    """Level x chunk size on one input: what the defaults are chosen from."""
-    print("\nsweep (MiniLM fp32): pack and unpack MB/s, ratio = raw / packed")
-    print(f"{'level':>5} {'chunk':>7} {'pack':>7} {'unpack':>7} {'ratio':>7}")
-    for level in (1, 3, 5, 9):
+    """Level x chunk size on one input, one thread: what the defaults are chosen from.
+
+    Reported per CPU second (user + system) as well as per wall second: on a shared
+    machine the CPU figures are the steadier ones.
+    """
+    print("\nsweep (MiniLM fp32, threads=1): MB per wall second / per CPU second, ratio")
+    print(f"{'level':>5} {'chunk':>7} {'pack':>13} {'unpack':>13} {'raw/packed':>10}")
+    for level in (1, 2, 3, 4, 5):
         for chunk in (1 << 20, 2 << 20, 4 << 20, 8 << 20):
-            blob = codec.pack(data, level=level, chunk_size=chunk)
-            t = interleaved(
-                {
-                    "pack": lambda: codec.pack(data, level=level, chunk_size=chunk),  # noqa: B023
-                    "unpack": lambda: codec.unpack(blob),  # noqa: B023
-                },
-                runs,
-            )
+            blob = codec.pack(data, level=level, chunk_size=chunk, threads=1)
+            wall: Dict[str, List[float]] = {"pack": [], "unpack": []}
+            cpu: Dict[str, List[float]] = {"pack": [], "unpack": []}
+            ops: Dict[str, Callable[[], object]] = {
+                "pack": functools.partial(
+                    codec.pack, data, level=level, chunk_size=chunk, threads=1
+                ),
+                "unpack": functools.partial(codec.unpack, blob, threads=1),
+            }
+            for _ in range(runs):
+                for name, fn in ops.items():
+                    c0, w0 = cpu_seconds(), time.perf_counter()
+                    fn()
+                    wall[name].append(time.perf_counter() - w0)
+                    cpu[name].append(cpu_seconds() - c0)
+            rates = {
+                k: f"{len(data) / statistics.median(wall[k]) / MB:5.0f}/"
+                f"{len(data) / statistics.median(cpu[k]) / MB:<5.0f}"
+                for k in wall
+            }
             print(
-                f"{level:>5} {chunk >> 20:>5}Mi {len(data) / t['pack'] / MB:7.0f} "
-                f"{len(data) / t['unpack'] / MB:7.0f} {len(data) / len(blob):7.4f}"
+                f"{level:>5} {chunk >> 20:>5}Mi {rates['pack']:>13} {rates['unpack']:>13} "
+                f"{len(data) / len(blob):10.4f}"
             )
 
 
