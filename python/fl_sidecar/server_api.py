@@ -101,6 +101,7 @@ DEFAULT_MAX_DOWNLOAD_SIZE = 16 * 1024**3
 
 _IO_CHUNK = 1024 * 1024  # bytes per read/write/send; big enough that syscalls are cheap
 _ERROR_BODY_LIMIT = 64 * 1024  # an error answer is read at most this far (bytes)
+_JSON_LIMIT = 16 * 1024 * 1024  # bytes; a longer JSON answer means a broken or hostile server
 _MAX_BACKOFF = 30.0  # seconds; caps exponential backoff and Retry-After
 _RETRY_STATUSES = frozenset({502, 503, 504})
 _USER_AGENT = "fl-sidecar/0.1"
@@ -1027,7 +1028,7 @@ class FlServerClient:
         status = resp.status_code
         if 200 <= status < 300 or status in passthrough:
             if not stream:
-                _load_small_body(resp, operation)
+                _load_small_body(resp, operation, idempotent)
             return resp
         detail = _read_detail(resp)
         if status >= 500:
@@ -1342,16 +1343,36 @@ def _read_detail(resp: requests.Response) -> str:
     return _parse_detail(body or b"", resp.headers.get("Content-Type", ""))
 
 
-def _load_small_body(resp: requests.Response, operation: str) -> None:
-    """Read a JSON answer into ``resp.content`` (a short read counts as a broken answer)."""
+def _load_small_body(resp: requests.Response, operation: str, idempotent: bool) -> None:
+    """Read a (JSON) answer into ``resp.content``, at most ``_JSON_LIMIT`` bytes.
+
+    Raises _Retryable when a repeatable request's answer broke off. For a request
+    that changed the server's state the status line already said it was accepted,
+    so a broken body is not an error: the content is left empty.
+    """
     try:
-        resp.content  # noqa: B018
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-        raise ServerUnavailableError(
-            f"{operation}: the answer broke off ({_describe(exc)})",
+        body = resp.raw.read(_JSON_LIMIT + 1, decode_content=True) or b""
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        resp.close()
+        if idempotent:
+            raise _Retryable(
+                ServerUnavailableError(
+                    f"{operation}: the answer broke off ({_describe(exc)})",
+                    status=resp.status_code,
+                    operation=operation,
+                )
+            ) from None
+        body = b""
+    if len(body) > _JSON_LIMIT:
+        resp.close()
+        raise ServerError(
+            f"{operation}: the answer is larger than {_JSON_LIMIT} bytes",
             status=resp.status_code,
             operation=operation,
-        ) from None
+        )
+    resp._content = body
+    resp._content_consumed = True  # type: ignore[attr-defined]
+    resp.close()
 
 
 def _unlink_quietly(path: Path) -> None:

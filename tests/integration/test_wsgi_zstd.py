@@ -27,7 +27,7 @@ import zstandard
 from conftest import DevServerHandle
 from faultproxy import FaultProxy
 
-from fl_sidecar import codec
+from fl_sidecar import codec, errors
 from fl_sidecar.devserver import DevServer
 from fl_sidecar.server_api import Credentials, FlServerClient
 from fl_sidecar.wsgi_zstd import ENVIRON_WIRE_BYTES, ZstdMiddleware
@@ -312,3 +312,46 @@ def test_dev_server_refuses_hostile_zstd_bodies_with_4xx(small_devserver: str) -
         {"Content-Encoding": "zstd", "Content-Type": "multipart/form-data; boundary=B"},
     )
     assert status == 401, answer
+
+
+class HostileApp:
+    """A server that misbehaves in the answers: bombs, corrupt zstd, huge JSON, odd codings."""
+
+    def __init__(self, body: bytes, headers: List[Tuple[str, str]]) -> None:
+        self.body = body
+        self.headers = headers
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        start_response("200 OK", [("Content-Length", str(len(self.body))), *self.headers])
+        return [self.body]
+
+
+def test_hostile_answers_get_typed_errors_and_leave_nothing(serve: Any, tmp_path: Path) -> None:
+    packed = codec.pack(bytes(range(256)) * 4096, chunk_size=64 * 1024)
+    zstd = [("Content-Encoding", "zstd")]
+    cases: List[Tuple[bytes, List[Tuple[str, str]], Any]] = [
+        (codec.pack(b"\0" * (8 * 1024 * 1024)), zstd, errors.SizeLimitExceededError),
+        (
+            zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * (8 << 20)),
+            zstd,
+            errors.SizeLimitExceededError,
+        ),
+        (packed[:100] + b"\xff" * 50 + packed[150:], zstd, errors.CorruptDataError),
+        (b"not zstd at all", zstd, errors.CorruptDataError),
+        (b"\x1f\x8b\x08\x00", [("Content-Encoding", "gzip")], errors.ServerError),
+        (b"x" * (2 * 1024 * 1024), [], errors.SizeLimitExceededError),
+    ]
+    for body, headers, expected in cases:
+        url = serve(HostileApp(body, headers))
+        dest = tmp_path / "model.pt"
+        client = FlServerClient(url, max_download_size=1024 * 1024, retries=0)
+        with client, pytest.raises(expected):
+            client.download_model("m", dest)
+        assert not dest.exists() and list(tmp_path.iterdir()) == [], headers
+
+
+def test_huge_json_answer_is_refused(serve: Any) -> None:
+    url = serve(HostileApp(b"[" + b"1," * (9 * 1024 * 1024) + b"1]", []))
+    with FlServerClient(url, retries=0) as client, pytest.raises(errors.ServerError) as info:
+        client.get_training("t")
+    assert "larger than" in str(info.value)
