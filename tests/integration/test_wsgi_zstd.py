@@ -16,6 +16,7 @@ import hashlib
 import http.client
 import io
 import json
+import os
 import socketserver
 import threading
 from pathlib import Path
@@ -241,6 +242,22 @@ def test_415_falls_back_to_identity_once_and_remembers(serve: Any, tmp_path: Pat
         assert second.content_encoding == "identity"
     codings = [p["content_encoding"] for p in app.seen("POST")]
     assert codings == ["zstd", None, None]
+
+
+def test_incompressible_models_go_identity_unless_told(serve: Any, tmp_path: Path) -> None:
+    app = RecordingApp()
+    url = serve(ZstdMiddleware(app, max_request_size=1 << 26))
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(os.urandom(5 * 1024 * 1024))  # three 1 MiB samples, none shrinks
+    with FlServerClient(url) as client:
+        sent = client.upload_model("m", noise, round=0, sample_size=1)
+        assert client.negotiated_coding == "zstd" and sent.content_encoding == "identity"
+    with FlServerClient(url, min_upload_saving=0) as eager:
+        assert eager.upload_model("m", noise, round=0, sample_size=1).content_encoding == "zstd"
+    codings = [p["content_encoding"] for p in app.seen("POST")]
+    assert codings == [None, None]  # the middleware decoded the second one
+    assert app.seen("POST")[1]["wire_bytes"] > 0
+    assert all(_form(p)["model_file"] == [noise.read_bytes()] for p in app.seen("POST"))
 
 
 def test_never_and_always_modes(serve: Any, tmp_path: Path) -> None:

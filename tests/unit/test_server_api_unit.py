@@ -83,6 +83,8 @@ def test_token_refuses_bad_tokens(token: str) -> None:
         {"base_url": "http://127.0.0.1", "timeout": 0},
         {"base_url": "http://127.0.0.1", "retries": -1},
         {"base_url": "http://127.0.0.1", "max_download_size": 0},
+        {"base_url": "http://127.0.0.1", "min_upload_saving": 1.0},
+        {"base_url": "http://127.0.0.1", "min_upload_saving": -0.1},
     ],
 )
 def test_client_refuses_bad_settings(kwargs: Any) -> None:
