@@ -52,7 +52,7 @@ WsgiApp = Callable[[Dict[str, Any], StartResponse], Iterable[bytes]]
 ENVIRON_WIRE_BYTES = "fl_sidecar.zstd.request_wire_bytes"
 """environ key: the size of a zstd request body as it arrived (bytes), for logs and tests."""
 
-_READ_BLOCK = 256 * 1024  # bytes read from wsgi.input at a time
+_READ_BLOCK = 1024 * 1024  # bytes read from wsgi.input at a time
 _ONE_SHOT_LIMIT = 1024 * 1024  # answers up to this size get a Content-Length after packing
 _NO_BODY_STATUSES = frozenset({204, 304})
 
