@@ -264,6 +264,8 @@ struct CurrentFrame {
     // For frames without their own checksum, in case a seek table lists one.
     hasher: Option<Xxh64>,
     checksum: Option<u32>,
+    // zstd reported the frame complete (decompress_stream returned 0).
+    zstd_done: bool,
 }
 
 /// A streaming decoder: fed compressed bytes in pieces of any size, it hands back the
@@ -538,6 +540,7 @@ impl Unpacker {
             produced: 0,
             hasher: (!header.has_checksum).then(|| Xxh64::new(0)),
             checksum: None,
+            zstd_done: false,
         });
         let bytes = std::mem::take(&mut self.small);
         self.feed(&bytes, out)?;
@@ -583,6 +586,9 @@ impl Unpacker {
                     zstd_failure(code, format!("zstd frame at offset {}", frame.offset))
                 })?;
             let n = outb.pos();
+            if hint == 0 {
+                frame.zstd_done = true;
+            }
             if n > 0 {
                 self.produced += n as u64;
                 if self.produced > self.limit {
@@ -607,6 +613,13 @@ impl Unpacker {
         // Drain anything zstd still holds for this frame.
         self.feed(&[], out)?;
         let frame = self.frame.take().expect("end_frame inside a frame");
+        if !frame.zstd_done {
+            // Our walk of the block headers and zstd disagree on where the frame ends.
+            return Err(CodecError::Corrupt(format!(
+                "zstd frame at offset {}: does not end where its blocks say",
+                frame.offset
+            )));
+        }
         if let Some(size) = frame.header.content_size {
             if size != frame.produced {
                 return Err(CodecError::Corrupt(format!(
