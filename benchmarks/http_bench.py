@@ -11,8 +11,9 @@ Side by side in one run, for MiniLM-L6 saved with ``torch.save`` as an ``nn.Modu
   memory (``.content``; ``files=`` multipart), no compression (``Accept-Encoding:
   identity``, as the real server never compresses);
 - ``identity``: ``FlServerClient(compression="never")``: streamed from/to files;
-- ``zstd``: ``FlServerClient(compression="auto")``: negotiated zstd (our parallel codec;
-  the dev server's middleware on the other side).
+- ``zstd``: ``FlServerClient(compression="auto")``: negotiated zstd (our codec; the dev
+  server's middleware on the other side). Uploads of a model whose samples shrink by
+  less than 10% still go as identity (``min_upload_saving``): the "sent as" column.
 
 Links: ``loopback`` (127.0.0.1) and ``100mbit``: the client runs in a network
 namespace joined to this one by a veth pair, each end shaped by ``tc qdisc tbf
@@ -87,6 +88,7 @@ def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
             compression="never" if method == "identity" else "auto",
             timeout=600,
         )
+    coding = "identity"
     baseline = _status_kib("VmRSS") * 1024
     started = time.perf_counter()
     if method == "reference":
@@ -133,12 +135,13 @@ def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
                 owner=spec["owner"],
             )
         wire = result.wire_bytes
-        if method == "zstd" and result.content_encoding != "zstd":
-            raise RuntimeError(f"zstd was not negotiated ({result.content_encoding})")
+        coding = result.content_encoding
+        if method == "zstd" and client.negotiated_coding != "zstd":
+            raise RuntimeError(f"zstd was not negotiated ({client.negotiated_coding})")
     seconds = time.perf_counter() - started
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork+exec.
     peak = _status_kib("VmHWM") * 1024
-    return {"seconds": seconds, "wire": wire, "rss_over": max(0, peak - baseline)}
+    return {"seconds": seconds, "wire": wire, "rss_over": max(0, peak - baseline), "coding": coding}
 
 
 # --- models -----------------------------------------------------------------------------
@@ -391,12 +394,13 @@ def _median(rows: List[Dict[str, Any]], field: str) -> float:
 
 def _table(results: Dict[Key, List[Dict[str, Any]]], raw_sizes: Dict[str, int]) -> List[str]:
     lines = [
-        "| link | model | op | method | time s | time vs ref | time vs identity | "
+        "| link | model | op | method | sent as | time s | time vs ref | time vs identity | "
         "wire MiB | wire vs raw | RSS over baseline MiB | RSS vs ref |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (link, dtype, op, method), rows in sorted(results.items()):
         t = _median(rows, "seconds")
+        sent = "/".join(sorted({str(r["coding"]) for r in rows}))
         ref = results.get((link, dtype, op, "reference"))
         ident = results.get((link, dtype, op, "identity"))
         vs_ref = f"{t / _median(ref, 'seconds'):.2f}x" if ref else "-"
@@ -405,7 +409,7 @@ def _table(results: Dict[Key, List[Dict[str, Any]]], raw_sizes: Dict[str, int]) 
         rss = _median(rows, "rss_over")
         rss_ref = f"{rss / max(1.0, _median(ref, 'rss_over')):.2f}x" if ref else "-"
         lines.append(
-            f"| {link} | {dtype} | {op} | {method} | {t:.3f} | {vs_ref} | {vs_id} | "
+            f"| {link} | {dtype} | {op} | {method} | {sent} | {t:.3f} | {vs_ref} | {vs_id} | "
             f"{wire / MIB:.1f} | {wire / raw_sizes[dtype]:.2f} | {rss / MIB:.1f} | {rss_ref} |"
         )
     return lines

@@ -99,6 +99,7 @@ COMPRESSION_MODES = ("auto", "never", "always")
 DEFAULT_MAX_DOWNLOAD_SIZE = 16 * 1024**3
 """Largest decoded download accepted by default, in bytes (16 GiB)."""
 
+_SAMPLE_SIZE = 256 * 1024  # bytes per sample when estimating an upload's compressibility
 _IO_CHUNK = 1024 * 1024  # bytes per read/write/send; big enough that syscalls are cheap
 _ERROR_BODY_LIMIT = 64 * 1024  # an error answer is read at most this far (bytes)
 _JSON_LIMIT = 16 * 1024 * 1024  # bytes; a longer JSON answer means a broken or hostile server
@@ -1193,16 +1194,15 @@ class FlServerClient:
         if self.min_upload_saving <= 0:
             return True
         size = source.stat().st_size
-        sample = _IO_CHUNK
-        if size <= 3 * sample:
-            offsets = [0]
-            sample = size
-        else:
-            offsets = [0, (size - sample) // 2, size - sample]
+        # Eight samples centred in eighths of the file: the start of a torch archive is
+        # its (very compressible) pickle, which would flatter the estimate.
+        count, sample = 8, _SAMPLE_SIZE
+        if size <= count * sample:
+            count, sample = 1, size
         raw = packed = 0
         with open(source, "rb") as fh:
-            for offset in offsets:
-                fh.seek(offset)
+            for i in range(count):
+                fh.seek(max(0, (2 * i + 1) * size // (2 * count) - sample // 2))
                 block = fh.read(sample)
                 raw += len(block)
                 packed += len(_codec().pack(block, **self._codec_args(threads=True)))

@@ -212,7 +212,10 @@ class ZstdMiddleware:
             size = 0
             while length is None or wire < length:
                 want = _READ_BLOCK if length is None else min(_READ_BLOCK, length - wire)
-                block = stream.read(want)
+                try:
+                    block = stream.read(want)
+                except OSError as exc:  # the client went away mid-body
+                    raise _BadBody(f"the body broke off after {wire} bytes ({exc})") from None
                 if not block:
                     if length is not None:
                         raise _BadBody(f"the body ended after {wire} of {length} bytes")
@@ -232,8 +235,7 @@ class ZstdMiddleware:
         except CodecError as exc:
             spool.close()
             return self._error(start_response, "400 Bad Request", f"invalid zstd body: {exc}")
-        except (_BadBody, OSError, ValueError) as exc:
-            # OSError: the client went away mid-body; ValueError: a broken input stream.
+        except _BadBody as exc:
             spool.close()
             return self._error(start_response, "400 Bad Request", f"invalid zstd body: {exc}")
         except BaseException:
