@@ -1,0 +1,1244 @@
+"""Torch-free model files: format detection, describing, and archive <-> safetensors conversion.
+
+The sidecar vets and converts models without importing torch (about 200 MiB of RSS and
+seconds of start-up): none of it needs torch. A torch archive (``torch.save`` of a
+module or state_dict, ``torch.jit.save``) is a zip file holding one pickle
+(``<prefix>/data.pkl``) that rebuilds the object graph and one record per tensor
+storage (``<prefix>/data/<key>``). This module
+
+- reads the pickle with the restricted unpickler of :mod:`fl_sidecar._pickle`, which
+  imports and calls nothing, and names the tensors as ``module.state_dict()`` would;
+- converts an archive into safetensors by copying each tensor's bytes out of its storage
+  record, and writes the tensors of a safetensors file into a copy of an archive by
+  replacing storage records only, with torch's zip layout (records aligned to 64 bytes,
+  so ``torch.load(mmap=True)`` works), leaving the pickle untouched.
+
+Memory is bounded by a fixed copy buffer (:data:`CHUNK_BYTES`) whatever the model's size,
+with two documented exceptions that hold one storage in memory: a non-contiguous tensor
+view (its storage span), and new values for tensors that share a storage in some other
+way than as identical views (e.g. an expanded view, or two slices of one buffer).
+
+numpy is used only to gather strided views and to swap byte order.
+:mod:`fl_sidecar.models` builds its torch API on this module.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import json
+import math
+import os
+import re
+import struct
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from typing import (
+    IO,
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
+
+import numpy as np
+
+from fl_sidecar._pickle import Placeholder, SafeOrderedDict, TensorRef, restricted_loads
+from fl_sidecar.errors import ModelFormatError, TensorMismatchError
+
+__all__ = [
+    "CHUNK_BYTES",
+    "ArchiveDescription",
+    "ModelFormat",
+    "SafetensorsEntry",
+    "TensorInfo",
+    "archive_to_safetensors",
+    "describe",
+    "detect_format",
+    "dtype_itemsize",
+    "list_tensors",
+    "read_safetensors_header",
+    "safetensors_header",
+    "safetensors_into_archive",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+Source = Union[bytes, bytearray, memoryview, PathLike]
+
+CHUNK_BYTES = 8 * 1024 * 1024
+"""Size of the copy buffer, in bytes: what converting a model holds of its data at a time."""
+
+_ZIP_MAGIC = b"PK\x03\x04"
+# The pre-1.6 torch.save format: a bare pickle stream starting with a magic number.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+_MAX_PICKLE_SIZE = 256 * 1024 * 1024  # bytes; the pickle of a 1 GiB model is a few MiB
+_MAX_CODE_SIZE = 16 * 1024 * 1024  # bytes, one TorchScript code file
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # bytes, as the safetensors library allows
+_MAX_DEPTH = 200  # nesting of modules and containers; the walk recurses ~2 frames a level
+_ALIGNMENT = 64  # bytes: torch's writer aligns every record's data to this (mmap loading)
+_ZIP32_LIMIT = 0xFFFFFFFF
+
+
+class _Dtype(NamedTuple):
+    itemsize: int  # bytes per element
+    swap_unit: int  # bytes swapped as one number on a byte-order change (complex: a part)
+    safetensors: Optional[str]  # the safetensors name, or None when it has none
+
+
+# Canonical torch dtype names (as fl_sidecar._pickle gives them) -> facts.
+_DTYPES: Dict[str, _Dtype] = {
+    "float64": _Dtype(8, 8, "F64"),
+    "float32": _Dtype(4, 4, "F32"),
+    "float16": _Dtype(2, 2, "F16"),
+    "bfloat16": _Dtype(2, 2, "BF16"),
+    "int64": _Dtype(8, 8, "I64"),
+    "int32": _Dtype(4, 4, "I32"),
+    "int16": _Dtype(2, 2, "I16"),
+    "int8": _Dtype(1, 1, "I8"),
+    "uint8": _Dtype(1, 1, "U8"),
+    "bool": _Dtype(1, 1, "BOOL"),
+    "uint16": _Dtype(2, 2, "U16"),
+    "uint32": _Dtype(4, 4, "U32"),
+    "uint64": _Dtype(8, 8, "U64"),
+    "float8_e4m3fn": _Dtype(1, 1, "F8_E4M3"),
+    "float8_e5m2": _Dtype(1, 1, "F8_E5M2"),
+    "float8_e4m3fnuz": _Dtype(1, 1, "F8_E4M3FNUZ"),
+    "float8_e5m2fnuz": _Dtype(1, 1, "F8_E5M2FNUZ"),
+    "complex64": _Dtype(8, 4, "C64"),
+    "complex128": _Dtype(16, 8, None),
+}
+# safetensors name -> canonical torch dtype name.
+SAFETENSORS_DTYPES: Dict[str, str] = {
+    d.safetensors: name for name, d in _DTYPES.items() if d.safetensors is not None
+}
+
+
+def _dtype(name: str) -> _Dtype:
+    found = _DTYPES.get(name)
+    if found is None:
+        raise ModelFormatError(f"unknown dtype {name}")
+    return found
+
+
+def dtype_itemsize(name: str) -> int:
+    """Bytes per element of a dtype named as torch names it (``"bfloat16"`` -> 2).
+
+    Raises:
+        ModelFormatError: not a dtype this module knows.
+    """
+    return _dtype(name).itemsize
+
+
+class ModelFormat(enum.Enum):
+    """How a model file is serialized."""
+
+    TORCH_PICKLE = "torch"
+    """``torch.save`` zip archive (pickled module or state_dict)."""
+    TORCHSCRIPT = "torchscript"
+    """``torch.jit.save`` zip archive."""
+    SAFETENSORS = "safetensors"
+    """safetensors: an 8-byte header length, a JSON header, raw little-endian data."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A named tensor of a torch archive, as a view of one storage record; no data read.
+
+    Attributes:
+        name: state_dict name (``fc1.weight``).
+        dtype: torch dtype name (``"float32"``, ``"bfloat16"``).
+        shape: dimensions.
+        stride: strides, in elements.
+        storage_offset: where the view starts in its storage, in elements.
+        storage_key: the storage record (``<prefix>/data/<key>``); tied tensors share one.
+    """
+
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    storage_offset: int
+    storage_key: str
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        return self.numel * dtype_itemsize(self.dtype)
+
+    @property
+    def is_contiguous(self) -> bool:
+        """Whether the view's elements lie row-major one after another in its storage."""
+        return _contiguous(self.shape, self.stride)
+
+
+@dataclass(frozen=True)
+class ArchiveDescription:
+    """What a torch archive holds, read without running its pickle.
+
+    Attributes:
+        format: TORCH_PICKLE or TORCHSCRIPT.
+        root_class: the pickled root object's class as ``module.Name`` (``__main__.Net``,
+            ``collections.OrderedDict`` for a state_dict, ``__torch__.Net`` for TorchScript).
+        is_module: the root is an ``nn.Module`` (pickled or scripted), not a bare state_dict.
+        big_endian: the storages were written by a big-endian machine.
+        tensors: the named tensors, in state_dict order.
+    """
+
+    format: ModelFormat
+    root_class: str
+    is_module: bool
+    big_endian: bool
+    tensors: Dict[str, TensorInfo]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _is_bytes(source: object) -> bool:
+    return isinstance(source, (bytes, bytearray, memoryview))
+
+
+def _open_binary(source: Source) -> IO[bytes]:
+    if _is_bytes(source):
+        return io.BytesIO(source)  # type: ignore[arg-type]
+    return open(os.fspath(source), "rb")  # type: ignore[arg-type]
+
+
+def _head(source: Source, size: int) -> bytes:
+    if _is_bytes(source):
+        return bytes(memoryview(source).cast("B")[:size])  # type: ignore[arg-type]
+    with open(os.fspath(source), "rb") as f:  # type: ignore[arg-type]
+        head: bytes = f.read(size)
+    return head
+
+
+def _source_size(source: Source) -> int:
+    if _is_bytes(source):
+        return memoryview(source).nbytes  # type: ignore[arg-type]
+    return os.stat(os.fspath(source)).st_size  # type: ignore[arg-type]
+
+
+def _readinto(f: Any, view: memoryview) -> int:
+    # zipfile's and open()'s readers both have readinto; IO[bytes] does not declare it.
+    n = f.readinto(view)
+    return int(n or 0)
+
+
+def _safetensors_header_length(head: bytes, total: Optional[int]) -> Optional[int]:
+    if len(head) < 9:
+        return None
+    (length,) = struct.unpack("<Q", head[:8])
+    if length < 2 or length > _MAX_SAFETENSORS_HEADER or head[8:9] != b"{":
+        return None
+    if total is not None and 8 + length > total:
+        return None
+    return int(length)
+
+
+def detect_format(source: Source) -> ModelFormat:
+    """Tells how a model (bytes or a file path) is serialized, from its bytes, not its name.
+
+    Reads the zip directory of an archive, not its pickle or data.
+
+    Raises:
+        ModelFormatError: it is none of the supported formats: not a zip, a truncated zip,
+            a zip without ``data.pkl``, the legacy (pre-1.6) torch format, anything else.
+        OSError: the file cannot be read.
+    """
+    head = _head(source, 16)
+    if head.startswith(_ZIP_MAGIC):
+        with _Archive(source, parse=False) as archive:
+            return archive.format
+    if _safetensors_header_length(head, _source_size(source)) is not None:
+        return ModelFormat.SAFETENSORS
+    if head.startswith(_LEGACY_MAGIC[:4]):
+        raise ModelFormatError(
+            "this is a legacy (pre-1.6) torch file or a bare pickle; only zip archives are"
+            " supported (re-save it with a current torch)"
+        )
+    raise ModelFormatError("not a model file: neither a torch zip archive nor safetensors")
+
+
+# --------------------------------------------------------------------------- views
+
+
+def _contiguous(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    expected = 1
+    for size, step in zip(reversed(shape), reversed(stride)):
+        if size != 1 and step != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _may_overlap(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether a view may address one element twice (an expanded tensor, stride 0)."""
+    extent = 1
+    for size, step in sorted((d for d in zip(shape, stride) if d[0] > 1), key=lambda d: d[1]):
+        if step < extent:
+            return True
+        extent = step * size
+    return False
+
+
+def _span(ref: TensorRef) -> Tuple[int, int]:
+    """The elements [first, last + 1) of its storage that a non-empty view touches."""
+    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
+    return ref.offset, last + 1
+
+
+def _element_dtype(itemsize: int) -> np.dtype[Any]:
+    # Byte-exact stand-ins: gathering and scattering never interpret the values.
+    return np.dtype(f"u{itemsize}") if itemsize in (1, 2, 4, 8) else np.dtype(f"V{itemsize}")
+
+
+def _swap(buf: Any, unit: int) -> None:
+    """Reverses the byte order of every ``unit``-byte number of a writable buffer, in place."""
+    if unit > 1:
+        arr = np.frombuffer(buf, dtype=np.uint8)
+        if arr.size:
+            arr.view(f"u{unit}").byteswap(inplace=True)
+
+
+# --------------------------------------------------------------------------- archive
+
+
+class _Archive:
+    """A torch zip archive opened for restricted reading (the pickle never runs)."""
+
+    def __init__(self, source: Source, *, parse: bool = True) -> None:
+        self._file = _open_binary(source)
+        try:
+            self._open(parse)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _open(self, parse: bool) -> None:
+        try:
+            self.zip = zipfile.ZipFile(self._file)
+            infos = self.zip.infolist()
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as exc:
+            self._file.seek(0)
+            if _safetensors_header_length(self._file.read(16), None) is not None:
+                raise ModelFormatError(
+                    "this is safetensors, not a torch archive: use from_safetensors"
+                ) from exc
+            raise ModelFormatError(f"not a readable zip archive: {exc}") from exc
+        if not infos:
+            raise ModelFormatError("the zip archive is empty")
+        # torch names the archive after its first record's directory, as does its reader.
+        first = infos[0].filename
+        if "/" not in first:
+            raise ModelFormatError("not a torch archive: records are not in a directory")
+        self.prefix = first.split("/", 1)[0]
+        self.records: Dict[str, zipfile.ZipInfo] = {}
+        for info in infos:
+            if info.filename.startswith(self.prefix + "/"):
+                self.records[info.filename[len(self.prefix) + 1 :]] = info
+        pkl = self.records.get("data.pkl")
+        if pkl is None:
+            raise ModelFormatError("not a torch archive: it has no data.pkl")
+        if pkl.file_size > _MAX_PICKLE_SIZE:
+            raise ModelFormatError(f"data.pkl is implausibly large ({pkl.file_size} bytes)")
+        self.format = (
+            ModelFormat.TORCHSCRIPT
+            if "constants.pkl" in self.records or any(r.startswith("code/") for r in self.records)
+            else ModelFormat.TORCH_PICKLE
+        )
+        order = self._read_small("byteorder", 16)
+        self.big_endian = order == b"big"
+        if order is not None and order not in (b"little", b"big"):
+            raise ModelFormatError(f"unknown byte order {order!r}")
+        self._code_cache: Dict[str, Optional[str]] = {}
+        if not parse:
+            return
+        self.root, self.storages = restricted_loads(self.read_record(pkl))
+        self.tensors = _collect_tensors(self)
+        self.storage_dtypes = self._check_storages()
+
+    def __enter__(self) -> _Archive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.zip.close()
+        self._file.close()
+
+    def read_record(self, info: zipfile.ZipInfo) -> bytes:
+        """A whole record's bytes (only for small records: the pickle, code, flags)."""
+        try:
+            return self.zip.read(info)
+        except Exception as exc:  # BadZipFile, EOFError, zlib.error... all mean corrupt
+            raise ModelFormatError(f"record {info.filename} is corrupt: {exc}") from exc
+
+    def _read_small(self, name: str, limit: int) -> Optional[bytes]:
+        info = self.records.get(name)
+        if info is None:
+            return None
+        if info.file_size > limit:
+            raise ModelFormatError(f"record {name} is implausibly large")
+        return self.read_record(info).strip()
+
+    def code(self, module: str) -> Optional[str]:
+        """The TorchScript source of a ``__torch__`` module, or None."""
+        if module in self._code_cache:
+            return self._code_cache[module]
+        text: Optional[str] = None
+        info = self.records.get("code/" + module.replace(".", "/") + ".py")
+        if info is not None and info.file_size <= _MAX_CODE_SIZE:
+            text = self.read_record(info).decode("utf-8", errors="replace")
+        self._code_cache[module] = text
+        return text
+
+    def _check_storages(self) -> Dict[str, str]:
+        """Validates every named tensor's view against its storage; returns element dtypes."""
+        element: Dict[str, str] = {}
+        for name, ref in self.tensors.items():
+            itemsize = _dtype(ref.dtype).itemsize
+            storage = ref.storage
+            nbytes = storage.numel * _dtype(storage.dtype).itemsize
+            if storage.dtype != ref.dtype and storage.dtype != "uint8":
+                raise ModelFormatError(f"tensor {name} has a dtype other than its storage's")
+            unit = storage.dtype if storage.dtype != "uint8" else ref.dtype
+            if element.setdefault(storage.key, unit) != unit:
+                raise ModelFormatError(f"storage {storage.key} is viewed as different dtypes")
+            if ref.size and min(ref.size) == 0:
+                continue
+            if _span(ref)[1] > nbytes // itemsize:
+                raise ModelFormatError(f"tensor {name} reaches past the end of its storage")
+        for key in element:
+            info = self.records.get(f"data/{key}")
+            if info is None:
+                raise ModelFormatError(f"storage record data/{key} is missing")
+            storage = self.storages[key]
+            expected = storage.numel * _dtype(storage.dtype).itemsize
+            if info.file_size != expected:
+                raise ModelFormatError(
+                    f"storage record data/{key} holds {info.file_size} bytes, expected {expected}"
+                )
+            # torch stores records uncompressed; another tool may deflate them, but never
+            # past deflate's own ratio limit (about 1032:1): beyond it is a zip bomb.
+            if info.compress_type == zipfile.ZIP_STORED:
+                plausible = info.compress_size == info.file_size
+            else:
+                plausible = info.file_size <= 1032 * info.compress_size + 1024
+            if not plausible:
+                raise ModelFormatError(f"storage record data/{key} declares an implausible size")
+        return element
+
+    def swap_unit(self, key: str) -> int:
+        """Bytes per number to swap when this storage's byte order is not little-endian."""
+        return _dtype(self.storage_dtypes[key]).swap_unit if self.big_endian else 1
+
+    def data_offset(self, info: zipfile.ZipInfo) -> int:
+        """Where a record's data starts in the file: after its local header, name and extra."""
+        self._file.seek(info.header_offset)
+        header = self._file.read(30)
+        if len(header) != 30 or header[:4] != _ZIP_MAGIC:
+            raise ModelFormatError(f"record {info.filename} has a bad local header")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        return int(info.header_offset) + 30 + int(name_len) + int(extra_len)
+
+    def iter_record(
+        self, info: zipfile.ZipInfo, start: int = 0, length: Optional[int] = None
+    ) -> Iterator[memoryview]:
+        """Streams bytes [start, start + length) of a record, as stored, in buffer-sized pieces.
+
+        Each piece is valid until the next is asked for. A stored record is read straight
+        from the file, skipping the CRC as torch's reader does; a deflated one through
+        zipfile, which checks it.
+
+        Raises:
+            ModelFormatError: the record is shorter than it says, or corrupt.
+        """
+        end = info.file_size if length is None else start + length
+        if start < 0 or end > info.file_size or start > end:
+            raise ModelFormatError(f"record {info.filename}: range outside the record")
+        buf = memoryview(bytearray(min(CHUNK_BYTES, end - start)))
+        try:
+            if info.compress_type == zipfile.ZIP_STORED:
+                self._file.seek(self.data_offset(info) + start)
+                yield from _pieces(self._file, buf, end - start, info.filename)
+            else:
+                with self.zip.open(info) as reader:
+                    skipped = 0
+                    scratch = memoryview(bytearray(min(CHUNK_BYTES, max(start, 1))))
+                    while skipped < start:
+                        n = _readinto(reader, scratch[: min(len(scratch), start - skipped)])
+                        if not n:
+                            raise ModelFormatError(f"record {info.filename} is truncated")
+                        skipped += n
+                    yield from _pieces(reader, buf, end - start, info.filename)
+        except ModelFormatError:
+            raise
+        except Exception as exc:
+            raise ModelFormatError(f"record {info.filename} is corrupt: {exc}") from exc
+
+    def read_range(self, info: zipfile.ZipInfo, start: int, out: memoryview) -> None:
+        """Fills ``out`` with the record's bytes from ``start`` (as stored, no byte swap).
+
+        Raises:
+            ModelFormatError: the record is truncated or corrupt.
+        """
+        done = 0
+        for piece in self.iter_record(info, start, len(out)):
+            out[done : done + len(piece)] = piece
+            done += len(piece)
+
+    def by_storage(self) -> Dict[str, List[Tuple[str, TensorRef]]]:
+        groups: Dict[str, List[Tuple[str, TensorRef]]] = {}
+        for name, ref in self.tensors.items():
+            groups.setdefault(ref.storage.key, []).append((name, ref))
+        return groups
+
+    def info(self, name: str) -> TensorInfo:
+        ref = self.tensors[name]
+        return TensorInfo(name, ref.dtype, ref.size, ref.stride, ref.offset, ref.storage.key)
+
+
+def _pieces(reader: Any, buf: memoryview, remaining: int, what: str) -> Iterator[memoryview]:
+    while remaining > 0:
+        want = min(len(buf), remaining)
+        got = 0
+        while got < want:
+            n = _readinto(reader, buf[got:want])
+            if not n:
+                raise ModelFormatError(f"record {what} is truncated")
+            got += n
+        remaining -= want
+        yield buf[:want]
+
+
+# --------------------------------------------------------------------------- naming
+
+
+_CLASS_LINE = re.compile(r"^class (\w+)\((\w*)\):[ \t]*$", re.MULTILINE)
+_NAME_LIST = re.compile(r"^[ \t]+(__parameters__|__buffers__) = \[([^\]\n]*)\]", re.MULTILINE)
+_QUOTED = re.compile(r"\"([^\"\n]*)\"")
+
+
+def _script_class(
+    archive: _Archive, obj: Placeholder
+) -> Optional[Tuple[List[str], List[str], bool]]:
+    """(parameters, buffers, is_module) of a TorchScript class, parsed from its code, not run."""
+    cls = type(obj)
+    text = archive.code(cls.pickle_module)
+    if text is None:
+        return None
+    for match in _CLASS_LINE.finditer(text):
+        if match.group(1) != cls.pickle_name:
+            continue
+        end = _CLASS_LINE.search(text, match.end())
+        body = text[match.end() : end.start() if end else len(text)]
+        lists: Dict[str, List[str]] = {"__parameters__": [], "__buffers__": []}
+        for found in _NAME_LIST.finditer(body):
+            lists[found.group(1)] = _QUOTED.findall(found.group(2))
+        return lists["__parameters__"], lists["__buffers__"], match.group(2) == "Module"
+    return None
+
+
+class _Collector:
+    def __init__(self, archive: _Archive) -> None:
+        self.archive = archive
+        self.out: Dict[str, TensorRef] = {}
+        self.path: set[int] = set()
+
+    def add(self, name: str, value: object) -> None:
+        if not isinstance(value, TensorRef):
+            return
+        if name in self.out and self.out[name] is not value:
+            raise ModelFormatError(f"two different tensors are named {name!r}")
+        self.out[name] = value
+
+    def enter(self, obj: object, depth: int) -> None:
+        if depth > _MAX_DEPTH:
+            raise ModelFormatError("the model nests too deeply")
+        if id(obj) in self.path:
+            raise ModelFormatError("the model contains itself")
+        self.path.add(id(obj))
+
+    def any(self, obj: object, prefix: str, depth: int) -> None:
+        if isinstance(obj, TensorRef):
+            self.add(prefix[:-1], obj)
+            return
+        if not isinstance(obj, (Placeholder, dict, list, tuple)):
+            return
+        self.enter(obj, depth)
+        try:
+            if isinstance(obj, Placeholder):
+                state = obj.state_dict_view()
+                if state is not None and isinstance(state.get("_parameters"), dict):
+                    self.module(state, prefix, depth)
+                elif type(obj).pickle_module.startswith("__torch__"):
+                    self.script(obj, prefix, depth)
+                elif state is not None:
+                    self.mapping(state, prefix, depth)
+            elif isinstance(obj, dict):
+                self.mapping(obj, prefix, depth)
+            else:
+                for i, item in enumerate(obj):
+                    self.any(item, f"{prefix}{i}.", depth + 1)
+        finally:
+            self.path.discard(id(obj))
+
+    def mapping(self, state: Dict[Any, Any], prefix: str, depth: int) -> None:
+        for key, value in state.items():
+            if isinstance(key, str):
+                self.any(value, f"{prefix}{key}.", depth + 1)
+
+    def module(self, state: Dict[Any, Any], prefix: str, depth: int) -> None:
+        # nn.Module.state_dict order: own parameters, own persistent buffers, children.
+        for key, value in state["_parameters"].items():
+            self.add(f"{prefix}{key}", value)
+        skip = state.get("_non_persistent_buffers_set")
+        skip = skip if isinstance(skip, (set, frozenset)) else set()
+        buffers = state.get("_buffers")
+        if isinstance(buffers, dict):
+            for key, value in buffers.items():
+                if key not in skip:
+                    self.add(f"{prefix}{key}", value)
+        children = state.get("_modules")
+        if isinstance(children, dict):
+            for key, child in children.items():
+                if isinstance(child, Placeholder):
+                    self.any(child, f"{prefix}{key}.", depth + 1)
+
+    def script(self, obj: Placeholder, prefix: str, depth: int) -> None:
+        # A TorchScript object keeps parameters and buffers as plain attributes; its
+        # class code lists which are which, as RecursiveScriptModule.state_dict() uses.
+        state = obj.state_dict_view() or {}
+        info = _script_class(self.archive, obj)
+        if info is None:
+            names = [k for k, v in state.items() if isinstance(v, TensorRef)]
+        else:
+            names = info[0] + info[1]
+        for key in names:
+            self.add(f"{prefix}{key}", state.get(key))
+        for key, value in state.items():
+            if isinstance(value, Placeholder) and isinstance(key, str):
+                child = _script_class(self.archive, value)
+                if child is None or child[2]:
+                    self.any(value, f"{prefix}{key}.", depth + 1)
+
+
+def _collect_tensors(archive: _Archive) -> Dict[str, TensorRef]:
+    collector = _Collector(archive)
+    try:
+        collector.any(archive.root, "", 0)
+    except RecursionError as exc:  # a deep stack on entry; the depth limit covers the rest
+        raise ModelFormatError("the model nests too deeply") from exc
+    for ref in collector.out.values():
+        _dtype(ref.dtype)  # an allow-listed name this module has no facts for is refused
+    return collector.out
+
+
+def _root_facts(archive: _Archive) -> Tuple[str, bool]:
+    root = archive.root
+    if isinstance(root, Placeholder):
+        state = root.state_dict_view()
+        is_module = archive.format is ModelFormat.TORCHSCRIPT or (
+            state is not None and isinstance(state.get("_parameters"), dict)
+        )
+        return root.qualified_name, is_module
+    if isinstance(root, dict):
+        return ("collections.OrderedDict" if isinstance(root, SafeOrderedDict) else "dict"), False
+    return type(root).__name__, False
+
+
+def describe(source: Source) -> ArchiveDescription:
+    """Reads what a torch archive (bytes or path) holds, without its tensor data.
+
+    Only the pickle is read (restricted: nothing it names is imported or called), so
+    memory is about the pickle's size, a few MiB for a 1 GiB model.
+
+    Raises:
+        ModelFormatError: not a torch zip archive, or a malformed one.
+        UnsafePickleError: its pickle asks for more than rebuilding tensors; nothing ran.
+        OSError: the file cannot be read.
+    """
+    with _Archive(source) as archive:
+        root_class, is_module = _root_facts(archive)
+        tensors = {name: archive.info(name) for name in archive.tensors}
+        return ArchiveDescription(
+            archive.format, root_class, is_module, archive.big_endian, tensors
+        )
+
+
+def list_tensors(source: Source) -> Dict[str, TensorInfo]:
+    """The named tensors of an archive (bytes or path), in state_dict order, without data.
+
+    Raises:
+        ModelFormatError, UnsafePickleError, OSError: as :func:`describe`.
+    """
+    return describe(source).tensors
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    """One tensor of a safetensors file.
+
+    Attributes:
+        dtype: torch dtype name (``"float32"``).
+        shape: dimensions.
+        begin, end: its bytes, relative to the start of the data (after the header).
+    """
+
+    dtype: str
+    shape: Tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_safetensors_header(source: Source) -> Tuple[Dict[str, SafetensorsEntry], int]:
+    """Parses and checks a safetensors header (bytes or a path), reading no tensor data.
+
+    Returns:
+        the entries by name (``__metadata__`` left out), and where the data starts in
+        the file, in bytes.
+
+    Raises:
+        ModelFormatError: not valid safetensors (a header that does not fit, is not JSON,
+            an unknown dtype, an entry outside the data or of the wrong size).
+        OSError: the file cannot be read.
+    """
+    total = _source_size(source)
+    with _open_binary(source) as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelFormatError("not safetensors: shorter than its 8-byte header length")
+        (length,) = struct.unpack("<Q", head)
+        if length > _MAX_SAFETENSORS_HEADER or 8 + length > total:
+            raise ModelFormatError(f"not safetensors: header length {length} does not fit")
+        raw = f.read(length)
+    try:
+        parsed = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelFormatError(f"not safetensors: the header is not JSON: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise ModelFormatError("not safetensors: the header is not a JSON object")
+    data_size = total - 8 - length
+    header: Dict[str, SafetensorsEntry] = {}
+    for name, entry in parsed.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFormatError(f"safetensors entry {name!r} is malformed") from exc
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ModelFormatError(f"safetensors entry {name!r} has an invalid shape")
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size):
+            raise ModelFormatError(f"safetensors entry {name!r} points outside the data")
+        if end - begin != math.prod(shape) * _dtype(dtype).itemsize:
+            raise ModelFormatError(f"safetensors entry {name!r} has the wrong data size")
+        header[name] = SafetensorsEntry(dtype, shape, begin, end)
+    return header, 8 + length
+
+
+def safetensors_header(specs: Mapping[str, Tuple[Sequence[int], str]]) -> Tuple[bytes, List[str]]:
+    """The safetensors header for named (shape, torch dtype name) tensors, and the data order.
+
+    Data go in order of decreasing element size, as the safetensors library lays them
+    out: with the header padded to 8 bytes, every tensor starts aligned to its element
+    size. The header includes its 8-byte length.
+
+    Raises:
+        TensorMismatchError: a dtype has no safetensors name.
+    """
+    for name, (_shape, dtype) in specs.items():
+        if _DTYPES.get(dtype, _Dtype(0, 0, None)).safetensors is None:
+            raise TensorMismatchError(f"safetensors cannot hold tensor {name!r} of torch.{dtype}")
+    header: Dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    order = sorted(specs, key=lambda n: -_DTYPES[specs[n][1]].itemsize)
+    offset = 0
+    for name in order:
+        shape, dtype = specs[name]
+        nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+        header[name] = {
+            "dtype": _DTYPES[dtype].safetensors,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, order
+
+
+def _atomic_write(dest: PathLike, produce: Callable[[IO[bytes]], None]) -> None:
+    """Writes a file through a temporary sibling and a rename: never a half-written dest."""
+    path = os.fspath(dest)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".fl-sidecar-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            produce(f)
+        # No fsync: these files are derived and can be made again; the rename alone keeps
+        # a reader from ever seeing a half-written file.
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _write_view(archive: _Archive, ref: TensorRef, out: IO[bytes]) -> None:
+    """Writes a tensor view's bytes, row-major and little-endian, to ``out``."""
+    itemsize = _dtype(ref.dtype).itemsize
+    numel = math.prod(ref.size)
+    if numel == 0:
+        return
+    info = archive.records[f"data/{ref.storage.key}"]
+    unit = archive.swap_unit(ref.storage.key)
+    if _contiguous(ref.size, ref.stride):
+        for piece in archive.iter_record(info, ref.offset * itemsize, numel * itemsize):
+            _swap(piece, unit)  # pieces are whole numbers: the buffer is a multiple of 16
+            out.write(piece)
+        return
+    # A strided view (a transpose, a column slice) is gathered from its storage span:
+    # rare in saved models, and bounded by that one storage.
+    first, end = _span(ref)
+    span = bytearray((end - first) * itemsize)
+    archive.read_range(info, first * itemsize, memoryview(span))
+    _swap(span, unit)
+    elements = np.frombuffer(span, dtype=_element_dtype(itemsize))
+    view = np.lib.stride_tricks.as_strided(
+        elements, ref.size, tuple(s * itemsize for s in ref.stride), writeable=False
+    )
+    rows = max(1, CHUNK_BYTES // max(1, (numel // max(1, ref.size[0])) * itemsize))
+    for i in range(0, ref.size[0], rows):
+        out.write(np.ascontiguousarray(view[i : i + rows]).tobytes())
+
+
+def archive_to_safetensors(src: PathLike, dst: PathLike) -> None:
+    """Converts a torch archive file into a safetensors file, without running its pickle.
+
+    Each tensor's bytes are copied from its storage record; tied tensors become separate
+    entries with the same values, as ``safetensors.torch`` writes them; big-endian
+    archives are converted to little-endian. The output is byte-identical to
+    :func:`fl_sidecar.models.to_safetensors` of the archive's state_dict.
+
+    Memory: one :data:`CHUNK_BYTES` buffer for contiguous tensors (the usual case); a
+    non-contiguous view is gathered from its storage span. ``dst`` is written atomically.
+
+    Raises:
+        ModelFormatError: not a torch archive, or a malformed one (truncated or corrupt
+            records included).
+        UnsafePickleError: the pickle asks for more than rebuilding tensors; nothing ran.
+        TensorMismatchError: a dtype has no safetensors name (complex128).
+        OSError: a file cannot be read or written.
+    """
+    with _Archive(src) as archive:
+        specs = {n: (ref.size, ref.dtype) for n, ref in archive.tensors.items()}
+        header, order = safetensors_header(specs)
+
+        def produce(out: IO[bytes]) -> None:
+            out.write(header)
+            for name in order:
+                _write_view(archive, archive.tensors[name], out)
+
+        _atomic_write(dst, produce)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class NewValues:
+    """New tensor values to write into an archive, as little-endian row-major bytes."""
+
+    def read(self, name: str, start: int, out: memoryview) -> None:
+        """Fills ``out`` with the bytes of tensor ``name`` from byte ``start``."""
+        raise NotImplementedError
+
+
+class _SafetensorsValues(NewValues):
+    def __init__(self, f: IO[bytes], header: Mapping[str, SafetensorsEntry], start: int) -> None:
+        self._f = f
+        self._header = header
+        self._start = start
+
+    def read(self, name: str, start: int, out: memoryview) -> None:
+        self._f.seek(self._start + self._header[name].begin + start)
+        done = 0
+        while done < len(out):
+            n = _readinto(self._f, out[done:])
+            if not n:
+                raise ModelFormatError("the safetensors data is truncated")
+            done += n
+
+
+def check_against(
+    specs: Mapping[str, Tuple[Tuple[int, ...], str]],
+    given: Mapping[str, Tuple[Tuple[int, ...], str]],
+) -> None:
+    """Checks that ``given`` (name -> (shape, dtype name)) matches ``specs`` exactly.
+
+    Raises:
+        TensorMismatchError: a name is missing or extra, or a shape or dtype differs.
+    """
+    missing = [n for n in specs if n not in given]
+    extra = [n for n in given if n not in specs]
+    if missing or extra:
+        raise TensorMismatchError(
+            "tensor names differ from the template: "
+            + (f"missing {_few(missing)}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"unexpected {_few(extra)}" if extra else "")
+        )
+    for name, (shape, dtype) in specs.items():
+        new_shape, new_dtype = given[name]
+        if tuple(new_shape) != tuple(shape):
+            raise TensorMismatchError(
+                f"tensor {name!r} has shape {tuple(new_shape)}, the template {tuple(shape)}"
+            )
+        if new_dtype != dtype:
+            raise TensorMismatchError(
+                f"tensor {name!r} has dtype torch.{new_dtype}, the template torch.{dtype}"
+            )
+
+
+def _few(names: Sequence[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+class _ZipWriter:
+    """Writes a zip as torch's ``PyTorchFileWriter`` does, streaming each record.
+
+    Records are stored (not compressed); each local header carries an ``FB`` extra field
+    padded so that the data starts at a multiple of 64 bytes (what ``torch.load(mmap=True)``
+    needs), sizes and CRC follow the data in a descriptor, and the directory ends with a
+    zip64 end record. Record sizes must be known when a record starts.
+    """
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._pos = 0
+        self._entries: List[Tuple[bytes, int, int, int]] = []  # name, crc, size, offset
+        self._name = b""
+        self._offset = 0
+        self._size = 0
+        self._written = 0
+        self._crc = 0
+        self.names: List[str] = []
+        self.crcs: List[int] = []
+
+    def _emit(self, data: Union[bytes, memoryview]) -> None:
+        self._out.write(data)
+        self._pos += len(data)
+
+    def start(self, name: str, size: int) -> None:
+        encoded = name.encode("utf-8")
+        zip64 = size >= _ZIP32_LIMIT
+        extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+        pad = -(self._pos + 30 + len(encoded) + len(extra) + 4) % _ALIGNMENT
+        extra += b"FB" + struct.pack("<H", pad) + b"Z" * pad
+        declared = _ZIP32_LIMIT if zip64 else 0
+        self._name, self._offset, self._size = encoded, self._pos, size
+        self._written, self._crc = 0, 0
+        self._emit(
+            struct.pack(
+                "<4sHHHHHIIIHH",
+                _ZIP_MAGIC,
+                45 if zip64 else 0,  # version needed
+                0x0808,  # sizes in a data descriptor; UTF-8 names
+                0,  # stored
+                0,  # time
+                0,  # date
+                0,  # crc, in the descriptor
+                declared,
+                declared,
+                len(encoded),
+                len(extra),
+            )
+            + encoded
+            + extra
+        )
+
+    def write(self, data: Union[bytes, memoryview]) -> None:
+        self._crc = zlib.crc32(data, self._crc)
+        self._written += len(data)
+        self._emit(data)
+
+    def end(self) -> None:
+        if self._written != self._size:  # pragma: no cover - the callers write exact sizes
+            raise ModelFormatError(f"record {self._name!r}: wrote {self._written} bytes")
+        if self._size >= _ZIP32_LIMIT:
+            self._emit(struct.pack("<4sIQQ", b"PK\x07\x08", self._crc, self._size, self._size))
+        else:
+            self._emit(struct.pack("<4sIII", b"PK\x07\x08", self._crc, self._size, self._size))
+        self._entries.append((self._name, self._crc, self._size, self._offset))
+        self.names.append(self._name.decode("utf-8"))
+        self.crcs.append(self._crc)
+
+    def record(self, name: str, data: bytes) -> None:
+        self.start(name, len(data))
+        self.write(data)
+        self.end()
+
+    def finish(self) -> None:
+        directory = self._pos
+        for name, crc, size, offset in self._entries:
+            extra = b""
+            fields = []
+            if size >= _ZIP32_LIMIT:
+                fields += [size, size]
+            if offset >= _ZIP32_LIMIT:
+                fields.append(offset)
+            if fields:
+                extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields)
+            self._emit(
+                struct.pack(
+                    "<4sHHHHHHIIIHHHHHII",
+                    b"PK\x01\x02",
+                    0,  # made by
+                    45 if fields else 0,  # version needed
+                    0x0808,
+                    0,
+                    0,
+                    0,
+                    crc,
+                    min(size, _ZIP32_LIMIT),
+                    min(size, _ZIP32_LIMIT),
+                    len(name),
+                    len(extra),
+                    0,  # comment
+                    0,  # disk
+                    0,  # internal attributes
+                    0,  # external attributes
+                    min(offset, _ZIP32_LIMIT),
+                )
+                + name
+                + extra
+            )
+        end64 = self._pos
+        count = len(self._entries)
+        size = end64 - directory
+        self._emit(
+            struct.pack(
+                "<4sQHHIIQQQQ", b"PK\x06\x06", 44, 0x031E, 45, 0, 0, count, count, size, directory
+            )
+        )
+        self._emit(struct.pack("<4sIQI", b"PK\x06\x07", 0, end64, 1))
+        self._emit(
+            struct.pack(
+                "<4sHHHHIIH",
+                b"PK\x05\x06",
+                0,
+                0,
+                min(count, 0xFFFF),
+                min(count, 0xFFFF),
+                min(size, _ZIP32_LIMIT),
+                min(directory, _ZIP32_LIMIT),
+                0,
+            )
+        )
+
+
+def _hash_combine(seed: int, value: int) -> int:
+    return (seed ^ (value + 0x9E3779B9 + (seed << 6) + (seed >> 2))) & 0xFFFFFFFFFFFFFFFF
+
+
+def _serialization_id(names: Sequence[str], crcs: Sequence[int]) -> bytes:
+    # Like torch's writer: 20 digits from the record names, 20 from their data's CRCs.
+    name_hash = 0
+    crc_hash = 0
+    for name, crc in zip(names, crcs):
+        name_hash = _hash_combine(name_hash, zlib.crc32(name.encode("utf-8")))
+        crc_hash = _hash_combine(crc_hash, crc)
+    return f"{name_hash:020d}{crc_hash:020d}".encode("ascii")
+
+
+def _streamable(group: Sequence[Tuple[str, TensorRef]]) -> bool:
+    """Whether every tensor of a storage is the same contiguous, non-overlapping view."""
+    first = group[0][1]
+    if not _contiguous(first.size, first.stride):
+        return False
+    return all(
+        (ref.dtype, ref.offset, ref.size, ref.stride)
+        == (first.dtype, first.offset, first.size, first.stride)
+        for _, ref in group[1:]
+    )
+
+
+def _tied_mismatch(name: str) -> TensorMismatchError:
+    return TensorMismatchError(
+        f"tensor {name!r} shares memory with another tensor (tied weights) or with itself"
+        " (an expanded view), and the new values disagree"
+    )
+
+
+def _stream_storage(
+    archive: _Archive,
+    writer: _ZipWriter,
+    info: zipfile.ZipInfo,
+    group: Sequence[Tuple[str, TensorRef]],
+    values: NewValues,
+) -> None:
+    """Writes a storage whose tensors are one contiguous view: new bytes, old bytes around."""
+    key = group[0][1].storage.key
+    ref = group[0][1]
+    itemsize = _dtype(ref.dtype).itemsize
+    begin = ref.offset * itemsize
+    nbytes = math.prod(ref.size) * itemsize
+    unit = archive.swap_unit(key)
+    for piece in archive.iter_record(info, 0, begin):
+        writer.write(piece)
+    buf = memoryview(bytearray(min(CHUNK_BYTES, nbytes)))
+    other = memoryview(bytearray(min(CHUNK_BYTES, nbytes) if len(group) > 1 else 0))
+    done = 0
+    while done < nbytes:
+        n = min(len(buf), nbytes - done)
+        piece = buf[:n]
+        values.read(group[0][0], done, piece)
+        for name, _ in group[1:]:
+            values.read(name, done, other[:n])
+            if other[:n] != piece:
+                raise _tied_mismatch(name)
+        _swap(piece, unit)
+        writer.write(piece)
+        done += n
+    for piece in archive.iter_record(info, begin + nbytes, info.file_size - begin - nbytes):
+        writer.write(piece)
+
+
+def _scatter_storage(
+    archive: _Archive,
+    writer: _ZipWriter,
+    info: zipfile.ZipInfo,
+    group: Sequence[Tuple[str, TensorRef]],
+    values: NewValues,
+) -> None:
+    """Writes a storage shared in some other way: read it, write each view, check, write."""
+    key = group[0][1].storage.key
+    unit = archive.swap_unit(key)
+    storage = bytearray(info.file_size)
+    archive.read_range(info, 0, memoryview(storage))
+    _swap(storage, unit)  # little-endian while the new values go in
+    views = []
+    for name, ref in group:
+        itemsize = _dtype(ref.dtype).itemsize
+        numel = math.prod(ref.size)
+        if numel == 0:
+            continue
+        elements = np.frombuffer(
+            storage, dtype=_element_dtype(itemsize), count=len(storage) // itemsize
+        )
+        view = np.lib.stride_tricks.as_strided(
+            elements[ref.offset :], ref.size, tuple(s * itemsize for s in ref.stride)
+        )
+        new = bytearray(numel * itemsize)
+        values.read(name, 0, memoryview(new))
+        # Overlapping elements (an expanded view) get one of their new values; the
+        # check below refuses the write unless all of them agree.
+        view[...] = np.frombuffer(new, dtype=_element_dtype(itemsize)).reshape(ref.size)
+        views.append((name, ref, view))
+    # Shared bytes (tied weights, expanded views) must get consistent values, or part of
+    # a new value would be silently lost.
+    for name, ref, view in views:
+        if len(group) > 1 or _may_overlap(ref.size, ref.stride):
+            new = bytearray(view.nbytes)
+            values.read(name, 0, memoryview(new))
+            if np.ascontiguousarray(view).tobytes() != bytes(new):
+                raise _tied_mismatch(name)
+    del views
+    _swap(storage, unit)
+    mv = memoryview(storage)
+    for i in range(0, len(storage), CHUNK_BYTES):
+        writer.write(mv[i : i + CHUNK_BYTES])
+
+
+def rewrite_archive(archive: _Archive, out: IO[bytes], values: NewValues) -> None:
+    """Copies ``archive`` into ``out`` with each named tensor's data from ``values``.
+
+    Only storage records change; the pickle and every other record are copied as they
+    are (stored, in the template's order), in torch's zip layout, with a new
+    serialization id. The caller has checked names, shapes and dtypes.
+
+    Raises:
+        TensorMismatchError: tensors that share memory get values that disagree.
+        ModelFormatError: a template record is corrupt.
+        OSError: writing fails.
+    """
+    groups = archive.by_storage()
+    writer = _ZipWriter(out)
+    prefix = archive.prefix + "/"
+    for rel, info in archive.records.items():
+        if rel == ".data/serialization_id":
+            continue  # a new archive gets a new id
+        key = rel[len("data/") :] if rel.startswith("data/") else None
+        group = groups.get(key) if key is not None else None
+        writer.start(prefix + rel, info.file_size)
+        if group is None:
+            for piece in archive.iter_record(info):
+                writer.write(piece)
+        elif _streamable(group):
+            _stream_storage(archive, writer, info, group, values)
+        else:
+            _scatter_storage(archive, writer, info, group, values)
+        writer.end()
+    if "version" not in archive.records and ".data/version" not in archive.records:
+        writer.record(prefix + "version", b"3\n")  # as torch's writer adds it
+    writer.record(prefix + ".data/serialization_id", _serialization_id(writer.names, writer.crcs))
+    writer.finish()
+
+
+def open_archive(source: Source) -> _Archive:
+    """Opens a torch archive (bytes or path) for restricted reading; close it after use.
+
+    For :mod:`fl_sidecar.models`; other callers use :func:`describe`.
+
+    Raises:
+        ModelFormatError, UnsafePickleError, OSError: as :func:`describe`.
+    """
+    return _Archive(source)
+
+
+def safetensors_into_archive(template: PathLike, weights: PathLike, dst: PathLike) -> None:
+    """Writes the weights of a safetensors file into a copy of a torch archive file.
+
+    Every name, shape and dtype is checked before anything is written; the pickle is
+    copied as it is, so the result loads with plain ``torch.load``/``torch.jit.load`` as
+    the template's module type (also with ``mmap=True``: records are 64-byte aligned).
+    Big-endian templates stay big-endian.
+
+    Memory: one :data:`CHUNK_BYTES` buffer (two for tied tensors) when each storage holds
+    one contiguous view or identical tied views (the usual case); a storage shared in
+    another way is held whole. ``dst`` is written atomically.
+
+    Raises:
+        TensorMismatchError: names, shapes or dtypes differ from the template's, or tied
+            tensors get different values. Nothing is written.
+        ModelFormatError: the template is not a torch archive or ``weights`` not safetensors.
+        UnsafePickleError: the template's pickle asks for more than tensors; nothing ran.
+        OSError: a file cannot be read or written.
+    """
+    header, start = read_safetensors_header(weights)
+    with _Archive(template) as archive, open(os.fspath(weights), "rb") as wf:
+        check_against(
+            {n: (ref.size, ref.dtype) for n, ref in archive.tensors.items()},
+            {n: (e.shape, e.dtype) for n, e in header.items()},
+        )
+        values = _SafetensorsValues(wf, header, start)
+        _atomic_write(dst, lambda f: rewrite_archive(archive, f, values))
