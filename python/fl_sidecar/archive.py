@@ -85,7 +85,8 @@ _MAX_CODE_SIZE = 16 * 1024 * 1024  # bytes, one TorchScript code file
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # bytes, as the safetensors library allows
 _MAX_DEPTH = 200  # nesting of modules and containers; the walk recurses ~2 frames a level
 _ALIGNMENT = 64  # bytes: torch's writer aligns every record's data to this (mmap loading)
-_ZIP32_LIMIT = 0xFFFFFFFF
+_ZIP32_LIMIT = 0xFFFFFFFF  # bytes: sizes and offsets from here on take zip64 fields
+_ZIP64_MARK = 0xFFFFFFFF  # what a 32-bit field holds when its zip64 field has the value
 
 
 class _Dtype(NamedTuple):
@@ -329,6 +330,8 @@ class _Archive:
             raise
 
     def _open(self, parse: bool) -> None:
+        self._total = self._file.seek(0, os.SEEK_END)  # bytes
+        self._file.seek(0)
         try:
             self.zip = zipfile.ZipFile(self._file)
             infos = self.zip.infolist()
@@ -439,7 +442,8 @@ class _Archive:
                 plausible = info.compress_size == info.file_size
             else:
                 plausible = info.file_size <= 1032 * info.compress_size + 1024
-            if not plausible:
+            # A directory may claim more than the file holds: refuse before allocating.
+            if not plausible or info.header_offset + info.compress_size > self._total:
                 raise ModelFormatError(f"storage record data/{key} declares an implausible size")
         return element
 
@@ -948,13 +952,18 @@ class _ZipWriter:
         self._out.write(data)
         self._pos += len(data)
 
+    @staticmethod
+    def _flags(size: int) -> int:
+        # UTF-8 names; sizes and CRC in a data descriptor after the data, unless empty.
+        return 0x0808 if size else 0x0800
+
     def start(self, name: str, size: int) -> None:
         encoded = name.encode("utf-8")
         zip64 = size >= _ZIP32_LIMIT
         extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
         pad = -(self._pos + 30 + len(encoded) + len(extra) + 4) % _ALIGNMENT
         extra += b"FB" + struct.pack("<H", pad) + b"Z" * pad
-        declared = _ZIP32_LIMIT if zip64 else 0
+        declared = _ZIP64_MARK if zip64 else 0
         self._name, self._offset, self._size = encoded, self._pos, size
         self._written, self._crc = 0, 0
         self._emit(
@@ -962,7 +971,7 @@ class _ZipWriter:
                 "<4sHHHHHIIIHH",
                 _ZIP_MAGIC,
                 45 if zip64 else 0,  # version needed
-                0x0808,  # sizes in a data descriptor; UTF-8 names
+                self._flags(size),
                 0,  # stored
                 0,  # time
                 0,  # date
@@ -984,7 +993,9 @@ class _ZipWriter:
     def end(self) -> None:
         if self._written != self._size:  # pragma: no cover - the callers write exact sizes
             raise ModelFormatError(f"record {self._name!r}: wrote {self._written} bytes")
-        if self._size >= _ZIP32_LIMIT:
+        if not self._size:
+            pass  # an empty record has no descriptor, as torch's writer (miniz) does
+        elif self._size >= _ZIP32_LIMIT:
             self._emit(struct.pack("<4sIQQ", b"PK\x07\x08", self._crc, self._size, self._size))
         else:
             self._emit(struct.pack("<4sIII", b"PK\x07\x08", self._crc, self._size, self._size))
@@ -1014,20 +1025,20 @@ class _ZipWriter:
                     b"PK\x01\x02",
                     0,  # made by
                     45 if fields else 0,  # version needed
-                    0x0808,
+                    self._flags(size),
                     0,
                     0,
                     0,
                     crc,
-                    min(size, _ZIP32_LIMIT),
-                    min(size, _ZIP32_LIMIT),
+                    _zip32(size),
+                    _zip32(size),
                     len(name),
                     len(extra),
                     0,  # comment
                     0,  # disk
                     0,  # internal attributes
                     0,  # external attributes
-                    min(offset, _ZIP32_LIMIT),
+                    _zip32(offset),
                 )
                 + name
                 + extra
@@ -1049,11 +1060,15 @@ class _ZipWriter:
                 0,
                 min(count, 0xFFFF),
                 min(count, 0xFFFF),
-                min(size, _ZIP32_LIMIT),
-                min(directory, _ZIP32_LIMIT),
+                _zip32(size),
+                _zip32(directory),
                 0,
             )
         )
+
+
+def _zip32(value: int) -> int:
+    return _ZIP64_MARK if value >= _ZIP32_LIMIT else value
 
 
 def _hash_combine(seed: int, value: int) -> int:
