@@ -1,0 +1,137 @@
+"""The torch-free archive module in a fresh interpreter: no torch import, bounded memory.
+
+Each check runs in its own subprocess, since what is measured (``sys.modules``, the
+peak RSS) belongs to a whole process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Dict
+
+import pytest
+import torch
+
+from fl_sidecar import models
+
+_MIB = 1024 * 1024
+
+
+def _run(code: str) -> str:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+        self.out = torch.nn.Linear(3, 4)
+        self.out.weight = torch.nn.Parameter(self.fc.weight.detach().t().contiguous())
+
+
+def test_vetting_and_converting_never_import_torch(tmp_path: Path) -> None:
+    pickled = tmp_path / "module.pt"
+    torch.save(Net(), pickled)
+    scripted = tmp_path / "scripted.pt"
+    models.save_module(torch.jit.script(Net()), scripted)
+    out = _run(
+        f"""
+        import json, sys
+        from fl_sidecar import archive
+        seen = []
+        for src in ({str(pickled)!r}, {str(scripted)!r}):
+            seen.append(archive.detect_format(src).value)
+            names = list(archive.describe(src).tensors)
+            archive.archive_to_safetensors(src, src + ".safetensors")
+            seen.append(archive.detect_format(src + ".safetensors").value)
+            archive.safetensors_into_archive(src, src + ".safetensors", src + ".out")
+            seen.append(len(names))
+        print(json.dumps([seen, sorted(m for m in sys.modules if m.split(".")[0] == "torch")]))
+        """
+    )
+    seen, torch_modules = json.loads(out)
+    assert torch_modules == []
+    assert seen == ["torch", "safetensors", 4, "torchscript", "safetensors", 4]
+    # What the torch-free process wrote loads with torch, as the same module types.
+    loaded = torch.load(str(pickled) + ".out", weights_only=False)
+    assert type(loaded) is Net
+    assert isinstance(models.load_trusted(str(scripted) + ".out"), torch.jit.ScriptModule)
+
+
+_PEAK = """
+import json, sys
+from fl_sidecar import archive
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+try:  # reset the peak (VmHWM) to the current RSS, so the imports' peak is not counted
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
+before = status("VmRSS")
+src, dst, out = sys.argv[1:4]
+{op}
+print(json.dumps((status("VmHWM") - before) / 2**20))
+"""
+
+
+def _peak_mib(op: str, *paths: Path) -> float:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK.format(op=op), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_converting_a_256_mib_archive_keeps_memory_bounded(tmp_path: Path) -> None:
+    state: Dict[str, torch.Tensor] = {
+        f"layer{i}.weight": torch.full((4096, 4096), float(i)) for i in range(4)
+    }
+    state["tied.weight"] = state["layer0.weight"]  # one storage, two names: streamed too
+    src = tmp_path / "big.pt"
+    torch.save(state, src)
+    del state
+    assert src.stat().st_size > 256 * _MIB
+    weights = tmp_path / "big.safetensors"
+    out = tmp_path / "out.pt"
+    to_st = _peak_mib("archive.archive_to_safetensors(src, dst)", src, weights, out)
+    assert weights.stat().st_size > 320 * _MIB  # the tied copy is written twice
+    back = _peak_mib("archive.safetensors_into_archive(src, dst, out)", src, weights, out)
+    vetting = _peak_mib("archive.describe(src)", src, weights, out)
+    # The control: holding the archive in memory shows up, so the bound can fail.
+    control = _peak_mib("data = open(src, 'rb').read()", src, weights, out)
+    assert control > 250, control
+    assert to_st < 64, to_st
+    assert back < 64, back
+    assert vetting < 64, vetting
+    loaded = torch.load(out, weights_only=True, mmap=True)
+    assert float(loaded["layer3.weight"][4095, 4095]) == 3.0
+    assert loaded["tied.weight"].data_ptr() == loaded["layer0.weight"].data_ptr()
