@@ -7,6 +7,12 @@ cd "$(dirname "$0")/.."
 if [ -z "${CARGO_SOURCE:-}" ]; then
   if compgen -G "/usr/share/cargo/registry/pyo3-*" >/dev/null; then CARGO_SOURCE=debian; else CARGO_SOURCE=crates-io; fi
 fi
+if [ "$CARGO_SOURCE" = "debian" ]; then
+  # Debian's zstd-sys links pkg-config's `libzstd`, statically when that names a libzstd.a:
+  # ours is libzstd 1.5.7 (see build-libzstd.sh); empty output means the system one.
+  zstd_pc=$(bash scripts/build-libzstd.sh)
+  if [ -n "$zstd_pc" ]; then export PKG_CONFIG_PATH="$zstd_pc${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"; fi
+fi
 args=(--release)
 if [ "$CARGO_SOURCE" = "debian" ]; then
   # maturin runs `cargo metadata` without our --config flags, so the source replacement

@@ -18,6 +18,12 @@ if [ "$CARGO_SOURCE" = "crates-io" ] && grep -q 'Could not get crate checksum' C
   echo "Cargo.lock holds Debian checksums; regenerating it for crates.io" >&2
   cargo generate-lockfile
 fi
+if [ "$CARGO_SOURCE" = "debian" ]; then
+  # Debian's zstd-sys links pkg-config's `libzstd`, statically when that names a libzstd.a:
+  # ours is libzstd 1.5.7 (see build-libzstd.sh); empty output means the system one.
+  zstd_pc=$(bash scripts/build-libzstd.sh)
+  if [ -n "$zstd_pc" ]; then export PKG_CONFIG_PATH="$zstd_pc${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"; fi
+fi
 args=()
 if [ "$CARGO_SOURCE" = "debian" ]; then
   args+=(--config 'source.crates-io.replace-with="debian"'

@@ -13,6 +13,7 @@ MAX_CHUNK_SIZE: int
 DEFAULT_MAX_OUTPUT_SIZE: int
 MIN_LEVEL: int
 MAX_LEVEL: int
+MIN_PIECE_SIZE: int
 
 def pack(data: Buffer, level: int, chunk_size: int, threads: int) -> bytes: ...
 def unpack(blob: Buffer, max_output_size: int, threads: int) -> bytes: ...
@@ -21,6 +22,7 @@ def pack_file(
 ) -> Tuple[int, int, int]: ...
 def unpack_file(src: _Path, dst: _Path, max_output_size: int, threads: int) -> int: ...
 def inspect(blob: Buffer) -> Tuple[int, int, Optional[int], bool, bool]: ...
+def zstd_version() -> str: ...
 
 @final
 class Packer:
@@ -31,11 +33,14 @@ class Packer:
 
 @final
 class Unpacker:
-    def __new__(cls, max_output_size: int) -> Unpacker: ...
+    def __new__(cls, max_output_size: int, max_piece_size: Optional[int] = None) -> Unpacker: ...
     def write(self, data: Buffer) -> bytes: ...
+    def drain(self) -> bytes: ...
     def finish(self) -> None: ...
     @property
     def produced(self) -> int: ...
+    @property
+    def pending_input(self) -> int: ...
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -44,6 +49,7 @@ __all__ = [
     "MAX_CHUNK_SIZE",
     "MAX_LEVEL",
     "MIN_LEVEL",
+    "MIN_PIECE_SIZE",
     "Packer",
     "Unpacker",
     "inspect",
@@ -51,4 +57,5 @@ __all__ = [
     "pack_file",
     "unpack",
     "unpack_file",
+    "zstd_version",
 ]

@@ -35,7 +35,7 @@ Warning -- decoding our blobs elsewhere:
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union, cast
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Optional, Union, cast
 
 from fl_sidecar import _codec
 
@@ -55,6 +55,7 @@ __all__ = [
     "MAX_CHUNK_SIZE",
     "MAX_LEVEL",
     "MIN_LEVEL",
+    "MIN_PIECE_SIZE",
     "BlobInfo",
     "PackStats",
     "Packer",
@@ -65,6 +66,7 @@ __all__ = [
     "pack_file",
     "unpack",
     "unpack_file",
+    "zstd_version",
 ]
 
 #: Default zstd compression level (chosen by measurement; see docs/codec.md).
@@ -78,6 +80,8 @@ DEFAULT_MAX_OUTPUT_SIZE: int = _codec.DEFAULT_MAX_OUTPUT_SIZE
 #: The compression levels zstd accepts (negative levels are its fast modes; 0 means 3).
 MIN_LEVEL: int = _codec.MIN_LEVEL
 MAX_LEVEL: int = _codec.MAX_LEVEL
+#: Smallest ``max_piece_size`` of :class:`Unpacker`, in bytes: one zstd block (128 KiB).
+MIN_PIECE_SIZE: int = _codec.MIN_PIECE_SIZE
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -338,20 +342,76 @@ class Unpacker:
     Feed compressed pieces of any size with :meth:`write` (each returns the
     decompressed bytes ready now), then call :meth:`finish`. Frame checksums and
     seek tables are verified as they pass. After an error the decoder is spent.
+
+    Without ``max_piece_size`` one :meth:`write` returns everything its input
+    completes: a few bytes of a decompression bomb hidden behind ordinary data
+    can come back as one object of up to ``max_output_size`` bytes. With it,
+    every call returns at most ``max_piece_size`` bytes; what a :meth:`write`
+    could not decode yet is held (copied, so the caller may reuse its buffer)
+    and comes out through :meth:`drain`, piece by piece. :meth:`write_iter`
+    does both::
+
+        unpacker = Unpacker(max_output_size=limit, max_piece_size=4 << 20)
+        for message in messages:
+            for piece in unpacker.write_iter(message):  # each <= 4 MiB
+                send(piece)
+        unpacker.finish()
+
+    Memory is then one piece, the frame's window (at most 8 MiB, or 128 MiB
+    when ``max_output_size`` is that large) and the held input, whatever the
+    expansion.
     """
 
-    def __init__(self, *, max_output_size: int = DEFAULT_MAX_OUTPUT_SIZE) -> None:
-        """``max_output_size``: the most decompressed bytes to produce in total."""
-        self._inner = _codec.Unpacker(_check_count("max_output_size", max_output_size))
+    def __init__(
+        self,
+        *,
+        max_output_size: int = DEFAULT_MAX_OUTPUT_SIZE,
+        max_piece_size: Optional[int] = None,
+    ) -> None:
+        """``max_output_size``: the most decompressed bytes to produce in total.
+        ``max_piece_size``: the most decompressed bytes one call returns (None: no bound;
+        at least :data:`MIN_PIECE_SIZE`; pieces come out between it minus 128 KiB and it).
+
+        Raises:
+            ValueError: ``max_piece_size`` below :data:`MIN_PIECE_SIZE`, or a negative size.
+        """
+        piece = None if max_piece_size is None else _check_count("max_piece_size", max_piece_size)
+        self._inner = _codec.Unpacker(_check_count("max_output_size", max_output_size), piece)
 
     def write(self, data: Buffer) -> bytes:
-        """Feeds compressed bytes; returns the decompressed bytes ready now.
+        """Feeds compressed bytes; returns the decompressed bytes ready now (at most
+        ``max_piece_size`` bytes; input not yet decoded is held for :meth:`drain`).
 
         Raises:
             The errors of :func:`unpack` (TruncatedDataError only from :meth:`finish`);
-            ValueError after :meth:`finish` or after an earlier error.
+            ValueError after :meth:`finish`, after an earlier error, or while input is
+            still held (:attr:`pending_input` > 0: :meth:`drain` first).
         """
         return self._inner.write(_contiguous(data))
+
+    def drain(self) -> bytes:
+        """Decodes more of the held input; returns at most ``max_piece_size`` bytes, and
+        ``b""`` once nothing is held. Without ``max_piece_size`` nothing is ever held.
+
+        Raises:
+            The errors of :func:`unpack`; ValueError after :meth:`finish` or an earlier error.
+        """
+        return self._inner.drain()
+
+    def write_iter(self, data: Buffer) -> Iterator[bytes]:
+        """Feeds ``data`` and yields its decompressed bytes in pieces of at most
+        ``max_piece_size`` bytes (empty pieces are skipped), draining all held input.
+
+        Raises:
+            The errors of :meth:`write`, as the pieces are pulled.
+        """
+        piece = self.write(data)
+        while True:
+            if piece:
+                yield piece
+            if not self.pending_input:
+                return
+            piece = self.drain()
 
     def finish(self) -> None:
         """Declares the end of the input.
@@ -359,7 +419,7 @@ class Unpacker:
         Raises:
             TruncatedDataError: the stream stopped inside a frame, or nothing was fed.
             SeekTableError: it ends with a seek table that does not match its frames.
-            ValueError: called twice, or after an error.
+            ValueError: called twice, after an error, or while input is still held.
         """
         self._inner.finish()
 
@@ -367,3 +427,13 @@ class Unpacker:
     def produced(self) -> int:
         """Decompressed bytes produced so far."""
         return self._inner.produced
+
+    @property
+    def pending_input(self) -> int:
+        """Bytes of compressed input held for :meth:`drain` (0 without ``max_piece_size``)."""
+        return self._inner.pending_input
+
+
+def zstd_version() -> str:
+    """The version of the libzstd the native module is linked with, e.g. ``"1.5.7"``."""
+    return _codec.zstd_version()

@@ -16,7 +16,7 @@ from typing import Dict
 
 import pytest
 
-from fl_sidecar import codec
+from fl_sidecar import _codec, codec
 from fl_sidecar.errors import ChecksumMismatchError
 
 ZSTD = shutil.which("zstd")
@@ -181,3 +181,53 @@ def test_bomb_does_not_allocate_past_the_limit(tmp_path: Path) -> None:
     # Bounded by a few times the 8 MiB limit (output buffers, the decoder's 8 MiB window),
     # about 33 MiB measured, never the gigabyte the bomb expands to.
     assert grown_mib < 64, f"peak RSS grew by {grown_mib:.1f} MiB"
+
+
+def test_bounded_unpacker_memory_stays_bounded_whatever_the_expansion(tmp_path: Path) -> None:
+    result = child_peak(
+        """
+        import os, struct
+        ordinary = codec.pack(os.urandom(3 << 20))
+        bomb = b"\\x28\\xb5\\x2f\\xfd" + bytes([0x00, 13 << 3])  # no size, 8 MiB window
+        for i in range(4096):  # 512 MiB of zeros in 16 KiB of RLE blocks
+            header = int(i == 4095) | (1 << 1) | ((128 * 1024) << 3)
+            bomb += struct.pack("<I", header)[:3] + b"\\x00"
+        blob = ordinary + bomb
+        before = current_kib()
+        unpacker = codec.Unpacker(max_output_size=1 << 30, max_piece_size=4 << 20)
+        total = largest = 0
+        for piece in unpacker.write_iter(blob):  # the whole blob in one write
+            total += len(piece)
+            largest = max(largest, len(piece))
+        unpacker.finish()
+        print(json.dumps({"before": before, "after": peak_kib(), "total": total,
+                          "largest": largest}))
+        """,
+        tmp_path,
+    )
+    assert result["total"] == (3 << 20) + (512 << 20)
+    assert result["largest"] <= 4 << 20
+    grown_mib = (result["after"] - result["before"]) / 1024
+    # The bomb's 8 MiB window, one 4 MiB piece in the decoder and its bytes copy, the held
+    # input: about 20 MiB, never the 512 MiB one unbounded write would return.
+    assert grown_mib < 48, f"peak RSS grew by {grown_mib:.1f} MiB"
+
+
+def test_zstd_version_is_the_linked_library() -> None:
+    """The module reports the libzstd it runs: the static 1.5.7 of scripts/build-libzstd.sh,
+    or (FL_SIDECAR_SYSTEM_ZSTD=1, no download) the shared system one it then needs."""
+    module = _codec.__file__
+    assert module is not None
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        pytest.skip("ldd is missing")
+    linked = subprocess.run([ldd, module], capture_output=True, text=True, timeout=60, check=True)
+    shared = [line.split()[0] for line in linked.stdout.splitlines() if "libzstd" in line]
+    if not shared:
+        assert codec.zstd_version() == "1.5.7"
+        return
+    import ctypes
+
+    system = ctypes.CDLL(shared[0])
+    system.ZSTD_versionString.restype = ctypes.c_char_p
+    assert codec.zstd_version() == system.ZSTD_versionString().decode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 from typing import List
 
@@ -202,6 +203,65 @@ def test_streaming_unpacker_any_piece_size(data: bytes, piece: int, chunk: int) 
     unpacker.finish()
     assert out == data
     assert unpacker.produced == len(data)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    data=st.binary(max_size=400_000) | st.just(bytes(3 << 20)),
+    piece=st.integers(1, 200_000),
+    bound=st.sampled_from([codec.MIN_PIECE_SIZE, codec.MIN_PIECE_SIZE + 1, 300_000]),
+)
+def test_bounded_unpacker_any_piece_size(data: bytes, piece: int, bound: int) -> None:
+    blob = codec.pack(data, chunk_size=150_000)
+    unpacker = codec.Unpacker(max_piece_size=bound)
+    outs = [
+        out for i in range(0, len(blob), piece) for out in unpacker.write_iter(blob[i : i + piece])
+    ]
+    unpacker.finish()
+    assert b"".join(outs) == data
+    assert all(0 < len(out) <= bound for out in outs)
+
+
+def test_bounded_unpacker_holds_a_copy_and_insists_on_draining() -> None:
+    data = bytes(1 << 20) + os.urandom(1000)
+    blob = bytearray(codec.pack(data))
+    unpacker = codec.Unpacker(max_piece_size=codec.MIN_PIECE_SIZE)
+    first = unpacker.write(blob)
+    assert 0 < len(first) <= codec.MIN_PIECE_SIZE
+    assert unpacker.pending_input > 0
+    blob[:] = bytes(len(blob))  # the caller reuses its buffer: what is held is a copy
+    with pytest.raises(ValueError, match="drain"):
+        unpacker.write(b"more")
+    with pytest.raises(ValueError, match="drain"):
+        unpacker.finish()
+    rest = []
+    while unpacker.pending_input:
+        rest.append(unpacker.drain())
+    assert unpacker.drain() == b""
+    unpacker.finish()
+    assert first + b"".join(rest) == data
+
+
+def test_unbounded_unpacker_never_holds_input() -> None:
+    unpacker = codec.Unpacker()
+    assert unpacker.write(codec.pack(bytes(3 << 20))) == bytes(3 << 20)
+    assert unpacker.pending_input == 0
+    assert unpacker.drain() == b""
+    assert list(unpacker.write_iter(codec.pack(b"abc"))) == [b"abc"]
+    unpacker.finish()
+
+
+@pytest.mark.parametrize("bound", [0, 1, codec.MIN_PIECE_SIZE - 1, -1])
+def test_piece_bound_below_one_block_is_refused(bound: int) -> None:
+    with pytest.raises(ValueError):
+        codec.Unpacker(max_piece_size=bound)
+
+
+def test_zstd_version() -> None:
+    version = codec.zstd_version()
+    assert re.fullmatch(r"1\.\d+\.\d+", version), version
+    # The codec relies on single-segment frames and streaming APIs of 1.4+.
+    assert tuple(int(p) for p in version.split(".")) >= (1, 4, 0)
 
 
 def test_files_round_trip(tmp_path: Path) -> None:

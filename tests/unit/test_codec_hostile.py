@@ -9,6 +9,7 @@ seekable format), independent of the Rust one.
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 from typing import Callable, Dict, List, NamedTuple, Tuple, Type, Union
 
@@ -277,15 +278,15 @@ def test_lying_seek_table(lie: str) -> None:
         codec.inspect(bad)
 
 
-def rle_bomb(blocks: int, *, content_size: int = -1) -> bytes:
-    """A zstd frame of `blocks` RLE blocks of 128 KiB each: 4 bytes per 128 KiB of output."""
+def rle_bomb(blocks: int, *, content_size: int = -1, byte: int = 0xAB) -> bytes:
+    """A zstd frame of `blocks` RLE blocks of 128 KiB of `byte` each: 4 bytes per 128 KiB."""
     if content_size < 0:
         out = b"\x28\xb5\x2f\xfd" + bytes([0x00, 13 << 3])  # no size, 8 MiB window
     else:
         out = b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + struct.pack("<Q", content_size)
     for i in range(blocks):
         header = int(i + 1 == blocks) | (1 << 1) | ((128 * 1024) << 3)
-        out += struct.pack("<I", header)[:3] + b"\xab"
+        out += struct.pack("<I", header)[:3] + bytes([byte])
     return out
 
 
@@ -302,6 +303,43 @@ def test_bomb_without_sizes_stops_at_the_limit() -> None:
     # The decoder is spent after the error.
     with pytest.raises(ValueError):
         unpacker.write(b"")
+
+
+@pytest.mark.parametrize("piece", [codec.MIN_PIECE_SIZE, 1 << 20, 4 << 20])
+def test_a_bomb_of_zeros_in_one_write_comes_out_in_bounded_pieces(piece: int) -> None:
+    # Ordinary data first, then 64 MiB of zeros from 2 KiB, fed as one write.
+    ordinary = os.urandom(300_000)
+    blob = codec.pack(ordinary, chunk_size=100_000) + rle_bomb(512, byte=0)
+    assert len(blob) < 310_000
+    unpacker = codec.Unpacker(max_output_size=1 << 30, max_piece_size=piece)
+    sizes = []
+    total = 0
+    for i, out in enumerate(unpacker.write_iter(blob)):
+        sizes.append(len(out))
+        # Checked piece by piece, never joined: the test itself stays bounded too.
+        if i == 0:
+            assert out[: len(ordinary)] == ordinary[: len(out)]
+        if total >= len(ordinary):
+            assert out.count(0) == len(out)
+        total += len(out)
+    unpacker.finish()
+    assert total == len(ordinary) + (64 << 20)
+    assert max(sizes) <= piece
+    # Every piece but the last is full up to one block: bounded, but not needlessly small.
+    assert min(sizes[:-1]) > piece - codec.MIN_PIECE_SIZE
+    assert unpacker.produced == total
+
+
+def test_bounded_pieces_still_stop_at_the_total_limit() -> None:
+    unpacker = codec.Unpacker(max_output_size=1 << 20, max_piece_size=256 << 10)
+    pieces = []
+    with pytest.raises(SizeLimitExceededError):
+        for out in unpacker.write_iter(rle_bomb(8192)):  # 1 GiB
+            pieces.append(len(out))
+    assert all(n <= 256 << 10 for n in pieces)
+    assert unpacker.produced <= (1 << 20) + 1
+    with pytest.raises(ValueError):
+        unpacker.drain()
 
 
 def test_bomb_with_claimed_size_is_refused_from_the_header() -> None:

@@ -15,7 +15,7 @@ use crate::error::{classify_zstd_error, zstd_error_name, CodecError, Result, Zst
 use crate::format::{
     frame_header_size, is_skippable_magic, parse_block_header, parse_frame_header,
     parse_seek_table_content, read_u32, scan, FrameHeader, FrameInfo, Layout, SeekTable,
-    MAX_FRAMES, MAX_FRAME_HEADER_SIZE, SEEKABLE_MAGIC, SEEK_TABLE_FOOTER_SIZE,
+    MAX_BLOCK_SIZE, MAX_FRAMES, MAX_FRAME_HEADER_SIZE, SEEKABLE_MAGIC, SEEK_TABLE_FOOTER_SIZE,
     SEEK_TABLE_SKIPPABLE_MAGIC, SKIPPABLE_HEADER_SIZE, ZSTD_MAGIC,
 };
 use crate::pool::run_in_pool;
@@ -33,6 +33,10 @@ const MAX_ZSTD_WINDOW: u64 = 1 << 31;
 
 /// Bytes the streaming decoder produces at a time.
 const STREAM_STEP: usize = 128 * 1024;
+
+/// The smallest output bound [`Unpacker::write_bounded`] accepts: one zstd block's content
+/// (128 KiB), the most one step of the decoder can produce.
+pub const MIN_BOUNDED_OUTPUT: usize = MAX_BLOCK_SIZE;
 
 fn zstd_failure(code: usize, what: String) -> CodecError {
     match classify_zstd_error(code) {
@@ -353,6 +357,28 @@ impl Unpacker {
 
     /// Feeds `input`; appends the bytes it decodes to `out`.
     pub fn write(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        self.write_bounded(input, out, usize::MAX).map(|_| ())
+    }
+
+    /// Feeds as much of `input` as it can without appending more than `max_output` bytes to
+    /// `out`; returns how many bytes of `input` it took. The caller offers the rest again
+    /// (after handling `out`) to continue: a small input that expands hugely comes out in
+    /// pieces of at most `max_output` bytes instead of all at once.
+    ///
+    /// `max_output` must be at least [`MIN_BOUNDED_OUTPUT`] (one zstd block, the most a
+    /// single step can produce); every call with input left makes progress.
+    pub fn write_bounded(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        max_output: usize,
+    ) -> Result<usize> {
+        if max_output < MIN_BOUNDED_OUTPUT {
+            return Err(CodecError::InvalidArgument(format!(
+                "the output bound must be at least {MIN_BOUNDED_OUTPUT} bytes (one zstd block), \
+                 got {max_output}"
+            )));
+        }
         if self.failed {
             return Err(CodecError::InvalidArgument(
                 "the unpacker already failed; start a new one".into(),
@@ -363,7 +389,7 @@ impl Unpacker {
                 "the unpacker is already finished".into(),
             ));
         }
-        let result = self.write_inner(input, out);
+        let result = self.write_inner(input, out, max_output);
         if result.is_err() {
             self.failed = true;
         }
@@ -381,8 +407,20 @@ impl Unpacker {
         take
     }
 
-    fn write_inner(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    /// Runs the parser over `input` one step at a time (a header, a block body or part of
+    /// one, a checksum, a skippable frame's bytes). A step decodes at most one block, so it
+    /// appends at most `MAX_BLOCK_SIZE` bytes (zstd refuses larger blocks, and each `feed`
+    /// drains zstd completely): stopping before a step that could cross `max_output` keeps
+    /// the output within it. Returns the bytes of `input` taken.
+    fn write_inner(&mut self, input: &[u8], out: &mut Vec<u8>, max_output: usize) -> Result<usize> {
+        let start = out.len();
+        let total = input.len();
+        let mut input = input;
         while !input.is_empty() {
+            if (out.len() - start).saturating_add(MAX_BLOCK_SIZE) > max_output {
+                break;
+            }
+            let before = out.len();
             let used = match self.stage {
                 Stage::Magic => {
                     let used = self.collect(input, 4);
@@ -480,9 +518,13 @@ impl Unpacker {
                     take
                 }
             };
+            debug_assert!(
+                out.len() - before <= MAX_BLOCK_SIZE,
+                "one step, one block at most"
+            );
             input = &input[used..];
         }
-        Ok(())
+        Ok(total - input.len())
     }
 
     fn start_frame(&mut self) -> Result<()> {

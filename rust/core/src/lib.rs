@@ -11,11 +11,13 @@ pub mod pool;
 
 pub use decode::{
     plan, unpack, unpack_file, unpack_stream, DecodePlan, Unpacker, DEFAULT_MAX_OUTPUT_SIZE,
+    MIN_BOUNDED_OUTPUT,
 };
 pub use encode::{
     compress_into, frames_bound, pack, pack_file, pack_into, pack_stream, packed_bound,
     PackOptions, PackStats, Packer, DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, MAX_CHUNK_SIZE,
 };
+pub use encode::{zstd_version, zstd_version_number};
 pub use error::{CodecError, Result};
 pub use format::{scan, Layout};
 

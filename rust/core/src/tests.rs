@@ -525,3 +525,87 @@ fn unpacker_refuses_use_after_finish() {
     ));
     assert!(matches!(u.finish(), Err(CodecError::InvalidArgument(_))));
 }
+
+/// Decodes `blob` fed in `piece`-byte writes, each drained in outputs of at most `bound`
+/// bytes; returns the data and the largest output one call appended.
+fn bounded_unpack(blob: &[u8], piece: usize, bound: usize) -> Result<(Vec<u8>, usize), CodecError> {
+    let mut u = Unpacker::new(LIMIT);
+    let (mut data, mut largest) = (Vec::new(), 0);
+    for mut p in blob.chunks(piece.max(1)) {
+        while !p.is_empty() {
+            let mut out = Vec::new();
+            let used = u.write_bounded(p, &mut out, bound)?;
+            assert!(used > 0 || !out.is_empty(), "a call made no progress");
+            largest = largest.max(out.len());
+            data.extend_from_slice(&out);
+            p = &p[used..];
+        }
+    }
+    u.finish()?;
+    Ok((data, largest))
+}
+
+#[test]
+fn bounded_writes_never_exceed_their_bound() {
+    use crate::decode::MIN_BOUNDED_OUTPUT;
+    // A bomb of zeros in one write: 256 MiB from 8 KiB, behind ordinary data.
+    let mut blob = pack(&sample(3 << 20, 7, false), &opts(3, 1 << 20, 1)).unwrap();
+    blob.extend_from_slice(&rle_bomb(2048));
+    for bound in [MIN_BOUNDED_OUTPUT, MIN_BOUNDED_OUTPUT + 1, 1 << 20, 4 << 20] {
+        let (data, largest) = bounded_unpack(&blob, blob.len(), bound).unwrap();
+        assert_eq!(data.len(), (3 << 20) + (256 << 20));
+        assert!(
+            largest <= bound,
+            "bound {bound}: a call returned {largest} bytes"
+        );
+        assert!(
+            largest + MIN_BOUNDED_OUTPUT > bound,
+            "bound {bound}: pieces of {largest} only"
+        );
+        assert!(data[3 << 20..].iter().all(|&b| b == 0xAB));
+        assert_eq!(data[..3 << 20], sample(3 << 20, 7, false));
+    }
+    // Any write size; ours, foreign frames, and a cut blob (the same error either way).
+    let text = sample(5 << 20, 3, true);
+    let ours = pack(&text, &opts(3, 1 << 20, 2)).unwrap();
+    let foreign = foreign_frame(&text, true, false);
+    let truncated = &ours[..ours.len() / 2];
+    for blob in [truncated, &ours, &foreign] {
+        let whole = stream_unpack(blob, blob.len(), LIMIT);
+        for piece in [1, 4096, 1 << 20, blob.len()] {
+            let bounded = bounded_unpack(blob, piece, MIN_BOUNDED_OUTPUT);
+            match (&whole, bounded) {
+                (Ok(w), Ok((data, largest))) => {
+                    assert_eq!(&data, w);
+                    assert!(largest <= MIN_BOUNDED_OUTPUT);
+                }
+                (Err(_), Err(_)) => {}
+                (w, b) => panic!("piece {piece}: unbounded {w:?}, bounded {b:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn bounded_writes_keep_the_limit_and_refuse_tiny_bounds() {
+    let mut u = Unpacker::new(LIMIT);
+    let mut out = Vec::new();
+    assert!(matches!(
+        u.write_bounded(b"", &mut out, 1000),
+        Err(CodecError::InvalidArgument(_))
+    ));
+    // The total limit still stops a bomb, piece by piece.
+    let bomb = rle_bomb(64); // 8 MiB
+    let mut u = Unpacker::new(1 << 20);
+    let mut rest = &bomb[..];
+    let r = loop {
+        out.clear();
+        match u.write_bounded(rest, &mut out, 256 << 10) {
+            Ok(used) => rest = &rest[used..],
+            Err(e) => break e,
+        }
+        assert!(out.len() <= 256 << 10);
+    };
+    assert!(matches!(r, CodecError::SizeLimitExceeded { .. }), "{r:?}");
+    assert!(u.produced() <= (1 << 20) + 1);
+}

@@ -289,33 +289,114 @@ impl Packer {
 }
 
 /// Streaming decoder for any zstd stream.
+///
+/// With `max_piece_size`, each call returns at most that many bytes; input a call could
+/// not decode yet is copied and held (the caller's buffer may be reused once `write`
+/// returns), and `drain` decodes it piece by piece.
 #[pyclass(module = "fl_sidecar._codec")]
 struct Unpacker {
     inner: core::Unpacker,
+    max_piece_size: Option<usize>,
+    held: Vec<u8>,
+    held_from: usize,
+}
+
+impl Unpacker {
+    fn pending(&self) -> usize {
+        self.held.len() - self.held_from
+    }
 }
 
 #[pymethods]
 impl Unpacker {
     #[new]
-    fn new(max_output_size: u64) -> Self {
-        Unpacker {
-            inner: core::Unpacker::new(max_output_size),
+    fn new(max_output_size: u64, max_piece_size: Option<usize>) -> PyResult<Self> {
+        if let Some(n) = max_piece_size {
+            if n < core::MIN_BOUNDED_OUTPUT {
+                return Err(PyValueError::new_err(format!(
+                    "max_piece_size must be at least {} bytes (one zstd block), got {n}",
+                    core::MIN_BOUNDED_OUTPUT
+                )));
+            }
         }
+        Ok(Unpacker {
+            inner: core::Unpacker::new(max_output_size),
+            max_piece_size,
+            held: Vec::new(),
+            held_from: 0,
+        })
     }
 
     fn write(&mut self, py: Python<'_>, data: &PyAny) -> PyResult<PyObject> {
+        if self.pending() > 0 {
+            return Err(PyValueError::new_err(format!(
+                "{} bytes of earlier input are still held: drain() them before writing more",
+                self.pending()
+            )));
+        }
         let input = InputBuffer::get(py, data)?;
         let slice = input.as_slice();
         let inner = &mut self.inner;
-        let out = run_released(py, || {
-            let mut out = Vec::new();
-            inner.write(slice, &mut out)?;
-            Ok(out)
-        })?;
+        let out = match self.max_piece_size {
+            None => run_released(py, || {
+                let mut out = Vec::new();
+                inner.write(slice, &mut out)?;
+                Ok(out)
+            })?,
+            Some(bound) => {
+                let (out, held) = run_released(py, || {
+                    let mut out = Vec::with_capacity(bound.min(64 << 20));
+                    let used = inner.write_bounded(slice, &mut out, bound)?;
+                    Ok((out, slice[used..].to_vec()))
+                })?;
+                self.held = held;
+                self.held_from = 0;
+                out
+            }
+        };
         Ok(PyBytes::new(py, &out).into())
     }
 
+    /// The next piece decoded from held input; empty once none is held.
+    fn drain(&mut self, py: Python<'_>) -> PyResult<PyObject> {
+        let (Some(bound), true) = (self.max_piece_size, self.pending() > 0) else {
+            // Nothing held; still refused after finish() or an error, like write().
+            self.inner
+                .write(&[], &mut Vec::new())
+                .map_err(|e| to_py_err(py, e.into()))?;
+            return Ok(PyBytes::new(py, b"").into());
+        };
+        let inner = &mut self.inner;
+        let rest = &self.held[self.held_from..];
+        let result = run_released(py, || {
+            let mut out = Vec::with_capacity(bound.min(64 << 20));
+            let used = inner.write_bounded(rest, &mut out, bound)?;
+            Ok((out, used))
+        });
+        match result {
+            Ok((out, used)) => {
+                self.held_from += used;
+                if self.pending() == 0 {
+                    self.held = Vec::new();
+                    self.held_from = 0;
+                }
+                Ok(PyBytes::new(py, &out).into())
+            }
+            Err(e) => {
+                self.held = Vec::new();
+                self.held_from = 0;
+                Err(e)
+            }
+        }
+    }
+
     fn finish(&mut self, py: Python<'_>) -> PyResult<()> {
+        if self.pending() > 0 {
+            return Err(PyValueError::new_err(format!(
+                "{} bytes of input are still held: drain() them before finish()",
+                self.pending()
+            )));
+        }
         let inner = &mut self.inner;
         run_released(py, || Ok(inner.finish()?))
     }
@@ -325,6 +406,19 @@ impl Unpacker {
     fn produced(&self) -> u64 {
         self.inner.produced()
     }
+
+    /// Bytes of input held for `drain` (copied from the last `write`).
+    #[getter]
+    fn pending_input(&self) -> usize {
+        self.pending()
+    }
+}
+
+/// The libzstd the module is linked with, as "MAJOR.MINOR.RELEASE".
+#[pyfunction]
+#[pyo3(text_signature = "()")]
+fn zstd_version() -> String {
+    core::zstd_version()
 }
 
 #[pymodule]
@@ -340,6 +434,8 @@ fn _codec(_py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pack_file, m)?)?;
     m.add_function(wrap_pyfunction!(unpack_file, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(zstd_version, m)?)?;
+    m.add("MIN_PIECE_SIZE", core::MIN_BOUNDED_OUTPUT)?;
     m.add_class::<Packer>()?;
     m.add_class::<Unpacker>()?;
     Ok(())
