@@ -8,8 +8,10 @@ twice (counted on the wire and on the server).
 from __future__ import annotations
 
 import hashlib
+import http.server
 import logging
 import socket
+import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
@@ -196,3 +198,49 @@ def test_upload_succeeds_after_a_refused_first_connection(
             p.stop()
     assert len(started) == 1
     assert len(_uploads(started[0], model_id)) == 1
+
+
+def test_one_keep_alive_connection_for_many_calls(tmp_path: Path) -> None:
+    """Calls reuse one connection (Basic auth costs the real server 0.25 s per handshake)."""
+    peers: List[Any] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _answer(self, status: int, body: bytes) -> None:
+            peers.append(self.client_address)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            self._answer(200, b"m" * 100_000 if "models" in self.path else b'{"state": "O"}')
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._answer(201, b'{"detail": "Model Update Accepted"}')
+
+        def do_OPTIONS(self) -> None:
+            self._answer(200, b"")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"x" * 10_000)
+    try:
+        with _client(f"http://127.0.0.1:{server.server_port}", "tok") as client:
+            for _ in range(3):
+                client.download_model("a", tmp_path / "out.pt")
+                client.get_training("t")
+                client.upload_model("a", model, round=0, sample_size=1)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert len(peers) == 9
+    assert len(set(peers)) == 1
