@@ -516,6 +516,8 @@ class FlServerClient:
         spool_dir: Optional[PathLike] = None,
         max_backoff: float = _MAX_BACKOFF,
         min_upload_saving: float = 0.1,
+        verify: Union[bool, str] = True,
+        proxies: Optional[Mapping[str, str]] = None,
     ) -> None:
         """Set up the client; no request is made here.
 
@@ -537,6 +539,8 @@ class FlServerClient:
             max_backoff: cap on one backoff delay, in seconds.
             min_upload_saving: pack an upload only if samples of the model shrink by at
                 least this fraction (0.1: 10%); 0 packs whenever zstd is negotiated.
+            verify: TLS certificate check: True, False, or a CA bundle path.
+            proxies: scheme -> proxy URL (environment proxies are never used implicitly).
 
         Raises:
             ConfigurationError: an argument is invalid (e.g. a URL with a password in it).
@@ -577,6 +581,9 @@ class FlServerClient:
         self._session.mount("https://", adapter)
         # Proxies and netrc from the environment would leak past our settings object.
         self._session.trust_env = False
+        self._session.verify = verify
+        if proxies:
+            self._session.proxies.update(proxies)
         self._session.headers["User-Agent"] = _USER_AGENT
         # Small JSON answers need no coding; downloads ask for zstd explicitly.
         self._session.headers["Accept-Encoding"] = "identity"
