@@ -176,8 +176,6 @@ class ZstdMiddleware:
             environ["CONTENT_LENGTH"] = str(size)
             environ[ENVIRON_WIRE_BYTES] = wire
         wants_zstd = _accepts_zstd(environ.get("HTTP_ACCEPT_ENCODING", ""))
-        if environ.get("REQUEST_METHOD", "GET").upper() == "HEAD":
-            wants_zstd = False
         return _Response(self, environ, start_response, wants_zstd, spool)
 
     # -- requests --
@@ -283,6 +281,7 @@ class _Response:
         self._mw = mw
         self._start_response = start_response
         self._wants_zstd = wants_zstd
+        self._is_head = environ.get("REQUEST_METHOD", "GET").upper() == "HEAD"
         self._spool = spool
         self._status: Optional[str] = None
         self._headers: Headers = []
@@ -318,15 +317,17 @@ class _Response:
         self._pending = []
         if self._status is None:
             raise RuntimeError("the application returned without calling start_response")
-        compress = self._should_compress(size, ended)
+        eligible = self._eligible(size, ended)
         headers = _merge_token(self._headers, "Accept-Encoding", "zstd")
-        if not compress:
+        if eligible:
+            # Its coding depends on Accept-Encoding, whichever variant this one is.
+            headers = _merge_token(headers, "Vary", "Accept-Encoding")
+        if not (eligible and self._wants_zstd):
             self._send_headers(headers)
             yield from buffered
             if not ended:
                 yield from inner
             return
-        headers = _merge_token(headers, "Vary", "Accept-Encoding")
         headers = [*_without(headers, "Content-Length"), ("Content-Encoding", "zstd")]
         packer = _codec().Packer(**self._mw._packer_args)
         if not ended:
@@ -355,8 +356,9 @@ class _Response:
                 yield out
         yield packer.finish()
 
-    def _should_compress(self, size: int, ended: bool) -> bool:
-        if not self._wants_zstd or self._status is None:
+    def _eligible(self, size: int, ended: bool) -> bool:
+        """Whether this answer is compressed for a client that accepts zstd."""
+        if self._status is None or self._is_head:
             return False
         try:
             code = int(self._status.split(None, 1)[0])

@@ -278,6 +278,10 @@ def test_answers_left_alone(accept: Optional[str], method: str, inner: Recorder,
     assert got.get("content-encoding") != "zstd", why
     assert data == inner.body, why
     assert got["accept-encoding"].endswith("zstd"), why
+    # Only answers that a zstd client would get compressed vary by Accept-Encoding.
+    assert ("vary" in got) == (
+        why in ("client did not ask", "client refused zstd", "client asked for another coding")
+    ), why
 
 
 def test_star_accepts_zstd_and_existing_accept_encoding_is_merged() -> None:
