@@ -57,16 +57,23 @@ from fl_sidecar.errors import ModelFormatError, TensorMismatchError
 
 __all__ = [
     "CHUNK_BYTES",
+    "SAFETENSORS_DTYPES",
     "ArchiveDescription",
     "ModelFormat",
+    "NewValues",
     "SafetensorsEntry",
     "TensorInfo",
     "archive_to_safetensors",
+    "atomic_write",
+    "check_against",
     "describe",
     "detect_format",
     "dtype_itemsize",
     "list_tensors",
+    "open_archive",
+    "open_source",
     "read_safetensors_header",
+    "rewrite_archive",
     "safetensors_header",
     "safetensors_into_archive",
 ]
@@ -213,7 +220,12 @@ def _is_bytes(source: object) -> bool:
     return isinstance(source, (bytes, bytearray, memoryview))
 
 
-def _open_binary(source: Source) -> IO[bytes]:
+def open_source(source: Source) -> IO[bytes]:
+    """Opens bytes or a file path for binary reading.
+
+    Raises:
+        OSError: the file cannot be opened.
+    """
     if _is_bytes(source):
         return io.BytesIO(source)  # type: ignore[arg-type]
     return open(os.fspath(source), "rb")  # type: ignore[arg-type]
@@ -322,7 +334,7 @@ class _Archive:
     """A torch zip archive opened for restricted reading (the pickle never runs)."""
 
     def __init__(self, source: Source, *, parse: bool = True) -> None:
-        self._file = _open_binary(source)
+        self._file = open_source(source)
         try:
             self._open(parse)
         except BaseException:
@@ -505,6 +517,15 @@ class _Archive:
         for piece in self.iter_record(info, start, len(out)):
             out[done : done + len(piece)] = piece
             done += len(piece)
+
+    def read_storage_into(self, key: str, out: memoryview) -> None:
+        """Fills ``out`` (the record's size) with a storage's bytes in little-endian order.
+
+        Raises:
+            ModelFormatError: the record is truncated or corrupt.
+        """
+        self.read_range(self.records[f"data/{key}"], 0, out)
+        _swap(out, self.swap_unit(key))
 
     def by_storage(self) -> Dict[str, List[Tuple[str, TensorRef]]]:
         groups: Dict[str, List[Tuple[str, TensorRef]]] = {}
@@ -726,7 +747,7 @@ def read_safetensors_header(source: Source) -> Tuple[Dict[str, SafetensorsEntry]
         OSError: the file cannot be read.
     """
     total = _source_size(source)
-    with _open_binary(source) as f:
+    with open_source(source) as f:
         head = f.read(8)
         if len(head) < 8:
             raise ModelFormatError("not safetensors: shorter than its 8-byte header length")
@@ -791,8 +812,15 @@ def safetensors_header(specs: Mapping[str, Tuple[Sequence[int], str]]) -> Tuple[
     return struct.pack("<Q", len(raw)) + raw, order
 
 
-def _atomic_write(dest: PathLike, produce: Callable[[IO[bytes]], None]) -> None:
-    """Writes a file through a temporary sibling and a rename: never a half-written dest."""
+def atomic_write(dest: PathLike, produce: Callable[[IO[bytes]], None]) -> None:
+    """Writes a file through a temporary sibling and a rename: never a half-written dest.
+
+    ``produce`` writes the content to the open temporary file; if it raises, the
+    temporary file is removed and ``dest`` is left as it was.
+
+    Raises:
+        OSError: the file cannot be written; whatever ``produce`` raises.
+    """
     path = os.fspath(dest)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".fl-sidecar-", suffix=".tmp", dir=directory)
@@ -862,7 +890,7 @@ def archive_to_safetensors(src: PathLike, dst: PathLike) -> None:
             for name in order:
                 _write_view(archive, archive.tensors[name], out)
 
-        _atomic_write(dst, produce)
+        atomic_write(dst, produce)
 
 
 # --------------------------------------------------------------------------- writing
@@ -1256,4 +1284,4 @@ def safetensors_into_archive(template: PathLike, weights: PathLike, dst: PathLik
             {n: (e.shape, e.dtype) for n, e in header.items()},
         )
         values = _SafetensorsValues(wf, header, start)
-        _atomic_write(dst, lambda f: rewrite_archive(archive, f, values))
+        atomic_write(dst, lambda f: rewrite_archive(archive, f, values))

@@ -179,12 +179,9 @@ def list_tensors(source: Source) -> Dict[str, TensorSpec]:
 
 
 def _read_storage(archive: Any, key: str) -> torch.Tensor:
-    """A storage's bytes as a flat uint8 tensor, in this machine's byte order."""
-    info = archive.records[f"data/{key}"]
-    buf = torch.empty(info.file_size, dtype=torch.uint8)
-    view = buf.numpy().data
-    archive.read_range(info, 0, view)
-    _tf._swap(view, archive.swap_unit(key))
+    """A storage's bytes as a flat uint8 tensor, in little-endian order."""
+    buf = torch.empty(archive.records[f"data/{key}"].file_size, dtype=torch.uint8)
+    archive.read_storage_into(key, buf.numpy().data)
     return buf
 
 
@@ -291,12 +288,12 @@ def write_tensors(
             buf = io.BytesIO()
             _tf.rewrite_archive(archive, buf, values)
             return buf.getvalue()
-        _tf._atomic_write(dest, lambda f: _tf.rewrite_archive(archive, f, values))
+        _tf.atomic_write(dest, lambda f: _tf.rewrite_archive(archive, f, values))
         return None
 
 
 def _atomic_write(dest: PathLike, produce: Callable[[IO[bytes]], None]) -> None:
-    _tf._atomic_write(dest, produce)
+    _tf.atomic_write(dest, produce)
 
 
 # --------------------------------------------------------------------------- modules
@@ -438,10 +435,17 @@ def from_safetensors(data: Source) -> Dict[str, torch.Tensor]:
     """
     header, start = _tf.read_safetensors_header(data)
     out: Dict[str, torch.Tensor] = {}
-    with _tf._open_binary(data) as f:
+    with _tf.open_source(data) as f:
         for name, entry in header.items():
             buf = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
-            _tf._SafetensorsValues(f, header, start).read(name, 0, buf.numpy().data)
+            view = buf.numpy().data
+            f.seek(start + entry.begin)
+            done = 0
+            while done < len(view):
+                n = f.readinto(view[done:])  # type: ignore[attr-defined]
+                if not n:
+                    raise ModelFormatError("the safetensors data is truncated")
+                done += n
             out[name] = buf.view(_torch_dtype(entry.dtype)).view(entry.shape)
     return out
 
