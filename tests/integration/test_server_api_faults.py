@@ -117,12 +117,14 @@ def test_upload_is_never_resent_after_it_may_have_arrived(
 ) -> None:
     model_id, training_id, user, _, local = setup
     proxy.set_actions([fault])
-    with _client(proxy.url, user["token"], timeout=0.5, compression="never") as client:
-        with pytest.raises(errors.UploadOutcomeUnknownError) as info:
-            client.upload_model(model_id, local, round=0, sample_size=4)
-        assert "NOT resent" in str(info.value) and info.value.operation == "upload"
-        assert user["token"] not in str(info.value)
-        assert len(_uploads(proxy, model_id)) == 1
+    # A short read timeout, so that the stall trips it quickly.
+    impatient = _client(proxy.url, user["token"], timeout=0.5, compression="never")
+    with impatient, pytest.raises(errors.UploadOutcomeUnknownError) as info:
+        impatient.upload_model(model_id, local, round=0, sample_size=4)
+    assert "NOT resent" in str(info.value) and info.value.operation == "upload"
+    assert user["token"] not in str(info.value)
+    assert len(_uploads(proxy, model_id)) == 1
+    with _client(proxy.url, user["token"], compression="never") as client:
         # The caller asks the training's state: nothing arrived, so it may send it again.
         state = client.get_training(training_id)
         assert state["local_models_arrived"] == 0
