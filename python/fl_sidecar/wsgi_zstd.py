@@ -3,12 +3,13 @@
 Wrap any WSGI application (the DLR FL Demonstrator is Django) and it will:
 
 - decode request bodies sent with ``Content-Encoding: zstd`` using our codec's
-  streaming :class:`~fl_sidecar.codec.Unpacker`, spooling the decoded body to a
-  temp file above ``spool_threshold`` bytes, so memory stays bounded whatever
-  arrives. The inner application sees an ordinary body: ``wsgi.input`` is the
-  decoded body, ``CONTENT_LENGTH`` its length, and ``HTTP_CONTENT_ENCODING`` is
-  gone. A body that would decode past ``max_request_size`` gets 413; a
-  truncated or corrupt one gets 400; never a 500;
+  streaming :class:`~fl_sidecar.codec.Unpacker`, fed in pieces that decode to
+  at most 4 MiB each, spooling the decoded body to a temp file above
+  ``spool_threshold`` bytes, so memory stays bounded whatever arrives. The
+  inner application sees an ordinary body: ``wsgi.input`` is the decoded body,
+  ``CONTENT_LENGTH`` its length, and ``HTTP_CONTENT_ENCODING`` is gone. A body
+  that would decode past ``max_request_size`` gets 413; a truncated or corrupt
+  one gets 400; never a 500;
 - answer 415 with ``Accept-Encoding: zstd`` to a request coding it cannot
   decode (gzip, br, anything else): a certain non-arrival that a client may
   resend in identity;
@@ -41,6 +42,7 @@ from typing import (
     Union,
 )
 
+from fl_sidecar._zstd_stream import BoundedUnpacker
 from fl_sidecar.errors import CodecError, SizeLimitExceededError
 
 __all__ = ["ENVIRON_WIRE_BYTES", "ZstdMiddleware"]
@@ -205,7 +207,7 @@ class ZstdMiddleware:
             max_size=self.spool_threshold
         )
         try:
-            unpacker = _codec().Unpacker(max_output_size=self.max_request_size)
+            unpacker = BoundedUnpacker(self.max_request_size)
             wire = 0
             size = 0
             while length is None or wire < length:
@@ -221,11 +223,11 @@ class ZstdMiddleware:
                 wire += len(block)
                 if wire > self.max_wire_size:
                     raise SizeLimitExceededError("the zstd body is too large")
-                out = unpacker.write(block)
-                size += len(out)
-                if size > self.max_request_size:  # the codec limits too; this is the backstop
-                    raise SizeLimitExceededError("the decoded body is too large")
-                spool.write(out)
+                for out in unpacker.write(block):
+                    size += len(out)
+                    if size > self.max_request_size:  # the codec limits too; a backstop
+                        raise SizeLimitExceededError("the decoded body is too large")
+                    spool.write(out)
             unpacker.finish()
         except SizeLimitExceededError:
             spool.close()

@@ -296,3 +296,30 @@ def test_star_accepts_zstd_and_existing_accept_encoding_is_merged() -> None:
 def test_refused_sizes() -> None:
     with pytest.raises(ValueError):
         ZstdMiddleware(Recorder(), max_request_size=0)
+
+
+def test_a_large_limit_still_decodes_in_bounded_memory() -> None:
+    """A 64 MiB body of zeros (a few KB packed) under a 1 GiB limit: decoded in steps."""
+    seen: List[int] = []
+
+    def counting_app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        total = 0
+        while True:
+            block = environ["wsgi.input"].read(MIB)
+            if not block:
+                break
+            total += len(block)
+        seen.append(total)
+        start_response("204 No Content", [])
+        return []
+
+    app = ZstdMiddleware(counting_app, max_request_size=1024 * MIB)
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 * MIB))
+    tracemalloc.start()
+    try:
+        status, _, _ = call(app, body=bomb, headers=ZSTD)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert status == 204 and seen == [64 * MIB]
+    assert peak < 16 * MIB
