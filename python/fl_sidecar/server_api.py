@@ -65,7 +65,6 @@ from urllib.parse import quote, urlsplit
 import requests
 import urllib3.exceptions
 
-from fl_sidecar._zstd_stream import BoundedUnpacker
 from fl_sidecar.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -101,6 +100,7 @@ DEFAULT_MAX_DOWNLOAD_SIZE = 16 * 1024**3
 """Largest decoded download accepted by default, in bytes (16 GiB)."""
 
 _SAMPLE_SIZE = 256 * 1024  # bytes per sample when estimating an upload's compressibility
+_DECODE_STEP = 4 * 1024 * 1024  # most bytes one decoding step may return (bombs)
 _IO_CHUNK = 1024 * 1024  # bytes per read/write/send; big enough that syscalls are cheap
 _ERROR_BODY_LIMIT = 64 * 1024  # an error answer is read at most this far (bytes)
 _JSON_LIMIT = 16 * 1024 * 1024  # bytes; a longer JSON answer means a broken or hostile server
@@ -450,9 +450,9 @@ class _DecodingSink:
 
     Decoding while receiving overlaps the decoder with the network: decoding a
     spooled body afterwards (``codec.unpack_file``) added about 10% to a
-    100 Mbit/s download of a 43 MB model. Memory stays bounded: the decoder is
-    fed in pieces that decode to at most 4 MiB each (a bomb cannot make one
-    huge allocation). Hashes the decoded bytes.
+    100 Mbit/s download of a 43 MB model. Memory stays bounded: each decoding
+    step returns at most 4 MiB (``max_piece_size``), so a bomb cannot become one
+    huge allocation under a large limit. Hashes the decoded bytes.
     """
 
     def __init__(
@@ -462,14 +462,18 @@ class _DecodingSink:
         self._hasher = hasher
         self._limit = limit
         self._operation = operation
-        self._unpacker = BoundedUnpacker(limit) if coding == "zstd" else None
+        self._unpacker = (
+            _codec().Unpacker(max_output_size=limit, max_piece_size=_DECODE_STEP)
+            if coding == "zstd"
+            else None
+        )
         self.raw_bytes = 0
 
     def write(self, block: bytes) -> None:
         if self._unpacker is None:
             self._emit(block)
             return
-        for data in self._unpacker.write(block):
+        for data in self._unpacker.write_iter(block):
             self._emit(data)
 
     def finish(self) -> None:

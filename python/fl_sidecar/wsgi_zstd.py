@@ -42,7 +42,6 @@ from typing import (
     Union,
 )
 
-from fl_sidecar._zstd_stream import BoundedUnpacker
 from fl_sidecar.errors import CodecError, SizeLimitExceededError
 
 __all__ = ["ENVIRON_WIRE_BYTES", "ZstdMiddleware"]
@@ -55,6 +54,9 @@ ENVIRON_WIRE_BYTES = "fl_sidecar.zstd.request_wire_bytes"
 """environ key: the size of a zstd request body as it arrived (bytes), for logs and tests."""
 
 _READ_BLOCK = 1024 * 1024  # bytes read from wsgi.input at a time
+# Most bytes one decoding step returns: a few KB of zstd can decode to GBs, and
+# without a bound one call returns all of it (up to max_request_size) at once.
+_DECODE_STEP = 4 * 1024 * 1024
 _ONE_SHOT_LIMIT = 1024 * 1024  # answers up to this size get a Content-Length after packing
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -207,7 +209,9 @@ class ZstdMiddleware:
             max_size=self.spool_threshold
         )
         try:
-            unpacker = BoundedUnpacker(self.max_request_size)
+            unpacker = _codec().Unpacker(
+                max_output_size=self.max_request_size, max_piece_size=_DECODE_STEP
+            )
             wire = 0
             size = 0
             while length is None or wire < length:
@@ -223,7 +227,7 @@ class ZstdMiddleware:
                 wire += len(block)
                 if wire > self.max_wire_size:
                     raise SizeLimitExceededError("the zstd body is too large")
-                for out in unpacker.write(block):
+                for out in unpacker.write_iter(block):
                     size += len(out)
                     if size > self.max_request_size:  # the codec limits too; a backstop
                         raise SizeLimitExceededError("the decoded body is too large")

@@ -19,6 +19,7 @@ import json
 import os
 import socketserver
 import threading
+import tracemalloc
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -372,3 +373,20 @@ def test_huge_json_answer_is_refused(serve: Any) -> None:
     with FlServerClient(url, retries=0) as client, pytest.raises(errors.ServerError) as info:
         client.get_training("t")
     assert "larger than" in str(info.value)
+
+
+def test_a_bomb_under_a_large_limit_downloads_in_bounded_memory(serve: Any, tmp_path: Path) -> None:
+    """64 MiB of zeros in a few KB: decoded in 4 MiB steps, never as one allocation."""
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 * 1024 * 1024))
+    url = serve(HostileApp(bomb, [("Content-Encoding", "zstd")]))
+    dest = tmp_path / "model.pt"
+    tracemalloc.start()
+    try:
+        with FlServerClient(url, max_download_size=1 << 30) as client:
+            got = client.download_model("m", dest)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got.raw_bytes == dest.stat().st_size == 64 * 1024 * 1024
+    assert got.wire_bytes == len(bomb)
+    assert peak < 24 * 1024 * 1024
