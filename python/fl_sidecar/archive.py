@@ -18,14 +18,16 @@ with two documented exceptions that hold one storage in memory: a non-contiguous
 view (its storage span), and new values for tensors that share a storage in some other
 way than as identical views (e.g. an expanded view, or two slices of one buffer).
 
-numpy is used only to gather strided views and to swap byte order.
-:mod:`fl_sidecar.models` builds its torch API on this module.
+It needs nothing beyond the standard library (strided views are gathered and
+scattered through strided ``memoryview`` slices), so the sidecar runs it with its core
+dependencies. :mod:`fl_sidecar.models` builds its torch API on this module.
 """
 
 from __future__ import annotations
 
 import enum
 import io
+import itertools
 import json
 import math
 import os
@@ -42,6 +44,7 @@ from typing import (
     Dict,
     Iterator,
     List,
+    Literal,
     Mapping,
     NamedTuple,
     Optional,
@@ -49,8 +52,6 @@ from typing import (
     Tuple,
     Union,
 )
-
-import numpy as np
 
 from fl_sidecar._pickle import Placeholder, SafeOrderedDict, TensorRef, restricted_loads
 from fl_sidecar.errors import ModelFormatError, TensorMismatchError
@@ -314,17 +315,80 @@ def _span(ref: TensorRef) -> Tuple[int, int]:
     return ref.offset, last + 1
 
 
-def _element_dtype(itemsize: int) -> np.dtype[Any]:
-    # Byte-exact stand-ins: gathering and scattering never interpret the values.
-    return np.dtype(f"u{itemsize}") if itemsize in (1, 2, 4, 8) else np.dtype(f"V{itemsize}")
+# memoryview formats of 1-8 byte elements
+_FORMATS: Dict[int, Literal["B", "H", "I", "Q"]] = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def _elements(buf: Any, itemsize: int) -> memoryview:
+    """A 1-D view of a buffer's elements (opaque numbers: nothing is interpreted)."""
+    view: memoryview = memoryview(buf).cast("B").cast(_FORMATS[itemsize])
+    return view
+
+
+def _row_starts(shape: Sequence[int], stride: Sequence[int], offset: int) -> Iterator[int]:
+    """The first element of every innermost row of a view, in row-major order."""
+    for index in itertools.product(*(range(n) for n in shape)):
+        yield offset + sum(i * s for i, s in zip(index, stride))
+
+
+def _gather(buf: Any, itemsize: int, ref: TensorRef, first: int) -> Iterator[bytes]:
+    """The elements of a (non-empty) view, row-major, from ``buf`` holding its storage's
+    elements from ``first`` on; one innermost row at a time."""
+    shape, stride = ref.size, ref.stride
+    offset = ref.offset - first
+    if itemsize not in _FORMATS:  # 16-byte complex128: element by element
+        raw = memoryview(buf).cast("B")
+        for start in _row_starts(shape, stride, offset):
+            yield raw[start * itemsize : (start + 1) * itemsize].tobytes()
+        return
+    elements = _elements(buf, itemsize)
+    if not shape:
+        yield elements[offset : offset + 1].tobytes()
+        return
+    n, step = shape[-1], stride[-1]
+    for start in _row_starts(shape[:-1], stride[:-1], offset):
+        if step == 0:
+            yield elements[start : start + 1].tobytes() * n
+        else:
+            yield elements[start : start + (n - 1) * step + 1 : step].tobytes()
+
+
+def _scatter(buf: Any, itemsize: int, ref: TensorRef, new: Any) -> None:
+    """Writes a view's new elements (row-major in ``new``) into its storage's ``buf``.
+
+    Where the view addresses one element more than once (stride 0), the last value
+    written wins; the caller checks that they all agreed.
+    """
+    shape, stride = ref.size, ref.stride
+    if itemsize not in _FORMATS:
+        raw, src = memoryview(buf).cast("B"), memoryview(new).cast("B")
+        for i, start in enumerate(_row_starts(shape, stride, ref.offset)):
+            raw[start * itemsize : (start + 1) * itemsize] = src[i * itemsize : (i + 1) * itemsize]
+        return
+    elements, values = _elements(buf, itemsize), _elements(new, itemsize)
+    if not shape:
+        elements[ref.offset] = values[0]
+        return
+    n, step = shape[-1], stride[-1]
+    pos = 0
+    for start in _row_starts(shape[:-1], stride[:-1], ref.offset):
+        if step == 0:
+            elements[start] = values[pos + n - 1]
+        else:
+            elements[start : start + (n - 1) * step + 1 : step] = values[pos : pos + n]
+        pos += n
 
 
 def _swap(buf: Any, unit: int) -> None:
     """Reverses the byte order of every ``unit``-byte number of a writable buffer, in place."""
-    if unit > 1:
-        arr = np.frombuffer(buf, dtype=np.uint8)
-        if arr.size:
-            arr.view(f"u{unit}").byteswap(inplace=True)
+    if unit <= 1:
+        return
+    raw = memoryview(buf).cast("B")
+    if not len(raw):
+        return
+    original = raw.tobytes()  # one copy: at most a copy buffer or one storage
+    for k in range(unit):
+        raw[k::unit] = original[unit - 1 - k :: unit]
 
 
 # --------------------------------------------------------------------------- archive
@@ -854,13 +918,15 @@ def _write_view(archive: _Archive, ref: TensorRef, out: IO[bytes]) -> None:
     span = bytearray((end - first) * itemsize)
     archive.read_range(info, first * itemsize, memoryview(span))
     _swap(span, unit)
-    elements = np.frombuffer(span, dtype=_element_dtype(itemsize))
-    view = np.lib.stride_tricks.as_strided(
-        elements, ref.size, tuple(s * itemsize for s in ref.stride), writeable=False
-    )
-    rows = max(1, CHUNK_BYTES // max(1, (numel // max(1, ref.size[0])) * itemsize))
-    for i in range(0, ref.size[0], rows):
-        out.write(np.ascontiguousarray(view[i : i + rows]).tobytes())
+    pending: List[bytes] = []
+    size = 0
+    for row in _gather(span, itemsize, ref, first):
+        pending.append(row)
+        size += len(row)
+        if size >= CHUNK_BYTES:
+            out.write(b"".join(pending))
+            pending, size = [], 0
+    out.write(b"".join(pending))
 
 
 def archive_to_safetensors(src: PathLike, dst: PathLike) -> None:
@@ -1179,33 +1245,22 @@ def _scatter_storage(
     storage = bytearray(info.file_size)
     archive.read_range(info, 0, memoryview(storage))
     _swap(storage, unit)  # little-endian while the new values go in
-    views = []
     for name, ref in group:
-        itemsize = _dtype(ref.dtype).itemsize
-        numel = math.prod(ref.size)
-        if numel == 0:
-            continue
-        elements = np.frombuffer(
-            storage, dtype=_element_dtype(itemsize), count=len(storage) // itemsize
-        )
-        view = np.lib.stride_tricks.as_strided(
-            elements[ref.offset :], ref.size, tuple(s * itemsize for s in ref.stride)
-        )
-        new = bytearray(numel * itemsize)
-        values.read(name, 0, memoryview(new))
-        # Overlapping elements (an expanded view) get one of their new values; the
-        # check below refuses the write unless all of them agree.
-        view[...] = np.frombuffer(new, dtype=_element_dtype(itemsize)).reshape(ref.size)
-        views.append((name, ref, view))
+        nbytes = math.prod(ref.size) * _dtype(ref.dtype).itemsize
+        if nbytes:
+            new = bytearray(nbytes)
+            values.read(name, 0, memoryview(new))
+            _scatter(storage, _dtype(ref.dtype).itemsize, ref, new)
     # Shared bytes (tied weights, expanded views) must get consistent values, or part of
     # a new value would be silently lost.
-    for name, ref, view in views:
-        if len(group) > 1 or _may_overlap(ref.size, ref.stride):
-            new = bytearray(view.nbytes)
+    for name, ref in group:
+        itemsize = _dtype(ref.dtype).itemsize
+        nbytes = math.prod(ref.size) * itemsize
+        if nbytes and (len(group) > 1 or _may_overlap(ref.size, ref.stride)):
+            new = bytearray(nbytes)
             values.read(name, 0, memoryview(new))
-            if np.ascontiguousarray(view).tobytes() != bytes(new):
+            if b"".join(_gather(storage, itemsize, ref, 0)) != new:
                 raise _tied_mismatch(name)
-    del views
     _swap(storage, unit)
     mv = memoryview(storage)
     for i in range(0, len(storage), CHUNK_BYTES):
