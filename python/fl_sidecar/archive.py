@@ -92,6 +92,10 @@ _MAX_PICKLE_SIZE = 256 * 1024 * 1024  # bytes; the pickle of a 1 GiB model is a 
 _MAX_CODE_SIZE = 16 * 1024 * 1024  # bytes, one TorchScript code file
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # bytes, as the safetensors library allows
 _MAX_DEPTH = 200  # nesting of modules and containers; the walk recurses ~2 frames a level
+# Converted data may exceed the storages it comes from (tied weights are written once per
+# name, expanded views element by element) by this factor plus this many bytes, no more.
+_MAX_EXPANSION = 8
+_EXPANSION_SLACK = 256 * 1024 * 1024
 _ALIGNMENT = 64  # bytes: torch's writer aligns every record's data to this (mmap loading)
 _ZIP32_LIMIT = 0xFFFFFFFF  # bytes: sizes and offsets from here on take zip64 fields
 _ZIP64_MARK = 0xFFFFFFFF  # what a 32-bit field holds when its zip64 field has the value
@@ -929,6 +933,26 @@ def _write_view(archive: _Archive, ref: TensorRef, out: IO[bytes]) -> None:
     out.write(b"".join(pending))
 
 
+def _check_expansion(archive: _Archive) -> None:
+    """Refuses tensors that would write far more than their storages hold.
+
+    Tied names each get their own copy and an expanded view (stride 0) writes every
+    element it repeats: a tiny hostile archive could otherwise fill the disk.
+    """
+    stored = sum(
+        archive.records[f"data/{key}"].file_size
+        for key in {ref.storage.key for ref in archive.tensors.values()}
+    )
+    total = sum(
+        math.prod(ref.size) * _dtype(ref.dtype).itemsize for ref in archive.tensors.values()
+    )
+    if total > _MAX_EXPANSION * stored + _EXPANSION_SLACK:
+        raise ModelFormatError(
+            f"the archive's tensors would make {total} bytes of data from {stored} bytes of"
+            " storage (many names for one storage, or expanded views); refused"
+        )
+
+
 def archive_to_safetensors(src: PathLike, dst: PathLike) -> None:
     """Converts a torch archive file into a safetensors file, without running its pickle.
 
@@ -942,7 +966,8 @@ def archive_to_safetensors(src: PathLike, dst: PathLike) -> None:
 
     Raises:
         ModelFormatError: not a torch archive, or a malformed one (truncated or corrupt
-            records included).
+            records included), or tensors that would write more than 8 times their
+            storages' bytes plus 256 MiB (tied many times over, or expanded views).
         UnsafePickleError: the pickle asks for more than rebuilding tensors; nothing ran.
         TensorMismatchError: a dtype has no safetensors name (complex128).
         OSError: a file cannot be read or written.
@@ -950,6 +975,7 @@ def archive_to_safetensors(src: PathLike, dst: PathLike) -> None:
     with _Archive(src) as archive:
         specs = {n: (ref.size, ref.dtype) for n, ref in archive.tensors.items()}
         header, order = safetensors_header(specs)
+        _check_expansion(archive)
 
         def produce(out: IO[bytes]) -> None:
             out.write(header)

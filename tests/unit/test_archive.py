@@ -568,6 +568,27 @@ def test_storage_claiming_more_than_the_file_is_refused(tmp_path: Path) -> None:
         archive.archive_to_safetensors(src, tmp_path / "out.safetensors")
 
 
+@pytest.mark.parametrize("kind", ["expanded", "many-names"])
+def test_data_far_beyond_the_storages_is_refused(kind: str, tmp_path: Path) -> None:
+    # A few bytes of archive must not become terabytes of safetensors on the disk.
+    if kind == "expanded":
+        state = {"w": torch.zeros(1).expand(2**40)}  # torch saves one element
+    else:
+        base = torch.zeros(2**20)  # 4 MiB, named 100 times: 400 MiB > 8 x 4 + 256 MiB
+        state = {f"t{i}": base for i in range(100)}
+    src = _save(state, tmp_path / "m.pt")
+    assert src.stat().st_size < 8 * 2**20
+    with pytest.raises(ModelFormatError, match="refused"):
+        archive.archive_to_safetensors(src, tmp_path / "m.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+    # Modest expansion, as real models have (tied embeddings), converts.
+    ok = _save({"a": torch.ones(4), "b": torch.ones(1).expand(1000)}, tmp_path / "ok.pt")
+    archive.archive_to_safetensors(ok, tmp_path / "ok.safetensors")
+    assert torch.equal(
+        safetensors.torch.load_file(str(tmp_path / "ok.safetensors"))["b"], torch.ones(1000)
+    )
+
+
 def _zip(records: Dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
