@@ -2,9 +2,9 @@
 
 The domain layer between the gRPC servicer (:mod:`fl_sidecar.service`, which
 only converts messages) and the building blocks: :mod:`fl_sidecar.server_api`
-(HTTP), :mod:`fl_sidecar.models` (the only torch importer, imported lazily
-here so that the sidecar starts without torch when every model passes through
-as TORCH).
+(HTTP) and :mod:`fl_sidecar.archive` (torch-free model files: vetting and
+conversion copy raw tensor bytes, so the sidecar never imports torch and its
+memory stays at a few buffers whatever the model's size).
 
 Memory stays bounded: models live in spool files in a private directory
 (mode 0700) that is removed when the manager closes, never whole in memory.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import importlib
 import logging
 import os
 import re
@@ -29,14 +28,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Deque, Mapping, Optional, Tuple
+from typing import IO, Callable, Deque, Mapping, Optional, Tuple
 
+from fl_sidecar import archive as model_files
 from fl_sidecar.errors import (
     ChecksumMismatchError,
     CorruptDataError,
     FlSidecarError,
     ModelFormatError,
-    SidecarError,
     SizeLimitExceededError,
     TruncatedDataError,
     UnsafePickleError,
@@ -276,7 +275,7 @@ class TransferManager:
                     on_converting()
                 converted = self._spool_path(".safetensors")
                 try:
-                    _models().archive_to_safetensors(archive, converted)
+                    model_files.archive_to_safetensors(archive, converted)
                 except BaseException:
                     _unlink_quietly(converted)
                     raise
@@ -310,11 +309,10 @@ class TransferManager:
             self._track_in_flight("download", -1)
 
     def _vet(self, archive: Path) -> None:
-        models = _models()
         try:
             # describe() runs the restricted unpickler over the pickle only, not
             # the tensor data: memory stays small for big models.
-            models.describe(archive)
+            model_files.describe(archive)
         except UnsafePickleError as exc:
             raise UnsafePickleError(
                 f"the FL server's model would run code when unpickled ({exc}); the sidecar "
@@ -387,17 +385,8 @@ class TransferManager:
             self._track_in_flight("upload", -1)
 
     def _check_torch(self, source: Path) -> None:
-        try:
-            models = _models()
-        except SidecarError:
-            # No torch here: a TORCH upload passes through after a cheap check.
-            if not _looks_like_torch_archive(source):
-                raise ModelFormatError(
-                    "the upload is declared TORCH but is not a torch archive"
-                ) from None
-            return
-        detected = models.detect_format(source)
-        if detected == models.ModelFormat.SAFETENSORS:
+        detected = model_files.detect_format(source)
+        if detected == model_files.ModelFormat.SAFETENSORS:
             raise ModelFormatError(
                 "the upload is declared TORCH but holds a safetensors file; declare "
                 "MODEL_FORMAT_SAFETENSORS"
@@ -411,15 +400,14 @@ class TransferManager:
         dest: Path,
         credentials: Optional[Credentials],
     ) -> None:
-        models = _models()
-        if models.detect_format(weights) != models.ModelFormat.SAFETENSORS:
+        if model_files.detect_format(weights) != model_files.ModelFormat.SAFETENSORS:
             raise ModelFormatError(
                 "the upload is declared SAFETENSORS but is not a safetensors file"
             )
         # The lock also keeps a template from being evicted while it is being read.
         with self._template_lock:
             template = self._template(model_id, round, credentials)
-            models.safetensors_into_archive(template, weights, dest)
+            model_files.safetensors_into_archive(template, weights, dest)
 
     def _template(self, model_id: str, round: int, credentials: Optional[Credentials]) -> Path:
         key = (model_id, round)
@@ -466,28 +454,6 @@ class TransferManager:
 def round_seconds(seconds: float) -> float:
     """Seconds rounded to milliseconds, for logs."""
     return round(seconds, 3)
-
-
-def _models() -> Any:
-    # torch is heavy and optional: import model I/O only when a model needs it.
-    try:
-        return importlib.import_module("fl_sidecar.models")
-    except ImportError as exc:
-        if exc.name not in ("torch", "safetensors") and not str(exc.name).startswith("torch."):
-            raise
-        raise SidecarError(
-            "this needs torch in the sidecar (vetting or converting a model): install "
-            "'fl-sidecar[torch]', or use TORCH with --trust-pickles",
-            code="FAILED_PRECONDITION",
-        ) from None
-
-
-def _looks_like_torch_archive(path: Path) -> bool:
-    # Without torch: torch.save and torch.jit.save write zip archives; a
-    # legacy torch.save starts with a pickle protocol opcode.
-    with open(path, "rb") as file:
-        head = file.read(4)
-    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def _size_and_sha256(path: Path) -> Tuple[int, str]:

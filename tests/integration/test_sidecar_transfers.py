@@ -25,6 +25,7 @@ import pytest
 from conftest import DevServerHandle, User
 from sidecar_harness import _PACKAGE_ROOT, SidecarProcess, running_sidecar
 
+from fl_sidecar import models
 from fl_sidecar.devserver import DevServer
 from fl_sidecar.v1 import sidecar_pb2 as pb
 from fl_sidecar.v1 import sidecar_pb2_grpc
@@ -576,8 +577,12 @@ def test_cancelled_download_leaves_no_spool_file(world: World) -> None:
             assert _spool_files(sidecar) == []
 
 
-def test_without_torch_torch_models_pass_through(world: World, tmp_path: Path) -> None:
-    """A sidecar whose Python has no torch still moves TORCH models (with --trust-pickles)."""
+def test_without_torch_models_are_vetted_converted_and_moved(world: World, tmp_path: Path) -> None:
+    """A sidecar whose Python has no torch vets, converts and moves models all the same.
+
+    Vetting and conversion copy raw tensor bytes (fl_sidecar.archive): torch is
+    never imported by the sidecar, so a torch that cannot be imported changes nothing.
+    """
     blocker = tmp_path / "no-torch"
     blocker.mkdir()
     (blocker / "torch.py").write_text("raise ImportError('no torch here', name='torch')\n")
@@ -589,13 +594,24 @@ def test_without_torch_torch_models_pass_through(world: World, tmp_path: Path) -
         env=env,
         notifications=False,
     ) as plain:
-        code, details = _details(
-            lambda: download(plain.stub, pb.DownloadModelRequest(model_id=model_id))
+        _info, body, _progress = download(plain.stub, pb.DownloadModelRequest(model_id=model_id))
+        assert body == data
+        info, weights, _progress = download(
+            plain.stub,
+            pb.DownloadModelRequest(model_id=model_id, format=pb.MODEL_FORMAT_SAFETENSORS),
         )
-        assert code == grpc.StatusCode.FAILED_PRECONDITION
-        assert "torch" in details
+        assert info.format == pb.MODEL_FORMAT_SAFETENSORS
+        assert models.from_safetensors(weights).keys() == models.read_tensors(data).keys()
         answer = plain.stub.UploadModel(
-            upload_messages(pb.UploadHeader(model_id=model_id, round=0, sample_size=2), data),
+            upload_messages(
+                pb.UploadHeader(
+                    model_id=model_id,
+                    round=0,
+                    sample_size=2,
+                    format=pb.MODEL_FORMAT_SAFETENSORS,
+                ),
+                weights,
+            ),
             timeout=60,
         )
         assert answer.http_status == 201
@@ -605,12 +621,5 @@ def test_without_torch_torch_models_pass_through(world: World, tmp_path: Path) -
         assert _code(lambda: plain.stub.UploadModel(garbage, timeout=60)) == (
             grpc.StatusCode.INVALID_ARGUMENT
         )
-    with running_sidecar(
-        server_url=world.devserver.url,
-        args=["--token", world.alice.token, "--trust-pickles"],
-        env=env,
-        notifications=False,
-    ) as trusting:
-        _info, body, _progress = download(trusting.stub, pb.DownloadModelRequest(model_id=model_id))
-        assert body == data
+        assert "no torch here" not in plain.log_text()
     assert world.arrived(training_id) == 1
