@@ -4,7 +4,10 @@
 use std::cell::RefCell;
 use std::fs::File;
 use std::io::{Read, Write};
+use std::marker::PhantomData;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 use std::os::raw::c_int;
@@ -240,9 +243,11 @@ pub fn packed_bound(data_len: usize, opts: &PackOptions) -> usize {
 /// Compresses `data` into independent frames written one after another at the start of
 /// `out` (at least [`frames_bound`] bytes); returns the bytes used and the seek entries.
 ///
-/// Each worker compresses straight into its chunk's worst-case slot of `out`, then the
+/// Each worker compresses straight into its chunk's worst-case slot of `out`, and the
 /// frames slide down to close the gaps: one pass over the compressed bytes, no per-frame
-/// buffers, and only `out`'s pages are ever touched.
+/// buffers, and only `out`'s pages are ever touched. Workers take chunks in order from one
+/// counter, and the slide trails right behind them (see [`Slide`]), so it overlaps the
+/// compression instead of running alone after it.
 pub fn compress_into(
     data: &[u8],
     opts: &PackOptions,
@@ -259,32 +264,46 @@ pub fn compress_into(
         )));
     }
     advise_huge_pages(&mut out[..bound]);
-    let mut slots: Vec<(usize, &mut [u8])> = Vec::with_capacity(chunks.len());
-    let mut rest = &mut out[..bound];
+    let mut offsets = Vec::with_capacity(chunks.len() + 1);
     let mut offset = 0;
     for chunk in &chunks {
-        let size = zstd_safe::compress_bound(chunk.len());
-        let (head, tail) = std::mem::take(&mut rest).split_at_mut(size);
-        slots.push((offset, head));
-        offset += size;
-        rest = tail;
+        offsets.push(offset);
+        offset += zstd_safe::compress_bound(chunk.len());
     }
-    let written: Vec<(usize, usize)> = run_in_pool(opts.threads, || {
-        chunks
-            .par_iter()
-            .zip(slots.into_par_iter())
-            .map(|(chunk, (offset, slot))| {
-                let n = with_cctx(opts, |cctx| cctx.compress2(slot, chunk))?.map_err(|code| {
-                    CodecError::Corrupt(format!("zstd: {}", zstd_error_name(code)))
-                })?;
-                Ok((offset, n))
-            })
-            .collect::<Result<Vec<_>>>()
+    offsets.push(offset);
+    let slide = Slide::new(&mut out[..bound], offsets);
+    let next = AtomicUsize::new(0);
+    let work = || {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= chunks.len() {
+                return Ok(());
+            }
+            // SAFETY: `i` came from the counter, so no other worker holds this slot.
+            let slot = unsafe { slide.slot(i) };
+            let result = with_cctx(opts, |cctx| cctx.compress2(slot, chunks[i])).and_then(|r| {
+                r.map_err(|code| CodecError::Corrupt(format!("zstd: {}", zstd_error_name(code))))
+            });
+            match result {
+                Ok(n) => slide.done(i, n),
+                Err(e) => {
+                    next.store(chunks.len(), Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+    };
+    let workers = effective_threads(opts.threads).min(chunks.len());
+    run_in_pool(opts.threads, || {
+        (0..workers)
+            .into_par_iter()
+            .map(|_| work())
+            .collect::<Result<Vec<()>>>()
     })??;
+    let sizes = slide.finish();
     let mut entries = Vec::with_capacity(chunks.len());
     let mut cursor = 0;
-    for ((offset, n), chunk) in written.into_iter().zip(&chunks) {
-        out.copy_within(offset..offset + n, cursor);
+    for (n, chunk) in sizes.into_iter().zip(&chunks) {
         cursor += n;
         // The frame ends with its content checksum: the same low 32 bits of XXH64 the
         // seek table records, so there is nothing to hash again.
@@ -296,6 +315,92 @@ pub fn compress_into(
         });
     }
     Ok((cursor, entries))
+}
+
+/// The output of [`compress_into`] while workers fill it: frame `i` is compressed into its
+/// worst-case slot `offsets[i]..offsets[i + 1]`, then moved down to `cursor`, the end of the
+/// frames before it, once they have all moved.
+///
+/// Why it is sound: a frame's slot is written only by the worker that took `i` from the
+/// counter; a frame moves only after its worker reported it done (through the mutex, which
+/// orders the writes before the move) and after every earlier frame moved; and its new
+/// place `cursor..cursor + n` ends at or before `offsets[i] + n <= offsets[i + 1]`, below
+/// every slot still being written. One thread moves frames at a time (`moving`), outside
+/// the lock, so the others keep compressing.
+struct Slide<'a> {
+    base: *mut u8,
+    offsets: Vec<usize>,
+    state: Mutex<SlideState>,
+    _out: PhantomData<&'a mut [u8]>,
+}
+
+struct SlideState {
+    sizes: Vec<Option<usize>>,
+    moved: usize,
+    cursor: usize,
+    moving: bool,
+}
+
+// The raw pointer is shared on purpose: workers touch disjoint slots, as argued above.
+unsafe impl Sync for Slide<'_> {}
+
+impl<'a> Slide<'a> {
+    fn new(out: &'a mut [u8], offsets: Vec<usize>) -> Self {
+        assert!(offsets.last().is_some_and(|&end| end <= out.len()));
+        let frames = offsets.len() - 1;
+        Slide {
+            base: out.as_mut_ptr(),
+            offsets,
+            state: Mutex::new(SlideState {
+                sizes: vec![None; frames],
+                moved: 0,
+                cursor: 0,
+                moving: false,
+            }),
+            _out: PhantomData,
+        }
+    }
+
+    /// Frame `i`'s worst-case slot.
+    ///
+    /// # Safety
+    /// Only the one worker that took `i` may call this, once.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slot(&self, i: usize) -> &mut [u8] {
+        let (start, end) = (self.offsets[i], self.offsets[i + 1]);
+        std::slice::from_raw_parts_mut(self.base.add(start), end - start)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlideState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that frame `i` holds `n` compressed bytes; moves every frame that can move.
+    fn done(&self, i: usize, n: usize) {
+        let mut state = self.lock();
+        state.sizes[i] = Some(n);
+        if state.moving {
+            return; // the thread moving frames will find this one
+        }
+        state.moving = true;
+        while let Some(&Some(n)) = state.sizes.get(state.moved) {
+            let (from, to) = (self.offsets[state.moved], state.cursor);
+            drop(state);
+            // SAFETY: see the type's documentation; `copy` allows the overlap.
+            unsafe { std::ptr::copy(self.base.add(from), self.base.add(to), n) };
+            state = self.lock();
+            state.moved += 1;
+            state.cursor += n;
+        }
+        state.moving = false;
+    }
+
+    /// The frames' sizes, once every worker has returned and all frames moved.
+    fn finish(self) -> Vec<usize> {
+        let state = self.state.into_inner().unwrap_or_else(|p| p.into_inner());
+        assert_eq!(state.moved, state.sizes.len(), "every frame moved");
+        state.sizes.into_iter().map(|n| n.unwrap_or(0)).collect()
+    }
 }
 
 /// Packs `data` into `out` (at least [`packed_bound`] bytes); returns the blob's length.
