@@ -101,6 +101,7 @@ DEFAULT_MAX_DOWNLOAD_SIZE = 16 * 1024**3
 
 _SAMPLE_SIZE = 256 * 1024  # bytes per sample when estimating an upload's compressibility
 _DECODE_STEP = 4 * 1024 * 1024  # most bytes one decoding step may return (bombs)
+_PACK_READ = 8 * 1024 * 1024  # bytes per read when packing: the codec's threads get work
 _IO_CHUNK = 1024 * 1024  # bytes per read/write/send; big enough that syscalls are cheap
 _ERROR_BODY_LIMIT = 64 * 1024  # an error answer is read at most this far (bytes)
 _JSON_LIMIT = 16 * 1024 * 1024  # bytes; a longer JSON answer means a broken or hostile server
@@ -369,11 +370,11 @@ class _FileSlice:
         self.path = path
         self.size = size
 
-    def chunks(self) -> Iterator[bytes]:
+    def chunks(self, block_size: int = _IO_CHUNK) -> Iterator[bytes]:
         remaining = self.size
         with open(self.path, "rb") as fh:
             while remaining > 0:
-                block = fh.read(min(_IO_CHUNK, remaining))
+                block = fh.read(min(block_size, remaining))
                 if not block:
                     raise ModelError(
                         f"{self.path.name} shrank while being sent ({self.size - remaining} of "
@@ -1317,7 +1318,7 @@ class FlServerClient:
             with os.fdopen(fd, "wb") as out:
                 for part in parts:
                     if isinstance(part, _FileSlice):
-                        for block in part.chunks():
+                        for block in part.chunks(_PACK_READ):
                             hasher.update(block)
                             out.write(packer.write(block))
                     else:
