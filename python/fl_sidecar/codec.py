@@ -401,6 +401,11 @@ class Unpacker:
     def write_iter(self, data: Buffer) -> Iterator[bytes]:
         """Feeds ``data`` and yields its decompressed bytes in pieces of at most
         ``max_piece_size`` bytes (empty pieces are skipped), draining all held input.
+        Each piece is decoded only when the previous one has been taken, so a slow
+        consumer holds one piece at a time. Stopping early leaves the rest held
+        (:attr:`pending_input`): :meth:`drain` it before the next :meth:`write`.
+        The held input is a copy of ``data``'s undecoded tail, so feed pieces of
+        bounded size (say 1 MiB) to keep that copy small too.
 
         Raises:
             The errors of :meth:`write`, as the pieces are pulled.
