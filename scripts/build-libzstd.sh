@@ -31,7 +31,16 @@ if [ "${FL_SIDECAR_SYSTEM_ZSTD:-}" = "1" ]; then
   exit 0
 fi
 stamp="$prefix/.built-from-$ZSTANDARD_SHA256"
-if [ -f "$stamp" ] && [ -f "$prefix/lib/libzstd.a" ] && [ -f "$pcdir/libzstd.pc" ]; then
+built() { [ -f "$stamp" ] && [ -f "$prefix/lib/libzstd.a" ] && [ -f "$pcdir/libzstd.pc" ]; }
+if built; then
+  echo "$pcdir"
+  exit 0
+fi
+# Two builds started together (make -j, two shells) must not both rebuild the folder.
+mkdir -p target
+exec 9>"target/libzstd-$ZSTD_VERSION.lock"
+if command -v flock >/dev/null; then flock 9; fi
+if built; then
   echo "$pcdir"
   exit 0
 fi
