@@ -625,7 +625,6 @@ class SidecarService(pb_grpc.SidecarServicer):
     ) -> Iterator[pb.UnpackResponse]:
         """Unpack any zstd stream; emit the original bytes as they are produced, then a summary."""
         self._check_open()
-        codec = _codec_module()
         limit = self.max_unpack_size
         unpacker: Any = None
         packed = 0
@@ -641,13 +640,13 @@ class SidecarService(pb_grpc.SidecarServicer):
             if kind != "chunk":
                 continue
             if unpacker is None:
-                unpacker = _PacedUnpacker(codec.Unpacker(max_output_size=limit))
+                unpacker = _bounded_unpacker(limit)
             packed += len(message.chunk)
-            for produced in unpacker.write(message.chunk):
+            for produced in unpacker.write_iter(message.chunk):
                 for block in output.add(produced):
                     yield pb.UnpackResponse(chunk=block)
         if unpacker is None:
-            unpacker = _PacedUnpacker(codec.Unpacker(max_output_size=limit))
+            unpacker = _bounded_unpacker(limit)
         unpacker.finish()
         for block in output.flush():
             yield pb.UnpackResponse(chunk=block)
@@ -679,47 +678,19 @@ class SidecarService(pb_grpc.SidecarServicer):
             subscription.close()
 
 
-class _PacedUnpacker:
-    """Feeds an Unpacker in pieces so that one write produces at most about 8 MiB.
+_UNPACK_PIECE = 4 * 1024 * 1024
+"""Most bytes one Unpack decoding step may produce (bytes).
 
-    A decompression bomb turns a few bytes into megabytes (zstd RLE blocks reach
-    about 32000:1), and one write returns everything the input completes; fed
-    a whole 1 MiB message, it could allocate gigabytes before the output limit
-    trips. The piece size follows the ratio seen so far: 256 bytes to start, up
-    to 1 MiB for ordinary data, down to 256 bytes for a bomb. This bounds a bomb
-    from its first byte; one hidden behind ordinary data is bounded only by the
-    output limit (a hard per-write bound needs an output-bounded decoder API).
-    """
+A decompression bomb turns a few bytes into gigabytes (zstd RLE blocks reach
+about 32000:1), even hidden behind ordinary data; the codec's bounded decoder
+stops at this many bytes per step and decodes on only as the stream is read,
+so one Unpack call holds about one piece, one frame window and one message.
+"""
 
-    _TARGET_OUTPUT = 8 * 1024 * 1024
-    _FIRST_PIECE = 256
-    _MIN_PIECE = 256
-    _MAX_PIECE = 1024 * 1024
 
-    def __init__(self, unpacker: Any) -> None:
-        self._unpacker = unpacker
-        self._piece = self._FIRST_PIECE
-        self._fed = 0
-        self._produced = 0
-
-    def write(self, data: bytes) -> Iterator[bytes]:
-        view = memoryview(data)
-        position = 0
-        while position < len(view):
-            piece = view[position : position + self._piece]
-            position += len(piece)
-            produced = self._unpacker.write(piece)
-            self._fed += len(piece)
-            self._produced += len(produced)
-            ratio = max(1.0, self._produced / self._fed)
-            self._piece = int(
-                min(self._MAX_PIECE, max(self._MIN_PIECE, self._TARGET_OUTPUT / ratio))
-            )
-            if produced:
-                yield produced
-
-    def finish(self) -> None:
-        self._unpacker.finish()
+def _bounded_unpacker(limit: int) -> Any:
+    """A streaming decoder that refuses more than ``limit`` bytes in all, 4 MiB per step."""
+    return _codec_module().Unpacker(max_output_size=limit, max_piece_size=_UNPACK_PIECE)
 
 
 def _discard_unclaimed(updates: queue.Queue[Tuple[str, Any]]) -> None:

@@ -73,18 +73,20 @@ def test_sha256_hex_check() -> None:
     assert not is_sha256_hex("a" * 63)
 
 
-def test_paced_unpacker_bounds_each_output_of_a_bomb() -> None:
+def test_unpack_decoder_bounds_each_output_of_a_bomb_behind_ordinary_data() -> None:
     codec = pytest.importorskip("fl_sidecar.codec")
     zstandard = pytest.importorskip("zstandard")
-    from fl_sidecar.service import _PacedUnpacker
+    from fl_sidecar.service import _UNPACK_PIECE, _bounded_unpacker
 
+    ordinary = codec.pack(bytes(range(256)) * 4096)  # 1 MiB of plain data first
     compressor = zstandard.ZstdCompressor(level=19).compressobj()  # no content size
     zero = b"\0" * (1 << 22)
     bomb = b"".join(compressor.compress(zero) for _ in range(32)) + compressor.flush()
     assert len(bomb) < 64 * 1024  # 128 MiB of output from a few KiB
-    unpacker = _PacedUnpacker(codec.Unpacker(max_output_size=1 << 30))
-    sizes = [len(out) for out in unpacker.write(bomb)]
+    unpacker = _bounded_unpacker(1 << 30)
+    sizes = [len(out) for out in unpacker.write_iter(ordinary + bomb)]
     unpacker.finish()
-    assert sum(sizes) == 128 * 1024 * 1024
-    # About 8 MiB each (the ratio is estimated from what came before); unpaced: 128 MiB at once.
-    assert max(sizes) <= 12 * 1024 * 1024
+    assert sum(sizes) == (1 << 20) + 128 * 1024 * 1024
+    # One message in, many bounded pieces out: never the 128 MiB at once.
+    assert max(sizes) <= _UNPACK_PIECE
+    assert len(sizes) >= 32
