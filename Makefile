@@ -22,7 +22,7 @@ $(STAMPS)/bootstrap: scripts/bootstrap.sh requirements-dev.txt $(wildcard exampl
 	bash scripts/bootstrap.sh
 	@mkdir -p $(STAMPS) && touch $@
 
-$(STAMPS)/native: $(STAMPS)/bootstrap $(NATIVE_SOURCES) pyproject.toml
+$(STAMPS)/native: $(STAMPS)/bootstrap $(NATIVE_SOURCES) pyproject.toml scripts/build-native.sh scripts/build-libzstd.sh
 	bash scripts/build-native.sh
 	@mkdir -p $(STAMPS) && touch $@
 
