@@ -24,11 +24,26 @@ import threading
 import urllib.parse
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import pytest
 
 from fl_sidecar.devserver import DevServer
+
+if TYPE_CHECKING:
+    from trainer_stack import TrainerStack
 
 __all__ = [
     "DevServerHandle",
@@ -368,3 +383,15 @@ def tiny_model() -> Callable[..., bytes]:
         return buffer.getvalue()
 
     return make
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[TrainerStack]:
+    """A dev server plus sidecar subprocesses (``stack.add_client()``), one per test module."""
+    from trainer_stack import TrainerStack  # it builds on this module's fixtures' types
+
+    s = TrainerStack()
+    try:
+        yield s
+    finally:
+        s.close()

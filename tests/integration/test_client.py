@@ -11,7 +11,7 @@ import hashlib
 import os
 import uuid
 from pathlib import Path
-from typing import Iterator, List
+from typing import List
 
 import pytest
 from trainer_stack import ClientSide, TrainerStack, post_notification, tiny_module_bytes
@@ -21,15 +21,6 @@ from fl_sidecar.errors import SidecarError
 from fl_sidecar.events import EventKind
 
 EVENT_TIMEOUT = 20.0
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[TrainerStack]:
-    s = TrainerStack()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from trainer_stack import ClientSide, TrainerStack, tiny_module, tiny_module_bytes
@@ -16,15 +15,6 @@ from trainer_stack import ClientSide, TrainerStack, tiny_module, tiny_module_byt
 from fl_sidecar.cli import main
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[TrainerStack]:
-    s = TrainerStack()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")

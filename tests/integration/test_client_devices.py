@@ -11,7 +11,6 @@ is present (the device check); the ``cpu`` case runs everywhere.
 from __future__ import annotations
 
 import uuid
-from typing import Iterator
 
 import pytest
 from trainer_stack import ClientSide, TrainerStack, tiny_module
@@ -29,15 +28,6 @@ DEVICES = [
         marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"),
     ),
 ]
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[TrainerStack]:
-    s = TrainerStack()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any, Dict
 
 import pytest
 from trainer_stack import ClientSide, TrainerStack, tiny_module, tiny_module_bytes
@@ -69,15 +69,6 @@ COMPAT_SCRIPT = textwrap.dedent(
     open(os.path.join(out, f"{args.action}-{args.round}.done"), "w").close()
     """
 )
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[TrainerStack]:
-    s = TrainerStack()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")
