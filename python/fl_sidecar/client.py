@@ -374,14 +374,12 @@ class EventStream:
             item = self._queue.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(f"no event within {timeout} s") from None
-        if item is self._END:
-            self._queue.put(self._END)  # later calls end too
-            raise EOFError("the event stream ended")
+        if isinstance(item, ServerEvent):
+            return item
+        self._queue.put(self._END)  # later calls end too
         if isinstance(item, SidecarError):
-            self._queue.put(self._END)
             raise item
-        assert isinstance(item, ServerEvent)
-        return item
+        raise EOFError("the event stream ended")
 
     def wait_for(
         self,
