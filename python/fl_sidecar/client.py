@@ -728,24 +728,18 @@ class SidecarClient:
             SidecarError: as :meth:`download_with_info`.
             OSError: the file cannot be written.
         """
-        target = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(target))
-        fd, tmp = tempfile.mkstemp(prefix=".fl-sidecar-", suffix=".part", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                result = self._download_stream(
-                    model_id,
-                    _format_value(format),
-                    out.write,
-                    progress=progress,
-                    credentials=credentials,
-                    timeout=timeout,
-                )
-            os.replace(tmp, target)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-        return result
+        fmt = _format_value(format)
+        return _write_atomically(
+            path,
+            lambda sink: self._download_stream(
+                model_id,
+                fmt,
+                sink,
+                progress=progress,
+                credentials=credentials,
+                timeout=timeout,
+            ),
+        )
 
     def download_state_dict(
         self,
