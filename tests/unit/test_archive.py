@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import struct
 import tempfile
 import zipfile
@@ -15,6 +14,7 @@ import safetensors.torch
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_factories import EvilModule, Tied, changed
 
 from fl_sidecar import archive, models
 from fl_sidecar.errors import ModelFormatError, TensorMismatchError, UnsafePickleError
@@ -37,21 +37,6 @@ class Net(torch.nn.Module):
         return out
 
 
-class Tied(torch.nn.Module):
-    """Embedding and output projection share one weight."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(5, 3)
-        self.proj = torch.nn.Linear(3, 3)
-        self.head = torch.nn.Linear(3, 5, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.head(self.proj(self.emb(x)))
-        return out
-
-
 @pytest.fixture(autouse=True)
 def _seed() -> Iterator[None]:
     torch.manual_seed(0)
@@ -64,22 +49,6 @@ def _save(obj: Any, path: Path) -> Path:
     else:
         torch.save(obj, path)
     return path
-
-
-def _changed(state: Dict[str, torch.Tensor], seed: int = 1) -> Dict[str, torch.Tensor]:
-    """New values, same names/shapes/dtypes; tensors that share memory get the same value."""
-    gen = torch.Generator().manual_seed(seed)
-    out: Dict[str, torch.Tensor] = {}
-    seen: Dict[Tuple[int, Tuple[int, ...]], torch.Tensor] = {}
-    for name, value in state.items():
-        key = (value.untyped_storage().data_ptr() if value.numel() else -id(value), value.shape)
-        if key not in seen:
-            if value.is_floating_point():
-                seen[key] = torch.randn(value.shape, generator=gen).to(value.dtype)
-            else:
-                seen[key] = torch.randint(0, 100, value.shape, generator=gen).to(value.dtype)
-        out[name] = seen[key]
-    return out
 
 
 def _raw(t: torch.Tensor) -> bytes:
@@ -211,7 +180,7 @@ def test_safetensors_into_archive_loads_with_torch(case: str, tmp_path: Path) ->
     obj = CASES[case]()
     scripted = isinstance(obj, torch.jit.ScriptModule)
     template = _save(obj, tmp_path / "global.pt")
-    new = _changed(_reference_state(obj))
+    new = changed(_reference_state(obj))
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(models.to_safetensors(new))
     dest = tmp_path / "local.pt"
@@ -245,7 +214,7 @@ def test_small_copy_buffer_gives_the_same_bytes(
     base = torch.randn(40, 24)
     state = {"w": base, "t": base.t(), "tail": base.reshape(-1)[5:], "b": torch.randn(333).half()}
     src = _save(state, tmp_path / "m.pt")
-    new = _changed(state)
+    new = changed(state)
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(models.to_safetensors(dict(state, b=new["b"])))
     expected = models.to_safetensors(state)
@@ -344,7 +313,7 @@ def test_tied_weights_become_two_entries_and_must_agree(tmp_path: Path) -> None:
     archive.archive_to_safetensors(src, dst)
     header, _ = archive.read_safetensors_header(dst)
     assert header["emb.weight"].begin != header["head.weight"].begin  # copies, as the library
-    new = _changed(dict(model.state_dict()))
+    new = changed(dict(model.state_dict()))
     new["head.weight"] = new["head.weight"].clone()
     new["head.weight"][0, 0] += 1
     weights = tmp_path / "w.safetensors"
@@ -421,7 +390,7 @@ def test_big_endian_archive_converts_both_ways(tmp_path: Path) -> None:
     archive.archive_to_safetensors(big, dst)
     assert dst.read_bytes() == models.to_safetensors(state)
     _assert_same(models.read_tensors(big), state)
-    new = _changed(state)
+    new = changed(state)
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(models.to_safetensors(new))
     dest = tmp_path / "out.pt"
@@ -461,7 +430,7 @@ def test_zip64_records_load_with_torch(tmp_path: Path, monkeypatch: pytest.Monke
     # Records past 4 GiB take zip64 fields; a lowered limit takes that path with small data.
     model = Net()
     template = _save(model, tmp_path / "n.pt")
-    new = _changed(dict(model.state_dict()))
+    new = changed(dict(model.state_dict()))
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(models.to_safetensors(new))
     monkeypatch.setattr(archive, "_ZIP32_LIMIT", 40)
@@ -488,23 +457,6 @@ def test_safetensors_header_reader_matches_the_library(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- hostile inputs
-
-
-class Evil:
-    """Runs a shell command when unpickled by a plain unpickler."""
-
-    def __init__(self, command: str) -> None:
-        self.command = command
-
-    def __reduce__(self) -> Tuple[Callable[..., Any], Tuple[str]]:
-        return (os.system, (self.command,))
-
-
-class EvilModule(torch.nn.Module):
-    def __init__(self, command: str) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(2, 2)
-        self.payload = Evil(command)
 
 
 def test_code_running_pickle_is_refused_by_every_entry_point(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import safetensors.torch
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_factories import Tied, changed
 
 from fl_sidecar import models
 from fl_sidecar.errors import ModelFormatError, TensorMismatchError
@@ -43,21 +44,6 @@ class Net(torch.nn.Module):
         return x + scratch
 
 
-class Tied(torch.nn.Module):
-    """Embedding and output projection share one weight (tied weights)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(5, 3)
-        self.proj = torch.nn.Linear(3, 3)
-        self.head = torch.nn.Linear(3, 5, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.head(self.proj(self.emb(x)))
-        return out
-
-
 class Tree(torch.nn.Module):
     """Holds any state_dict under its original dotted names (nested submodules)."""
 
@@ -73,25 +59,6 @@ class Tree(torch.nn.Module):
                 assert child is not None
                 owner = child
             owner.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=False))
-
-
-def _changed(state: Dict[str, torch.Tensor], seed: int = 1) -> Dict[str, torch.Tensor]:
-    """Different values, same names, shapes and dtypes (tied tensors stay equal)."""
-    gen = torch.Generator().manual_seed(seed)
-    out: Dict[str, torch.Tensor] = {}
-    by_ptr: Dict[int, torch.Tensor] = {}
-    for name, value in state.items():
-        ptr = value.untyped_storage().data_ptr() if value.numel() else -1
-        if ptr in by_ptr and by_ptr[ptr].shape == value.shape:
-            out[name] = by_ptr[ptr]
-            continue
-        if value.is_floating_point():
-            new = torch.randn(value.shape, generator=gen).to(value.dtype)
-        else:
-            new = torch.randint(0, 100, value.shape, generator=gen).to(value.dtype)
-        out[name] = new
-        by_ptr[ptr] = new
-    return out
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
@@ -142,7 +109,7 @@ def test_pickled_module_round_trip() -> None:
 
     _assert_equal_state(models.read_tensors(data), net.state_dict())
 
-    new = _changed(net.state_dict())
+    new = changed(net.state_dict())
     out = models.write_tensors(data, new)
     assert out is not None
     loaded = torch.load(io.BytesIO(out), weights_only=False)
@@ -162,7 +129,7 @@ def test_every_pickle_protocol_torch_saves(protocol: int) -> None:
     data = buf.getvalue()
     assert models.describe(data).root_class.endswith(".Net")
     _assert_equal_state(models.read_tensors(data), net.state_dict())
-    new = _changed(net.state_dict())
+    new = changed(net.state_dict())
     out = models.write_tensors(data, new)
     assert out is not None
     _assert_equal_state(torch.load(io.BytesIO(out), weights_only=False).state_dict(), new)
@@ -178,7 +145,7 @@ def test_deflated_and_renamed_archive(tmp_path: Path) -> None:
             dst.writestr("model/" + info.filename.split("/", 1)[1], src.read(info))
     data = buf.getvalue()
     _assert_equal_state(models.read_tensors(data), state)
-    new = _changed(state)
+    new = changed(state)
     out = models.write_tensors(data, new)
     assert out is not None
     _assert_equal_state(dict(torch.load(io.BytesIO(out), weights_only=True)), new)
@@ -198,7 +165,7 @@ def test_rewritten_archive_loads_with_mmap(tmp_path: Path) -> None:
     net = Net()
     template = tmp_path / "global.pt"
     models.save_module(net, template)
-    new = _changed(net.state_dict())
+    new = changed(net.state_dict())
     dest = tmp_path / "local.pt"
     assert models.write_tensors(template, new, dest) is None
     # mmap loading needs torch's record alignment.
@@ -214,7 +181,7 @@ def test_state_dict_archive_round_trip() -> None:
     assert info.root_class == "collections.OrderedDict"
     assert not info.is_module
     _assert_equal_state(models.read_tensors(data), dict(state))
-    new = _changed(dict(state))
+    new = changed(dict(state))
     out = models.write_tensors(data, new)
     assert out is not None
     loaded = torch.load(io.BytesIO(out), weights_only=True)
@@ -236,7 +203,7 @@ def test_numpy_attributes_are_inert() -> None:
     model = WithNumpy()
     data = models.dump_module(model)
     _assert_equal_state(models.read_tensors(data), model.state_dict())
-    new = _changed(model.state_dict())
+    new = changed(model.state_dict())
     out = models.write_tensors(data, new)
     assert out is not None
     loaded = torch.load(io.BytesIO(out), weights_only=False)
@@ -255,7 +222,7 @@ def test_recurrent_and_attention_layers(scripted: bool) -> None:
     data = models.dump_module(model)
     reference = dict(model.state_dict())
     _assert_equal_state(models.read_tensors(data), reference)
-    new = _changed(reference)
+    new = changed(reference)
     out = models.write_tensors(data, new)
     assert out is not None
     loaded = models.load_trusted(out)
@@ -280,7 +247,7 @@ def test_low_and_high_precision_modules(dtype: torch.dtype) -> None:
     got = models.read_tensors(data)
     _assert_equal_state(got, net.state_dict())
     assert got["fc1.weight"].dtype == dtype
-    new = _changed(net.state_dict())
+    new = changed(net.state_dict())
     out = models.write_tensors(data, new)
     assert out is not None
     _assert_equal_state(torch.load(io.BytesIO(out), weights_only=False).state_dict(), new)
@@ -305,7 +272,7 @@ def test_many_dtypes_in_one_state_dict() -> None:
     for name, value in state.items():
         assert got[name].dtype == value.dtype
         assert torch.equal(_raw(got[name]), _raw(value)), name
-    new = _changed({k: v for k, v in state.items() if k != "f8"})
+    new = changed({k: v for k, v in state.items() if k != "f8"})
     new["f8"] = torch.tensor([1.0], dtype=torch.float8_e4m3fn)
     out = models.write_tensors(data, new)
     assert out is not None
@@ -388,7 +355,7 @@ def test_torchscript_round_trip(how: str) -> None:
     got = models.read_tensors(data)
     _assert_equal_state(got, dict(expected))  # names and order as TorchScript's state_dict
 
-    new = _changed(dict(expected))
+    new = changed(dict(expected))
     out = models.write_tensors(data, new)
     assert out is not None
     loaded = jit_load(io.BytesIO(out))
@@ -423,7 +390,7 @@ def test_torchscript_typed_attributes() -> None:
     data = models.dump_module(module)
     expected = dict(jit_load(io.BytesIO(data)).state_dict())
     _assert_equal_state(models.read_tensors(data), expected)
-    new = _changed(expected)
+    new = changed(expected)
     out = models.write_tensors(data, new)
     assert out is not None
     loaded = jit_load(io.BytesIO(out))
@@ -448,7 +415,7 @@ def test_torchscript_with_tied_weights_and_attribute_tensors() -> None:
     expected = dict(jit_load(io.BytesIO(data)).state_dict())
     assert "plain" not in expected
     _assert_equal_state(models.read_tensors(data), expected)
-    new = _changed(expected)
+    new = changed(expected)
     assert new["inner.head.weight"] is new["inner.emb.weight"]
     out = models.write_tensors(data, new)
     assert out is not None
@@ -465,7 +432,7 @@ def test_tied_weights_round_trip_and_stay_tied() -> None:
     got = models.read_tensors(data)
     assert list(got) == list(model.state_dict())
     assert got["head.weight"].data_ptr() == got["emb.weight"].data_ptr()
-    new = _changed(model.state_dict())
+    new = changed(model.state_dict())
     out = models.write_tensors(data, new)
     assert out is not None
     loaded = torch.load(io.BytesIO(out), weights_only=False)
@@ -477,7 +444,7 @@ def test_tied_weights_with_different_values_are_refused(tmp_path: Path) -> None:
     model = Tied()
     template = tmp_path / "tied.pt"
     models.save_module(model, template)
-    new = _changed(model.state_dict())
+    new = changed(model.state_dict())
     new["head.weight"] = new["emb.weight"] + 1
     dest = tmp_path / "out.pt"
     with pytest.raises(TensorMismatchError, match="tied"):
@@ -584,7 +551,7 @@ def test_big_endian_archive_is_read_and_written() -> None:
     _assert_equal_state(dict(reference), state)
     # ...and so does the restricted reader.
     _assert_equal_state(models.read_tensors(big), state)
-    new = _changed(state)
+    new = changed(state)
     out = models.write_tensors(big, new)
     assert out is not None
     assert zipfile.ZipFile(io.BytesIO(out)).read("archive/byteorder") == b"big"
@@ -637,7 +604,7 @@ def test_archive_to_safetensors_and_back(tmp_path: Path) -> None:
     assert set(converted) == set(state)
     for name in state:
         assert torch.equal(converted[name], state[name])
-    new = _changed(dict(state))
+    new = changed(dict(state))
     updated = tmp_path / "local.safetensors"
     updated.write_bytes(models.to_safetensors(new))
     dest = tmp_path / "local.pt"
@@ -652,7 +619,7 @@ def test_safetensors_into_torchscript(tmp_path: Path) -> None:
     module = torch.jit.script(Net())
     template = tmp_path / "global.pt"
     models.save_module(module, template)
-    new = _changed(dict(module.state_dict()))
+    new = changed(dict(module.state_dict()))
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(models.to_safetensors(new))
     dest = tmp_path / "out.pt"

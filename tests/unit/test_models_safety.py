@@ -8,35 +8,17 @@ import pickle
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_factories import Evil, EvilModule
 
 from fl_sidecar import models
 from fl_sidecar._pickle import restricted_loads
 from fl_sidecar.errors import ModelFormatError, UnsafePickleError
-
-
-class Evil:
-    """Runs a shell command when unpickled by a plain unpickler."""
-
-    def __init__(self, command: str) -> None:
-        self.command = command
-
-    def __reduce__(self) -> Tuple[Callable[..., Any], Tuple[str]]:
-        return (os.system, (self.command,))
-
-
-class EvilModule(torch.nn.Module):
-    """A real module that carries a code-running attribute."""
-
-    def __init__(self, command: str) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(2, 2)
-        self.payload = Evil(command)
 
 
 def _archive_with_pickle(pkl: bytes, *, extra: Dict[str, bytes] | None = None) -> bytes:
