@@ -103,6 +103,8 @@ _SERVER_SECRET_VARIABLES = frozenset(
         "FL_SIDECAR_AUTHORIZATION_FILE",
     }
 )
+# Environment variables holding the FL server's URL: passed on without their userinfo.
+_SERVER_URL_VARIABLES = ("FL_SIDECAR_SERVER_URL", "FL_DEMONSTRATOR_BASE_URL")
 _SIZE_PATTERN = re.compile(r"\s*(\d+)\s*([A-Za-z]*)\s*\Z")
 
 T = TypeVar("T")
@@ -318,6 +320,10 @@ class _Resolver:
         # credentials (it talks to the sidecar, which keeps them), plus where
         # the sidecar listens.
         script_env = {k: v for k, v in self._env.items() if k not in _SERVER_SECRET_VARIABLES}
+        for name in _SERVER_URL_VARIABLES:
+            if name in script_env:
+                # A user:password@ in the URL is a credential too.
+                script_env[name] = strip_userinfo(script_env[name])
         if socket_path is not None:
             script_env["FL_SIDECAR_SOCKET"] = socket_path
         return Settings(

@@ -236,6 +236,16 @@ def test_training_script_environment_has_no_server_credentials() -> None:
     assert s.script_env["FL_SIDECAR_SOCKET"] == "/tmp/x.sock"
 
 
+def test_training_script_environment_has_no_userinfo_in_the_server_url() -> None:
+    s = settings(
+        ["--socket", "/tmp/x.sock"],
+        {"FL_DEMONSTRATOR_BASE_URL": "http://u:pw-1234@fl.example:8000/api"},
+    )
+    assert s.script_env is not None
+    assert s.script_env["FL_DEMONSTRATOR_BASE_URL"] == "http://fl.example:8000/api"
+    assert "pw-1234" in s.secrets()
+
+
 def test_socket_directory_writable_by_others_is_refused(tmp_path: Path) -> None:
     from fl_sidecar.server import check_socket_directory
 
