@@ -475,7 +475,8 @@ class SidecarService(pb_grpc.SidecarServicer):
     def UploadModel(self, request_iterator: Iterator[pb.UploadModelRequest], context: Any) -> Any:
         """Spool the chunks, check them against the header, convert if asked, upload."""
         self._check_open()
-        first = self._next_request(request_iterator)
+        messages = _requests(request_iterator)
+        first = next(messages, None)
         if first is None or first.WhichOneof("kind") != "header":
             raise _invalid("the first message of UploadModel must be the header")
         header = first.header
@@ -494,10 +495,7 @@ class SidecarService(pb_grpc.SidecarServicer):
             )
         spool = self.transfers.new_upload_spool(hashed=bool(header.sha256))
         try:
-            while True:
-                message = self._next_request(request_iterator)
-                if message is None:
-                    break
+            for message in messages:
                 if message.WhichOneof("kind") != "chunk":
                     raise _invalid("UploadModel takes one header, then only chunks")
                 spool.write(message.chunk)
@@ -536,16 +534,6 @@ class SidecarService(pb_grpc.SidecarServicer):
             content_encoding=result.content_encoding,
             seconds=result.seconds,
         )
-
-    @staticmethod
-    def _next_request(request_iterator: Iterator[T]) -> Optional[T]:
-        try:
-            return next(request_iterator, None)
-        except grpc.RpcError:
-            # The trainer cancelled or the connection broke mid-stream.
-            raise SidecarError(
-                "the trainer went away mid-stream; nothing was uploaded", code="CANCELLED"
-            ) from None
 
     @_unary
     def UploadMetrics(self, request: pb.UploadMetricsRequest, context: Any) -> Any:
@@ -709,6 +697,7 @@ def _requests(request_iterator: Iterator[T]) -> Iterator[T]:
         try:
             message = next(request_iterator, None)
         except grpc.RpcError:
+            # The trainer cancelled or the connection broke mid-stream.
             raise SidecarError("the trainer went away mid-stream", code="CANCELLED") from None
         if message is None:
             return
