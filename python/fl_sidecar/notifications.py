@@ -141,14 +141,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             # Two lengths are a request-smuggling pattern; trust neither.
             self._answer(400, "more than one Content-Length", close=True)
             return
-        try:
-            length = int(length_header.strip())
-        except ValueError:
-            length = -1
         digits = length_header.strip()
-        if length < 0 or not (digits.isascii() and digits.isdigit()):
+        if not (digits.isascii() and digits.isdigit()):
             self._answer(400, "Content-Length is not a non-negative integer", close=True)
             return
+        length = int(digits)
         if length > owner.max_body_size:
             logger.warning(
                 "notification refused: body too large",
