@@ -34,6 +34,7 @@ import socket
 import threading
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
+from fl_sidecar.config import DEFAULT_NOTIFICATION_PORT
 from fl_sidecar.errors import MalformedNotificationError
 from fl_sidecar.events import (
     DEFAULT_MAX_NOTIFICATION_SIZE,
@@ -47,7 +48,7 @@ __all__ = ["DEFAULT_PORT", "STATUS_BY_KIND", "NotificationServer"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PORT = 8101
+DEFAULT_PORT = DEFAULT_NOTIFICATION_PORT
 """The reference client's default notification port (``FL_CLIENT_SERVER_PORT``)."""
 
 STATUS_BY_KIND: Dict[EventKind, int] = {
