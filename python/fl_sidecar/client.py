@@ -102,6 +102,9 @@ _FORMAT_NAMES = {
     pb.MODEL_FORMAT_SAFETENSORS: "safetensors",
 }
 
+_CODEC_REQUESTS = {"Pack": pb.PackRequest, "Unpack": pb.UnpackRequest}
+"""The request message of each codec RPC, by its name."""
+
 _EVENT_KINDS = {
     pb.EVENT_KIND_TRAINING_START: EventKind.TRAINING_START,
     pb.EVENT_KIND_UPDATE_ROUND_START: EventKind.UPDATE_ROUND_START,
@@ -810,19 +813,14 @@ class SidecarClient:
         progress: Optional[ProgressCallback],
         timeout: Optional[float],
     ) -> UploadResult:
-        total = header.size
-
-        def requests() -> Iterator[pb.UploadModelRequest]:
-            yield pb.UploadModelRequest(header=header)
-            done = 0
-            for chunk in chunks:
-                done += len(chunk)
-                yield pb.UploadModelRequest(chunk=chunk)
-                if progress is not None:
-                    progress(done, total)
-
+        source = _Requests(
+            pb.UploadModelRequest(header=header),
+            lambda chunk: pb.UploadModelRequest(chunk=chunk),
+            chunks,
+            progress=progress,
+            total=header.size,
+        )
         try:
-            source = _Requests(requests())
             r = self._stub.UploadModel(source, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             source.reraise()
@@ -904,9 +902,9 @@ class SidecarClient:
             credentials=credentials,
             owner=owner,
         )
-        step = self.chunk_size
-        chunks = (bytes(view[i : i + step]) for i in range(0, size, step))
-        return self._upload_stream(header, chunks, progress=progress, timeout=timeout)
+        return self._upload_stream(
+            header, _slice_chunks(view, self.chunk_size), progress=progress, timeout=timeout
+        )
 
     def upload_file(
         self,
@@ -1028,74 +1026,86 @@ class SidecarClient:
 
     # --- pack / unpack ------------------------------------------------------
 
-    def _pack_call(
+    def _codec_call(
         self,
+        action: str,
+        options: Any,
         chunks: Iterable[bytes],
         sink: Callable[[bytes], object],
         *,
-        level: int,
-        chunk_size: int,
         progress: Optional[ProgressCallback],
         total: int,
         timeout: Optional[float],
-    ) -> PackResult:
-        def requests() -> Iterator[pb.PackRequest]:
-            yield pb.PackRequest(options=pb.PackOptions(level=level, chunk_size=chunk_size))
-            done = 0
-            for chunk in chunks:
-                done += len(chunk)
-                yield pb.PackRequest(chunk=chunk)
-                if progress is not None:
-                    progress(done, total)
-
+    ) -> Any:
+        """Run Pack or Unpack: output chunks go to ``sink``; returns the closing summary."""
+        request_type = _CODEC_REQUESTS[action]
+        source = _Requests(
+            request_type(options=options),
+            lambda chunk: request_type(chunk=chunk),
+            chunks,
+            progress=progress,
+            total=total,
+        )
+        rpc = getattr(self._stub, action)
         summary = None
         try:
-            source = _Requests(requests())
-            for message in self._stub.Pack(source, timeout=timeout, metadata=self._metadata):
+            for message in rpc(source, timeout=timeout, metadata=self._metadata):
                 if message.WhichOneof("kind") == "chunk":
                     sink(message.chunk)
                 else:
                     summary = message.summary
         except grpc.RpcError as exc:
             source.reraise()
-            raise _map_rpc_error(exc, "Pack") from None
+            raise _map_rpc_error(exc, action) from None
         if summary is None:
-            raise SidecarError("Pack: the stream ended without its summary", code="DATA_LOSS")
-        return PackResult(summary.raw_bytes, summary.packed_bytes, summary.frames)
+            raise SidecarError(f"{action}: the stream ended without its summary", code="DATA_LOSS")
+        return summary
 
-    def _unpack_call(
+    def _codec_bytes(
         self,
-        chunks: Iterable[bytes],
-        sink: Callable[[bytes], object],
-        *,
-        max_output_size: int,
-        progress: Optional[ProgressCallback],
-        total: int,
+        action: str,
+        options: Any,
+        data: Buffer,
         timeout: Optional[float],
-    ) -> UnpackResult:
-        def requests() -> Iterator[pb.UnpackRequest]:
-            yield pb.UnpackRequest(options=pb.UnpackOptions(max_output_size=max_output_size))
-            done = 0
-            for chunk in chunks:
-                done += len(chunk)
-                yield pb.UnpackRequest(chunk=chunk)
-                if progress is not None:
-                    progress(done, total)
+    ) -> bytes:
+        out: List[bytes] = []
+        view = memoryview(data).cast("B")
+        chunks = _slice_chunks(view, self.chunk_size)
+        self._codec_call(
+            action,
+            options,
+            chunks,
+            out.append,
+            progress=None,
+            total=view.nbytes,
+            timeout=timeout,
+        )
+        return b"".join(out)
 
-        summary = None
-        try:
-            source = _Requests(requests())
-            for message in self._stub.Unpack(source, timeout=timeout, metadata=self._metadata):
-                if message.WhichOneof("kind") == "chunk":
-                    sink(message.chunk)
-                else:
-                    summary = message.summary
-        except grpc.RpcError as exc:
-            source.reraise()
-            raise _map_rpc_error(exc, "Unpack") from None
-        if summary is None:
-            raise SidecarError("Unpack: the stream ended without its summary", code="DATA_LOSS")
-        return UnpackResult(summary.packed_bytes, summary.raw_bytes)
+    def _codec_file(
+        self,
+        action: str,
+        options: Any,
+        src: PathLike,
+        dst: PathLike,
+        progress: Optional[ProgressCallback],
+        timeout: Optional[float],
+    ) -> Any:
+        total = os.path.getsize(src)
+        with open(src, "rb") as f:
+            chunks = _read_chunks(f, self.chunk_size)
+            return _write_atomically(
+                dst,
+                lambda sink: self._codec_call(
+                    action,
+                    options,
+                    chunks,
+                    sink,
+                    progress=progress,
+                    total=total,
+                    timeout=timeout,
+                ),
+            )
 
     def pack(
         self,
@@ -1110,20 +1120,8 @@ class SidecarClient:
         Raises:
             SidecarError: ``INVALID_ARGUMENT`` for bad options, and transport failures.
         """
-        out: List[bytes] = []
-        view = memoryview(data).cast("B")
-        step = self.chunk_size
-        chunks = (bytes(view[i : i + step]) for i in range(0, view.nbytes, step))
-        self._pack_call(
-            chunks,
-            out.append,
-            level=level,
-            chunk_size=chunk_size,
-            progress=None,
-            total=view.nbytes,
-            timeout=timeout,
-        )
-        return b"".join(out)
+        options = pb.PackOptions(level=level, chunk_size=chunk_size)
+        return self._codec_bytes("Pack", options, data, timeout)
 
     def unpack(
         self, blob: Buffer, *, max_output_size: int = 0, timeout: Optional[float] = None
@@ -1134,19 +1132,8 @@ class SidecarClient:
             SidecarError: ``DATA_LOSS`` for corrupt/truncated data,
                 ``RESOURCE_EXHAUSTED`` past the size limit.
         """
-        out: List[bytes] = []
-        view = memoryview(blob).cast("B")
-        step = self.chunk_size
-        chunks = (bytes(view[i : i + step]) for i in range(0, view.nbytes, step))
-        self._unpack_call(
-            chunks,
-            out.append,
-            max_output_size=max_output_size,
-            progress=None,
-            total=view.nbytes,
-            timeout=timeout,
-        )
-        return b"".join(out)
+        options = pb.UnpackOptions(max_output_size=max_output_size)
+        return self._codec_bytes("Unpack", options, blob, timeout)
 
     def pack_file(
         self,
@@ -1164,20 +1151,9 @@ class SidecarClient:
             OSError: a file cannot be read or written.
             SidecarError: as :meth:`pack`.
         """
-        total = os.path.getsize(src)
-        with open(src, "rb") as f:
-            return _write_atomically(
-                dst,
-                lambda sink: self._pack_call(
-                    _read_chunks(f, self.chunk_size),
-                    sink,
-                    level=level,
-                    chunk_size=chunk_size,
-                    progress=progress,
-                    total=total,
-                    timeout=timeout,
-                ),
-            )
+        options = pb.PackOptions(level=level, chunk_size=chunk_size)
+        summary = self._codec_file("Pack", options, src, dst, progress, timeout)
+        return PackResult(summary.raw_bytes, summary.packed_bytes, summary.frames)
 
     def unpack_file(
         self,
@@ -1194,19 +1170,9 @@ class SidecarClient:
             OSError: a file cannot be read or written.
             SidecarError: as :meth:`unpack`.
         """
-        total = os.path.getsize(src)
-        with open(src, "rb") as f:
-            return _write_atomically(
-                dst,
-                lambda sink: self._unpack_call(
-                    _read_chunks(f, self.chunk_size),
-                    sink,
-                    max_output_size=max_output_size,
-                    progress=progress,
-                    total=total,
-                    timeout=timeout,
-                ),
-            )
+        options = pb.UnpackOptions(max_output_size=max_output_size)
+        summary = self._codec_file("Unpack", options, src, dst, progress, timeout)
+        return UnpackResult(summary.packed_bytes, summary.raw_bytes)
 
     # --- events -------------------------------------------------------------
 
@@ -1237,16 +1203,25 @@ class SidecarClient:
 
 
 class _Requests:
-    """A request iterator that remembers an exception raised while producing requests.
+    """A client stream: ``first``, then ``wrap(chunk)`` per chunk, reporting ``progress``.
 
-    grpc turns such an exception into a cancelled call with status UNKNOWN,
-    which the contract reserves for "the upload may have arrived"; the
-    trainer's own exception (a failing progress callback, a read error) is the
-    true cause, and the sidecar uploaded nothing.
+    It remembers an exception raised while producing requests. grpc turns
+    such an exception into a cancelled call with status UNKNOWN, which the
+    contract reserves for "the upload may have arrived"; the trainer's own
+    exception (a failing progress callback, a read error) is the true cause,
+    and the sidecar uploaded nothing.
     """
 
-    def __init__(self, source: Iterator[Any]) -> None:
-        self._source = source
+    def __init__(
+        self,
+        first: Any,
+        wrap: Callable[[bytes], Any],
+        chunks: Iterable[bytes],
+        *,
+        progress: Optional[ProgressCallback],
+        total: int,
+    ) -> None:
+        self._source = _with_progress(first, wrap, chunks, progress, total)
         self.error: Optional[BaseException] = None
 
     def __iter__(self) -> _Requests:
@@ -1265,6 +1240,27 @@ class _Requests:
         """Raise the remembered exception, if any."""
         if self.error is not None:
             raise self.error
+
+
+def _with_progress(
+    first: Any,
+    wrap: Callable[[bytes], Any],
+    chunks: Iterable[bytes],
+    progress: Optional[ProgressCallback],
+    total: int,
+) -> Iterator[Any]:
+    yield first
+    done = 0
+    for chunk in chunks:
+        done += len(chunk)
+        yield wrap(chunk)
+        if progress is not None:
+            progress(done, total)
+
+
+def _slice_chunks(view: memoryview, size: int) -> Iterator[bytes]:
+    for start in range(0, view.nbytes, size):
+        yield bytes(view[start : start + size])
 
 
 def _read_chunks(f: BinaryIO, size: int) -> Iterator[bytes]:
