@@ -21,30 +21,18 @@ from typing import Any, Dict, Iterable, List, Optional, TextIO, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["Metrics", "RedactingFilter", "configure_logging", "log_fields"]
+__all__ = ["Metrics", "RedactingFilter", "configure_logging"]
 
-_FIELDS_ATTR = "fl_fields"
 _REDACTED = "***"
 # Attributes every LogRecord has; anything else came in through ``extra=``.
 _STANDARD_ATTRS = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
-    | {"message", "asctime", "taskName", _FIELDS_ATTR}
+    | {"message", "asctime", "taskName"}
 )
 
 
 def _extra_fields(record: logging.LogRecord) -> Dict[str, Any]:
-    fields: Dict[str, Any] = {
-        key: value for key, value in vars(record).items() if key not in _STANDARD_ATTRS
-    }
-    explicit = getattr(record, _FIELDS_ATTR, None)
-    if isinstance(explicit, dict):
-        fields.update(explicit)
-    return fields
-
-
-def log_fields(**fields: Any) -> Dict[str, Dict[str, Any]]:
-    """``extra=`` for a logging call: structured fields printed as ``key=value`` or JSON keys."""
-    return {_FIELDS_ATTR: fields}
+    return {key: value for key, value in vars(record).items() if key not in _STANDARD_ATTRS}
 
 
 class RedactingFilter(logging.Filter):
@@ -75,13 +63,6 @@ class RedactingFilter(logging.Filter):
         for key, value in _extra_fields(record).items():
             if isinstance(value, str):
                 setattr(record, key, self.redact(value))
-        explicit = getattr(record, _FIELDS_ATTR, None)
-        if isinstance(explicit, dict):
-            setattr(
-                record,
-                _FIELDS_ATTR,
-                {k: self.redact(v) if isinstance(v, str) else v for k, v in explicit.items()},
-            )
         return True
 
 
