@@ -73,6 +73,7 @@ __all__ = [
     "list_tensors",
     "open_archive",
     "open_source",
+    "read_exact",
     "read_safetensors_header",
     "rewrite_archive",
     "safetensors_header",
@@ -254,6 +255,20 @@ def _readinto(f: Any, view: memoryview) -> int:
     # zipfile's and open()'s readers both have readinto; IO[bytes] does not declare it.
     n = f.readinto(view)
     return int(n or 0)
+
+
+def read_exact(f: Any, out: memoryview, what: str) -> None:
+    """Fills ``out`` from the reader ``f`` (a file or zipfile reader with ``readinto``).
+
+    Raises:
+        ModelFormatError: ``f`` ends first (``"<what> is truncated"``).
+    """
+    done = 0
+    while done < len(out):
+        n = _readinto(f, out[done:])
+        if not n:
+            raise ModelFormatError(f"{what} is truncated")
+        done += n
 
 
 def _safetensors_header_length(head: bytes, total: Optional[int]) -> Optional[int]:
@@ -609,12 +624,7 @@ class _Archive:
 def _pieces(reader: Any, buf: memoryview, remaining: int, what: str) -> Iterator[memoryview]:
     while remaining > 0:
         want = min(len(buf), remaining)
-        got = 0
-        while got < want:
-            n = _readinto(reader, buf[got:want])
-            if not n:
-                raise ModelFormatError(f"record {what} is truncated")
-            got += n
+        read_exact(reader, buf[:want], f"record {what}")
         remaining -= want
         yield buf[:want]
 
@@ -1004,12 +1014,7 @@ class _SafetensorsValues(NewValues):
 
     def read(self, name: str, start: int, out: memoryview) -> None:
         self._f.seek(self._start + self._header[name].begin + start)
-        done = 0
-        while done < len(out):
-            n = _readinto(self._f, out[done:])
-            if not n:
-                raise ModelFormatError("the safetensors data is truncated")
-            done += n
+        read_exact(self._f, out, "the safetensors data")
 
 
 def check_against(

@@ -438,14 +438,8 @@ def from_safetensors(data: Source) -> Dict[str, torch.Tensor]:
     with _tf.open_source(data) as f:
         for name, entry in header.items():
             buf = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
-            view = buf.numpy().data
             f.seek(start + entry.begin)
-            done = 0
-            while done < len(view):
-                n = f.readinto(view[done:])  # type: ignore[attr-defined]
-                if not n:
-                    raise ModelFormatError("the safetensors data is truncated")
-                done += n
+            _tf.read_exact(f, buf.numpy().data, "the safetensors data")
             out[name] = buf.view(_torch_dtype(entry.dtype)).view(entry.shape)
     return out
 
