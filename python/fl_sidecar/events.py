@@ -96,8 +96,6 @@ class EventKind(enum.Enum):
     @classmethod
     def from_notification_type(cls, notification_type: str) -> EventKind:
         """Map the server's ``notification_type`` to a kind; anything else is ``UNKNOWN``."""
-        if notification_type == cls.UNKNOWN.value:
-            return cls.UNKNOWN
         try:
             return cls(notification_type)
         except ValueError:
