@@ -292,10 +292,6 @@ def write_tensors(
         return None
 
 
-def _atomic_write(dest: PathLike, produce: Callable[[IO[bytes]], None]) -> None:
-    _tf.atomic_write(dest, produce)
-
-
 # --------------------------------------------------------------------------- modules
 
 
@@ -371,7 +367,7 @@ def save_module(module: torch.nn.Module, path: PathLike) -> None:
     def produce(f: IO[bytes]) -> None:
         f.write(data)
 
-    _atomic_write(path, produce)
+    _tf.atomic_write(path, produce)
 
 
 def load_trusted(source: Source, *, map_location: Any = None) -> Any:
