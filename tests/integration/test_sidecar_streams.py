@@ -12,7 +12,7 @@ import json
 import urllib.error
 import urllib.request
 import uuid
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import grpc
 import pytest
@@ -40,6 +40,20 @@ def _sample(size: int) -> bytes:
     return (block * (size // len(block) + 1))[:size]
 
 
+def _collect(responses: Iterable[Any]) -> Tuple[bytes, Any, List[int]]:
+    """A Pack or Unpack answer: its chunks joined, its summary, and each chunk's size."""
+    chunks: List[bytes] = []
+    summary: Any = None
+    for message in responses:
+        assert summary is None, "a message after the summary"
+        if message.WhichOneof("kind") == "summary":
+            summary = message.summary
+        else:
+            chunks.append(message.chunk)
+    assert summary is not None
+    return b"".join(chunks), summary, [len(c) for c in chunks]
+
+
 def _pack(
     sidecar: SidecarProcess, data: bytes, options: Optional[pb.PackOptions] = None
 ) -> Tuple[bytes, pb.PackSummary, List[int]]:
@@ -49,16 +63,7 @@ def _pack(
         for start in range(0, len(data), MIB):
             yield pb.PackRequest(chunk=data[start : start + MIB])
 
-    chunks: List[bytes] = []
-    summary: Optional[pb.PackSummary] = None
-    for message in sidecar.stub.Pack(requests(), timeout=60):
-        assert summary is None, "a message after the summary"
-        if message.WhichOneof("kind") == "summary":
-            summary = message.summary
-        else:
-            chunks.append(message.chunk)
-    assert summary is not None
-    return b"".join(chunks), summary, [len(c) for c in chunks]
+    return _collect(sidecar.stub.Pack(requests(), timeout=60))
 
 
 def _unpack(
@@ -70,16 +75,7 @@ def _unpack(
         for start in range(0, len(blob), 300_000):
             yield pb.UnpackRequest(chunk=blob[start : start + 300_000])
 
-    chunks: List[bytes] = []
-    summary: Optional[pb.UnpackSummary] = None
-    for message in sidecar.stub.Unpack(requests(), timeout=60):
-        assert summary is None, "a message after the summary"
-        if message.WhichOneof("kind") == "summary":
-            summary = message.summary
-        else:
-            chunks.append(message.chunk)
-    assert summary is not None
-    return b"".join(chunks), summary, [len(c) for c in chunks]
+    return _collect(sidecar.stub.Unpack(requests(), timeout=60))
 
 
 def test_pack_then_unpack_round_trips_and_foreign_decoders_read_it(
