@@ -118,8 +118,7 @@ _EVENT_KINDS = {
 def default_target() -> str:
     """The sidecar address to use when the caller names none, as the settings module resolves it.
 
-    ``fl_sidecar.config.client_target()`` when the settings module offers it;
-    otherwise where a sidecar started in this environment would serve:
+    Where a sidecar started in this environment would serve:
     ``FL_SIDECAR_SOCKET``, ``FL_SIDECAR_LISTEN``, else
     ``$XDG_RUNTIME_DIR/fl-sidecar/sidecar.sock`` or ``/tmp/fl-sidecar-<uid>/sidecar.sock``.
     A training script started by a sidecar in compatibility mode inherits
@@ -132,9 +131,6 @@ def default_target() -> str:
 
     from fl_sidecar import config
 
-    resolver = getattr(config, "client_target", None)
-    if callable(resolver):
-        return normalize_target(str(resolver()))
     settings = config.Settings.from_args(argparse.Namespace())
     if settings.socket_path is not None:
         return "unix:" + settings.socket_path

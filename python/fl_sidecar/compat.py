@@ -12,9 +12,10 @@ fl-sidecar over gRPC (compressed, streamed, with retries), and the trainer's
 ``http_authorization`` is passed to the sidecar as that call's credentials.
 
 Where the sidecar is: :attr:`Communication.sidecar_target` (a class-level
-setting; ``None`` asks the settings module: ``FL_SIDECAR_TARGET``, else the
-sidecar's default socket). In compatibility mode the sidecar starts the
-training script per round like the reference client does.
+setting; ``None`` means :func:`fl_sidecar.client.default_target`:
+``FL_SIDECAR_SOCKET``, ``FL_SIDECAR_LISTEN``, else the sidecar's default
+socket). In compatibility mode the sidecar starts the training script per
+round like the reference client does; the script inherits where it listens.
 
 torch is needed for :meth:`Communication.download_model`,
 :meth:`~Communication.upload_model`, :meth:`~Communication.pack_model` and

@@ -345,7 +345,7 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
         "--target",
         default=None,
         help="the sidecar: unix:///path, a socket path, or host:port "
-        "[default: FL_SIDECAR_TARGET, else the sidecar's default socket]",
+        "[default: FL_SIDECAR_SOCKET, FL_SIDECAR_LISTEN, else the sidecar's default socket]",
     )
     parser.add_argument(
         "--api-token-file", metavar="PATH", help="read the sidecar's API token from this file"
