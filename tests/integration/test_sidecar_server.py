@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from pathlib import Path
 from typing import Iterator
 
 import grpc
@@ -145,7 +144,7 @@ def test_stale_socket_is_replaced_and_removed_after_sigterm() -> None:
         process.cleanup()
 
 
-def test_regular_file_at_the_socket_path_is_not_replaced(tmp_path: Path) -> None:
+def test_regular_file_at_the_socket_path_is_not_replaced() -> None:
     workdir = _short_tempdir()
     try:
         path = workdir / "s.sock"
