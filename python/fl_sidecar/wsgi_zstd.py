@@ -155,7 +155,8 @@ class ZstdMiddleware:
             self._packer_args["level"] = level
         if chunk_size is not None:
             self._packer_args["chunk_size"] = chunk_size
-        # zstd's worst case for incompressible input: 1/256 of it plus frame headers.
+        # zstd's worst case for incompressible input is 1/256 more plus frame headers;
+        # allow twice that.
         self.max_wire_size = self.max_request_size + self.max_request_size // 128 + 64 * 1024
 
     def __call__(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -236,10 +237,7 @@ class ZstdMiddleware:
         except SizeLimitExceededError:
             spool.close()
             return self._too_large(start_response)
-        except CodecError as exc:
-            spool.close()
-            return self._error(start_response, "400 Bad Request", f"invalid zstd body: {exc}")
-        except _BadBody as exc:
+        except (CodecError, _BadBody) as exc:
             spool.close()
             return self._error(start_response, "400 Bad Request", f"invalid zstd body: {exc}")
         except BaseException:
@@ -270,7 +268,7 @@ class ZstdMiddleware:
 
 
 class _BadBody(Exception):
-    """The request body is shorter than its Content-Length."""
+    """The request body is shorter than its Content-Length, or broke off."""
 
 
 class _Response:
