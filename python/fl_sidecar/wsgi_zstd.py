@@ -115,6 +115,23 @@ def _merge_token(headers: Headers, name: str, token: str) -> Headers:
     return [*_without(headers, name), (name, f"{current}, {token}")]
 
 
+def _read_ahead(
+    blocks: Iterator[bytes], into: List[bytes], size: int, until: int
+) -> Tuple[int, bool]:
+    """Moves blocks into ``into`` while ``size`` (bytes so far) is below ``until``.
+
+    Returns the new size and whether ``blocks`` ended.
+    """
+    while size < until:
+        try:
+            block = next(blocks)
+        except StopIteration:
+            return size, True
+        into.append(block)
+        size += len(block)
+    return size, False
+
+
 class ZstdMiddleware:
     """zstd request decoding, response encoding and advertisement for any WSGI application."""
 
@@ -306,17 +323,9 @@ class _Response:
         inner = iter(self._result)
         buffered: List[bytes] = list(self._pending)
         self._pending = []
-        size = sum(len(b) for b in buffered)
-        ended = False
-        threshold = max(self._mw.min_response_size, 1)
-        while size < threshold:
-            try:
-                block = next(inner)
-            except StopIteration:
-                ended = True
-                break
-            buffered.append(block)
-            size += len(block)
+        size, ended = _read_ahead(
+            inner, buffered, sum(len(b) for b in buffered), max(self._mw.min_response_size, 1)
+        )
         buffered.extend(self._pending)  # write() may have been called during iteration
         self._pending = []
         if self._status is None:
@@ -336,14 +345,7 @@ class _Response:
         packer = _codec().Packer(**self._mw._packer_args)
         if not ended:
             # Try to see the end within the one-shot limit, so the answer gets a length.
-            while size <= _ONE_SHOT_LIMIT:
-                try:
-                    block = next(inner)
-                except StopIteration:
-                    ended = True
-                    break
-                buffered.append(block)
-                size += len(block)
+            size, ended = _read_ahead(inner, buffered, size, _ONE_SHOT_LIMIT + 1)
         if ended:
             packed = b"".join(packer.write(b) for b in buffered) + packer.finish()
             self._send_headers([*headers, ("Content-Length", str(len(packed)))])
