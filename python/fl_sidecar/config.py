@@ -604,7 +604,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--http-timeout",
         metavar="SECONDS",
         type=_positive_float,
-        help="timeout of each HTTP request to the FL server [FL_SIDECAR_HTTP_TIMEOUT; default 60]",
+        help="seconds to wait for each read of an FL server answer (between bytes; connecting "
+        "has its own 5 s limit) [FL_SIDECAR_HTTP_TIMEOUT; default 60]",
     )
     fl.add_argument(
         "--http-retries",
