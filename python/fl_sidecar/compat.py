@@ -86,9 +86,8 @@ class MetricsUploadException(CommunicationException):
     """Global model metrics upload (to the server) failed."""
 
 
-def _wrap(exc_type: Type[CommunicationException], exc: BaseException) -> CommunicationException:
-    code = exc.code if isinstance(exc, SidecarError) else "UNKNOWN"
-    return exc_type(str(exc), code=code)
+def _wrap(exc_type: Type[CommunicationException], exc: SidecarError) -> CommunicationException:
+    return exc_type(str(exc), code=exc.code)
 
 
 class Communication:
