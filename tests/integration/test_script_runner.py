@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -194,12 +195,11 @@ def gate_paths(gate: Path, training: str) -> Tuple[Path, Path]:
 
 def wait_for_file(path: Path, timeout: float = WAIT) -> None:
     # Polls the file system: the script is another process, nothing to wait on.
-    ready = threading.Event()
-    for _ in range(int(timeout / 0.01)):
-        if path.exists():
-            return
-        ready.wait(0.01)
-    raise AssertionError(f"{path} did not appear within {timeout} s")
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.01)
 
 
 def test_one_script_at_a_time_per_training_in_order_and_trainings_in_parallel(
