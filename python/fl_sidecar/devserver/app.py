@@ -40,7 +40,7 @@ from typing import (
     Union,
 )
 
-from fl_sidecar.errors import FlSidecarError, ModelError
+from fl_sidecar.errors import FlSidecarError
 
 from . import modelcheck
 from .multipart import MultipartError, MultipartForm, parse_boundary, parse_multipart
@@ -397,9 +397,7 @@ class DevServerApp:
     def _check_model_file(self, path: str) -> modelcheck.Signature:
         try:
             return modelcheck.check_module_file(path)
-        except ModelError as exc:
-            raise _listed(f"Invalid model file: {exc}") from None
-        except FlSidecarError as exc:  # e.g. a codec error inside the reader
+        except FlSidecarError as exc:  # ModelError, or e.g. a codec error inside the reader
             raise _listed(f"Invalid model file: {exc}") from None
 
     def _notify_all(
