@@ -366,27 +366,23 @@ class DevServerApp:
         except MultipartError as exc:
             raise _detail(400, f"Multipart form parse error - {exc}") from None
 
-    def _model_or_400(self, model_id: str, label: str = "Model") -> Row:
-        normal = _parse_uuid(model_id)
+    def _row_or_400(self, table: str, row_id: str, label: str) -> Row:
+        """The row of ``table`` (a fixed table name) with id ``row_id``, else a 400."""
+        normal = _parse_uuid(row_id)
         row = (
             None
             if normal is None
-            else self.store.one("SELECT * FROM models WHERE id = ?", (normal,))
+            else self.store.one(f"SELECT * FROM {table} WHERE id = ?", (normal,))
         )
         if row is None:
-            raise _detail(400, f"{label} {model_id} not found.")
+            raise _detail(400, f"{label} {row_id} not found.")
         return row
 
+    def _model_or_400(self, model_id: str, label: str = "Model") -> Row:
+        return self._row_or_400("models", model_id, label)
+
     def _training_or_400(self, training_id: str) -> Row:
-        normal = _parse_uuid(training_id)
-        row = (
-            None
-            if normal is None
-            else self.store.one("SELECT * FROM trainings WHERE id = ?", (normal,))
-        )
-        if row is None:
-            raise _detail(400, f"Training {training_id} not found.")
-        return row
+        return self._row_or_400("trainings", training_id, "Training")
 
     def _participant_ids(self, training_id: str) -> List[str]:
         rows = self.store.all(
