@@ -302,15 +302,18 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _info_file(path: str) -> int:
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-    size = os.path.getsize(path)
+    import mmap
+
     import fl_sidecar.codec as codec
 
-    if codec.is_zstd(prefix[:4]):
-        with open(path, "rb") as f:
-            blob = f.read()
-        info = codec.inspect(blob)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        is_zstd = codec.is_zstd(f.read(4))
+        if is_zstd:
+            # inspect walks frame headers and the seek table only: map the file, don't read it.
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
+                info = codec.inspect(blob)
+    if is_zstd:
         raw = "unknown" if info.decompressed_size is None else f"{info.decompressed_size} B"
         print(f"{path}: zstd, {size} B packed, {raw} raw, {info.frames} frames")
         print(
