@@ -333,8 +333,6 @@ class TransferManager:
         metrics: Mapping[str, float],
         owner: Optional[str] = None,
         credentials: Optional[Credentials] = None,
-        on_converting: Optional[Callable[[], None]] = None,
-        progress: Optional[ProgressCallback] = None,
     ) -> TransferResult:
         """Upload a spooled model (converting SAFETENSORS into the global model's archive).
 
@@ -344,8 +342,6 @@ class TransferManager:
             fmt: ``"torch"`` or ``"safetensors"``.
             round, sample_size, metrics, owner: the upload's fields.
             credentials: for this call; ``None`` uses the client's own.
-            on_converting: called once before a conversion starts.
-            progress: called with (wire bytes sent, wire total).
 
         Returns:
             What the FL server answered and what was moved.
@@ -359,8 +355,6 @@ class TransferManager:
         converted: Optional[Path] = None
         try:
             if fmt == FORMAT_SAFETENSORS:
-                if on_converting is not None:
-                    on_converting()
                 converted = self._spool_path(".pt")
                 self._write_into_template(model_id, round, source, converted, credentials)
                 to_send = converted
@@ -375,7 +369,6 @@ class TransferManager:
                 metrics=metrics,
                 owner=owner,
                 credentials=credentials,
-                progress=progress,
             )
             self._count("upload", result)
             return result
