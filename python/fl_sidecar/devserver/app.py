@@ -799,6 +799,8 @@ class DevServerApp:
                 fields = form.fields
         elif media_type in ("application/x-www-form-urlencoded", ""):
             raw = request.body.read(_JSON_LIMIT + 1)
+            if len(raw) > _JSON_LIMIT:  # a body without Content-Length, not cut off silently
+                raise _detail(413, f"Metrics body larger than {_JSON_LIMIT} bytes.")
             try:
                 fields = urllib.parse.parse_qs(
                     raw.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(raw)
