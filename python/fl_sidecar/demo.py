@@ -39,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Dict, List, Optional, Sequence, TextIO, Type
+from typing import IO, Any, Dict, List, Optional, Sequence, TextIO, Type
 
 from fl_sidecar.client import SidecarClient, SidecarInfo
 from fl_sidecar.errors import FlSidecarError
@@ -184,11 +184,19 @@ class SidecarProcess:
 
 
 class _Trainer:
-    """A demo trainer subprocess whose JSON-line output is read by a thread."""
+    """A demo trainer subprocess whose JSON-line output a thread puts into ``records``."""
 
-    def __init__(self, index: int, target: str, training_id: str, log_path: str, epochs: int):
+    def __init__(
+        self,
+        index: int,
+        target: str,
+        training_id: str,
+        log_path: str,
+        epochs: int,
+        records: queue.Queue[Dict[str, Any]],
+    ) -> None:
         self.index = index
-        self.records: queue.Queue[Dict[str, Any]] = queue.Queue()
+        self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [
@@ -208,19 +216,20 @@ class _Trainer:
             stdout=subprocess.PIPE,
             stderr=self._log,
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader = threading.Thread(
+            target=self._read, args=(self.process.stdout, records), daemon=True
+        )
         self._reader.start()
 
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
+    def _read(self, stdout: IO[bytes], records: queue.Queue[Dict[str, Any]]) -> None:
+        for line in stdout:
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
             if isinstance(record, dict):
-                self.records.put(record)
-        self.records.put({"event": "exit", "client": self.index})
+                records.put(record)
+        records.put({"event": "exit", "client": self.index})
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -325,7 +334,7 @@ def run_demo(
         say(f"dev FL server        {url}")
         api = FlServerClient(url, retries=1)
         actor_password = secrets.token_hex(12)
-        actor = api.create_user(
+        api.create_user(
             "demo-actor", actor_password, "http://127.0.0.1:9/", actor=True, client=False
         )
         actor_creds = Credentials.basic("demo-actor", actor_password)
@@ -347,7 +356,6 @@ def run_demo(
                 f"sidecar {i}            {sidecar.target} (notifications {info.notification_url},"
                 f" codec {info.codec} level {info.codec_level})"
             )
-        del actor
 
         initial = build_model(seed=0)
         baseline = evaluate(initial, test_data())
@@ -367,28 +375,11 @@ def run_demo(
         say(f"global model         {model_id} ({os.path.getsize(model_path)} bytes)")
         say(f"training             {training_id}: {clients} clients, {rounds} rounds, FedAvg")
 
-        for i, sidecar in enumerate(sidecars):
-            trainers.append(
-                _Trainer(
-                    i,
-                    sidecar.target,
-                    training_id,
-                    os.path.join(workdir, f"trainer-{i}.log"),
-                    epochs,
-                )
-            )
-        deadline = time.monotonic() + timeout
         merged: queue.Queue[Dict[str, Any]] = queue.Queue()
-
-        def forward(trainer: _Trainer) -> None:
-            while True:
-                record = trainer.records.get()
-                merged.put(record)
-                if record.get("event") == "exit":
-                    return
-
-        for trainer in trainers:
-            threading.Thread(target=forward, args=(trainer,), daemon=True).start()
+        for i, sidecar in enumerate(sidecars):
+            log_path = os.path.join(workdir, f"trainer-{i}.log")
+            trainers.append(_Trainer(i, sidecar.target, training_id, log_path, epochs, merged))
+        deadline = time.monotonic() + timeout
 
         ready = 0
         while ready < clients:
@@ -451,9 +442,8 @@ def run_demo(
             if tail:
                 say(f"--- sidecar log {sidecar.socket_path} ---\n{tail}")
         for trainer in trainers:
-            path = os.path.join(workdir, f"trainer-{trainer.index}.log")
-            if os.path.exists(path):
-                with open(path, "rb") as f:
+            if os.path.exists(trainer.log_path):
+                with open(trainer.log_path, "rb") as f:
                     tail = f.read()[-4000:].decode("utf-8", "replace")
                 if tail.strip():
                     say(f"--- trainer {trainer.index} log ---\n{tail}")
