@@ -84,12 +84,12 @@ def parse_boundary(content_type: str) -> str:
     media_type, _, params = content_type.partition(";")
     if media_type.strip().lower() != "multipart/form-data":
         raise MultipartError(f"expected multipart/form-data, got {media_type.strip()!r}")
-    for key, value in _parse_params(params).items():
-        if key == "boundary":
-            if not _BOUNDARY_RE.match(value) or value.endswith(" "):
-                raise MultipartError("invalid multipart boundary")
-            return value
-    raise MultipartError("multipart/form-data without a boundary")
+    boundary = _parse_params(params).get("boundary")
+    if boundary is None:
+        raise MultipartError("multipart/form-data without a boundary")
+    if not _BOUNDARY_RE.match(boundary) or boundary.endswith(" "):
+        raise MultipartError("invalid multipart boundary")
+    return boundary
 
 
 def parse_multipart(
