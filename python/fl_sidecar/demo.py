@@ -43,6 +43,7 @@ from typing import IO, Any, Dict, List, Optional, Sequence, TextIO, Type
 
 from fl_sidecar.client import SidecarClient, SidecarInfo
 from fl_sidecar.errors import FlSidecarError
+from fl_sidecar.tools import _human
 
 __all__ = ["DemoError", "SidecarProcess", "run_demo"]
 
@@ -244,14 +245,6 @@ class _Trainer:
         self._log.close()
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def _print_table(
     rounds: int,
     baseline: Dict[str, float],
@@ -286,8 +279,8 @@ def _print_table(
         loss = sum(x["loss"] for x in tests) / len(tests) if tests else float("nan")
         accuracy = sum(x["accuracy"] for x in tests) / len(tests) if tests else float("nan")
         print(
-            f"{r:>5} {len(records):>7} {_fmt_bytes(down_raw):>10} {_fmt_bytes(down_wire):>10} "
-            f"{_fmt_bytes(up_raw):>10} {_fmt_bytes(up_wire):>10} {'/'.join(encodings) or '-':>9} "
+            f"{r:>5} {len(records):>7} {_human(down_raw):>10} {_human(down_wire):>10} "
+            f"{_human(up_raw):>10} {_human(up_wire):>10} {'/'.join(encodings) or '-':>9} "
             f"{round_seconds.get(r, float('nan')):>8.2f} {train_loss:>10.4f} {loss:>9.4f} "
             f"{accuracy:>8.1%}",
             file=out,
