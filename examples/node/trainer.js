@@ -105,17 +105,25 @@ function parseSafetensors(buffer) {
   return tensors;
 }
 
+// Calls visit(offset) for every F32 value of a safetensors buffer; returns how many.
+function forEachFloat32(buffer, visit) {
+  let count = 0;
+  for (const tensor of parseSafetensors(buffer)) {
+    if (tensor.dtype !== 'F32') continue;
+    for (let offset = tensor.begin; offset + 4 <= tensor.end; offset += 4) {
+      visit(offset);
+      count += 1;
+    }
+  }
+  return count;
+}
+
 // Returns a new buffer with every F32 value v replaced by v * scale + shift.
 function transformFloat32(buffer, scale, shift) {
   const out = Buffer.from(buffer); // a copy: same header, same layout
-  let changed = 0;
-  for (const tensor of parseSafetensors(out)) {
-    if (tensor.dtype !== 'F32') continue;
-    for (let offset = tensor.begin; offset + 4 <= tensor.end; offset += 4) {
-      out.writeFloatLE(out.readFloatLE(offset) * scale + shift, offset);
-      changed += 1;
-    }
-  }
+  const changed = forEachFloat32(out, (offset) =>
+    out.writeFloatLE(out.readFloatLE(offset) * scale + shift, offset),
+  );
   return { data: out, changed };
 }
 
@@ -183,14 +191,9 @@ function uploadMetrics(client, options, modelId, metrics) {
 
 function meanAbs(buffer) {
   let total = 0;
-  let count = 0;
-  for (const tensor of parseSafetensors(buffer)) {
-    if (tensor.dtype !== 'F32') continue;
-    for (let offset = tensor.begin; offset + 4 <= tensor.end; offset += 4) {
-      total += Math.abs(buffer.readFloatLE(offset));
-      count += 1;
-    }
-  }
+  const count = forEachFloat32(buffer, (offset) => {
+    total += Math.abs(buffer.readFloatLE(offset));
+  });
   return count ? total / count : 0;
 }
 
