@@ -22,15 +22,16 @@ from fl_sidecar import models
 _MIB = 1024 * 1024
 
 
-def _run(code: str) -> str:
+def _run(code: str, *args: str, timeout: float = 120) -> str:
+    """The last line ``code`` prints in a fresh interpreter (``args`` as its sys.argv[1:])."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", textwrap.dedent(code), *args],
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
@@ -102,18 +103,7 @@ print(json.dumps((status("VmHWM") - before) / 2**20))
 
 
 def _peak_mib(op: str, *paths: Path) -> float:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    proc = subprocess.run(
-        [sys.executable, "-c", _PEAK.format(op=op), *map(str, paths)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return float(proc.stdout.strip().splitlines()[-1])
+    return float(_run(_PEAK.format(op=op), *map(str, paths), timeout=300))
 
 
 @pytest.mark.slow
