@@ -11,6 +11,7 @@ import io
 import queue
 from typing import Any, Iterator, List
 
+import grpc
 import pytest
 
 from fl_sidecar import client as client_module
@@ -151,6 +152,33 @@ def test_event_stream_get_wait_for_and_end() -> None:
         stream.get(timeout=1)
     stream.close()
     assert call.cancelled
+
+
+class _BrokenCall:
+    """A grpc stream that fails at once, as when the sidecar goes away."""
+
+    def __iter__(self) -> Iterator[Any]:
+        raise _Unavailable()
+
+    def cancel(self) -> None:
+        pass
+
+
+class _Unavailable(grpc.RpcError):  # type: ignore[misc]  # grpc ships no stubs
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "the sidecar went away"
+
+
+def test_event_stream_failure_raises_once_then_ends() -> None:
+    stream = EventStream(_BrokenCall())
+    with pytest.raises(SidecarError, match="went away") as failed:
+        stream.get(timeout=5)
+    assert failed.value.code == "UNAVAILABLE"
+    with pytest.raises(EOFError):
+        stream.get(timeout=5)
 
 
 def test_parse_metric() -> None:
