@@ -229,7 +229,8 @@ def test_small_copy_buffer_gives_the_same_bytes(
 # ---------------------------------------------------------------- views and ties
 
 
-def _views() -> Dict[str, torch.Tensor]:
+def _views(step_start: int = 0, scalar: float = 1.5) -> Dict[str, torch.Tensor]:
+    """Every way tensors share or view storage; fresh random values on each call."""
     base = torch.randn(6, 4)
     fused = torch.randn(3, 8)  # two slices of one buffer (a fused qkv, say)
     return {
@@ -241,9 +242,9 @@ def _views() -> Dict[str, torch.Tensor]:
         "left": fused[:, :4],
         "right": fused[:, 4:],
         "expanded": torch.randn(3, 1).expand(3, 5),
-        "step": torch.arange(20)[::3],
+        "step": torch.arange(step_start, step_start + 20)[::3],
         "empty": torch.zeros(0, 3),
-        "scalar": torch.tensor(1.5),
+        "scalar": torch.tensor(scalar),
     }
 
 
@@ -263,21 +264,7 @@ def test_non_contiguous_views_convert_like_torch(tmp_path: Path) -> None:
 def test_views_take_consistent_new_values(tmp_path: Path) -> None:
     state = _views()
     src = _save(state, tmp_path / "v.pt")
-    base = torch.randn(6, 4)
-    fused = torch.randn(3, 8)
-    new = {
-        "base": base,
-        "t": base.t(),
-        "col": base[:, 1],
-        "row": base[2],
-        "tail": base.reshape(-1)[5:],
-        "left": fused[:, :4],
-        "right": fused[:, 4:],
-        "expanded": torch.randn(3, 1).expand(3, 5),
-        "step": torch.arange(100, 120)[::3],
-        "empty": torch.zeros(0, 3),
-        "scalar": torch.tensor(-2.0),
-    }
+    new = _views(step_start=100, scalar=-2.0)
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(models.to_safetensors(new))
     dest = tmp_path / "out.pt"
