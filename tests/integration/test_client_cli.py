@@ -99,7 +99,9 @@ def test_pack_and_unpack_locally_and_via_the_sidecar(
     packed, back = tmp_path / "model.pt.zst", tmp_path / "back.pt"
     assert main(["pack", str(raw), str(packed), "--level", "3", "--chunk-size", "64KiB"]) == 0
     assert main(["info", str(packed)]) == 0
-    assert "zstd" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"zstd, {packed.stat().st_size} B packed, {raw.stat().st_size} B raw" in out
+    assert "seek table yes" in out
     assert main(["unpack", str(packed), str(back)]) == 0
     assert back.read_bytes() == raw.read_bytes()
     via = tmp_path / "via.zst"
