@@ -12,7 +12,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import pytest
 from trainer_stack import TrainerStack, tiny_module
@@ -23,15 +23,6 @@ pytestmark = pytest.mark.slow
 
 EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "node"
 NODE = shutil.which("node")
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[TrainerStack]:
-    s = TrainerStack()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _records(output: bytes) -> List[Dict[str, Any]]:

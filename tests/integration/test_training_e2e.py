@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import threading
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 from trainer_stack import ClientSide, TrainerStack, tiny_module
@@ -24,15 +24,6 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
 
 EVENT_TIMEOUT = 60.0
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[TrainerStack]:
-    s = TrainerStack()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 class Trainer(threading.Thread):
