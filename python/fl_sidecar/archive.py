@@ -25,6 +25,7 @@ dependencies. :mod:`fl_sidecar.models` builds its torch API on this module.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import io
 import itertools
@@ -481,10 +482,8 @@ class _Archive:
 
     def read_record(self, info: zipfile.ZipInfo) -> bytes:
         """A whole record's bytes (only for small records: the pickle, code, flags)."""
-        try:
+        with _corrupt_as_format_error(info):
             return self.zip.read(info)
-        except Exception as exc:  # BadZipFile, EOFError, zlib.error... all mean corrupt
-            raise ModelFormatError(f"record {info.filename} is corrupt: {exc}") from exc
 
     def _read_small(self, name: str, limit: int) -> Optional[bytes]:
         info = self.records.get(name)
@@ -568,10 +567,9 @@ class _Archive:
             ModelFormatError: the record is shorter than it says, or corrupt.
         """
         end = info.file_size if length is None else start + length
-        if start < 0 or end > info.file_size or start > end:
-            raise ModelFormatError(f"record {info.filename}: range outside the record")
+        _check_range(info, start, end)
         buf = memoryview(bytearray(min(CHUNK_BYTES, end - start)))
-        try:
+        with _corrupt_as_format_error(info):
             if info.compress_type == zipfile.ZIP_STORED:
                 self._file.seek(self.data_offset(info) + start)
                 yield from _pieces(self._file, buf, end - start, info.filename)
@@ -585,10 +583,6 @@ class _Archive:
                             raise ModelFormatError(f"record {info.filename} is truncated")
                         skipped += n
                     yield from _pieces(reader, buf, end - start, info.filename)
-        except ModelFormatError:
-            raise
-        except Exception as exc:
-            raise ModelFormatError(f"record {info.filename} is corrupt: {exc}") from exc
 
     def read_range(self, info: zipfile.ZipInfo, start: int, out: memoryview) -> None:
         """Fills ``out`` with the record's bytes from ``start`` (as stored, no byte swap).
@@ -596,6 +590,13 @@ class _Archive:
         Raises:
             ModelFormatError: the record is truncated or corrupt.
         """
+        if info.compress_type == zipfile.ZIP_STORED:
+            # Straight from the file into ``out``: no second copy through a buffer.
+            _check_range(info, start, start + len(out))
+            with _corrupt_as_format_error(info):
+                self._file.seek(self.data_offset(info) + start)
+                read_exact(self._file, out, f"record {info.filename}")
+            return
         done = 0
         for piece in self.iter_record(info, start, len(out)):
             out[done : done + len(piece)] = piece
@@ -619,6 +620,22 @@ class _Archive:
     def info(self, name: str) -> TensorInfo:
         ref = self.tensors[name]
         return TensorInfo(name, ref.dtype, ref.size, ref.stride, ref.offset, ref.storage.key)
+
+
+def _check_range(info: zipfile.ZipInfo, start: int, end: int) -> None:
+    if start < 0 or end > info.file_size or start > end:
+        raise ModelFormatError(f"record {info.filename}: range outside the record")
+
+
+@contextlib.contextmanager
+def _corrupt_as_format_error(info: zipfile.ZipInfo) -> Iterator[None]:
+    """Reading a record: BadZipFile, EOFError, zlib.error... all mean it is corrupt."""
+    try:
+        yield
+    except ModelFormatError:
+        raise
+    except Exception as exc:
+        raise ModelFormatError(f"record {info.filename} is corrupt: {exc}") from exc
 
 
 def _pieces(reader: Any, buf: memoryview, remaining: int, what: str) -> Iterator[memoryview]:
