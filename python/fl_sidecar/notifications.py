@@ -83,6 +83,9 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     # Rebinding a port the last run left in TIME_WAIT must work.
     allow_reuse_address = True
+    # socketserver's default listen backlog is 5: a burst of concurrent
+    # notifications overflows it and the kernel resets them, lost for good.
+    request_queue_size = socket.SOMAXCONN
     # Set by NotificationServer before serving.
     notifications: NotificationServer
 

@@ -435,6 +435,31 @@ def test_concurrent_senders_all_get_answers_and_every_event_is_published(
     assert sorted(event.training_id for event in events) == sorted(f"t{i}" for i in range(16))
 
 
+def test_a_burst_of_senders_fits_the_listen_backlog(bus: EventBus) -> None:
+    # With socketserver's default listen backlog of 5, the kernel reset some
+    # of 64 simultaneous senders: notifications lost, as the server never retries.
+    outcomes: List[object] = []
+    lock = threading.Lock()
+
+    def send(index: int) -> None:
+        data = notification("TRAINING_START", training=f"t{index}")
+        try:
+            outcome: object = post(endpoint, data)[0]
+        except OSError as exc:
+            outcome = exc
+        with lock:
+            outcomes.append(outcome)
+
+    with NotificationServer(bus, port=0) as endpoint:
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(64)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+    assert outcomes == [200] * 64
+    assert bus.last_seq() == 64
+
+
 def test_connections_over_the_limit_wait_instead_of_being_refused(bus: EventBus) -> None:
     # The real server never retries a non-2xx answer: a refusal would lose the
     # notification. Two idle connections take both slots; a third sender must
