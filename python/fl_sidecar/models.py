@@ -65,6 +65,7 @@ __all__ = [
     "from_safetensors",
     "list_tensors",
     "load_trusted",
+    "module_from_state_dict",
     "read_tensors",
     "safetensors_into_archive",
     "save_module",
@@ -353,6 +354,37 @@ def dump_module(module: torch.nn.Module) -> bytes:
     except (RuntimeError, TypeError, AttributeError, copy.Error) as exc:
         raise ModelFormatError(f"torch cannot serialize this module: {exc}") from exc
     return buf.getvalue()
+
+
+def module_from_state_dict(
+    state: Mapping[str, torch.Tensor], *, requires_grad: bool = False
+) -> torch.nn.Module:
+    """An ``nn.Module`` holding ``state`` under its dotted names, built from plain modules only.
+
+    The FL server stores models as ``nn.Module``s and rejects a bare state_dict;
+    this wraps one (a safetensors file's tensors, say) so it can be uploaded as a
+    global model. Every object in it is a ``torch.nn.Module``, so any torch loads
+    it without the trainer's own classes; ``module.state_dict()`` gives back the
+    same names. The tensors are shared, not copied.
+
+    Raises:
+        TensorMismatchError: a name is empty, or is both a tensor and a prefix of another.
+    """
+    root = torch.nn.Module()
+    for name, tensor in state.items():
+        *path, leaf = name.split(".")
+        owner = root
+        try:
+            for part in path:
+                child = owner._modules.get(part)
+                if child is None:
+                    child = torch.nn.Module()
+                    owner.add_module(part, child)
+                owner = child
+            owner.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=requires_grad))
+        except (KeyError, TypeError) as exc:
+            raise TensorMismatchError(f"cannot hold tensor {name!r} in a module: {exc}") from None
+    return root
 
 
 def save_module(module: torch.nn.Module, path: PathLike) -> None:

@@ -44,23 +44,6 @@ class Net(torch.nn.Module):
         return x + scratch
 
 
-class Tree(torch.nn.Module):
-    """Holds any state_dict under its original dotted names (nested submodules)."""
-
-    def __init__(self, state: Dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        for name, tensor in state.items():
-            owner: torch.nn.Module = self
-            *path, leaf = name.split(".")
-            for part in path:
-                if part not in owner._modules:
-                    owner.add_module(part, torch.nn.Module())
-                child = owner._modules[part]
-                assert child is not None
-                owner = child
-            owner.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=False))
-
-
 def _raw(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes, to compare dtypes that torch.equal does not support."""
     return t.contiguous().reshape(-1).view(torch.uint8)
@@ -778,7 +761,7 @@ def test_minilm_module_round_trip(tmp_path: Path) -> None:
     reference = safetensors.torch.load_file(str(path))
     assert set(state) == set(reference)
     assert all(torch.equal(state[n], reference[n]) for n in reference)
-    module = Tree(state)
+    module = models.module_from_state_dict(state)
     template = tmp_path / "minilm.pt"
     models.save_module(module, template)
     got = models.read_tensors(template)
@@ -786,7 +769,9 @@ def test_minilm_module_round_trip(tmp_path: Path) -> None:
     assert len(got) == len(reference) > 50
     # bf16 weights back in through safetensors, file to file.
     bf16 = tmp_path / "minilm-bf16.pt"
-    models.save_module(Tree({n: t.to(torch.bfloat16) for n, t in state.items()}), bf16)
+    models.save_module(
+        models.module_from_state_dict({n: t.to(torch.bfloat16) for n, t in state.items()}), bf16
+    )
     converted = tmp_path / "minilm.safetensors"
     models.archive_to_safetensors(bf16, converted)
     back = safetensors.torch.load_file(str(converted))
@@ -795,7 +780,7 @@ def test_minilm_module_round_trip(tmp_path: Path) -> None:
     dest = tmp_path / "out.pt"
     models.safetensors_into_archive(bf16, converted, dest)
     loaded = torch.load(dest, weights_only=False)
-    assert type(loaded) is Tree
+    assert type(loaded) is torch.nn.Module
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, back[name]), name
 
@@ -808,3 +793,38 @@ def test_format_detection_of_files(tmp_path: Path) -> None:
     assert models.detect_format(path) is models.ModelFormat.TORCH_PICKLE
     with pytest.raises(ModelFormatError):
         models.detect_format(b"\x00" * 8 + b"{}")
+
+
+def test_module_from_state_dict_holds_the_names_in_plain_modules(tmp_path: Path) -> None:
+    state = {
+        "encoder.layer.0.weight": torch.randn(3, 2),
+        "encoder.bias": torch.ones(3),
+        "head": torch.arange(4),
+    }
+    module = models.module_from_state_dict(state)
+    assert set(module.state_dict()) == set(state)
+    assert all(type(m) is torch.nn.Module for m in module.modules())
+    assert module.state_dict()["encoder.bias"].data_ptr() == state["encoder.bias"].data_ptr()
+    path = tmp_path / "m.pt"
+    models.save_module(module, path)
+    assert models.describe(path).is_module
+    got = models.read_tensors(path)
+    _assert_equal_state(got, dict(module.state_dict()))  # nn.Module's order: own tensors first
+    assert all(torch.equal(got[name], value) for name, value in state.items())
+    loaded = torch.load(path, weights_only=False)
+    assert type(loaded) is torch.nn.Module
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"": torch.ones(1)},
+        {"a": torch.ones(1), "a.b": torch.ones(1)},
+        {"a.b": torch.ones(1), "a": torch.ones(1)},
+    ],
+)
+def test_module_from_state_dict_refuses_names_a_module_cannot_hold(
+    state: Dict[str, torch.Tensor],
+) -> None:
+    with pytest.raises(TensorMismatchError):
+        models.module_from_state_dict(state)
