@@ -51,7 +51,7 @@ class RedactingFilter(logging.Filter):
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Redact the formatted message, the exception text and the fields; keep the record."""
+        """Redact the message, the exception and stack text and every field; keep the record."""
         if not self._secrets:
             return True
         record.msg = self.redact(record.getMessage())
@@ -60,9 +60,18 @@ class RedactingFilter(logging.Filter):
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
         for key, value in _extra_fields(record).items():
             if isinstance(value, str):
                 setattr(record, key, self.redact(value))
+                continue
+            # Lists, dicts, bytes, exceptions, ...: judged by how a formatter renders
+            # them; one that would show a secret is replaced by its redacted rendering.
+            rendered = json.dumps(value, default=str)
+            redacted = self.redact(rendered)
+            if redacted != rendered:
+                setattr(record, key, redacted)
         return True
 
 

@@ -215,6 +215,36 @@ def test_logs_redact_secrets_in_text_and_json() -> None:
             assert first["auth"] == "x ***"
 
 
+def test_logs_redact_secrets_inside_structured_fields_and_stacks() -> None:
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    for fmt in ("text", "json"):
+        stream = io.StringIO()
+        configure_logging(level="INFO", fmt=fmt, secrets=["tok-secret-123"], stream=stream)
+        try:
+            logging.getLogger("fl_sidecar.test").info(
+                "call",
+                extra={
+                    "headers": {"Authorization": "Token tok-secret-123"},
+                    "argv": ["--password", "tok-secret-123"],
+                    "raw": b"tok-secret-123",
+                    "error": ValueError("bad tok-secret-123"),
+                    "rounds": [1, 2],
+                },
+                stack_info=True,
+            )
+        finally:
+            root.handlers[:] = saved_handlers
+            root.setLevel(saved_level)
+        text = stream.getvalue()
+        assert "tok-secret-123" not in text, fmt
+        # Fields without a secret keep their type.
+        if fmt == "json":
+            record = json.loads(text.splitlines()[0])
+            assert record["rounds"] == [1, 2]
+            assert "***" in record["headers"] and "***" in record["argv"]
+
+
 def test_redacting_filter_ignores_tiny_strings() -> None:
     assert RedactingFilter(["ab"]).redact("abc") == "abc"
 
