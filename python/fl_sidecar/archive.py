@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import io
 import itertools
 import json
@@ -49,6 +50,7 @@ from typing import (
     Mapping,
     NamedTuple,
     Optional,
+    Protocol,
     Sequence,
     Tuple,
     Union,
@@ -65,6 +67,7 @@ __all__ = [
     "NewValues",
     "SafetensorsEntry",
     "TensorInfo",
+    "WrittenFile",
     "archive_to_safetensors",
     "atomic_write",
     "check_against",
@@ -930,7 +933,11 @@ def atomic_write(dest: PathLike, produce: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
-def _write_view(archive: _Archive, ref: TensorRef, out: IO[bytes]) -> None:
+class _Sink(Protocol):
+    def write(self, __data: Union[bytes, bytearray, memoryview]) -> int: ...
+
+
+def _write_view(archive: _Archive, ref: TensorRef, out: _Sink) -> None:
     """Writes a tensor view's bytes, row-major and little-endian, to ``out``."""
     itemsize = _dtype(ref.dtype).itemsize
     numel = math.prod(ref.size)
@@ -980,7 +987,31 @@ def _check_expansion(archive: _Archive) -> None:
         )
 
 
-def archive_to_safetensors(src: PathLike, dst: PathLike) -> None:
+class WrittenFile(NamedTuple):
+    """What a converter wrote: the file's size and SHA-256, counted as it was written."""
+
+    size: int
+    sha256: str
+
+
+class _HashingWriter:
+    """Passes writes to ``out`` while counting and hashing them (spares a second read)."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Union[bytes, bytearray, memoryview]) -> int:
+        self._digest.update(data)
+        self.size += memoryview(data).nbytes
+        return self._out.write(data)
+
+    def result(self) -> WrittenFile:
+        return WrittenFile(self.size, self._digest.hexdigest())
+
+
+def archive_to_safetensors(src: PathLike, dst: PathLike) -> WrittenFile:
     """Converts a torch archive file into a safetensors file, without running its pickle.
 
     Each tensor's bytes are copied from its storage record; tied tensors become separate
@@ -990,6 +1021,9 @@ def archive_to_safetensors(src: PathLike, dst: PathLike) -> None:
 
     Memory: one :data:`CHUNK_BYTES` buffer for contiguous tensors (the usual case); a
     non-contiguous view is gathered from its storage span. ``dst`` is written atomically.
+
+    Returns:
+        The size and SHA-256 of what was written to ``dst``.
 
     Raises:
         ModelFormatError: not a torch archive, or a malformed one (truncated or corrupt
@@ -1004,12 +1038,17 @@ def archive_to_safetensors(src: PathLike, dst: PathLike) -> None:
         header, order = safetensors_header(specs)
         _check_expansion(archive)
 
+        written: List[WrittenFile] = []
+
         def produce(out: IO[bytes]) -> None:
-            out.write(header)
+            writer = _HashingWriter(out)
+            writer.write(header)
             for name in order:
-                _write_view(archive, archive.tensors[name], out)
+                _write_view(archive, archive.tensors[name], writer)
+            written.append(writer.result())
 
         atomic_write(dst, produce)
+        return written[0]
 
 
 # --------------------------------------------------------------------------- writing

@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Deque, Mapping, Optional, Tuple
+from typing import IO, Callable, Mapping, Optional, Tuple
 
 from fl_sidecar import archive as model_files
 from fl_sidecar.errors import (
@@ -57,7 +57,6 @@ FORMAT_SAFETENSORS = "safetensors"
 
 _log = logging.getLogger(__name__)
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}\Z")
-_READ_SIZE = 1024 * 1024
 _TEMPLATE_CACHE_SIZE = 2
 
 
@@ -176,6 +175,16 @@ def is_sha256_hex(text: str) -> bool:
     return _SHA256_PATTERN.match(text.lower()) is not None
 
 
+class _Template:
+    """A global model fetched as the template for one round's SAFETENSORS uploads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fetched = False
+        self.users = 0  # callers fetching or reading it: while > 0 it is never removed
+        self.fetch_lock = threading.Lock()
+
+
 class TransferManager:
     """Downloads and uploads models for trainers, through one :class:`FlServerClient`.
 
@@ -208,8 +217,12 @@ class TransferManager:
         self.trust_pickles = trust_pickles
         self.metrics = metrics
         self.spool_dir = Path(tempfile.mkdtemp(prefix="fl-sidecar-spool-", dir=spool_dir))
-        self._templates: Deque[Tuple[Tuple[str, int], Path]] = collections.deque()
-        self._template_lock = threading.Lock()
+        # (model id, round) -> the global model fetched as a SAFETENSORS upload's
+        # template, least recently used first.
+        self._templates: collections.OrderedDict[Tuple[str, int], _Template] = (
+            collections.OrderedDict()
+        )
+        self._templates_lock = threading.Lock()
 
     def close(self) -> None:
         """Remove the spool directory with every file still in it."""
@@ -275,11 +288,10 @@ class TransferManager:
                     on_converting()
                 converted = self._spool_path(".safetensors")
                 try:
-                    model_files.archive_to_safetensors(archive, converted)
+                    size, sha256 = model_files.archive_to_safetensors(archive, converted)
                 except BaseException:
                     _unlink_quietly(converted)
                     raise
-                size, sha256 = _size_and_sha256(converted)
                 _unlink_quietly(archive)
                 return SpooledModel(
                     converted,
@@ -293,11 +305,10 @@ class TransferManager:
                 if on_converting is not None:
                     on_converting()
                 self._vet(archive)
-            sha256 = result.sha256 or _size_and_sha256(archive)[1]
             return SpooledModel(
                 archive,
                 result.raw_bytes,
-                sha256,
+                result.sha256,
                 FORMAT_TORCH,
                 result.content_encoding,
                 result.wire_bytes,
@@ -397,17 +408,58 @@ class TransferManager:
             raise ModelFormatError(
                 "the upload is declared SAFETENSORS but is not a safetensors file"
             )
-        # The lock also keeps a template from being evicted while it is being read.
-        with self._template_lock:
-            template = self._template(model_id, round, credentials)
-            model_files.safetensors_into_archive(template, weights, dest)
-
-    def _template(self, model_id: str, round: int, credentials: Optional[Credentials]) -> Path:
         key = (model_id, round)
-        for cached_key, path in self._templates:
-            if cached_key == key and path.exists():
-                return path
-        path = self._spool_path(".template.pt")
+        template = self._acquire_template(key, credentials)
+        try:
+            # Outside every lock: uploads for different models, or several trainers'
+            # uploads for the same round, convert in parallel.
+            model_files.safetensors_into_archive(template.path, weights, dest)
+        finally:
+            self._release_template(key, template)
+
+    def _acquire_template(
+        self, key: Tuple[str, int], credentials: Optional[Credentials]
+    ) -> _Template:
+        """The fetched template for ``key``, pinned (never removed) until released.
+
+        Concurrent callers for one key share one fetch; callers for other keys do not
+        wait for it. A failed fetch is retried by the next caller.
+        """
+        with self._templates_lock:
+            template = self._templates.get(key)
+            if template is None or (template.fetched and not template.path.exists()):
+                template = _Template(self._spool_path(".template.pt"))
+                self._templates[key] = template
+            self._templates.move_to_end(key)
+            template.users += 1
+        try:
+            with template.fetch_lock:
+                if not template.fetched:
+                    self._fetch_template(key, template.path, credentials)
+                    template.fetched = True
+        except BaseException:
+            self._release_template(key, template)
+            raise
+        return template
+
+    def _release_template(self, key: Tuple[str, int], template: _Template) -> None:
+        with self._templates_lock:
+            template.users -= 1
+            current = self._templates.get(key)
+            if current is template and not template.fetched and template.users == 0:
+                del self._templates[key]  # its fetch failed: the next caller starts afresh
+            # Evict the least recently used templates that nobody is reading.
+            excess = len(self._templates) - _TEMPLATE_CACHE_SIZE
+            idle = [k for k, t in self._templates.items() if t.users == 0][: max(excess, 0)]
+            for old_key in idle:
+                _unlink_quietly(self._templates.pop(old_key).path)
+            if template.users == 0 and current is not template:
+                _unlink_quietly(template.path)  # replaced while in use: nobody can reach it
+
+    def _fetch_template(
+        self, key: Tuple[str, int], path: Path, credentials: Optional[Credentials]
+    ) -> None:
+        model_id, round = key
         started = time.monotonic()
         try:
             result = self.client.download_model(model_id, path, credentials=credentials)
@@ -424,11 +476,6 @@ class TransferManager:
                 "seconds": round_seconds(time.monotonic() - started),
             },
         )
-        self._templates.append((key, path))
-        while len(self._templates) > _TEMPLATE_CACHE_SIZE:
-            _old_key, old_path = self._templates.popleft()
-            _unlink_quietly(old_path)
-        return path
 
     # -- bookkeeping --
 
@@ -447,19 +494,6 @@ class TransferManager:
 def round_seconds(seconds: float) -> float:
     """Seconds rounded to milliseconds, for logs."""
     return round(seconds, 3)
-
-
-def _size_and_sha256(path: Path) -> Tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as file:
-        while True:
-            block = file.read(_READ_SIZE)
-            if not block:
-                break
-            digest.update(block)
-            size += len(block)
-    return size, digest.hexdigest()
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -329,6 +329,58 @@ def test_generated_stubs_alone_run_a_round_torch_and_safetensors(world: World) -
     assert metrics.http_status == 201, metrics.detail
 
 
+def test_concurrent_safetensors_uploads_share_one_template(world: World) -> None:
+    """Both participants upload SAFETENSORS at once through one sidecar: one template fetch."""
+    model_id, training_id, _data = world.new_training()
+    _info, weights, _progress = download(
+        world.stub, pb.DownloadModelRequest(model_id=model_id, format=pb.MODEL_FORMAT_SAFETENSORS)
+    )
+    tensors = safetensors_torch.load(weights)
+    shifts = {"alice": 1.0, "bob": -3.0}
+    answers: Dict[str, Any] = {}
+    start = threading.Barrier(2)
+
+    def upload(name: str, credentials: Optional[pb.Credentials], samples: int) -> None:
+        body = safetensors_torch.save({n: t + shifts[name] for n, t in tensors.items()})
+        header = pb.UploadHeader(
+            model_id=model_id,
+            round=0,
+            sample_size=samples,
+            format=pb.MODEL_FORMAT_SAFETENSORS,
+            credentials=credentials,
+        )
+        start.wait(10)
+        try:
+            answers[name] = world.stub.UploadModel(upload_messages(header, body), timeout=60)
+        except grpc.RpcError as exc:
+            answers[name] = exc
+
+    threads = [
+        threading.Thread(target=upload, args=("alice", None, 30)),
+        threading.Thread(target=upload, args=("bob", _token(world.bob), 10)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    for name in shifts:
+        assert getattr(answers[name], "http_status", None) == 201, answers[name]
+    fetches = [
+        line
+        for line in world.sidecar.log_text().splitlines()
+        if "as the template" in line and model_id in line
+    ]
+    assert len(fetches) == 1, fetches
+    assert world.devserver.wait_idle(30)
+    assert world.devserver.training(world.actor, training_id)["round"] == 1
+    _info, new_global, _progress = download(
+        world.stub, pb.DownloadModelRequest(model_id=model_id, format=pb.MODEL_FORMAT_SAFETENSORS)
+    )
+    averaged = safetensors_torch.load(new_global)
+    for name, tensor in tensors.items():  # (t+1)*30/40 + (t-3)*10/40 = t
+        assert torch.allclose(averaged[name], tensor, atol=1e-5), name
+
+
 def test_upload_without_header_is_invalid_argument(world: World) -> None:
     model_id, training_id, data = world.new_training()
     only_chunks = iter([pb.UploadModelRequest(chunk=data[:100])])

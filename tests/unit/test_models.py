@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import zipfile
@@ -581,7 +582,10 @@ def test_archive_to_safetensors_and_back(tmp_path: Path) -> None:
     template = tmp_path / "global.pt"
     models.save_module(model, template)
     weights = tmp_path / "global.safetensors"
-    models.archive_to_safetensors(template, weights)
+    written = models.archive_to_safetensors(template, weights)
+    # The size and digest are counted as written: they are the file's.
+    data = weights.read_bytes()
+    assert written == (len(data), hashlib.sha256(data).hexdigest())
     converted = safetensors.torch.load_file(str(weights))
     state = model.state_dict()
     assert set(converted) == set(state)
