@@ -343,7 +343,8 @@ class SidecarService(pb_grpc.SidecarServicer):
             level, chunk_size = int(codec.DEFAULT_LEVEL), int(codec.DEFAULT_CHUNK_SIZE)
         except ImportError:
             level, chunk_size = 0, 0
-        coding = self.transfers.client.negotiated_coding
+        client = self.transfers.client
+        coding = "identity" if client.compression == "never" else client.negotiated_coding
         return pb.GetInfoResponse(
             version=__version__,
             codec="zstd-seekable",

@@ -381,6 +381,38 @@ def test_concurrent_safetensors_uploads_share_one_template(world: World) -> None
         assert torch.allclose(averaged[name], tensor, atol=1e-5), name
 
 
+def _coding_when_learnt(sidecar: SidecarProcess) -> str:
+    deadline = time.monotonic() + 20
+    while True:
+        coding: str = sidecar.stub.GetInfo(pb.GetInfoRequest(), timeout=10).negotiated_coding
+        if coding or time.monotonic() > deadline:
+            return coding
+        time.sleep(0.02)
+
+
+def test_get_info_knows_the_coding_before_any_transfer(
+    world: World, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    token = ["--token", world.alice.token]
+    with running_sidecar(server_url=world.devserver.url, args=token, notifications=False) as sc:
+        assert _coding_when_learnt(sc) == "zstd"
+        assert "request coding learnt" in sc.log_text()
+    never = [*token, "--compression", "never"]
+    with running_sidecar(server_url=world.devserver.url, args=never, notifications=False) as sc:
+        assert sc.stub.GetInfo(pb.GetInfoRequest(), timeout=10).negotiated_coding == "identity"
+    # A server without the zstd middleware (like the real one) is identity.
+    plain = DevServer(
+        data_dir=tmp_path_factory.mktemp("plain"), compression=False, password_iterations=1000
+    )
+    plain.start()
+    try:
+        url = DevServerHandle(plain).url
+        with running_sidecar(server_url=url, args=token, notifications=False) as sc:
+            assert _coding_when_learnt(sc) == "identity"
+    finally:
+        plain.stop()
+
+
 def test_upload_without_header_is_invalid_argument(world: World) -> None:
     model_id, training_id, data = world.new_training()
     only_chunks = iter([pb.UploadModelRequest(chunk=data[:100])])

@@ -242,7 +242,8 @@ class GetInfoResponse(_message.Message):
     """the FL server's base URL, never with credentials"""
     negotiated_coding: _builtins.str
     """The content coding used for uploads: "zstd", "identity", or "" while not
-    yet negotiated with the server.
+    yet negotiated. The sidecar asks the server at start-up (in the
+    background) and again before an upload while it is still "".
     """
     notification_url: _builtins.str
     """where the FL server should POST notifications"""
