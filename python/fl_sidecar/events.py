@@ -2,7 +2,8 @@
 
 The notification endpoint (:mod:`fl_sidecar.notifications`) parses each POST
 with :func:`parse_notification` and hands it to :meth:`EventBus.publish`,
-which numbers it (1, 2, 3, ... per process) and keeps it in a bounded history.
+which numbers it (consecutive from ``first_seq``; the sidecar starts from the
+clock, so numbers also grow across restarts) and keeps it in a bounded history.
 Trainers read events through :meth:`EventBus.subscribe` (the gRPC
 ``WatchEvents`` stream is one subscription per call):
 
@@ -59,6 +60,7 @@ __all__ = [
     "EventKind",
     "ServerEvent",
     "Subscription",
+    "clock_first_seq",
     "is_valid_id",
     "parse_notification",
 ]
@@ -117,7 +119,7 @@ class ServerEvent:
     """One notification of the FL server, numbered by the bus.
 
     Attributes:
-        seq: 1, 2, 3, ... per sidecar process, strictly increasing.
+        seq: strictly increasing, consecutive within one bus (from its ``first_seq``).
         kind: what it means; ``UNKNOWN`` for a type this version does not know.
         notification_type: the type as the server sent it.
         training_id: the notification's ``training_uuid``.
@@ -143,6 +145,18 @@ class ServerEvent:
         """The notification's ``body`` as a fresh dict (decoded from :attr:`body_json`)."""
         decoded = json.loads(self.body_json)
         return decoded if isinstance(decoded, dict) else {}
+
+
+def clock_first_seq() -> int:
+    """A first sequence number from the clock: microseconds since the Unix epoch.
+
+    A restarted sidecar then numbers its events above every number the previous
+    process gave out (unless it published more than a million events a second or
+    the clock went back), so a trainer resuming with the last number it saw gets
+    every event of the new process instead of skipping the first ones. The values
+    stay below 2**53, exact as JavaScript numbers.
+    """
+    return max(1, time.time_ns() // 1000)
 
 
 def _reject_constant(name: str) -> Any:
@@ -269,7 +283,11 @@ class EventBus:
     """
 
     def __init__(
-        self, *, history: int = DEFAULT_HISTORY, max_bytes: int = DEFAULT_HISTORY_BYTES
+        self,
+        *,
+        history: int = DEFAULT_HISTORY,
+        max_bytes: int = DEFAULT_HISTORY_BYTES,
+        first_seq: int = 1,
     ) -> None:
         """Create an empty bus.
 
@@ -280,9 +298,11 @@ class EventBus:
                 the retained events may hold together (a flood of large
                 notifications cannot grow memory beyond it); the newest event
                 is kept whatever its size.
+            first_seq: the first event's sequence number (at least 1); see
+                :func:`clock_first_seq`.
 
         Raises:
-            ValueError: ``history`` or ``max_bytes`` is less than 1.
+            ValueError: ``history``, ``max_bytes`` or ``first_seq`` is less than 1.
         """
         if history < 1:
             raise ValueError(f"history must be at least 1, got {history}")
@@ -293,7 +313,9 @@ class EventBus:
         self._retained_bytes = 0
         self._cond = threading.Condition(threading.Lock())
         self._events: Deque[ServerEvent] = collections.deque()
-        self._last_seq = 0
+        if first_seq < 1:
+            raise ValueError(f"first_seq must be at least 1, got {first_seq}")
+        self._last_seq = first_seq - 1
         # Retained events no subscriber has received yet; a subscriber with
         # after_seq=None starts with these.
         self._undelivered: Set[int] = set()
@@ -399,7 +421,7 @@ class EventBus:
             return Subscription(self, cursor=cursor, backlog=backlog, training_ids=wanted)
 
     def last_seq(self) -> int:
-        """The sequence number of the newest event; 0 before the first."""
+        """The sequence number of the newest event; ``first_seq - 1`` before the first."""
         with self._cond:
             return self._last_seq
 

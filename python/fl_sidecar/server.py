@@ -45,7 +45,7 @@ from grpc_reflection.v1alpha import reflection
 from fl_sidecar import __version__
 from fl_sidecar.config import MAX_MESSAGE_SIZE, Settings, add_arguments, strip_userinfo
 from fl_sidecar.errors import ConfigurationError
-from fl_sidecar.events import EventBus, ServerEvent
+from fl_sidecar.events import EventBus, ServerEvent, clock_first_seq
 from fl_sidecar.server_api import Credentials, FlServerClient
 from fl_sidecar.service import SERVICE_NAME, SidecarService
 from fl_sidecar.telemetry import Metrics, configure_logging
@@ -196,7 +196,7 @@ class SidecarServer:
         """
         self.settings = settings
         self.metrics = Metrics()
-        self.bus = EventBus()
+        self.bus = EventBus(first_seq=clock_first_seq())
         self.client = FlServerClient(
             strip_userinfo(settings.server_url),
             server_credentials(settings),

@@ -650,6 +650,15 @@ class SidecarService(pb_grpc.SidecarServicer):
         """Stream the bus's events (backlog or resume, then live) until cancel or drain."""
         self._check_open()
         after_seq = request.after_seq if request.HasField("after_seq") else None
+        if after_seq is not None and after_seq > self.bus.last_seq():
+            # Only another sidecar process (or a bug) gives a number this one has not
+            # reached: waiting for it would skip this process's events up to it.
+            raise SidecarError(
+                f"after_seq {after_seq} is beyond this sidecar's newest event "
+                f"({self.bus.last_seq()}): it is not from this sidecar process; "
+                "subscribe again without after_seq",
+                code="OUT_OF_RANGE",
+            )
         subscription = self.bus.subscribe(
             after_seq=after_seq, training_ids=list(request.training_ids) or None
         )

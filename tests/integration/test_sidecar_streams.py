@@ -252,6 +252,35 @@ def test_two_subscribers_get_every_event_and_resume_works(sidecar: SidecarProces
     assert [e.seq for e in _take(resumed, 2)] == [got_one[1].seq, got_one[2].seq]
 
 
+def test_resume_across_a_sidecar_restart_misses_nothing() -> None:
+    """A trainer that saw event N of one sidecar process resumes on its successor."""
+    training = str(uuid.uuid4())
+    body = {"global_model_uuid": str(uuid.uuid4())}
+    with running_sidecar() as old:
+        assert _notify(old, "TRAINING_START", training, body) == 200
+        (seen,) = _take(old.stub.WatchEvents(pb.WatchEventsRequest(), timeout=30), 1)
+    with running_sidecar() as new:
+        assert _notify(new, "UPDATE_ROUND_START", training, {"round": 0, **body}) == 202
+        assert _notify(new, "MODEL_TEST_ROUND", training, {"round": 1, **body}) == 202
+        resumed = _take(
+            new.stub.WatchEvents(pb.WatchEventsRequest(after_seq=seen.seq), timeout=30), 2
+        )
+        assert [e.kind for e in resumed] == [
+            pb.EVENT_KIND_UPDATE_ROUND_START,
+            pb.EVENT_KIND_MODEL_TEST_ROUND,
+        ]
+        assert seen.seq < resumed[0].seq < resumed[1].seq < 2**53
+        # A number this process has not reached cannot be honoured: a typed error,
+        # not a silent wait that would skip events.
+        beyond = new.stub.WatchEvents(
+            pb.WatchEventsRequest(after_seq=resumed[1].seq + 1000), timeout=30
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            next(beyond)
+        assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        assert "subscribe again without after_seq" in (caught.value.details() or "")
+
+
 def test_unknown_types_are_events_and_malformed_ones_are_not(sidecar: SidecarProcess) -> None:
     training = str(uuid.uuid4())
     assert _notify(sidecar, "SOMETHING_NEW", training, {"x": 1}) == 400

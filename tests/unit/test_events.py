@@ -18,6 +18,7 @@ from fl_sidecar.events import (
     EventKind,
     ServerEvent,
     Subscription,
+    clock_first_seq,
     parse_notification,
 )
 
@@ -70,6 +71,22 @@ def test_publish_numbers_events_and_fills_fields() -> None:
     assert second.received_at >= first.received_at > 0
     assert bus.last_seq() == 2
     assert bus.oldest_seq() == 1
+
+
+def test_numbering_can_start_from_the_clock() -> None:
+    start = clock_first_seq()
+    bus = EventBus(first_seq=start)
+    assert bus.last_seq() == start - 1
+    assert publish_round(bus, 0).seq == start
+    assert publish_round(bus, 1).seq == start + 1
+    assert bus.oldest_seq() == start
+    with bus.subscribe(after_seq=start) as sub:
+        assert drain(sub) == [start + 1]
+    # Microseconds: a later process starts above this one's numbers, and stays exact
+    # as a JavaScript number.
+    assert start < clock_first_seq() + 1 < 2**53
+    with pytest.raises(ValueError, match="first_seq"):
+        EventBus(first_seq=0)
 
 
 @pytest.mark.parametrize(

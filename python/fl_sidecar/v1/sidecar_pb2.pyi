@@ -851,7 +851,9 @@ class WatchEventsRequest(_message.Message):
     TRAINING_IDS_FIELD_NUMBER: _builtins.int
     after_seq: _builtins.int
     """Resume after this sequence number (exclusive). Unset: the events no
-    subscriber has received yet, then live ones.
+    subscriber has received yet, then live ones. A number beyond the newest
+    event's fails with OUT_OF_RANGE (it is not from this sidecar process):
+    subscribe again without it.
     """
     @_builtins.property
     def training_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -887,7 +889,11 @@ class Event(_message.Message):
     RAW_JSON_FIELD_NUMBER: _builtins.int
     RECEIVED_AT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
-    """strictly increasing per sidecar process"""
+    """Strictly increasing, consecutive within one sidecar process. The first
+    is the clock in microseconds at start-up, so a restarted sidecar numbers
+    above the old one and a resume from an old number misses nothing.
+    Below 2^53: exact as a JavaScript number.
+    """
     kind: Global___EventKind.ValueType
     notification_type: _builtins.str
     """as the server sent it"""
