@@ -512,6 +512,8 @@ class SidecarService(pb_grpc.SidecarServicer):
                 metrics=metrics,
                 owner=header.owner or None,
                 credentials=credentials,
+                # Checked against the chunks as they arrived: not hashed again.
+                sha256=header.sha256.lower() or None,
             )
         finally:
             spool.discard()

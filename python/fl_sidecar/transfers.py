@@ -344,6 +344,7 @@ class TransferManager:
         metrics: Mapping[str, float],
         owner: Optional[str] = None,
         credentials: Optional[Credentials] = None,
+        sha256: Optional[str] = None,
     ) -> TransferResult:
         """Upload a spooled model (converting SAFETENSORS into the global model's archive).
 
@@ -353,6 +354,8 @@ class TransferManager:
             fmt: ``"torch"`` or ``"safetensors"``.
             round, sample_size, metrics, owner: the upload's fields.
             credentials: for this call; ``None`` uses the client's own.
+            sha256: the source's verified SHA-256, if known (a TORCH upload is then
+                not hashed again).
 
         Returns:
             What the FL server answered and what was moved.
@@ -372,6 +375,7 @@ class TransferManager:
             else:
                 self._check_torch(source)
                 to_send = source
+            known = sha256 if fmt != FORMAT_SAFETENSORS else None
             result = self.client.upload_model(
                 model_id,
                 to_send,
@@ -380,6 +384,7 @@ class TransferManager:
                 metrics=metrics,
                 owner=owner,
                 credentials=credentials,
+                sha256=known,
             )
             self._count("upload", result)
             return result

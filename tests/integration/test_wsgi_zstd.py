@@ -205,6 +205,27 @@ def test_upload_decoded_by_the_middleware_is_exact(serve: Any, tmp_path: Path) -
     assert sent.sha256 == hashlib.sha256(local.read_bytes()).hexdigest()
 
 
+def test_a_known_digest_is_reported_not_recomputed(serve: Any, tmp_path: Path) -> None:
+    local = tmp_path / "local.pt"
+    local.write_bytes(MODEL_BYTES + b"known")
+    # A digest the file does not have: reported as given proves the file was not hashed.
+    told = "ab" * 32
+    zstd_app, plain_app = RecordingApp(), RecordingApp()
+    for app, wrapped, coding in (
+        (zstd_app, ZstdMiddleware(zstd_app, max_request_size=64 * 1024 * 1024), "zstd"),
+        (plain_app, plain_app, "identity"),
+    ):
+        with FlServerClient(serve(wrapped), Credentials.token("t0k3n")) as client:
+            sent = client.upload_model("m1", local, round=0, sample_size=1, sha256=told)
+            plain = client.upload_model("m1", local, round=0, sample_size=1)
+        assert sent.content_encoding == plain.content_encoding == coding
+        assert sent.sha256 == told
+        assert plain.sha256 == hashlib.sha256(local.read_bytes()).hexdigest()
+        assert [_form(post)["model_file"] for post in app.seen("POST")] == [
+            [local.read_bytes()]
+        ] * 2
+
+
 def test_plain_server_without_the_middleware_gets_identity(serve: Any, tmp_path: Path) -> None:
     app = RecordingApp()
     url = serve(app)
