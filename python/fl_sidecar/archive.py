@@ -997,7 +997,7 @@ class WrittenFile(NamedTuple):
 class _HashingWriter:
     """Passes writes to ``out`` while counting and hashing them (spares a second read)."""
 
-    def __init__(self, out: IO[bytes]) -> None:
+    def __init__(self, out: _Sink) -> None:
         self._out = out
         self._digest = hashlib.sha256()
         self.size = 0
@@ -1117,7 +1117,7 @@ class _ZipWriter:
     zip64 end record. Record sizes must be known when a record starts.
     """
 
-    def __init__(self, out: IO[bytes]) -> None:
+    def __init__(self, out: _Sink) -> None:
         self._out = out
         self._pos = 0
         self._entries: List[Tuple[bytes, int, int, int]] = []  # name, crc, size, offset
@@ -1354,7 +1354,7 @@ def _scatter_storage(
         writer.write(mv[i : i + CHUNK_BYTES])
 
 
-def rewrite_archive(archive: _Archive, out: IO[bytes], values: NewValues) -> None:
+def rewrite_archive(archive: _Archive, out: _Sink, values: NewValues) -> None:
     """Copies ``archive`` into ``out`` with each named tensor's data from ``values``.
 
     Only storage records change; the pickle and every other record are copied as they
@@ -1400,7 +1400,7 @@ def open_archive(source: Source) -> _Archive:
     return _Archive(source)
 
 
-def safetensors_into_archive(template: PathLike, weights: PathLike, dst: PathLike) -> None:
+def safetensors_into_archive(template: PathLike, weights: PathLike, dst: PathLike) -> WrittenFile:
     """Writes the weights of a safetensors file into a copy of a torch archive file.
 
     Every name, shape and dtype is checked before anything is written; the pickle is
@@ -1411,6 +1411,9 @@ def safetensors_into_archive(template: PathLike, weights: PathLike, dst: PathLik
     Memory: one :data:`CHUNK_BYTES` buffer (two for tied tensors) when each storage holds
     one contiguous view or identical tied views (the usual case); a storage shared in
     another way is held whole. ``dst`` is written atomically.
+
+    Returns:
+        The size and SHA-256 of what was written to ``dst``.
 
     Raises:
         TensorMismatchError: names, shapes or dtypes differ from the template's, or tied
@@ -1426,4 +1429,12 @@ def safetensors_into_archive(template: PathLike, weights: PathLike, dst: PathLik
             {n: (e.shape, e.dtype) for n, e in header.items()},
         )
         values = _SafetensorsValues(wf, header, start)
-        atomic_write(dst, lambda f: rewrite_archive(archive, f, values))
+        written: List[WrittenFile] = []
+
+        def produce(out: IO[bytes]) -> None:
+            writer = _HashingWriter(out)
+            rewrite_archive(archive, writer, values)
+            written.append(writer.result())
+
+        atomic_write(dst, produce)
+        return written[0]

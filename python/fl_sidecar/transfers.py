@@ -368,14 +368,18 @@ class TransferManager:
         self._track_in_flight("upload", +1)
         converted: Optional[Path] = None
         try:
+            known: Optional[str]
             if fmt == FORMAT_SAFETENSORS:
                 converted = self._spool_path(".pt")
-                self._write_into_template(model_id, round, source, converted, credentials)
+                # The converted archive's digest is counted while it is written.
+                known = self._write_into_template(
+                    model_id, round, source, converted, credentials
+                ).sha256
                 to_send = converted
             else:
                 self._check_torch(source)
                 to_send = source
-            known = sha256 if fmt != FORMAT_SAFETENSORS else None
+                known = sha256
             result = self.client.upload_model(
                 model_id,
                 to_send,
@@ -408,7 +412,7 @@ class TransferManager:
         weights: Path,
         dest: Path,
         credentials: Optional[Credentials],
-    ) -> None:
+    ) -> model_files.WrittenFile:
         if model_files.detect_format(weights) != model_files.ModelFormat.SAFETENSORS:
             raise ModelFormatError(
                 "the upload is declared SAFETENSORS but is not a safetensors file"
@@ -418,7 +422,7 @@ class TransferManager:
         try:
             # Outside every lock: uploads for different models, or several trainers'
             # uploads for the same round, convert in parallel.
-            model_files.safetensors_into_archive(template.path, weights, dest)
+            return model_files.safetensors_into_archive(template.path, weights, dest)
         finally:
             self._release_template(key, template)
 

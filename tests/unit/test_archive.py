@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 import tempfile
@@ -184,7 +185,9 @@ def test_safetensors_into_archive_loads_with_torch(case: str, tmp_path: Path) ->
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(models.to_safetensors(new))
     dest = tmp_path / "local.pt"
-    archive.safetensors_into_archive(template, weights, dest)
+    written = archive.safetensors_into_archive(template, weights, dest)
+    data = dest.read_bytes()
+    assert written == (len(data), hashlib.sha256(data).hexdigest())
     loaded = _load(dest, scripted)
     if scripted:
         assert isinstance(loaded, torch.jit.ScriptModule)
