@@ -84,7 +84,7 @@ def test_vetting_and_converting_never_import_torch_or_numpy(tmp_path: Path) -> N
 
 _PEAK = """
 import json, sys
-from fl_sidecar import archive
+{imports}
 
 def status(field):
     with open("/proc/self/status") as f:
@@ -96,14 +96,16 @@ try:  # reset the peak (VmHWM) to the current RSS, so the imports' peak is not c
 except OSError:
     pass
 before = status("VmRSS")
-src, dst, out = sys.argv[1:4]
+src, dst, out, *more = sys.argv[1:]
 {op}
 print(json.dumps((status("VmHWM") - before) / 2**20))
 """
 
 
-def _peak_mib(op: str, *paths: Path) -> float:
-    return float(_run(_PEAK.format(op=op), *map(str, paths), timeout=300))
+def _peak_mib(op: str, *paths: Path, imports: str = "from fl_sidecar import archive") -> float:
+    """Peak RSS (MiB) that ``op`` adds, run after ``imports`` (which are not counted)."""
+    code = _PEAK.format(op=op, imports=imports)
+    return float(_run(code, *map(str, paths), timeout=300))
 
 
 @pytest.mark.slow
@@ -132,3 +134,41 @@ def test_converting_a_256_mib_archive_keeps_memory_bounded(tmp_path: Path) -> No
     loaded = torch.load(out, weights_only=True, mmap=True)
     assert float(loaded["layer3.weight"][4095, 4095]) == 3.0
     assert loaded["tied.weight"].data_ptr() == loaded["layer0.weight"].data_ptr()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_averaging_four_64_mib_uploads_holds_one_tensor_at_a_time(tmp_path: Path) -> None:
+    """The dev server's FedAvg: memory for a few tensors, not for every client's model."""
+    paths = []
+    for client in range(5):  # the template and four uploads
+        state = {f"layer{i}.weight": torch.full((1024, 1024), float(client)) for i in range(16)}
+        path = tmp_path / f"m{client}.pt"
+        torch.save(state, path)
+        paths.append(path)
+    del state
+    assert paths[0].stat().st_size > 64 * _MIB
+    out = tmp_path / "avg.pt"
+    imports = "import torch\nfrom fl_sidecar import models"
+    streamed = _peak_mib(
+        "models.average_archives(src, [dst, *more], [1, 1, 1, 1], out)",
+        paths[0],
+        paths[1],
+        out,
+        *paths[2:],
+        imports=imports,
+    )
+    # The control: reading every upload whole, as the dev server used to.
+    whole = _peak_mib(
+        "models.weighted_average([models.read_tensors(p) for p in (dst, *more)], [1, 1, 1, 1])",
+        paths[0],
+        paths[1],
+        out,
+        *paths[2:],
+        imports=imports,
+    )
+    assert whole > 4 * 64, whole
+    assert streamed < 64, streamed
+    averaged = torch.load(out, weights_only=True)
+    # (1 + 2 + 3 + 4) / 4, every element of every tensor
+    assert all(bool((t == 2.5).all()) for t in averaged.values())

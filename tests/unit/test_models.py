@@ -749,6 +749,81 @@ def test_weighted_average_refuses_bad_input() -> None:
             models.weighted_average(sds, weights)
 
 
+@pytest.mark.parametrize("kind", ["module", "tied", "torchscript"])
+def test_average_archives_equals_reading_averaging_and_writing(kind: str, tmp_path: Path) -> None:
+    def make() -> torch.nn.Module:
+        return Tied() if kind == "tied" else Net()
+
+    template = tmp_path / "global.pt"
+    base = make()
+    if kind == "torchscript":
+        models.save_module(torch.jit.script(base), template)
+    else:
+        models.save_module(base, template)
+    sources, states = [], []
+    for i in range(3):
+        trained = make()
+        with torch.no_grad():  # different weights and integer buffers per client
+            for tensor in trained.state_dict().values():
+                tensor.add_(
+                    torch.randint_like(tensor, 0, 9)
+                    if not tensor.is_floating_point()
+                    else torch.randn_like(tensor)
+                )
+        path = tmp_path / f"client{i}.pt"
+        models.save_module(torch.jit.script(trained) if kind == "torchscript" else trained, path)
+        sources.append(path)
+        states.append(models.read_tensors(path))
+    weights = [30, 10, 5]
+    streamed = tmp_path / "streamed.pt"
+    models.average_archives(template, sources, weights, streamed)
+    whole = tmp_path / "whole.pt"
+    models.write_tensors(template, models.weighted_average(states, weights), whole)
+    got, want = models.read_tensors(streamed), models.read_tensors(whole)
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype
+        assert torch.equal(_raw(got[name]), _raw(want[name])), name
+    # It is still the template's module type, with the new weights.
+    loaded: Any = models.load_trusted(streamed)
+    if kind == "torchscript":
+        assert isinstance(loaded, torch.jit.ScriptModule)
+    else:
+        assert type(loaded) is type(base)
+    for name, tensor in loaded.state_dict().items():
+        if name in want:
+            assert torch.equal(tensor, want[name]), name
+
+
+def test_average_archives_refuses_mismatches_and_writes_nothing(tmp_path: Path) -> None:
+    template = tmp_path / "global.pt"
+    models.save_module(Net(), template)
+    good = tmp_path / "good.pt"
+    models.save_module(Net(), good)
+    other = tmp_path / "other.pt"
+    models.save_module(torch.nn.Linear(4, 3), other)
+    dest = tmp_path / "out.pt"
+    cases: List[Tuple[List[Path], List[float]]] = [
+        ([], []),
+        ([good, other], [1, 1]),
+        ([good], [1, 2]),
+        ([good, good], [0, 0]),
+        ([good], [float("inf")]),
+    ]
+    for sources, weights in cases:
+        with pytest.raises(TensorMismatchError):
+            models.average_archives(template, sources, weights, dest)
+        assert not dest.exists()
+    not_torch = tmp_path / "not.pt"
+    not_torch.write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(ModelFormatError):
+        models.average_archives(template, [good, not_torch], [1, 1], dest)
+    assert not dest.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["global.pt", "good.pt", "other.pt", "not.pt"]
+    )
+
+
 # ---------------------------------------------------------------- real weights
 
 

@@ -746,15 +746,13 @@ class DevServerApp:
             "SELECT * FROM local_models WHERE training_id = ? AND round = ? ORDER BY created",
             (training_id, upload_round),
         )
-        # weighted_average normalises: the sample sizes are the FedAvg weights.
+        # average_archives normalises: the sample sizes are the FedAvg weights.
         weights = [float(u["sample_size"]) for u in uploads]
-        # Only the restricted reader touches uploads: their pickles never run.
-        state_dicts = [models.read_tensors(u["path"]) for u in uploads]
-        averaged = models.weighted_average(state_dicts, weights)
-        del state_dicts
         tmp_path = os.path.join(self._models_dir, f"{model['id']}.{uuid.uuid4().hex}.tmp")
         try:
-            models.write_tensors(model["path"], averaged, tmp_path)
+            # One tensor at a time, with the restricted reader: uploads' pickles never
+            # run, and memory does not grow with the number of clients.
+            models.average_archives(model["path"], [u["path"] for u in uploads], weights, tmp_path)
             # Readers that already opened the old file keep reading it intact.
             os.replace(tmp_path, model["path"])
         except BaseException:
