@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 _COMMAND_MODULES: Sequence[str] = (
     "fl_sidecar.server",  # serve
     "fl_sidecar.devserver.cli",  # devserver
-    "fl_sidecar.tools",  # download, upload, pack, unpack, info, demo
+    "fl_sidecar.tools",  # download, upload, pack, unpack, info, events, demo
 )
 
 

@@ -1178,6 +1178,7 @@ class SidecarClient:
         training_ids: Sequence[str] = (),
         *,
         timeout: Optional[float] = None,
+        observe: bool = False,
     ) -> EventStream:
         """Subscribe to the FL server's notifications as typed events.
 
@@ -1186,12 +1187,16 @@ class SidecarClient:
         connected), then live ones; with ``after_seq`` it resumes after that
         sequence number. ``training_ids`` filters (empty: all). ``timeout``
         (seconds) ends the whole subscription; :meth:`EventStream.get` takes
-        its own per-event timeout.
+        its own per-event timeout. ``observe=True`` watches without taking
+        delivery (for monitoring: a trainer subscribing later still gets the
+        events this stream showed).
 
         Raises:
             SidecarError: when reading from the stream, if the subscription fails.
         """
-        request = pb.WatchEventsRequest(training_ids=[str(t) for t in training_ids])
+        request = pb.WatchEventsRequest(
+            training_ids=[str(t) for t in training_ids], observe=observe
+        )
         if after_seq is not None:
             request.after_seq = int(after_seq)
         call = self._stub.WatchEvents(request, timeout=timeout, metadata=self._metadata)

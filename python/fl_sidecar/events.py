@@ -385,6 +385,7 @@ class EventBus:
         *,
         after_seq: Optional[int] = None,
         training_ids: Optional[Iterable[str]] = None,
+        observe: bool = False,
     ) -> Subscription:
         """Start reading events.
 
@@ -396,6 +397,9 @@ class EventBus:
                 number beyond :meth:`last_seq` waits for the next live event
                 after ``N``).
             training_ids: only events of these trainings; ``None`` or empty: all.
+            observe: watch without taking delivery: what this subscription
+                receives stays undelivered for the next subscriber without
+                ``after_seq`` (monitoring must not steal a trainer's round start).
 
         Returns:
             A :class:`Subscription` (close it when done; a closed bus gives one
@@ -418,7 +422,9 @@ class EventBus:
             else:
                 backlog = []
                 cursor = after_seq
-            return Subscription(self, cursor=cursor, backlog=backlog, training_ids=wanted)
+            return Subscription(
+                self, cursor=cursor, backlog=backlog, training_ids=wanted, observe=observe
+            )
 
     def last_seq(self) -> int:
         """The sequence number of the newest event; ``first_seq - 1`` before the first."""
@@ -470,8 +476,10 @@ class Subscription:
         cursor: int,
         backlog: List[int],
         training_ids: Optional[FrozenSet[str]],
+        observe: bool = False,
     ) -> None:
         self._bus = bus
+        self._observe = observe
         self._cursor = cursor
         self._backlog: Deque[int] = collections.deque(backlog)
         self._training_ids = training_ids
@@ -511,7 +519,8 @@ class Subscription:
                     return None
                 event = self._next_locked()
                 if event is not None:
-                    bus._undelivered.discard(event.seq)
+                    if not self._observe:
+                        bus._undelivered.discard(event.seq)
                     return event
                 if deadline is None:
                     bus._cond.wait()

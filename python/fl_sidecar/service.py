@@ -662,7 +662,9 @@ class SidecarService(pb_grpc.SidecarServicer):
                 code="OUT_OF_RANGE",
             )
         subscription = self.bus.subscribe(
-            after_seq=after_seq, training_ids=list(request.training_ids) or None
+            after_seq=after_seq,
+            training_ids=list(request.training_ids) or None,
+            observe=request.observe,
         )
         # Wakes the blocked get() when the trainer cancels, so its thread is freed at once.
         context.add_callback(subscription.close)

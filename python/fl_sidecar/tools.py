@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import sys
@@ -331,6 +332,46 @@ def _info_file(path: str) -> int:
     return 0
 
 
+def _events(args: argparse.Namespace) -> int:
+    after_seq = 0 if args.all else args.after_seq
+    shown = 0
+    with _client(args) as client, client.watch_events(
+        after_seq, args.training or (), observe=not args.take
+    ) as stream:
+        if args.count == 0:
+            return 0
+        for event in stream:
+            print(_event_line(event, as_json=args.json), flush=True)
+            shown += 1
+            if args.count is not None and shown >= args.count:
+                break
+    return 0
+
+
+def _event_line(event: Any, *, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(
+            {
+                "seq": event.seq,
+                "kind": event.kind.name,
+                "notification_type": event.notification_type,
+                "training_id": event.training_id,
+                "model_id": event.model_id,
+                "round": event.round,
+                "received_at": event.received_at,
+                "body": json.loads(event.body_json) if event.body_json else None,
+            },
+            sort_keys=True,
+        )
+    when = time.strftime("%H:%M:%S", time.localtime(event.received_at))
+    fields = [f"training={event.training_id}"]
+    if event.round is not None:
+        fields.append(f"round={event.round}")
+    if event.model_id:
+        fields.append(f"model={event.model_id}")
+    return f"{event.seq} {when} {event.notification_type} {' '.join(fields)}"
+
+
 def _demo(args: argparse.Namespace) -> int:
     from fl_sidecar import demo
 
@@ -356,7 +397,7 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``download``, ``upload``, ``pack``, ``unpack``, ``info`` and ``demo``."""
+    """Add ``download``, ``upload``, ``pack``, ``unpack``, ``info``, ``events`` and ``demo``."""
     p = subparsers.add_parser("download", help="download a global model through the sidecar")
     p.add_argument("model_id", help="the global model's id")
     p.add_argument("-o", "--output", required=True, help="file to write")
@@ -403,6 +444,34 @@ def register(subparsers: Any) -> None:
     p.add_argument("file", nargs="?", help="a packed blob or model file to describe")
     _add_target(p)
     p.set_defaults(func=_guarded("info", _info))
+
+    p = subparsers.add_parser(
+        "events",
+        help="print the FL server's notifications as the sidecar receives them",
+        description="Print the sidecar's events, one per line, as they arrive (Ctrl-C stops). "
+        "It only watches: a trainer that subscribes later still receives them (--take "
+        "changes that).",
+    )
+    p.add_argument(
+        "--training", action="append", metavar="ID", help="only this training (repeatable)"
+    )
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
+        "--after-seq", type=int, default=None, metavar="N", help="resume after event N"
+    )
+    start.add_argument(
+        "--all", action="store_true", help="start with every event the sidecar still retains"
+    )
+    p.add_argument("--count", type=int, default=None, metavar="N", help="stop after N events")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--take",
+        action="store_true",
+        help="take delivery like a trainer: events not yet received by anyone are then "
+        "marked received",
+    )
+    _add_target(p)
+    p.set_defaults(func=_guarded("events", _events))
 
     p = subparsers.add_parser(
         "demo", help="a federated training on the embedded dev server through sidecars"

@@ -1,13 +1,16 @@
-"""The CLI tools (download, upload, pack, unpack, info) against a real sidecar and dev server."""
+"""The CLI tools (download, upload, pack, unpack, info, events) against a real sidecar."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
+import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any, Dict, List
 
 import pytest
 from trainer_stack import ClientSide, TrainerStack, tiny_module, tiny_module_bytes
@@ -141,3 +144,65 @@ def test_bad_usage_exits_2(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert b"--round" in done.stderr
+
+
+def _post_notification(url: str, notification_type: str, training_id: str, round_: int) -> int:
+    body = {"round": round_, "global_model_uuid": str(uuid.uuid4())}
+    payload = json.dumps(
+        {"notification_type": notification_type, "training_uuid": training_id, "body": body}
+    ).encode()
+    request = urllib.request.Request(
+        url, data=payload, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return int(answer.status)
+
+
+_EVENTS = [sys.executable, "-m", "fl_sidecar", "events"]
+
+
+def _events_cli(side: ClientSide, *args: str) -> List[Dict[str, Any]]:
+    """Run ``fl-sidecar events --json`` as its own process; its lines, parsed."""
+    done = subprocess.run(
+        [*_EVENTS, "--json", "--target", side.sidecar.target, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_events_cli_watches_without_taking_a_trainers_round_start(side: ClientSide) -> None:
+    training = str(uuid.uuid4())
+    assert _post_notification(side.notification_url, "UPDATE_ROUND_START", training, 0) == 202
+    (seen,) = _events_cli(side, "--training", training, "--count", "1")
+    assert seen["kind"] == "UPDATE_ROUND_START"
+    assert seen["training_id"] == training and seen["round"] == 0
+    assert seen["body"]["round"] == 0
+    # A trainer that connects now still gets the round start it missed.
+    with side.client.watch_events(training_ids=[training]) as events:
+        got = events.get(timeout=30)
+    assert got.seq == seen["seq"]
+
+    # --take receives like a trainer: the next trainer gets only what came after.
+    assert _post_notification(side.notification_url, "MODEL_TEST_ROUND", training, 1) == 202
+    (taken,) = _events_cli(side, "--training", training, "--count", "1", "--take")
+    assert taken["kind"] == "MODEL_TEST_ROUND"
+    assert _post_notification(side.notification_url, "UPDATE_ROUND_START", training, 1) == 202
+    with side.client.watch_events(training_ids=[training]) as events:
+        after = events.get(timeout=30)
+    assert (after.kind.name, after.round) == ("UPDATE_ROUND_START", 1)
+
+    # --all replays everything retained, in order.
+    replay = _events_cli(side, "--training", training, "--all", "--count", "3")
+    assert [e["seq"] for e in replay] == [seen["seq"], taken["seq"], after.seq]
+    resume = ["--after-seq", str(taken["seq"]), "--count", "1"]
+    text = subprocess.run(
+        [*_EVENTS, "--target", side.sidecar.target, "--training", training, *resume],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert text.returncode == 0, text.stderr
+    assert f"UPDATE_ROUND_START training={training} round=1" in text.stdout

@@ -161,6 +161,20 @@ def test_unread_events_of_a_live_subscriber_are_replayed_to_a_new_one() -> None:
     assert drain(slow) == [1]
 
 
+def test_an_observer_does_not_take_delivery() -> None:
+    bus = EventBus()
+    publish_round(bus, 0)  # nobody listens yet
+    with bus.subscribe(observe=True) as watcher:
+        assert drain(watcher) == [1]
+        publish_round(bus, 1)
+        assert drain(watcher) == [2]
+    # Both are still owed to the first real subscriber, and to it only.
+    with bus.subscribe() as trainer:
+        assert drain(trainer) == [1, 2]
+    with bus.subscribe() as late:
+        assert drain(late) == []
+
+
 def test_two_subscribers_both_get_every_event() -> None:
     bus = EventBus()
     a = bus.subscribe()

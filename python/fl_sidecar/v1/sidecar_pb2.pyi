@@ -849,11 +849,17 @@ class WatchEventsRequest(_message.Message):
 
     AFTER_SEQ_FIELD_NUMBER: _builtins.int
     TRAINING_IDS_FIELD_NUMBER: _builtins.int
+    OBSERVE_FIELD_NUMBER: _builtins.int
     after_seq: _builtins.int
     """Resume after this sequence number (exclusive). Unset: the events no
     subscriber has received yet, then live ones. A number beyond the newest
     event's fails with OUT_OF_RANGE (it is not from this sidecar process):
     subscribe again without it.
+    """
+    observe: _builtins.bool
+    """Watch without taking delivery: events this call receives still count as
+    not received for the next subscriber without `after_seq`, so a monitoring
+    tool never takes a round start away from a trainer that connects later.
     """
     @_builtins.property
     def training_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -864,10 +870,11 @@ class WatchEventsRequest(_message.Message):
         *,
         after_seq: _builtins.int | None = ...,
         training_ids: _abc.Iterable[_builtins.str] | None = ...,
+        observe: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq", "training_ids", b"training_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq", "observe", b"observe", "training_ids", b"training_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__after_seq: _TypeAlias = _typing.Literal["after_seq"]  # noqa: Y015
     _WhichOneofArgType__after_seq: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq"]  # noqa: Y015

@@ -147,7 +147,8 @@ class SidecarServicer:
         subscriber has received yet (so a trainer that connects late gets the round
         start it missed), then live events. With `after_seq`, it receives every
         retained event with a larger sequence number (resume), then live events.
-        Every subscriber receives every live event.
+        Every subscriber receives every live event. With `observe`, events are
+        watched without taking delivery (for monitoring tools).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

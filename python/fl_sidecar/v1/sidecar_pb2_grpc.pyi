@@ -104,7 +104,8 @@ class SidecarStub:
     subscriber has received yet (so a trainer that connects late gets the round
     start it missed), then live events. With `after_seq`, it receives every
     retained event with a larger sequence number (resume), then live events.
-    Every subscriber receives every live event.
+    Every subscriber receives every live event. With `observe`, events are
+    watched without taking delivery (for monitoring tools).
     """
 
 @_typing.type_check_only
@@ -149,7 +150,8 @@ class SidecarAsyncStub(SidecarStub):
     subscriber has received yet (so a trainer that connects late gets the round
     start it missed), then live events. With `after_seq`, it receives every
     retained event with a larger sequence number (resume), then live events.
-    Every subscriber receives every live event.
+    Every subscriber receives every live event. With `observe`, events are
+    watched without taking delivery (for monitoring tools).
     """
 
 class SidecarServicer(metaclass=_abc_1.ABCMeta):
@@ -239,7 +241,8 @@ class SidecarServicer(metaclass=_abc_1.ABCMeta):
         subscriber has received yet (so a trainer that connects late gets the round
         start it missed), then live events. With `after_seq`, it receives every
         retained event with a larger sequence number (resume), then live events.
-        Every subscriber receives every live event.
+        Every subscriber receives every live event. With `observe`, events are
+        watched without taking delivery (for monitoring tools).
         """
 
 def add_SidecarServicer_to_server(servicer: SidecarServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
