@@ -518,9 +518,10 @@ def average_archives(
     """FedAvg of torch archives, written into a copy of ``template``, one tensor at a time.
 
     The result equals ``write_tensors(template, weighted_average([read_tensors(s) ...],
-    weights), dest)``, but memory holds one tensor of each source (plus its float64
-    sum) instead of every source's whole model: a dev server averaging a 1 GiB model
-    from ten clients needs megabytes, not 11 GiB. Every archive is read with the
+    weights), dest)``, but instead of every source's whole model, memory holds a few
+    buffers the size of the largest tensor (one source's tensor at a time, its
+    float64 widening and the sum): a dev server averaging a 1 GiB model from ten
+    clients needs megabytes, not 11 GiB. Every archive is read with the
     restricted unpickler (an upload's pickle never runs).
 
     Raises:
@@ -562,13 +563,13 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _average_one(
-    tensors: Iterable[Callable[[], torch.Tensor]],
+    fetches: Iterable[Callable[[], torch.Tensor]],
     factors: Sequence[float],
     spec: TensorSpec,
     acc: Optional[torch.Tensor] = None,
     widened: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The weighted sum of the tensors ``tensors`` fetches (each only if weighted).
+    """The weighted sum of the tensors ``fetches`` return (each called only if weighted).
 
     ``acc``: a zeroed accumulator of the spec's shape to sum into (float64, or
     complex128 for complex tensors), and ``widened``: a buffer like it that each
@@ -577,7 +578,7 @@ def _average_one(
     acc_dtype = _accumulator_dtype(spec.dtype)
     if acc is None:
         acc = torch.zeros(spec.shape, dtype=acc_dtype)
-    for fetch, factor in zip(tensors, factors):
+    for fetch, factor in zip(fetches, factors):
         if factor:
             tensor = fetch().detach()
             if widened is None:
