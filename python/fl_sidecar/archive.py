@@ -1011,6 +1011,19 @@ class _HashingWriter:
         return WrittenFile(self.size, self._digest.hexdigest())
 
 
+def _atomic_write_hashed(dest: PathLike, produce: Callable[[_Sink], None]) -> WrittenFile:
+    """:func:`atomic_write`, returning the size and SHA-256 of what ``produce`` wrote."""
+    written: List[WrittenFile] = []
+
+    def hashed(out: IO[bytes]) -> None:
+        writer = _HashingWriter(out)
+        produce(writer)
+        written.append(writer.result())
+
+    atomic_write(dest, hashed)
+    return written[0]
+
+
 def archive_to_safetensors(src: PathLike, dst: PathLike) -> WrittenFile:
     """Converts a torch archive file into a safetensors file, without running its pickle.
 
@@ -1038,17 +1051,12 @@ def archive_to_safetensors(src: PathLike, dst: PathLike) -> WrittenFile:
         header, order = safetensors_header(specs)
         _check_expansion(archive)
 
-        written: List[WrittenFile] = []
-
-        def produce(out: IO[bytes]) -> None:
-            writer = _HashingWriter(out)
-            writer.write(header)
+        def produce(out: _Sink) -> None:
+            out.write(header)
             for name in order:
-                _write_view(archive, archive.tensors[name], writer)
-            written.append(writer.result())
+                _write_view(archive, archive.tensors[name], out)
 
-        atomic_write(dst, produce)
-        return written[0]
+        return _atomic_write_hashed(dst, produce)
 
 
 # --------------------------------------------------------------------------- writing
@@ -1429,12 +1437,4 @@ def safetensors_into_archive(template: PathLike, weights: PathLike, dst: PathLik
             {n: (e.shape, e.dtype) for n, e in header.items()},
         )
         values = _SafetensorsValues(wf, header, start)
-        written: List[WrittenFile] = []
-
-        def produce(out: IO[bytes]) -> None:
-            writer = _HashingWriter(out)
-            rewrite_archive(archive, writer, values)
-            written.append(writer.result())
-
-        atomic_write(dst, produce)
-        return written[0]
+        return _atomic_write_hashed(dst, lambda out: rewrite_archive(archive, out, values))
