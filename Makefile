@@ -5,10 +5,10 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
-# Where Rust crates come from: "debian" (offline, /usr/share/cargo/registry,
-# the default when that directory exists) or "crates-io" (the network).
-CARGO_SOURCE ?= $(if $(wildcard /usr/share/cargo/registry/pyo3-*),debian,crates-io)
-export CARGO_SOURCE
+# Where Rust crates come from (CARGO_SOURCE): "debian" (offline,
+# /usr/share/cargo/registry) or "crates-io" (the network). Left unset, the build
+# scripts decide when they run, after bootstrap has installed Debian's crates;
+# deciding here, when make parses this file, picked crates-io on a fresh machine.
 
 PROTO_FILES := $(wildcard proto/fl_sidecar/v1/*.proto)
 NATIVE_SOURCES := $(shell find rust -name '*.rs' -o -name 'Cargo.toml' 2>/dev/null) Cargo.toml Cargo.lock
