@@ -1,6 +1,6 @@
 """The FL Demonstrator REST client: the one module of fl-sidecar that speaks HTTP.
 
-Every call of the DLR FL Demonstrator server (see ``PROTOCOL.md``) through one
+Every call of the DLR FL Demonstrator server (see ``docs/protocol.md``) through one
 keep-alive :class:`requests.Session`, with:
 
 - timeouts on every request (``connect_timeout`` to connect, ``timeout`` between

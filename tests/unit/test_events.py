@@ -381,7 +381,7 @@ def test_concurrent_publishers_keep_seq_order_and_lose_nothing() -> None:
 
 
 def test_parse_the_real_servers_notifications() -> None:
-    # Exactly as PROTOCOL.md records them.
+    # Exactly as the real server sends them (docs/protocol.md).
     cases = [
         ('{"notification_type": "TRAINING_START", "body": {"global_model_uuid": "%s"}, '
          '"training_uuid": "%s"}', None),

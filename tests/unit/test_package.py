@@ -1,4 +1,4 @@
-"""The package's public face and its architecture rules (STYLE.md "Boundaries")."""
+"""The package's public face and its architecture rules (DEVELOPERS.md, "Rules of the house")."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The dev server's WSGI application: the DLR FL Demonstrator REST API on SQLite.
 
 Same paths, fields, status codes and body shapes as the real server (see
-PROTOCOL.md and docs/devserver.md), safer where the real one is dangerous:
+docs/protocol.md and docs/devserver.md), safer where the real one is dangerous:
 duplicate uploads get 409, uploads are checked without executing their
 pickles, malformed input gets 400 (never 500), and notifications cannot block
 each other.
