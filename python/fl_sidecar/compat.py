@@ -296,10 +296,6 @@ def _reference_message(response: Any) -> str:
     return message if isinstance(message, str) else text
 
 
-def _wrap(exc_type: Type[CommunicationException], exc: SidecarError) -> CommunicationException:
-    return exc_type._from_sidecar(exc)
-
-
 def _metric_texts(metrics: Mapping[Any, Any]) -> Dict[str, str]:
     """Metrics as the reference client posts them: ``str()`` of each name and value.
 
@@ -515,7 +511,7 @@ class Communication:
         try:
             blob = self._client().download(str(self.model_id), format="torch")
         except SidecarError as exc:
-            raise _wrap(ModelDownloadException, exc) from exc
+            raise ModelDownloadException._from_sidecar(exc) from exc
         try:
             return self.unpack_model(blob)
         except Exception as exc:
@@ -551,7 +547,7 @@ class Communication:
                 owner=str(self.client_id),
             )
         except SidecarError as exc:
-            raise _wrap(ModelUploadException, exc) from exc
+            raise ModelUploadException._from_sidecar(exc) from exc
         except (TypeError, ValueError) as exc:
             raise ModelUploadException(str(exc), code="INVALID_ARGUMENT") from exc
         return True
@@ -573,7 +569,7 @@ class Communication:
                 owner=str(self.client_id),
             )
         except SidecarError as exc:
-            raise _wrap(MetricsUploadException, exc) from exc
+            raise MetricsUploadException._from_sidecar(exc) from exc
         except (TypeError, ValueError) as exc:
             raise MetricsUploadException(str(exc), code="INVALID_ARGUMENT") from exc
         return True

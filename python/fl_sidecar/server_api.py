@@ -1444,9 +1444,26 @@ def _read_detail(resp: requests.Response) -> Tuple[str, Optional[str]]:
         body = b""
     finally:
         resp.close()
-    body = body or b""
-    detail = _parse_detail(body, resp.headers.get("Content-Type", ""))
-    return detail, (body.decode("utf-8", "replace") if body else None)
+    if not body:
+        return _parse_detail(b"", resp.headers.get("Content-Type", "")), None
+    # Message and body reach the trainer: a server that echoes the request (a debug
+    # page lists its headers) must not hand it the sidecar's credentials.
+    text = _without_secrets(body.decode("utf-8", "replace"), resp.request)
+    return _parse_detail(text.encode("utf-8"), resp.headers.get("Content-Type", "")), text
+
+
+def _without_secrets(text: str, request: Optional[requests.PreparedRequest]) -> str:
+    """``text`` with the request's ``Authorization`` value and the secrets inside it redacted."""
+    header = request.headers.get("Authorization", "") if request is not None else ""
+    scheme, _, value = str(header).partition(" ")
+    secrets = {str(header), value}
+    if scheme.lower() == "basic":
+        with contextlib.suppress(binascii.Error, ValueError):
+            user_password = base64.b64decode(value, validate=True).decode("utf-8")
+            secrets |= {user_password, user_password.partition(":")[2]}
+    for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
+        text = text.replace(secret, "[redacted]")
+    return text
 
 
 def _load_small_body(resp: requests.Response, operation: str, idempotent: bool) -> None:

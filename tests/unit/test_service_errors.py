@@ -1,18 +1,22 @@
-"""The servicer's one failure path: what a failed call tells the client, and metric conversion.
+"""A refusal's way to the trainer: the server's body as the HTTP client keeps it, the servicer's
+one failure path (what a failed call tells the client), and metric conversion.
 
-No sockets: ``SidecarService._fail`` is driven with a recording stand-in for
-the gRPC context, and messages are built in memory.
+No sockets: answers are built in memory, and ``SidecarService._fail`` is
+driven with a recording stand-in for the gRPC context.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 from typing import Any, List, Optional, Sequence, Tuple, cast
 
 import grpc
 import pytest
+import requests
+import urllib3
 
-from fl_sidecar import service
+from fl_sidecar import server_api, service
 from fl_sidecar.errors import (
     ConflictError,
     NotFoundError,
@@ -139,3 +143,29 @@ def test_metrics_keep_numbers_and_text_and_old_clients_zero() -> None:
     }
     with pytest.raises(SidecarError, match="twice"):
         service._metrics_mapping([pb.Metric(name="a", value=1), pb.Metric(name="a", text="b")])
+
+
+def _answer(status: int, body: bytes, authorization: str) -> requests.Response:
+    response = requests.Response()
+    response.status_code = status
+    response.headers["Content-Type"] = "text/html"
+    response.raw = urllib3.HTTPResponse(body=io.BytesIO(body), preload_content=False)
+    response.request = requests.Request(
+        "GET", "http://fl.example/api/models/x/", headers={"Authorization": authorization}
+    ).prepare()
+    return response
+
+
+def test_the_kept_body_never_holds_the_requests_credentials() -> None:
+    basic = "Basic " + base64.b64encode(b"alice:pa55word-x").decode()
+    echo = f"<pre>HTTP_AUTHORIZATION = {basic}\nuser:pass alice:pa55word-x pw pa55word-x</pre>"
+    detail, body = server_api._read_detail(_answer(500, echo.encode(), basic))
+    assert body is not None and "HTTP_AUTHORIZATION = [redacted]" in body
+    for text in (body, detail):
+        assert "pa55word-x" not in text and basic.split()[1] not in text
+    token = "Token " + "ab12" * 10
+    _, token_body = server_api._read_detail(_answer(400, f"bad {'ab12' * 10}".encode(), token))
+    assert token_body == "bad [redacted]"
+    plain, kept = server_api._read_detail(_answer(400, b'{"detail":"Model m not found."}', token))
+    assert (plain, kept) == ("Model m not found.", '{"detail":"Model m not found."}')
+    assert server_api._read_detail(_answer(400, b"", token)) == ("", None)
