@@ -18,18 +18,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import (
-    Any,
-    Callable,
-    Dict,
-    Generator,
-    Iterator,
-    List,
-    Optional,
-    Tuple,
-    TypeVar,
-    Union,
-)
+from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Tuple, TypeVar, Union
 
 import grpc
 
