@@ -15,7 +15,8 @@ A trainer talks to the sidecar running next to it::
 Models move in 1-4 MiB messages; every method that moves a model takes an
 optional ``progress(done_bytes, total_bytes)`` callback (``total_bytes`` is 0
 while unknown). Every gRPC failure surfaces as :class:`fl_sidecar.errors.SidecarError`
-whose ``code`` is the gRPC status name (``"NOT_FOUND"``, ``"UNAVAILABLE"``, ...).
+whose ``code`` is the gRPC status name (``"NOT_FOUND"``, ``"UNAVAILABLE"``, ...);
+when the FL server refused, ``http_status`` and ``http_body`` hold its answer.
 
 torch is needed only by the ``*_state_dict`` and ``*_module`` methods, which use
 :mod:`fl_sidecar.models` (imported on first use).
@@ -52,7 +53,13 @@ from typing import (
 
 import grpc
 
-from fl_sidecar.errors import SidecarError
+from fl_sidecar.errors import (
+    ERROR_CLASS_KEY,
+    HTTP_BODY_KEY,
+    HTTP_CONTENT_TYPE_KEY,
+    HTTP_STATUS_KEY,
+    SidecarError,
+)
 from fl_sidecar.events import EventKind, ServerEvent
 from fl_sidecar.v1 import sidecar_pb2 as pb
 from fl_sidecar.v1 import sidecar_pb2_grpc as pb_grpc
@@ -94,7 +101,8 @@ Buffer = Union[bytes, bytearray, memoryview]
 PathLike = Union[str, "os.PathLike[str]"]
 ProgressCallback = Callable[[int, int], None]
 _T = TypeVar("_T")
-MetricsArg = Optional[Union[Mapping[str, float], Sequence[Tuple[str, float]]]]
+MetricsArg = Optional[Union[Mapping[str, Any], Sequence[Tuple[str, Any]]]]
+"""Metrics by name: numbers go as numbers, anything else as its ``str()`` (:func:`_metric`)."""
 
 _FORMAT_NAMES = {
     pb.MODEL_FORMAT_UNSPECIFIED: "torch",
@@ -295,27 +303,75 @@ class UnpackResult:
 
 
 def _map_rpc_error(exc: grpc.RpcError, action: str) -> SidecarError:
+    """The one place a failed call becomes a :class:`SidecarError`, with the cause it carries."""
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else None
     name = code.name if code is not None else "UNKNOWN"
     message = details or str(code)
     if name == "UNAVAILABLE" and "connect" in (details or "").lower():
         message = f"cannot reach the sidecar: {details}"
-    return SidecarError(f"{action} failed ({name}): {message}", code=name)
+    trailers = _trailers(exc)
+    status = trailers.get(HTTP_STATUS_KEY)
+    body = trailers.get(HTTP_BODY_KEY)
+    return SidecarError(
+        f"{action} failed ({name}): {message}",
+        code=name,
+        error_class=_text(trailers.get(ERROR_CLASS_KEY)),
+        http_status=int(status) if isinstance(status, str) and status.isdigit() else None,
+        http_body=body.decode("utf-8", "replace") if isinstance(body, bytes) else None,
+        http_content_type=_text(trailers.get(HTTP_CONTENT_TYPE_KEY)),
+    )
+
+
+def _trailers(exc: grpc.RpcError) -> Dict[str, Union[str, bytes]]:
+    # A call that never reached the sidecar has no trailing metadata (or None).
+    getter = getattr(exc, "trailing_metadata", None)
+    try:
+        items = getter() if callable(getter) else None
+    except Exception:  # a broken call object must not hide the error itself
+        items = None
+    return {str(key): value for key, value in items or ()}
+
+
+def _text(value: Union[str, bytes, None]) -> Optional[str]:
+    return value if isinstance(value, str) and value else None
+
+
+def _metric(name: Any, value: Any) -> pb.Metric:
+    """One metric: a number as ``value``, anything else as ``text`` (its ``str()``).
+
+    What the FL server receives then matches what the reference client posts
+    for the same value (it sends ``str()`` of every value as a form field):
+    a text verbatim, ``True``/``False`` for a bool, UTF-8 bytes decoded.
+    Numbers are whatever ``float()`` takes (ints, floats, numpy scalars,
+    one-element tensors) and go as numbers.
+
+    Raises:
+        ValueError: the value is ``None`` (the reference client drops it and its
+            names and values no longer pair up), or bytes that are not UTF-8.
+    """
+    key = str(name)
+    if value is None:
+        raise ValueError(f"metric {key!r} has no value (None)")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            return pb.Metric(name=key, text=bytes(value).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"metric {key!r}: bytes that are not UTF-8 text") from None
+    if isinstance(value, (str, bool)):
+        return pb.Metric(name=key, text=str(value))
+    try:
+        return pb.Metric(name=key, value=float(value))
+    except (TypeError, ValueError, ArithmeticError, RuntimeError):
+        # RuntimeError: a tensor of several elements; ArithmeticError: an int beyond a double.
+        return pb.Metric(name=key, text=str(value))
 
 
 def _metric_list(metrics: MetricsArg) -> List[pb.Metric]:
     if metrics is None:
         return []
     items = metrics.items() if isinstance(metrics, Mapping) else metrics
-    result = []
-    for name, value in items:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"metric {name!r} is not a number: {value!r}") from None
-        result.append(pb.Metric(name=str(name), value=number))
-    return result
+    return [_metric(name, value) for name, value in items]
 
 
 def _event_from_proto(message: pb.Event) -> ServerEvent:
@@ -548,11 +604,15 @@ class SidecarClient:
         owner: str = "",
         credentials: Optional[CallCredentials] = None,
     ) -> MetricsResult:
-        """Upload test metrics of the global model ``model_id`` (name -> number).
+        """Upload test metrics of the global model ``model_id`` (name -> value).
+
+        A value that is not a number (``"abc"``, ``True``) is sent as text, as the
+        reference client sends it; the FL server stores it.
 
         Raises:
-            ValueError: a metric value is not a number.
-            SidecarError: the sidecar or the FL server refused (see ``code``).
+            ValueError: a metric value is ``None``, or bytes that are not UTF-8.
+            SidecarError: the sidecar or the FL server refused (see ``code``; the
+                server's answer is in ``http_status`` and ``http_body``).
         """
         request = pb.UploadMetricsRequest(
             model_id=str(model_id),
@@ -880,7 +940,7 @@ class SidecarClient:
         Nothing reaches the FL server unless the whole stream arrives.
 
         Raises:
-            ValueError: negative round or sample size, non-numeric metric, unknown format.
+            ValueError: negative round or sample size, a ``None`` metric, unknown format.
             SidecarError: ``FAILED_PRECONDITION`` (wrong round/state, duplicate),
                 ``PERMISSION_DENIED``, ``INVALID_ARGUMENT``, ``UNKNOWN`` (the upload
                 may have arrived: check :meth:`get_training` before resending), ...

@@ -7,9 +7,13 @@ takes one line::
     from fl_sidecar.compat import Communication    # after
 
 Every method keeps its name, signature, return value and exception class
-name. The difference is underneath: models travel through the local
-fl-sidecar over gRPC (compressed, streamed, with retries), and the trainer's
-``http_authorization`` is passed to the sidecar as that call's credentials.
+name, the exceptions carry the FL server's answer as ``e.response``
+(``status_code``, ``text``, ``json()``, ...), metric values go to the server
+as the reference posts them (``str()`` of each), and :class:`Settings` has the
+reference's fields. The difference is underneath: models travel through the
+local fl-sidecar over gRPC (compressed, streamed, with retries), and the
+trainer's ``http_authorization`` is passed to the sidecar as that call's
+credentials.
 
 Where the sidecar is: :attr:`Communication.sidecar_target` (a class-level
 setting; ``None`` means :func:`fl_sidecar.client.default_target`:
@@ -25,14 +29,29 @@ torch is needed for :meth:`Communication.download_model`,
 from __future__ import annotations
 
 import base64
+import contextlib
+import http
+import json
 import logging
 import subprocess
 import uuid
 from types import TracebackType
-from typing import Any, ClassVar, Dict, Optional, Type, TypeVar, Union
+from typing import (
+    Any,
+    ClassVar,
+    Dict,
+    Iterator,
+    Mapping,
+    Optional,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+)
 
+from fl_sidecar import config
 from fl_sidecar.client import CallCredentials, SidecarClient
-from fl_sidecar.errors import SidecarError
+from fl_sidecar.errors import ConfigurationError, SidecarError
 
 __all__ = [
     "Communication",
@@ -40,6 +59,8 @@ __all__ = [
     "MetricsUploadException",
     "ModelDownloadException",
     "ModelUploadException",
+    "ServerResponse",
+    "Settings",
     "T",
     "is_torchscript_instance",
 ]
@@ -60,18 +81,194 @@ def is_torchscript_instance(obj: Any) -> bool:
     )
 
 
+_E = TypeVar("_E", bound="CommunicationException")
+
+# Read once, at import, as the reference client reads its settings.
+_REFERENCE_ENVIRONMENT = config.reference_client_environment()
+
+
+def _port(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        # The reference fails at import with a bare ValueError; this one names the variable.
+        raise ConfigurationError(
+            f"FL_CLIENT_SERVER_PORT must be an integer, not {value[:40]!r}"
+        ) from None
+
+
+class Settings:
+    """The reference client's ``Settings``: the same names, variables and defaults.
+
+    Read from the environment once, when this module is imported, as the
+    reference does; assign an attribute to change it for this process. What
+    each one does here:
+
+    - ``FL_DEMONSTRATOR_TRAINING_SCRIPT_EXECUTOR`` (``python``),
+      ``FL_DEMONSTRATOR_TRAINING_SCRIPT_PATH`` (``src/main.py``),
+      ``FL_DEMONSTRATOR_TRAINING_WORKING_DIRETORY`` (``.``; the reference's
+      spelling): what :meth:`Communication.start_training` and
+      :meth:`~Communication.start_testing` run, read at each call.
+    - ``FL_DEMONSTRATOR_BASE_URL`` (``http://localhost:8000``), ``SERVER_HOST``
+      (``FL_CLIENT_SERVER_HOST``, ``0.0.0.0``) and ``SERVER_PORT``
+      (``FL_CLIENT_SERVER_PORT``, ``8101``): for reading only. The sidecar
+      talks to the FL server and receives its notifications, so its own
+      settings (the same variables, or ``--server-url`` and
+      ``--notification-port``) decide.
+    - ``MAIN_MODULE``, ``COMMUNICATION_MODULE``: dotted paths of the entry point
+      (the sidecar's CLI) and of :class:`Communication`. The reference's
+      ``FL_CLIENT_SETTINGS_MODULE`` (a replacement settings class) is not
+      read: subclass :class:`Communication` or assign these attributes instead.
+
+    Raises (at import):
+        fl_sidecar.errors.ConfigurationError: ``FL_CLIENT_SERVER_PORT`` is not an integer.
+    """
+
+    FL_DEMONSTRATOR_BASE_URL: ClassVar[str] = _REFERENCE_ENVIRONMENT["FL_DEMONSTRATOR_BASE_URL"]
+    """Base URL of the FL server (informational here: the sidecar's own setting decides)."""
+    FL_DEMONSTRATOR_TRAINING_SCRIPT_EXECUTOR: ClassVar[str] = _REFERENCE_ENVIRONMENT[
+        "FL_DEMONSTRATOR_TRAINING_SCRIPT_EXECUTOR"
+    ]
+    """The program that runs the training script."""
+    FL_DEMONSTRATOR_TRAINING_SCRIPT_PATH: ClassVar[str] = _REFERENCE_ENVIRONMENT[
+        "FL_DEMONSTRATOR_TRAINING_SCRIPT_PATH"
+    ]
+    """The training script."""
+    FL_DEMONSTRATOR_TRAINING_WORKING_DIRETORY: ClassVar[str] = _REFERENCE_ENVIRONMENT[
+        "FL_DEMONSTRATOR_TRAINING_WORKING_DIRETORY"
+    ]
+    """The training script's working directory (the reference's spelling)."""
+    SERVER_HOST: ClassVar[str] = _REFERENCE_ENVIRONMENT["FL_CLIENT_SERVER_HOST"]
+    """Host of the notification endpoint (informational: the sidecar serves it)."""
+    SERVER_PORT: ClassVar[int] = _port(_REFERENCE_ENVIRONMENT["FL_CLIENT_SERVER_PORT"])
+    """Port of the notification endpoint (informational: the sidecar serves it)."""
+    MAIN_MODULE: ClassVar[str] = "fl_sidecar.cli.main"
+    """The client's entry point: the sidecar (``fl-sidecar serve``)."""
+    COMMUNICATION_MODULE: ClassVar[str] = "fl_sidecar.compat.Communication"
+    """The communication class."""
+
+
+class _Headers(Mapping[str, str]):
+    """Read-only headers with case-insensitive names, like ``requests``' headers."""
+
+    def __init__(self, items: Mapping[str, str]) -> None:
+        self._items: Dict[str, Tuple[str, str]] = {k.lower(): (k, v) for k, v in items.items()}
+
+    def __getitem__(self, name: str) -> str:
+        return self._items[name.lower()][1]
+
+    def __iter__(self) -> Iterator[str]:
+        return (original for original, _ in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
+
+
+class ServerResponse:
+    """The FL server's answer behind a failed call, where the reference had its HTTP response.
+
+    It has the parts of a ``requests.Response`` that error handlers read. The
+    sidecar passes on the server's real status and body (at most 4 KiB, with
+    credentials redacted). When the server gave no answer (the sidecar itself
+    refused the call, or could not reach the server), ``status_code`` is
+    ``None`` and the body is empty, so ``e.response.status_code`` never fails.
+
+    Attributes:
+        status_code: the HTTP status, e.g. ``400``, or ``None`` without an answer.
+        reason: its reason phrase, e.g. ``"Bad Request"`` (``""`` when unknown).
+        text: the body as text, e.g. ``'{"detail":"Model ... not found."}'``.
+        content: the body as UTF-8 bytes.
+        headers: ``Content-Type`` when the server sent one (names case-insensitive).
+        encoding: always ``"utf-8"``.
+        url: always ``None`` (the sidecar knows the server's URL; ``fl-sidecar info`` shows it).
+    """
+
+    def __init__(
+        self,
+        status_code: Optional[int],
+        text: str = "",
+        *,
+        content_type: Optional[str] = None,
+    ) -> None:
+        self.status_code = status_code
+        self.text = text
+        self.content = text.encode("utf-8")
+        self.encoding = "utf-8"
+        self.headers: Mapping[str, str] = _Headers(
+            {"Content-Type": content_type} if content_type else {}
+        )
+        self.url: Optional[str] = None
+        self.reason = ""
+        if status_code is not None:
+            with contextlib.suppress(ValueError):  # a status Python has no phrase for
+                self.reason = http.HTTPStatus(status_code).phrase
+
+    @property
+    def ok(self) -> bool:
+        """Whether the status is below 400 (``False`` without an answer)."""
+        return self.status_code is not None and self.status_code < 400
+
+    def json(self, **kwargs: Any) -> Any:
+        """The body parsed as JSON (``kwargs`` go to :func:`json.loads`).
+
+        Raises:
+            json.JSONDecodeError: a ``ValueError``; the body is not JSON (or empty).
+        """
+        return json.loads(self.text, **kwargs)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __repr__(self) -> str:
+        return f"<ServerResponse [{self.status_code}]>"
+
+
 class CommunicationException(SidecarError):
     """Base class of the reference client's communication errors, raised through the sidecar.
 
+    Constructed like the reference's, from a response: a :class:`ServerResponse`,
+    anything shaped like a ``requests.Response`` (kept as it is), or a message
+    string (then ``response`` says that no answer came). The message of one
+    raised here is the sidecar's, which quotes the server's own text.
+
     Attributes:
+        response: the FL server's answer (:class:`ServerResponse`): ``status_code``,
+            ``text``, ``json()``, ``content``, ``reason``, ``headers``.
         code: the gRPC status name of the sidecar's answer (``"NOT_FOUND"``, ...).
-        response: always ``None`` (the reference client put the HTTP response
-            here; the sidecar owns HTTP now). The sidecar's message is ``str(exc)``.
+        error_class, http_status, http_body: as :class:`fl_sidecar.errors.SidecarError`.
     """
 
-    def __init__(self, message: str, *, code: str = "UNKNOWN") -> None:
-        super().__init__(message, code=code)
-        self.response: Any = None
+    def __init__(self, response: Any, *args: Any, code: str = "UNKNOWN") -> None:
+        if isinstance(response, str):
+            message, response = response, ServerResponse(None)
+        else:
+            message = _reference_message(response)
+        status = getattr(response, "status_code", None)
+        body = getattr(response, "text", None)
+        super().__init__(
+            message,
+            code=code,
+            http_status=status if isinstance(status, int) else None,
+            http_body=body if isinstance(body, str) and body else None,
+        )
+        self.args = (message, *args)
+        self.response: Any = response
+
+    @classmethod
+    def _from_sidecar(cls: Type[_E], error: SidecarError) -> _E:
+        """The exception for a failed sidecar call: its message, code and the server's answer."""
+        exc = cls(str(error), code=error.code)
+        exc.response = ServerResponse(
+            error.http_status, error.http_body or "", content_type=error.http_content_type
+        )
+        exc.error_class = error.error_class
+        exc.http_status = error.http_status
+        exc.http_body = error.http_body
+        exc.http_content_type = error.http_content_type
+        return exc
 
 
 class ModelDownloadException(CommunicationException):
@@ -86,8 +283,38 @@ class MetricsUploadException(CommunicationException):
     """Global model metrics upload (to the server) failed."""
 
 
-def _wrap(exc_type: Type[CommunicationException], exc: SidecarError) -> CommunicationException:
-    return exc_type(str(exc), code=exc.code)
+def _reference_message(response: Any) -> str:
+    # The reference's rule: the body's JSON "message" field, else the whole body.
+    text = getattr(response, "text", None)
+    if not isinstance(text, str):
+        return "the FL server's answer could not be read"
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text
+    message = data.get("message") if isinstance(data, dict) else None
+    return message if isinstance(message, str) else text
+
+
+def _metric_texts(metrics: Mapping[Any, Any]) -> Dict[str, str]:
+    """Metrics as the reference client posts them: ``str()`` of each name and value.
+
+    Raises:
+        ValueError: a value is ``None`` (the reference drops it, so its names and
+            values no longer pair up), or bytes that are not UTF-8.
+    """
+    texts: Dict[str, str] = {}
+    for name, value in metrics.items():
+        if value is None:
+            raise ValueError(f"metric {str(name)!r} has no value (None)")
+        if isinstance(value, (bytes, bytearray)):
+            try:
+                texts[str(name)] = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"metric {str(name)!r}: bytes that are not UTF-8 text") from None
+        else:
+            texts[str(name)] = str(value)
+    return texts
 
 
 class Communication:
@@ -99,8 +326,8 @@ class Communication:
     - :attr:`sidecar_api_token`: the sidecar's API token, when it requires one.
     - :attr:`map_location`: where :meth:`download_model` puts the tensors (``None``: as saved).
     - :attr:`script_executor`, :attr:`script_path`, :attr:`script_working_directory`:
-      what :meth:`start_training` and :meth:`start_testing` run (the reference
-      client's ``FL_DEMONSTRATOR_TRAINING_SCRIPT_*`` defaults).
+      what :meth:`start_training` and :meth:`start_testing` run; ``None`` (the
+      default) means :class:`Settings`' ``FL_DEMONSTRATOR_TRAINING_*`` values.
     """
 
     _logger: ClassVar[logging.Logger] = logging.getLogger("fl.client")
@@ -108,9 +335,9 @@ class Communication:
     sidecar_target: ClassVar[Optional[str]] = None
     sidecar_api_token: ClassVar[Optional[str]] = None
     map_location: ClassVar[Any] = None
-    script_executor: ClassVar[str] = "python"
-    script_path: ClassVar[str] = "src/main.py"
-    script_working_directory: ClassVar[str] = "."
+    script_executor: ClassVar[Optional[str]] = None
+    script_path: ClassVar[Optional[str]] = None
+    script_working_directory: ClassVar[Optional[str]] = None
 
     def __init__(
         self,
@@ -207,8 +434,8 @@ class Communication:
     @classmethod
     def _start_script(cls, action: str, training_id: IdLike, round: int, model_id: IdLike) -> None:
         args = [
-            cls.script_executor,
-            cls.script_path,
+            cls.script_executor or Settings.FL_DEMONSTRATOR_TRAINING_SCRIPT_EXECUTOR,
+            cls.script_path or Settings.FL_DEMONSTRATOR_TRAINING_SCRIPT_PATH,
             action,
             "--training-id",
             str(training_id),
@@ -219,7 +446,10 @@ class Communication:
         ]
         cls._logger.debug("starting %s", args)
         # Like the reference client: start it and return at once.
-        subprocess.Popen(args, cwd=cls.script_working_directory)
+        working_directory = (
+            cls.script_working_directory or Settings.FL_DEMONSTRATOR_TRAINING_WORKING_DIRETORY
+        )
+        subprocess.Popen(args, cwd=working_directory)
 
     @classmethod
     def start_training(cls, training_id: IdLike, round: int, model_id: IdLike) -> None:
@@ -274,13 +504,14 @@ class Communication:
 
         Raises:
             ModelDownloadException: the sidecar or the server failed, or the
-                bytes are not a loadable model (``code`` says why).
+                bytes are not a loadable model (``code`` says why;
+                ``response.status_code``/``response.text`` are the server's answer).
         """
         self._logger.info("model download")
         try:
             blob = self._client().download(str(self.model_id), format="torch")
         except SidecarError as exc:
-            raise _wrap(ModelDownloadException, exc) from exc
+            raise ModelDownloadException._from_sidecar(exc) from exc
         try:
             return self.unpack_model(blob)
         except Exception as exc:
@@ -293,26 +524,30 @@ class Communication:
         """Upload the local model with its metrics and sample size for this round.
 
         GPU tensors are saved as CPU tensors (the trainer's model is not
-        changed). Returns ``True`` on success.
+        changed). Metric values go to the server as ``str(value)``, as the
+        reference client posts them (``"abc"``, ``1``, ``0.5``, ``True``).
+        Returns ``True`` on success.
 
         Raises:
             ModelUploadException: the upload failed (``code`` ``UNKNOWN`` means it
-                may have arrived: do not resend blindly).
+                may have arrived: do not resend blindly; ``response`` is the
+                server's answer), or a metric value is ``None``.
         """
         self._logger.info("model upload")
         try:
+            texts = _metric_texts(metrics)
             blob = self.pack_model(model)
             self._client().upload(
                 str(self.model_id),
                 blob,
                 round=int(self.round),
                 sample_size=int(sample_size),
-                metrics={name: float(value) for name, value in metrics.items()},
+                metrics=texts,
                 format="torch",
                 owner=str(self.client_id),
             )
         except SidecarError as exc:
-            raise _wrap(ModelUploadException, exc) from exc
+            raise ModelUploadException._from_sidecar(exc) from exc
         except (TypeError, ValueError) as exc:
             raise ModelUploadException(str(exc), code="INVALID_ARGUMENT") from exc
         return True
@@ -320,18 +555,21 @@ class Communication:
     def upload_metrics(self, metrics: Dict[str, Any]) -> bool:
         """Upload test metrics of the global model; returns ``True`` on success.
 
+        Values go to the server as ``str(value)``, as the reference client posts them.
+
         Raises:
-            MetricsUploadException: the upload failed or a value is not a number.
+            MetricsUploadException: the upload failed (``response`` is the server's
+                answer), or a value is ``None``.
         """
         self._logger.info("metrics upload")
         try:
             self._client().upload_metrics(
                 str(self.model_id),
-                {name: float(value) for name, value in metrics.items()},
+                _metric_texts(metrics),
                 owner=str(self.client_id),
             )
         except SidecarError as exc:
-            raise _wrap(MetricsUploadException, exc) from exc
+            raise MetricsUploadException._from_sidecar(exc) from exc
         except (TypeError, ValueError) as exc:
             raise MetricsUploadException(str(exc), code="INVALID_ARGUMENT") from exc
         return True

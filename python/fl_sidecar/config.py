@@ -37,12 +37,14 @@ __all__ = [
     "DEFAULT_SERVER_URL",
     "MAX_CHUNK_SIZE",
     "MAX_MESSAGE_SIZE",
+    "REFERENCE_CLIENT_DEFAULTS",
     "Settings",
     "add_arguments",
     "default_socket_path",
     "is_loopback_host",
     "parse_listen",
     "parse_size",
+    "reference_client_environment",
     "strip_userinfo",
 ]
 
@@ -704,3 +706,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM/SIGINT, how long in-flight transfers may finish before they are "
         f"cancelled [FL_SIDECAR_DRAIN_SECONDS; default {DEFAULT_DRAIN_SECONDS:g}]",
     )
+
+
+REFERENCE_CLIENT_DEFAULTS: Dict[str, str] = {
+    "FL_DEMONSTRATOR_BASE_URL": DEFAULT_SERVER_URL,
+    "FL_DEMONSTRATOR_TRAINING_SCRIPT_EXECUTOR": "python",
+    "FL_DEMONSTRATOR_TRAINING_SCRIPT_PATH": "src/main.py",
+    "FL_DEMONSTRATOR_TRAINING_WORKING_DIRETORY": ".",
+    "FL_CLIENT_SERVER_HOST": "0.0.0.0",
+    "FL_CLIENT_SERVER_PORT": str(DEFAULT_NOTIFICATION_PORT),
+}
+"""The reference client's environment variables and its defaults for them (``DIRETORY`` sic)."""
+
+
+def reference_client_environment(env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """The reference client's settings variables as it reads them (for ``compat.Settings``).
+
+    Each of :data:`REFERENCE_CLIENT_DEFAULTS` from ``env`` (default: the process
+    environment), else its default. As in the reference client, a variable that
+    is set but empty counts as set.
+    """
+    source = os.environ if env is None else env
+    return {name: source.get(name, default) for name, default in REFERENCE_CLIENT_DEFAULTS.items()}

@@ -24,6 +24,11 @@ from __future__ import annotations
 from typing import Optional
 
 __all__ = [
+    "ERROR_CLASS_KEY",
+    "HTTP_BODY_KEY",
+    "HTTP_BODY_LIMIT",
+    "HTTP_CONTENT_TYPE_KEY",
+    "HTTP_STATUS_KEY",
     "AuthenticationError",
     "ChecksumMismatchError",
     "CodecError",
@@ -120,6 +125,9 @@ class ServerError(FlSidecarError):
         status: the HTTP status code, or ``None`` when no answer was received.
         detail: the server's own message (its ``detail`` field or list of strings).
         operation: what was being done, e.g. ``"download"``, ``"upload"``, ``"metrics"``.
+        body: the server's answer body as text (at most 64 KiB), when it sent one:
+            usually its JSON, e.g. ``["Training with ID ... is not currently in round 5"]``.
+        content_type: the answer's ``Content-Type``, when it had one.
     """
 
     def __init__(
@@ -129,11 +137,15 @@ class ServerError(FlSidecarError):
         status: Optional[int] = None,
         detail: Optional[str] = None,
         operation: Optional[str] = None,
+        body: Optional[str] = None,
+        content_type: Optional[str] = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.detail = detail
         self.operation = operation
+        self.body = body
+        self.content_type = content_type
 
 
 class AuthenticationError(ServerError):
@@ -174,13 +186,50 @@ class UploadOutcomeUnknownError(ServerUnavailableError):
 class SidecarError(FlSidecarError):
     """The local sidecar refused or failed a call.
 
+    When the call failed because the FL server refused it, the sidecar passes
+    the server's answer on (trailing metadata, see :data:`ERROR_CLASS_KEY`) and
+    it lands here.
+
     Attributes:
         code: the gRPC status code name (e.g. ``"NOT_FOUND"``).
+        error_class: the sidecar's error class behind it (e.g. ``"ConflictError"``,
+            ``"UploadOutcomeUnknownError"``), or ``None`` when the sidecar named none.
+        http_status: the FL server's HTTP status, or ``None`` when the server gave
+            no answer (refused by the sidecar itself, server unreachable, ...).
+        http_body: the FL server's answer body as text (at most 4 KiB), or ``None``.
+        http_content_type: that answer's ``Content-Type``, or ``None``.
     """
 
-    def __init__(self, message: str, *, code: str) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        error_class: Optional[str] = None,
+        http_status: Optional[int] = None,
+        http_body: Optional[str] = None,
+        http_content_type: Optional[str] = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.error_class = error_class
+        self.http_status = http_status
+        self.http_body = http_body
+        self.http_content_type = http_content_type
+
+
+# Where a failed call's cause travels from the sidecar to its client: gRPC
+# trailing metadata (the proto's header comment documents the keys).
+ERROR_CLASS_KEY = "fl-sidecar-error"
+"""Trailing-metadata key: the sidecar's error class name, e.g. ``"NotFoundError"``."""
+HTTP_STATUS_KEY = "fl-sidecar-http-status"
+"""Trailing-metadata key: the FL server's HTTP status as decimal digits."""
+HTTP_BODY_KEY = "fl-sidecar-http-body-bin"
+"""Trailing-metadata key (binary): the FL server's answer body, UTF-8."""
+HTTP_CONTENT_TYPE_KEY = "fl-sidecar-http-content-type"
+"""Trailing-metadata key: the FL server's ``Content-Type``."""
+HTTP_BODY_LIMIT = 4096
+"""Bytes: the most of the server's body a failed call carries (metadata must stay small)."""
 
 
 # --- notifications -------------------------------------------------------

@@ -85,6 +85,7 @@ __all__ = [
     "DEFAULT_MAX_DOWNLOAD_SIZE",
     "Credentials",
     "FlServerClient",
+    "MetricValue",
     "ProgressCallback",
     "TransferResult",
 ]
@@ -94,6 +95,8 @@ _log = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 ProgressCallback = Callable[[int, Optional[int]], None]
 """``progress(bytes_done, bytes_total_or_None)``: bytes on the wire for this transfer."""
+MetricValue = Union[float, str]
+"""A metric's value: a number (posted as its shortest round-trip form) or text (posted as is)."""
 
 COMPRESSION_MODES = ("auto", "never", "always")
 DEFAULT_MAX_DOWNLOAD_SIZE = 16 * 1024**3
@@ -290,7 +293,13 @@ def _parse_detail(body: bytes, content_type: str) -> str:
     return text[:500]
 
 
-def _map_error(status: int, detail: str, operation: str) -> ServerError:
+def _map_error(
+    status: int,
+    detail: str,
+    operation: str,
+    body: Optional[str] = None,
+    content_type: Optional[str] = None,
+) -> ServerError:
     """The typed error for a non-2xx answer of the DLR server (it says "not found" with 400)."""
     message = (
         f"{operation} failed: HTTP {status}: {detail}"
@@ -319,7 +328,14 @@ def _map_error(status: int, detail: str, operation: str) -> ServerError:
         cls = RequestRejectedError
     else:
         cls = ServerUnavailableError
-    return cls(message, status=status, detail=detail, operation=operation)
+    return cls(
+        message,
+        status=status,
+        detail=detail,
+        operation=operation,
+        body=body,
+        content_type=content_type,
+    )
 
 
 def _parse_codings(value: str) -> Dict[str, float]:
@@ -432,9 +448,12 @@ def _multipart_parts(
 ) -> List[Union[bytes, _FileSlice]]:
     """The parts of a ``multipart/form-data`` body with the file last, as the reference sends it."""
     for name, value in fields:
-        if any(c in name + value for c in '\r\n"') and name != "description":
+        # A name sits in a quoted header; a value (a text metric may hold quotes and line
+        # breaks, as the reference client sends them) is safe unless it holds the boundary.
+        if any(c in name for c in '\r\n"') or boundary in value:
             raise RequestRejectedError(
-                f"form field {name!r} holds a quote or line break", operation="upload"
+                f"form field {name!r} holds a quote, a line break or the boundary",
+                operation="upload",
             )
     head = b"".join(_form_part(boundary, n, v) for n, v in fields)
     # The reference client names the file part "model_file" with no part content type.
@@ -670,7 +689,7 @@ class FlServerClient:
         *,
         round: int,
         sample_size: int,
-        metrics: Optional[Mapping[str, float]] = None,
+        metrics: Optional[Mapping[str, MetricValue]] = None,
         owner: Optional[str] = None,
         credentials: Optional[Credentials] = None,
         progress: Optional[ProgressCallback] = None,
@@ -685,7 +704,8 @@ class FlServerClient:
             source: the torch model file to send (read in 1 MiB pieces).
             round: the training round this update belongs to.
             sample_size: number of training samples (FedAvg weight).
-            metrics: metric name -> value, sent as ``metric_names``/``metric_values``.
+            metrics: metric name -> value, sent as ``metric_names``/``metric_values``
+                (a number as its shortest round-trip form, a text as it is).
             owner: sent as the ``owner`` field when given (the real server ignores it).
             progress: called with (wire bytes sent, wire total).
             sha256: the file's hex SHA-256 when the caller already knows it (the sidecar
@@ -719,7 +739,7 @@ class FlServerClient:
     def upload_metrics(
         self,
         model_id: str,
-        metrics: Mapping[str, float],
+        metrics: Mapping[str, MetricValue],
         *,
         owner: Optional[str] = None,
         credentials: Optional[Credentials] = None,
@@ -1059,11 +1079,13 @@ class FlServerClient:
             if not stream:
                 _load_small_body(resp, operation, idempotent)
             return resp
-        detail = _read_detail(resp)
+        detail, body = _read_detail(resp)
+        content_type = resp.headers.get("Content-Type") or None
         if status >= 500:
             if idempotent and status in _RETRY_STATUSES:
                 raise _Retryable(
-                    _map_error(status, detail, operation), retry_after=_retry_after(resp)
+                    _map_error(status, detail, operation, body, content_type),
+                    retry_after=_retry_after(resp),
                 )
             if not idempotent:
                 raise UploadOutcomeUnknownError(
@@ -1073,8 +1095,10 @@ class FlServerClient:
                     status=status,
                     detail=detail,
                     operation=operation,
+                    body=body,
+                    content_type=content_type,
                 )
-        raise _map_error(status, detail, operation)
+        raise _map_error(status, detail, operation, body, content_type)
 
     def _with_retries(self, operation: str, attempt: Callable[[], T]) -> T:
         """Run ``attempt`` until it succeeds, raises a final error, or the budget is spent."""
@@ -1090,6 +1114,8 @@ class FlServerClient:
                         status=err.status,
                         detail=err.detail,
                         operation=operation,
+                        body=err.body,
+                        content_type=err.content_type,
                     ) from None
                 delay = min(self.max_backoff, self.backoff * (2**tries))
                 delay *= random.uniform(0.5, 1.0)  # jitter: clients that failed together spread out
@@ -1384,12 +1410,14 @@ def _quote_id(value: str) -> str:
     return quote(str(value), safe="")
 
 
-def _metric_fields(metrics: Mapping[str, float]) -> Iterator[Tuple[str, str]]:
+def _metric_fields(metrics: Mapping[str, MetricValue]) -> Iterator[Tuple[str, str]]:
     names = list(metrics)
     for name in names:
         yield ("metric_names", str(name))
     for name in names:
-        yield ("metric_values", repr(float(metrics[name])))
+        value = metrics[name]
+        # Text goes verbatim: the server stores values that are not numbers as they came.
+        yield ("metric_values", value if isinstance(value, str) else repr(float(value)))
 
 
 def _urlencode(form: Sequence[Tuple[str, str]]) -> bytes:
@@ -1408,15 +1436,34 @@ def _json_or_empty(resp: requests.Response) -> Dict[str, Any]:
     return {"detail": "; ".join(str(x) for x in data)} if isinstance(data, list) else {}
 
 
-def _read_detail(resp: requests.Response) -> str:
-    """The server's message, reading at most 64 KiB of an error body."""
+def _read_detail(resp: requests.Response) -> Tuple[str, Optional[str]]:
+    """The server's message and its body as text (``None`` if empty), reading at most 64 KiB."""
     try:
         body = resp.raw.read(_ERROR_BODY_LIMIT, decode_content=True) if resp.raw else b""
     except (urllib3.exceptions.HTTPError, OSError):
         body = b""
     finally:
         resp.close()
-    return _parse_detail(body or b"", resp.headers.get("Content-Type", ""))
+    if not body:
+        return _parse_detail(b"", resp.headers.get("Content-Type", "")), None
+    # Message and body reach the trainer: a server that echoes the request (a debug
+    # page lists its headers) must not hand it the sidecar's credentials.
+    text = _without_secrets(body.decode("utf-8", "replace"), resp.request)
+    return _parse_detail(text.encode("utf-8"), resp.headers.get("Content-Type", "")), text
+
+
+def _without_secrets(text: str, request: Optional[requests.PreparedRequest]) -> str:
+    """``text`` with the request's ``Authorization`` value and the secrets inside it redacted."""
+    header = request.headers.get("Authorization", "") if request is not None else ""
+    scheme, _, value = str(header).partition(" ")
+    secrets = {str(header), value}
+    if scheme.lower() == "basic":
+        with contextlib.suppress(binascii.Error, ValueError):
+            user_password = base64.b64decode(value, validate=True).decode("utf-8")
+            secrets |= {user_password, user_password.partition(":")[2]}
+    for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
+        text = text.replace(secret, "[redacted]")
+    return text
 
 
 def _load_small_body(resp: requests.Response, operation: str, idempotent: bool) -> None:

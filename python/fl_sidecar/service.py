@@ -18,18 +18,24 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Tuple, TypeVar, Union
 
 import grpc
 
 from fl_sidecar import __version__
 from fl_sidecar.config import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_MESSAGE_SIZE
 from fl_sidecar.errors import (
+    ERROR_CLASS_KEY,
+    HTTP_BODY_KEY,
+    HTTP_BODY_LIMIT,
+    HTTP_CONTENT_TYPE_KEY,
+    HTTP_STATUS_KEY,
     AuthenticationError,
     CodecError,
     ConfigurationError,
     ConflictError,
     CorruptDataError,
+    FlSidecarError,
     MalformedNotificationError,
     ModelError,
     ModelFormatError,
@@ -45,7 +51,7 @@ from fl_sidecar.errors import (
     UploadOutcomeUnknownError,
 )
 from fl_sidecar.events import EventBus, EventKind, ServerEvent
-from fl_sidecar.server_api import Credentials
+from fl_sidecar.server_api import Credentials, MetricValue
 from fl_sidecar.telemetry import Metrics
 from fl_sidecar.transfers import (
     FORMAT_SAFETENSORS,
@@ -58,7 +64,7 @@ from fl_sidecar.transfers import (
 from fl_sidecar.v1 import sidecar_pb2 as pb
 from fl_sidecar.v1 import sidecar_pb2_grpc as pb_grpc
 
-__all__ = ["SERVICE_NAME", "SidecarService", "status_for"]
+__all__ = ["SERVICE_NAME", "SidecarService", "error_trailers", "status_for"]
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Sidecar"].full_name
 """``"fl_sidecar.v1.Sidecar"``, the name used by health checking and reflection."""
@@ -146,15 +152,55 @@ def _credentials(message: pb.Credentials) -> Optional[Credentials]:
     return None
 
 
-def _metrics_mapping(metrics: Any) -> Dict[str, float]:
-    result: Dict[str, float] = {}
+def _metrics_mapping(metrics: Any) -> Dict[str, MetricValue]:
+    result: Dict[str, MetricValue] = {}
     for metric in metrics:
         if not metric.name:
             raise _invalid("a metric has no name")
         if metric.name in result:
             raise _invalid(f"the metric {metric.name!r} appears twice")
-        result[metric.name] = metric.value
+        # Neither field set is a number 0: clients made before `text` omit a 0.0 value.
+        is_text = metric.WhichOneof("kind") == "text"
+        result[metric.name] = metric.text if is_text else metric.value
     return result
+
+
+# Room left for the status message (grpc-message) under the 8 KiB that gRPC
+# clients accept for trailing metadata by default.
+_TRAILER_BUDGET = 7 * 1024
+
+
+def _grpc_message_length(message: str) -> int:
+    """Bytes of ``message`` as grpc-message sends it (percent-encoding all but printable ASCII)."""
+    return sum(1 if 0x20 <= byte <= 0x7E and byte != 0x25 else 3 for byte in message.encode())
+
+
+def error_trailers(exc: BaseException, message: str) -> List[Tuple[str, Union[str, bytes]]]:
+    """The trailing metadata that tells a client what caused a failed call.
+
+    The error's class name for every domain error; for an FL server's refusal
+    also its HTTP status, Content-Type and body (UTF-8, cut to
+    :data:`~fl_sidecar.errors.HTTP_BODY_LIMIT` bytes and to what fits beside
+    ``message`` in the 8 KiB of metadata a client accepts by default). Nothing
+    for a bug (INTERNAL): its class says nothing a trainer can act on.
+    """
+    if not isinstance(exc, FlSidecarError):
+        return []
+    trailers: List[Tuple[str, Union[str, bytes]]] = [(ERROR_CLASS_KEY, type(exc).__name__)]
+    if isinstance(exc, ServerError) and exc.status is not None:
+        trailers.append((HTTP_STATUS_KEY, str(int(exc.status))))
+        content_type = exc.content_type or ""
+        if content_type and content_type.isascii() and content_type.isprintable():
+            trailers.append((HTTP_CONTENT_TYPE_KEY, content_type[:200]))
+        if exc.body:
+            # Binary metadata is base64 on the wire (4 bytes per 3).
+            room = (_TRAILER_BUDGET - _grpc_message_length(message)) * 3 // 4
+            limit = max(0, min(HTTP_BODY_LIMIT, room))
+            # Cut on a character boundary, so the client decodes no broken character.
+            body = exc.body.encode("utf-8")[:limit].decode("utf-8", "ignore").encode("utf-8")
+            if body:
+                trailers.append((HTTP_BODY_KEY, body))
+    return trailers
 
 
 def _require_id(value: str, what: str) -> str:
@@ -323,6 +369,9 @@ class SidecarService(pb_grpc.SidecarServicer):
             )
         if self.metrics is not None:
             self.metrics.rpc_errors.labels(method, code.name).inc()
+        trailers = error_trailers(exc, message) if code != grpc.StatusCode.INTERNAL else []
+        if trailers:
+            context.set_trailing_metadata(trailers)
         context.abort(code, message)
 
     def _observe(self, method: str, started: float) -> None:

@@ -40,7 +40,13 @@ from fl_sidecar.errors import (
     TruncatedDataError,
     UnsafePickleError,
 )
-from fl_sidecar.server_api import Credentials, FlServerClient, ProgressCallback, TransferResult
+from fl_sidecar.server_api import (
+    Credentials,
+    FlServerClient,
+    MetricValue,
+    ProgressCallback,
+    TransferResult,
+)
 from fl_sidecar.telemetry import Metrics
 
 __all__ = [
@@ -341,7 +347,7 @@ class TransferManager:
         *,
         round: int,
         sample_size: int,
-        metrics: Mapping[str, float],
+        metrics: Mapping[str, MetricValue],
         owner: Optional[str] = None,
         credentials: Optional[Credentials] = None,
         sha256: Optional[str] = None,

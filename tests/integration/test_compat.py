@@ -217,7 +217,7 @@ def test_reference_exceptions_are_typed(
         com.upload_model(tiny_module(), {"accuracy": 0.1}, 5)
     assert isinstance(up.value, SidecarError)
     with pytest.raises(MetricsUploadException) as metrics:
-        com.upload_metrics({"accuracy": "not a number"})
+        com.upload_metrics({"accuracy": None})  # text is passed on; a missing value is not
     assert metrics.value.code == "INVALID_ARGUMENT"
     bad = Communication.from_user_password(
         uuid.uuid4(), uuid.uuid4(), 0, str(uuid.uuid4()), "nobody", "wrong"

@@ -191,7 +191,7 @@ def test_metrics_upload_rules(
         "POST", f"/api/models/{unknown}/metrics/", user=user, body=body, content_type=form
     )
     assert missing.status == 400 and missing.json() == {"detail": f"Model {unknown} not found."}
-    for bad in (b"metric_names=a", b"metric_names=a&metric_values=high", b"%%%&&&=="):
+    for bad in (b"metric_names=a", b"metric_names=a&metric_values=1&metric_values=2", b"%%%&&&=="):
         result = devserver.request(
             "POST", f"/api/models/{model_id}/metrics/", user=user, body=bad, content_type=form
         )
@@ -201,8 +201,18 @@ def test_metrics_upload_rules(
         "POST", f"/api/models/{model_id}/metrics/", user=stranger, body=body, content_type=form
     )
     assert refused.status == 403
+    # A value that is not a number is stored as it came, as the real server does.
+    text = b"metric_names=note&metric_values=high"
+    noted = devserver.request(
+        "POST", f"/api/models/{model_id}/metrics/", user=user, body=text, content_type=form
+    )
+    assert noted.status == 201
     stored = devserver.request("GET", f"/api/models/{model_id}/metrics/", user=actor).json()
-    assert [(m["key"], m["value"], m["round"]) for m in stored] == [("a", 0.8, 0), ("b", 0.2, 0)]
+    assert [(m["key"], m["value"], m["round"]) for m in stored] == [
+        ("a", 0.8, 0),
+        ("b", 0.2, 0),
+        ("note", "high", 0),
+    ]
     # Metrics outside a test round are stored but do not move the training on.
     state = devserver.training(actor, training_id)
     assert state["round"] == 0 and state["phase"] == "update"

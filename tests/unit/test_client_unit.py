@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import io
 import queue
-from typing import Any, Iterator, List
+from typing import Any, Iterator, List, Tuple, Union
 
 import grpc
 import pytest
 
 from fl_sidecar import client as client_module
+from fl_sidecar import compat as compat_module
 from fl_sidecar.client import CallCredentials, EventStream, SidecarClient, normalize_target
 from fl_sidecar.compat import (
     Communication,
@@ -22,6 +23,7 @@ from fl_sidecar.compat import (
     MetricsUploadException,
     ModelDownloadException,
     ModelUploadException,
+    ServerResponse,
     is_torchscript_instance,
 )
 from fl_sidecar.errors import FlSidecarError, SidecarError
@@ -73,12 +75,87 @@ def test_credentials_become_the_right_oneof_and_stay_hidden() -> None:
     assert CallCredentials().to_proto().WhichOneof("kind") is None
 
 
-def test_metrics_must_be_numbers() -> None:
-    metrics = client_module._metric_list({"accuracy": 0.5, "loss": 2})
-    assert [(m.name, m.value) for m in metrics] == [("accuracy", 0.5), ("loss", 2.0)]
+def _sent(metric: pb.Metric) -> Tuple[str, Union[float, str, None]]:
+    kind = metric.WhichOneof("kind")
+    return metric.name, None if kind is None else getattr(metric, kind)
+
+
+def test_metrics_are_numbers_or_text_as_the_reference_sends_them() -> None:
+    class Opaque:
+        def __str__(self) -> str:
+            return "opaque-7"
+
+    metrics = client_module._metric_list(
+        {
+            "accuracy": 0.5,
+            "loss": 2,
+            "note": "abc",
+            "converged": True,
+            "raw": b"caf\xc3\xa9",
+            "other": Opaque(),
+            "zero": 0.0,
+        }
+    )
+    assert [_sent(m) for m in metrics] == [
+        ("accuracy", 0.5),
+        ("loss", 2.0),
+        ("note", "abc"),
+        ("converged", "True"),
+        ("raw", "caf\u00e9"),
+        ("other", "opaque-7"),
+        ("zero", 0.0),  # set explicitly: it travels although it is proto3's default
+    ]
     assert client_module._metric_list([("a", 1)])[0].name == "a"
     with pytest.raises(ValueError, match="accuracy"):
-        client_module._metric_list({"accuracy": "high"})  # type: ignore[dict-item]
+        client_module._metric_list({"accuracy": None})
+    with pytest.raises(ValueError, match="UTF-8"):
+        client_module._metric_list({"raw": b"\xff\xfe"})
+
+
+class _FailedCall(grpc.RpcError):  # type: ignore[misc]  # grpc ships no stubs
+    def __init__(self, code: grpc.StatusCode, details: str, trailers: Any) -> None:
+        self._code, self._details, self._trailers = code, details, trailers
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> Any:
+        return self._trailers
+
+
+def test_a_failed_call_carries_the_servers_answer() -> None:
+    body = '["Training with ID t is not currently in round 0"]'
+    call = _FailedCall(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "upload failed: HTTP 400: Training with ID t is not currently in round 0",
+        (
+            ("fl-sidecar-error", "ConflictError"),
+            ("fl-sidecar-http-status", "400"),
+            ("fl-sidecar-http-content-type", "application/json"),
+            ("fl-sidecar-http-body-bin", body.encode()),
+        ),
+    )
+    error = client_module._map_rpc_error(call, "upload for model m")
+    assert error.code == "FAILED_PRECONDITION"
+    assert "not currently in round 0" in str(error)
+    assert (error.error_class, error.http_status, error.http_body, error.http_content_type) == (
+        "ConflictError",
+        400,
+        body,
+        "application/json",
+    )
+
+
+@pytest.mark.parametrize("trailers", [None, (), (("fl-sidecar-http-status", "4x"),)])
+def test_a_failed_call_without_an_answer_has_no_http_facts(trailers: Any) -> None:
+    error = client_module._map_rpc_error(
+        _FailedCall(grpc.StatusCode.UNAVAILABLE, "failed to connect", trailers), "GetInfo"
+    )
+    assert error.code == "UNAVAILABLE"
+    assert (error.error_class, error.http_status, error.http_body) == (None, None, None)
 
 
 def test_unknown_format_is_refused() -> None:
@@ -233,7 +310,41 @@ def test_compat_exceptions_are_reference_named_and_typed() -> None:
         assert issubclass(cls, FlSidecarError)
     exc = ModelUploadException("refused", code="FAILED_PRECONDITION")
     assert exc.code == "FAILED_PRECONDITION"
-    assert exc.response is None
+    # No server answer behind it: a response all the same, so handlers never fail on None.
+    assert exc.response.status_code is None
+    assert exc.response.text == "" and not exc.response.ok
+
+
+def test_compat_exception_from_a_sidecar_error_carries_the_server_answer() -> None:
+    error = SidecarError(
+        "download of model m failed (NOT_FOUND): download failed: HTTP 400: Model m not found.",
+        code="NOT_FOUND",
+        error_class="NotFoundError",
+        http_status=400,
+        http_body='{"detail":"Model m not found."}',
+        http_content_type="application/json",
+    )
+    exc = ModelDownloadException._from_sidecar(error)
+    assert isinstance(exc, ModelDownloadException)
+    assert str(exc) == str(error)  # the sidecar's message, quoting the server's text
+    assert (exc.code, exc.error_class, exc.http_status) == ("NOT_FOUND", "NotFoundError", 400)
+    response = exc.response
+    assert isinstance(response, ServerResponse)
+    assert (response.status_code, response.reason, response.ok) == (400, "Bad Request", False)
+    assert response.json() == {"detail": "Model m not found."}
+    assert response.content == b'{"detail":"Model m not found."}'
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers.get("Content-Type") == "application/json"
+    assert repr(response) == "<ServerResponse [400]>"
+    with pytest.raises(ValueError):
+        ServerResponse(502, "<html>bad gateway</html>").json()
+
+
+def test_compat_metric_values_are_what_the_reference_posts() -> None:
+    texts = compat_module._metric_texts({"note": "abc", "n": 1, "x": 0.5, "ok": True, 7: b"b"})
+    assert texts == {"note": "abc", "n": "1", "x": "0.5", "ok": "True", "7": "b"}
+    with pytest.raises(ValueError, match="note"):
+        compat_module._metric_texts({"note": None})
 
 
 def test_communication_from_user_password_builds_basic_auth() -> None:

@@ -211,5 +211,9 @@ def test_multipart_body_fails_if_the_file_shrinks(tmp_path: Path) -> None:
 def test_multipart_refuses_header_injection(tmp_path: Path) -> None:
     model = tmp_path / "m"
     model.write_bytes(b"1")
+    # Only the boundary can end a part early: a value holding it is refused; a
+    # value's quotes and line breaks stay inside its part (the reference sends them).
     with pytest.raises(errors.RequestRejectedError):
-        _multipart_parts([("metric_names", 'a"\r\nX: y')], "model_file", model, "B")
+        _multipart_parts([("metric_names", "a\r\n--B\r\nX: y")], "model_file", model, "B")
+    with pytest.raises(errors.RequestRejectedError):
+        _multipart_parts([('metric_names"; x="', "a")], "model_file", model, "B")

@@ -599,15 +599,19 @@ class DevServerApp:
         return _Response(201, {"detail": "Model Update Accepted"})
 
     @staticmethod
-    def _parse_metric_values(names: Sequence[str], raw_values: Sequence[str]) -> List[float]:
+    def _parse_metric_values(
+        names: Sequence[str], raw_values: Sequence[str]
+    ) -> List[Union[float, str]]:
         if len(names) != len(raw_values):
             raise _detail(400, f"{len(names)} metric_names but {len(raw_values)} metric_values.")
-        values = []
+        values: List[Union[float, str]] = []
         for name, raw in zip(names, raw_values):
             try:
                 value = float(raw)
             except ValueError:
-                raise _detail(400, f"Metric {name[:80]!r} has a non-numeric value.") from None
+                # The real server stores a value that is not a number as it came: so do we.
+                values.append(raw)
+                continue
             if not math.isfinite(value):
                 # NaN cannot be stored in SQLite nor written as JSON.
                 raise _detail(400, f"Metric {name[:80]!r} is not a finite number.")
@@ -650,7 +654,7 @@ class DevServerApp:
         local_id: str,
         path: str,
         names: Sequence[str],
-        values: Sequence[float],
+        values: Sequence[Union[float, str]],
     ) -> bool:
         """Store the upload atomically; True when it was the last one of the round."""
         now = time.time()
@@ -832,7 +836,7 @@ class DevServerApp:
         training: Optional[Row],
         user: Row,
         names: Sequence[str],
-        values: Sequence[float],
+        values: Sequence[Union[float, str]],
     ) -> Optional[Tuple[str, int]]:
         """Store metrics; returns (training id, round) when that completes a test round."""
         now = time.time()

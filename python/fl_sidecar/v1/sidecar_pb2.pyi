@@ -35,6 +35,18 @@ Errors are gRPC status codes with a human-readable message:
   RESOURCE_EXHAUSTED  a size limit was exceeded (e.g. a decompression bomb)
   CANCELLED           the trainer went away mid-stream; nothing was uploaded
   INTERNAL            a bug in the sidecar
+
+A failed call also carries what caused it in its trailing metadata, for
+trainers that want the FL server's own answer (the drop-in Python
+`Communication` hands it on as the exceptions' `response`):
+  fl-sidecar-error              the sidecar's error class, e.g. "ConflictError",
+                                "NotFoundError", "UploadOutcomeUnknownError"
+  fl-sidecar-http-status        the FL server's HTTP status, e.g. "400"; only
+                                when the server answered
+  fl-sidecar-http-body-bin      the server's answer body (UTF-8, usually its
+                                JSON, credentials redacted, at most 4 KiB;
+                                binary metadata, base64 on the wire)
+  fl-sidecar-http-content-type  the answer's Content-Type, when it had one
 """
 
 from collections import abc as _abc
@@ -182,23 +194,43 @@ Global___BasicAuth: _TypeAlias = BasicAuth  # noqa: Y015
 
 @_typing.final
 class Metric(_message.Message):
+    """A metric of a model: a number, or any other value as text.
+
+    The FL server takes metric values as form fields: a number is posted in its
+    shortest round-trip decimal form (0.5, 1.0), a text verbatim ("abc", "True"),
+    as the reference client posts str() of whatever value it is given. The
+    server stores both.
+
+    Wire compatibility: `value` keeps field number 2 and type double, so clients
+    generated before `text` existed keep working unchanged. Such a client leaves
+    a value of 0 off the wire (proto3 omits defaults), so a metric with neither
+    field set is the number 0.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     value: _builtins.float
+    """a number"""
+    text: _builtins.str
+    """any other value, posted as it is"""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         value: _builtins.float = ...,
+        text: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "text", b"text", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "text", b"text", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["value", "text"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Metric: _TypeAlias = Metric  # noqa: Y015
 

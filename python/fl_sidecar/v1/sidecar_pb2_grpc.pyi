@@ -35,6 +35,18 @@ Errors are gRPC status codes with a human-readable message:
   RESOURCE_EXHAUSTED  a size limit was exceeded (e.g. a decompression bomb)
   CANCELLED           the trainer went away mid-stream; nothing was uploaded
   INTERNAL            a bug in the sidecar
+
+A failed call also carries what caused it in its trailing metadata, for
+trainers that want the FL server's own answer (the drop-in Python
+`Communication` hands it on as the exceptions' `response`):
+  fl-sidecar-error              the sidecar's error class, e.g. "ConflictError",
+                                "NotFoundError", "UploadOutcomeUnknownError"
+  fl-sidecar-http-status        the FL server's HTTP status, e.g. "400"; only
+                                when the server answered
+  fl-sidecar-http-body-bin      the server's answer body (UTF-8, usually its
+                                JSON, credentials redacted, at most 4 KiB;
+                                binary metadata, base64 on the wire)
+  fl-sidecar-http-content-type  the answer's Content-Type, when it had one
 """
 
 from collections import abc as _abc
