@@ -506,7 +506,10 @@ class FlServerClient:
     Attributes:
         negotiated_coding: the request coding uploads use: ``"zstd"`` (the server
             advertised it), ``"identity"`` (it did not, or it answered 415), or
-            ``None`` (nothing learnt yet; the first upload probes with OPTIONS).
+            ``None`` (no answer seen yet). It is learnt only from the answers to
+            requests made anyway (a download, a JSON call, an upload, a 415); no
+            request is ever sent just to learn it, and an upload made while it
+            is ``None`` is sent in identity.
     """
 
     def __init__(
@@ -951,32 +954,6 @@ class FlServerClient:
         )
         return _json_or_empty(resp)
 
-    def probe(self, *, credentials: Optional[Credentials] = None) -> Optional[str]:
-        """Learn which request coding the server accepts, with one OPTIONS request.
-
-        Any answer counts (even a 401 or 405): only its ``Accept-Encoding``
-        header matters. Transport errors leave ``negotiated_coding`` unchanged.
-
-        Returns:
-            ``negotiated_coding`` after the probe.
-        """
-        try:
-            resp = self._session.request(
-                "OPTIONS",
-                self.base_url + "api/models/",
-                headers=self._headers(credentials, None),
-                timeout=(self.connect_timeout, self.timeout),
-                allow_redirects=False,
-            )
-        except requests.RequestException as exc:
-            _log.info("coding probe failed: %s", _describe(exc))
-            return self.negotiated_coding
-        with resp:
-            self._learn_coding(resp)
-        if self.negotiated_coding is None:
-            self.negotiated_coding = "identity"
-        return self.negotiated_coding
-
     # -- internals: one attempt, the retry loop --
 
     def _headers(
@@ -1202,8 +1179,9 @@ class FlServerClient:
             return "identity"
         if self.compression == "always":
             return "zstd"
-        if self.negotiated_coding is None:
-            self.probe(credentials=credentials)
+        # Nothing learnt yet: identity, which every server takes. No probe is sent
+        # to find out (the real server answers OPTIONS with a 500); this upload's
+        # answer teaches the coding to the next one.
         return "zstd" if self.negotiated_coding == "zstd" else "identity"
 
     def _worth_packing(self, source: Path) -> bool:
