@@ -96,8 +96,13 @@ ProgressCallback = Callable[[int, Optional[int]], None]
 """``progress(bytes_done, bytes_total_or_None)``: bytes on the wire for this transfer."""
 
 COMPRESSION_MODES = ("auto", "never", "always")
-DEFAULT_MAX_DOWNLOAD_SIZE = 16 * 1024**3
-"""Largest decoded download accepted by default, in bytes (16 GiB)."""
+DEFAULT_MAX_DOWNLOAD_SIZE = 4 * 1024**3
+"""Largest decoded download accepted by default, in bytes (4 GiB).
+
+A zstd body can hide a bomb: what it decodes to is written to disk until this
+limit stops it, so the default is what one model may reasonably be, not what
+the disk holds.
+"""
 
 _SAMPLE_SIZE = 256 * 1024  # bytes per sample when estimating an upload's compressibility
 _DECODE_STEP = 4 * 1024 * 1024  # most bytes one decoding step may return (bombs)
@@ -446,6 +451,23 @@ def _multipart_parts(
     return [head, _FileSlice(source, size), f"\r\n--{boundary}--\r\n".encode()]
 
 
+def _max_wire(limit: int) -> int:
+    """The longest zstd body that can decode to at most ``limit`` bytes (bytes).
+
+    zstd's worst case for incompressible input is 1/256 more plus frame headers;
+    twice that is allowed.
+    """
+    return limit + limit // 128 + 64 * 1024
+
+
+def _over_limit(operation: str, limit: int, why: str) -> SizeLimitExceededError:
+    """The error for a download over ``max_download_size``: a limit reached, not corruption."""
+    return SizeLimitExceededError(
+        f"{operation}: the model exceeds the download limit of {limit} bytes "
+        f"(max_download_size; the sidecar's --max-model-size): {why}"
+    )
+
+
 class _DecodingSink:
     """Writes a download to a file as it arrives, decoding zstd on the fly.
 
@@ -474,7 +496,18 @@ class _DecodingSink:
         if self._unpacker is None:
             self._emit(block)
             return
-        for data in self._unpacker.write_iter(block):
+        pieces = self._unpacker.write_iter(block)
+        while True:
+            try:
+                # A frame whose header declares more than the rest of the limit is
+                # refused here, before any of it is decoded or written.
+                data = next(pieces, None)
+            except SizeLimitExceededError as exc:
+                raise _over_limit(
+                    self._operation, self._limit, f"the zstd body decodes to more ({exc})"
+                ) from None
+            if data is None:
+                return
             self._emit(data)
 
     def finish(self) -> None:
@@ -486,9 +519,7 @@ class _DecodingSink:
             return
         self.raw_bytes += len(data)
         if self.raw_bytes > self._limit:
-            raise SizeLimitExceededError(
-                f"{self._operation}: the model exceeds the limit of {self._limit} bytes"
-            )
+            raise _over_limit(self._operation, self._limit, f"over {self._limit} bytes arrived")
         self._hasher.update(data)
         self._out.write(data)
 
@@ -1101,11 +1132,12 @@ class FlServerClient:
             )
         total_header = resp.headers.get("Content-Length")
         total = int(total_header) if total_header and total_header.isdigit() else None
-        if coding == "identity" and total is not None and total > self.max_download_size:
-            raise SizeLimitExceededError(
-                f"{operation}: the model is {total} bytes, over the limit of "
-                f"{self.max_download_size} bytes"
-            )
+        limit = self.max_download_size
+        # Refused before a byte is written whenever the size is declared: by the
+        # Content-Length of an identity body, by a zstd body too long to decode to
+        # less than the limit, and (in _DecodingSink) by each zstd frame's header.
+        if total is not None and total > (limit if coding == "identity" else _max_wire(limit)):
+            raise _over_limit(operation, limit, f"the server declares {total} bytes on the wire")
         dest.parent.mkdir(parents=True, exist_ok=True)
         hasher = hashlib.sha256()
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
