@@ -65,6 +65,7 @@ from urllib.parse import quote, urlsplit
 import requests
 import urllib3.exceptions
 
+from fl_sidecar import redaction
 from fl_sidecar.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -138,6 +139,8 @@ class Credentials:
         value = header.strip()
         if not value or any(c in value for c in "\r\n\0"):
             raise ConfigurationError("invalid Authorization header value (empty or multi-line)")
+        # Known to the redaction from now on, in every form (base64, user:password, ...).
+        redaction.register_header(value)
         self._header = value
         self._scheme = value.split(None, 1)[0].lower()
 
@@ -272,26 +275,31 @@ def _describe(exc: BaseException) -> str:
         inner = exc.args[0].reason
         if inner is not None:
             reason = inner
-    text = str(reason)
+    text = redaction.redact(str(reason))
     if len(text) > 300:
         text = text[:300] + "..."
     return f"{type(reason).__name__}: {text}"
 
 
-def _parse_detail(body: bytes, content_type: str) -> str:
-    """The server's message from an error body: ``{"detail": ...}`` or a list of strings."""
-    text = body.decode("utf-8", "replace").strip()
+def _parse_detail(body: bytes, content_type: str, *, truncated: bool = False) -> str:
+    """The server's message from an error body: ``{"detail": ...}`` or a list of strings.
+
+    Redacted before it is parsed or cut, so that no cut leaves a secret's beginning.
+    ``truncated``: the body was read only up to a limit.
+    """
+    text = redaction.redact(body.decode("utf-8", "replace"), truncated=truncated).strip()
     if "json" in content_type.lower() or text[:1] in ("{", "["):
         try:
             data = json.loads(text)
         except ValueError:
             data = None
+        # The JSON decoded from redacted text can hold a secret again (\u escapes).
         if isinstance(data, dict):
             if "detail" in data:
-                return str(data["detail"])
-            return "; ".join(f"{k}: {v}" for k, v in data.items())
+                return redaction.redact(str(data["detail"]))
+            return redaction.redact("; ".join(f"{k}: {v}" for k, v in data.items()))
         if isinstance(data, list):
-            return "; ".join(str(item) for item in data)
+            return redaction.redact("; ".join(str(item) for item in data))
     return text[:500]
 
 
@@ -786,7 +794,7 @@ class FlServerClient:
         payload = _json_or_empty(resp)
         return TransferResult(
             status=resp.status_code,
-            detail=str(payload.get("detail", "")),
+            detail=redaction.redact(str(payload.get("detail", ""))),
             raw_bytes=len(body),
             wire_bytes=len(body),
             content_encoding="identity",
@@ -1376,7 +1384,7 @@ class FlServerClient:
         payload = _json_or_empty(resp)
         return TransferResult(
             status=resp.status_code,
-            detail=str(payload.get("detail", "")),
+            detail=redaction.redact(str(payload.get("detail", ""))),
             raw_bytes=raw_model,
             wire_bytes=wire,
             content_encoding=coding,
@@ -1426,7 +1434,10 @@ def _read_detail(resp: requests.Response) -> str:
         body = b""
     finally:
         resp.close()
-    return _parse_detail(body or b"", resp.headers.get("Content-Type", ""))
+    body = body or b""
+    return _parse_detail(
+        body, resp.headers.get("Content-Type", ""), truncated=len(body) >= _ERROR_BODY_LIMIT
+    )
 
 
 def _load_small_body(resp: requests.Response, operation: str, idempotent: bool) -> None:

@@ -12,13 +12,16 @@ request's ``Authorization`` header in its error bodies. The sidecar is the real
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.server
+import json
 import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
+from urllib.parse import quote
 
 import grpc
 import pytest
@@ -189,3 +192,105 @@ def test_a_declared_size_over_the_limit_is_refused_before_writing(
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
         assert str(limit) in (error.details() or "")
         assert written < 1024 * 1024, written
+
+
+# --- credentials echoed by the server ----------------------------------------------
+
+
+def _forms_of_basic(username: str, password: str) -> List[str]:
+    pair = f"{username}:{password}".encode()
+    standard = base64.b64encode(pair).decode()
+    urlsafe = base64.urlsafe_b64encode(pair).decode()
+    return [
+        password,
+        pair.decode(),
+        standard,
+        standard.rstrip("="),
+        urlsafe,
+        urlsafe.rstrip("="),
+        f"Basic {standard}",
+        quote(password, safe=""),
+        quote(standard, safe=""),
+    ]
+
+
+def _forms_of_token(token: str) -> List[str]:
+    return [token, f"Token {token}", quote(token, safe="")]
+
+
+def _everything_the_trainer_sees(error: grpc.RpcError) -> str:
+    parts = [error.details() or "", repr(error.trailing_metadata())]
+    debug = getattr(error, "debug_error_string", None)
+    if callable(debug):
+        parts.append(str(debug()))
+    return "\n".join(parts)
+
+
+# The server's answer: the echoed header in JSON, in plain text, and URL-encoded.
+_ECHO = json.dumps({"detail": "Invalid header: {auth}"}).encode()
+_ECHO_TEXT = b"<html>bad request from {auth} (Authorization: {auth})</html>"
+
+
+@pytest.mark.parametrize("status", [400, 500])
+@pytest.mark.parametrize("body", [_ECHO, _ECHO_TEXT], ids=["json", "text"])
+def test_an_echoed_authorization_header_reaches_neither_trainer_nor_log(
+    hostile: HostileServer, tmp_path: Path, status: int, body: bytes
+) -> None:
+    """The sidecar's own Basic and Token credentials, and a trainer's per-call ones."""
+    hostile.answer = Answer(
+        status=status,
+        body=body,
+        headers=[("Content-Type", "application/json" if body is _ECHO else "text/html")],
+        echo_authorization=True,
+    )
+    # Characters that base64 and URL encoding change, so that each form differs.
+    username, password = "alice", "Pw+/=:&-7c1e9a-secret"
+    password_file = tmp_path / "pw"
+    password_file.write_text(password + "\n")
+    sidecar_token, trainer_token = "tok-sidecar-" + "a1" * 10, "tok-trainer-" + "b2" * 10
+    trainer_user, trainer_password = "bob", "Bob+Pw/33d0f2=secret"
+    common = ["--http-retries", "0", "--log-level", "DEBUG"]
+    setups = [
+        (["--username", username, "--password-file", str(password_file)], None),
+        (["--token", sidecar_token], None),
+        (["--token", sidecar_token], pb.Credentials(token=trainer_token)),
+        (
+            ["--token", sidecar_token],
+            pb.Credentials(basic=pb.BasicAuth(username=trainer_user, password=trainer_password)),
+        ),
+    ]
+    secrets = [
+        *_forms_of_basic(username, password),
+        *_forms_of_basic(trainer_user, trainer_password),
+        *_forms_of_token(sidecar_token),
+        *_forms_of_token(trainer_token),
+    ]
+    for args, credentials in setups:
+        with running_sidecar(
+            server_url=hostile.url, args=[*args, *common], notifications=False
+        ) as sc:
+            request = pb.DownloadModelRequest(
+                model_id="m1", format=pb.MODEL_FORMAT_TORCH, credentials=credentials
+            )
+            with pytest.raises(grpc.RpcError) as caught:
+                for _ in sc.stub.DownloadModel(request, timeout=60):
+                    pass
+            seen = _everything_the_trainer_sees(caught.value)
+            assert "Invalid header" in seen or "bad request" in seen  # the server's text came
+            assert "***" in seen
+            for secret in secrets:
+                assert secret not in seen, (args, secret)
+            with pytest.raises(grpc.RpcError) as caught:
+                sc.stub.GetTraining(
+                    pb.GetTrainingRequest(training_id="t1", credentials=credentials), timeout=60
+                )
+            seen = _everything_the_trainer_sees(caught.value)
+            assert "***" in seen
+            for secret in secrets:
+                assert secret not in seen, (args, secret)
+            log = sc.log_text()
+        # The server really echoed a credential each time.
+        assert all("Authorization" in request for request in hostile.seen)
+        assert "***" in log
+        for secret in secrets:
+            assert secret not in log, (args, secret)
