@@ -436,3 +436,42 @@ def test_a_bomb_under_a_large_limit_downloads_in_bounded_memory(serve: Any, tmp_
     assert got.raw_bytes == dest.stat().st_size == 64 * 1024 * 1024
     assert got.wire_bytes == len(bomb)
     assert peak < 24 * 1024 * 1024
+
+
+def _written_by_this_process() -> int:
+    """Bytes this process passed to write() so far (the dev server runs in its threads)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no wchar in /proc/self/io")
+
+
+def test_an_unauthenticated_bomb_costs_the_dev_server_nothing(
+    devserver: DevServerHandle, tiny_model: Callable[..., bytes]
+) -> None:
+    """1 GiB declared in 47 KB, without credentials: 401 before a byte is decoded.
+
+    The middleware used to decode the whole body to a temp file before the app
+    could refuse it (8 GiB for one 264 KB POST).
+    """
+    from test_sidecar_hostile_server import rle_frame
+
+    bomb = rle_frame(1024 * 1024) * 1024
+    multipart = {"Content-Encoding": "zstd", "Content-Type": "multipart/form-data; boundary=B"}
+    before = _written_by_this_process()
+    status, headers, answer = _raw_request(devserver.url, bomb, multipart)
+    written = _written_by_this_process() - before
+    assert status == 401, answer
+    assert headers["accept-encoding"] == "zstd"
+    assert written < 4 * 1024 * 1024, written
+    # With credentials the app reads, and the ratio limit stops the bomb as it goes.
+    _, clients, model_id, _ = devserver.setup_training(tiny_model(0), ["http://127.0.0.1:9/"])
+    authorized = {**multipart, "Authorization": f"Token {clients[0].token}"}
+    before = _written_by_this_process()
+    status, _, answer = _raw_request(
+        devserver.url, bomb, authorized, path=f"/api/models/{model_id}/"
+    )
+    written = _written_by_this_process() - before
+    assert status == 413, answer
+    assert "too large" in json.loads(answer)["detail"]
+    assert written < 256 * 1024 * 1024, written  # the ratio limit: 1024 x 47 KB + 16 MiB
