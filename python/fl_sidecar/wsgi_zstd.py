@@ -305,8 +305,9 @@ class ZstdMiddleware:
                 return spool, size, wire
             if declared > self.max_request_size:
                 return self._too_large(start_response)
-            keep = True
-            return _DecodingInput(wire_body, declared, self.ratio_limit(wire)), declared, wire
+            lazy = _DecodingInput(wire_body, declared, self.ratio_limit(wire))
+            keep = True  # closed with the answer (``_Response.close``)
+            return lazy, declared, wire
         except SizeLimitExceededError:
             return self._too_large(start_response)
         except (CodecError, _BadBody) as exc:
