@@ -87,6 +87,9 @@ class HostileServer:
                 if answer.echo_authorization:
                     echoed = self.headers.get("Authorization", "")
                     body = body.replace(b"{auth}", echoed.encode())
+                    body = body.replace(b"{auth_url}", quote(echoed, safe="").encode())
+                    param = echoed.split(" ", 1)[-1]
+                    body = body.replace(b"{param}", param.encode())
                 self.send_response(answer.status)
                 for name, value in answer.headers:
                     self.send_header(name, value)
@@ -228,7 +231,7 @@ def _everything_the_trainer_sees(error: grpc.RpcError) -> str:
 
 # The server's answer: the echoed header in JSON, in plain text, and URL-encoded.
 _ECHO = json.dumps({"detail": "Invalid header: {auth}"}).encode()
-_ECHO_TEXT = b"<html>bad request from {auth} (Authorization: {auth})</html>"
+_ECHO_TEXT = b"<html>bad request from {auth} (url: /login?a={auth_url}, value: {param})</html>"
 
 
 @pytest.mark.parametrize("status", [400, 500])
