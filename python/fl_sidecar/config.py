@@ -57,8 +57,12 @@ DEFAULT_CHUNK_SIZE = 1024 * 1024
 MAX_CHUNK_SIZE = 4 * 1024 * 1024
 """Bytes: the largest chunk message the sidecar sends."""
 
-DEFAULT_MAX_MODEL_SIZE = 16 * 1024**3
-"""Bytes: the largest model accepted for upload or produced by Unpack, unless configured."""
+DEFAULT_MAX_MODEL_SIZE = 4 * 1024**3
+"""Bytes: the largest model downloaded, accepted for upload or produced by Unpack (4 GiB).
+
+A download decoded from a zstd bomb is written to the spool until this limit
+stops it, so the default is a generous model size, not the size of a disk.
+"""
 
 DEFAULT_NOTIFICATION_PORT = 8101
 """The reference client's notification port."""
@@ -666,7 +670,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-model-size",
         metavar="SIZE",
         help="largest model accepted for upload and output of Unpack, e.g. 4G "
-        "[FL_SIDECAR_MAX_MODEL_SIZE; default 16G]",
+        "[FL_SIDECAR_MAX_MODEL_SIZE; default 4G]",
     )
     data.add_argument(
         "--trust-pickles",

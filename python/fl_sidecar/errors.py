@@ -14,7 +14,8 @@ categories mirror what a caller can do about them:
 - :class:`ServerError` and its subclasses: the FL server refused, failed, or
   could not be reached. Each carries the HTTP ``status`` (``None`` when no
   answer came), the server's own message (``detail``) and the ``operation``.
-  Credentials never appear in messages.
+  Credentials never appear in messages: every form of every secret the
+  process holds is redacted when the error is made (:mod:`fl_sidecar.redaction`).
 - :class:`SidecarError`: the local sidecar refused a call (gRPC status mapped
   back by the Python client).
 """
@@ -22,6 +23,8 @@ categories mirror what a caller can do about them:
 from __future__ import annotations
 
 from typing import Optional
+
+from fl_sidecar.redaction import redact
 
 __all__ = [
     "ERROR_CLASS_KEY",
@@ -140,11 +143,14 @@ class ServerError(FlSidecarError):
         body: Optional[str] = None,
         content_type: Optional[str] = None,
     ) -> None:
-        super().__init__(message)
+        # The server's text can echo a credential (some servers put the request's
+        # Authorization header in their error bodies): every form of every secret
+        # the process holds is removed here, so no caller can pass one on.
+        super().__init__(redact(message))
         self.status = status
-        self.detail = detail
+        self.detail = redact(detail) if detail is not None else None
         self.operation = operation
-        self.body = body
+        self.body = redact(body) if body is not None else None
         self.content_type = content_type
 
 

@@ -244,12 +244,9 @@ class SidecarServer:
             self.metrics_port = self.metrics.serve(settings.metrics_host, settings.metrics_port)
         self._start_notifications()
         self._start_grpc()
-        if settings.compression == "auto":
-            # Learn the server's request coding now, so GetInfo shows it before the
-            # first upload; in the background: the FL server may not be up yet.
-            threading.Thread(
-                target=self._probe_coding, name="fl-sidecar-coding-probe", daemon=True
-            ).start()
+        # No request to the FL server here: the request coding is learnt from the
+        # answers to the transfers themselves (a start-up probe made the real server
+        # log a 500 on every start).
         ready: Dict[str, Any] = {
             "event": "ready",
             "pid": os.getpid(),
@@ -267,15 +264,6 @@ class SidecarServer:
         }
         _log.info("sidecar serving", extra={k: v for k, v in ready.items() if k != "event"})
         return ready
-
-    def _probe_coding(self) -> None:
-        try:
-            coding = self.client.probe()
-        except Exception:  # never fatal: the first upload probes again
-            _log.warning("could not learn the FL server's request coding", exc_info=True)
-            return
-        if coding is not None:
-            _log.info("FL server request coding learnt", extra={"coding": coding})
 
     def _start_notifications(self) -> None:
         settings = self.settings

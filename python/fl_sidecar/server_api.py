@@ -65,6 +65,7 @@ from urllib.parse import quote, urlsplit
 import requests
 import urllib3.exceptions
 
+from fl_sidecar import redaction
 from fl_sidecar.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -99,8 +100,13 @@ MetricValue = Union[float, str]
 """A metric's value: a number (posted as its shortest round-trip form) or text (posted as is)."""
 
 COMPRESSION_MODES = ("auto", "never", "always")
-DEFAULT_MAX_DOWNLOAD_SIZE = 16 * 1024**3
-"""Largest decoded download accepted by default, in bytes (16 GiB)."""
+DEFAULT_MAX_DOWNLOAD_SIZE = 4 * 1024**3
+"""Largest decoded download accepted by default, in bytes (4 GiB).
+
+A zstd body can hide a bomb: what it decodes to is written to disk until this
+limit stops it, so the default is what one model may reasonably be, not what
+the disk holds.
+"""
 
 _SAMPLE_SIZE = 256 * 1024  # bytes per sample when estimating an upload's compressibility
 _DECODE_STEP = 4 * 1024 * 1024  # most bytes one decoding step may return (bombs)
@@ -136,6 +142,8 @@ class Credentials:
         value = header.strip()
         if not value or any(c in value for c in "\r\n\0"):
             raise ConfigurationError("invalid Authorization header value (empty or multi-line)")
+        # Known to the redaction from now on, in every form (base64, user:password, ...).
+        redaction.register_header(value)
         self._header = value
         self._scheme = value.split(None, 1)[0].lower()
 
@@ -270,26 +278,31 @@ def _describe(exc: BaseException) -> str:
         inner = exc.args[0].reason
         if inner is not None:
             reason = inner
-    text = str(reason)
+    text = redaction.redact(str(reason))
     if len(text) > 300:
         text = text[:300] + "..."
     return f"{type(reason).__name__}: {text}"
 
 
-def _parse_detail(body: bytes, content_type: str) -> str:
-    """The server's message from an error body: ``{"detail": ...}`` or a list of strings."""
-    text = body.decode("utf-8", "replace").strip()
+def _parse_detail(body: bytes, content_type: str, *, truncated: bool = False) -> str:
+    """The server's message from an error body: ``{"detail": ...}`` or a list of strings.
+
+    Redacted before it is parsed or cut, so that no cut leaves a secret's beginning.
+    ``truncated``: the body was read only up to a limit.
+    """
+    text = redaction.redact(body.decode("utf-8", "replace"), truncated=truncated).strip()
     if "json" in content_type.lower() or text[:1] in ("{", "["):
         try:
             data = json.loads(text)
         except ValueError:
             data = None
+        # The JSON decoded from redacted text can hold a secret again (\u escapes).
         if isinstance(data, dict):
             if "detail" in data:
-                return str(data["detail"])
-            return "; ".join(f"{k}: {v}" for k, v in data.items())
+                return redaction.redact(str(data["detail"]))
+            return redaction.redact("; ".join(f"{k}: {v}" for k, v in data.items()))
         if isinstance(data, list):
-            return "; ".join(str(item) for item in data)
+            return redaction.redact("; ".join(str(item) for item in data))
     return text[:500]
 
 
@@ -465,6 +478,23 @@ def _multipart_parts(
     return [head, _FileSlice(source, size), f"\r\n--{boundary}--\r\n".encode()]
 
 
+def _max_wire(limit: int) -> int:
+    """The longest zstd body that can decode to at most ``limit`` bytes (bytes).
+
+    zstd's worst case for incompressible input is 1/256 more plus frame headers;
+    twice that is allowed.
+    """
+    return limit + limit // 128 + 64 * 1024
+
+
+def _over_limit(operation: str, limit: int, why: str) -> SizeLimitExceededError:
+    """The error for a download over ``max_download_size``: a limit reached, not corruption."""
+    return SizeLimitExceededError(
+        f"{operation}: the model exceeds the download limit of {limit} bytes "
+        f"(max_download_size; the sidecar's --max-model-size): {why}"
+    )
+
+
 class _DecodingSink:
     """Writes a download to a file as it arrives, decoding zstd on the fly.
 
@@ -493,7 +523,18 @@ class _DecodingSink:
         if self._unpacker is None:
             self._emit(block)
             return
-        for data in self._unpacker.write_iter(block):
+        pieces = self._unpacker.write_iter(block)
+        while True:
+            try:
+                # A frame whose header declares more than the rest of the limit is
+                # refused here, before any of it is decoded or written.
+                data = next(pieces, None)
+            except SizeLimitExceededError as exc:
+                raise _over_limit(
+                    self._operation, self._limit, f"the zstd body decodes to more ({exc})"
+                ) from None
+            if data is None:
+                return
             self._emit(data)
 
     def finish(self) -> None:
@@ -505,9 +546,7 @@ class _DecodingSink:
             return
         self.raw_bytes += len(data)
         if self.raw_bytes > self._limit:
-            raise SizeLimitExceededError(
-                f"{self._operation}: the model exceeds the limit of {self._limit} bytes"
-            )
+            raise _over_limit(self._operation, self._limit, f"over {self._limit} bytes arrived")
         self._hasher.update(data)
         self._out.write(data)
 
@@ -525,7 +564,10 @@ class FlServerClient:
     Attributes:
         negotiated_coding: the request coding uploads use: ``"zstd"`` (the server
             advertised it), ``"identity"`` (it did not, or it answered 415), or
-            ``None`` (nothing learnt yet; the first upload probes with OPTIONS).
+            ``None`` (no answer seen yet). It is learnt only from the answers to
+            requests made anyway (a download, a JSON call, an upload, a 415); no
+            request is ever sent just to learn it, and an upload made while it
+            is ``None`` is sent in identity.
     """
 
     def __init__(
@@ -772,7 +814,7 @@ class FlServerClient:
         payload = _json_or_empty(resp)
         return TransferResult(
             status=resp.status_code,
-            detail=str(payload.get("detail", "")),
+            detail=redaction.redact(str(payload.get("detail", ""))),
             raw_bytes=len(body),
             wire_bytes=len(body),
             content_encoding="identity",
@@ -971,32 +1013,6 @@ class FlServerClient:
         )
         return _json_or_empty(resp)
 
-    def probe(self, *, credentials: Optional[Credentials] = None) -> Optional[str]:
-        """Learn which request coding the server accepts, with one OPTIONS request.
-
-        Any answer counts (even a 401 or 405): only its ``Accept-Encoding``
-        header matters. Transport errors leave ``negotiated_coding`` unchanged.
-
-        Returns:
-            ``negotiated_coding`` after the probe.
-        """
-        try:
-            resp = self._session.request(
-                "OPTIONS",
-                self.base_url + "api/models/",
-                headers=self._headers(credentials, None),
-                timeout=(self.connect_timeout, self.timeout),
-                allow_redirects=False,
-            )
-        except requests.RequestException as exc:
-            _log.info("coding probe failed: %s", _describe(exc))
-            return self.negotiated_coding
-        with resp:
-            self._learn_coding(resp)
-        if self.negotiated_coding is None:
-            self.negotiated_coding = "identity"
-        return self.negotiated_coding
-
     # -- internals: one attempt, the retry loop --
 
     def _headers(
@@ -1150,11 +1166,12 @@ class FlServerClient:
             )
         total_header = resp.headers.get("Content-Length")
         total = int(total_header) if total_header and total_header.isdigit() else None
-        if coding == "identity" and total is not None and total > self.max_download_size:
-            raise SizeLimitExceededError(
-                f"{operation}: the model is {total} bytes, over the limit of "
-                f"{self.max_download_size} bytes"
-            )
+        limit = self.max_download_size
+        # Refused before a byte is written whenever the size is declared: by the
+        # Content-Length of an identity body, by a zstd body too long to decode to
+        # less than the limit, and (in _DecodingSink) by each zstd frame's header.
+        if total is not None and total > (limit if coding == "identity" else _max_wire(limit)):
+            raise _over_limit(operation, limit, f"the server declares {total} bytes on the wire")
         dest.parent.mkdir(parents=True, exist_ok=True)
         hasher = hashlib.sha256()
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
@@ -1228,8 +1245,9 @@ class FlServerClient:
             return "identity"
         if self.compression == "always":
             return "zstd"
-        if self.negotiated_coding is None:
-            self.probe(credentials=credentials)
+        # Nothing learnt yet: identity, which every server takes. No probe is sent
+        # to find out (the real server answers OPTIONS with a 500); this upload's
+        # answer teaches the coding to the next one.
         return "zstd" if self.negotiated_coding == "zstd" else "identity"
 
     def _worth_packing(self, source: Path) -> bool:
@@ -1392,7 +1410,7 @@ class FlServerClient:
         payload = _json_or_empty(resp)
         return TransferResult(
             status=resp.status_code,
-            detail=str(payload.get("detail", "")),
+            detail=redaction.redact(str(payload.get("detail", ""))),
             raw_bytes=raw_model,
             wire_bytes=wire,
             content_encoding=coding,
@@ -1444,26 +1462,15 @@ def _read_detail(resp: requests.Response) -> Tuple[str, Optional[str]]:
         body = b""
     finally:
         resp.close()
+    content_type = resp.headers.get("Content-Type", "")
     if not body:
-        return _parse_detail(b"", resp.headers.get("Content-Type", "")), None
+        return _parse_detail(b"", content_type), None
     # Message and body reach the trainer: a server that echoes the request (a debug
-    # page lists its headers) must not hand it the sidecar's credentials.
-    text = _without_secrets(body.decode("utf-8", "replace"), resp.request)
-    return _parse_detail(text.encode("utf-8"), resp.headers.get("Content-Type", "")), text
-
-
-def _without_secrets(text: str, request: Optional[requests.PreparedRequest]) -> str:
-    """``text`` with the request's ``Authorization`` value and the secrets inside it redacted."""
-    header = request.headers.get("Authorization", "") if request is not None else ""
-    scheme, _, value = str(header).partition(" ")
-    secrets = {str(header), value}
-    if scheme.lower() == "basic":
-        with contextlib.suppress(binascii.Error, ValueError):
-            user_password = base64.b64decode(value, validate=True).decode("utf-8")
-            secrets |= {user_password, user_password.partition(":")[2]}
-    for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
-        text = text.replace(secret, "[redacted]")
-    return text
+    # page lists its headers) must not hand it the sidecar's credentials. Redacted
+    # before it is cut or parsed, so that no cut leaves a secret's beginning.
+    truncated = len(body) >= _ERROR_BODY_LIMIT
+    text = redaction.redact(body.decode("utf-8", "replace"), truncated=truncated)
+    return _parse_detail(text.encode("utf-8"), content_type, truncated=truncated), text
 
 
 def _load_small_body(resp: requests.Response, operation: str, idempotent: bool) -> None:

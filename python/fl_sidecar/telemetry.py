@@ -5,9 +5,11 @@ the global one), so that several sidecars in one process (tests, the demo) do
 not collide, and are served only when a metrics port is configured.
 
 Logs are one line per record on stderr, ``key=value`` text or JSON. A
-redaction filter replaces every configured secret with ``***`` in messages and
-fields, a second line of defence behind the rule that no code logs
-credentials in the first place.
+redaction filter replaces every form of every secret (the configured ones and
+every credential the process has made: raw, ``user:password``, its base64, the
+header value, their URL and JSON encodings; see :mod:`fl_sidecar.redaction`)
+with ``***`` in messages and fields, a second line of defence behind the rule
+that no code logs credentials in the first place.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from typing import Any, Dict, Iterable, List, Optional, TextIO, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["Metrics", "RedactingFilter", "configure_logging"]
+from fl_sidecar import redaction
 
-_REDACTED = "***"
+__all__ = ["Metrics", "RedactingFilter", "configure_logging", "redact"]
+
+redact = redaction.redact
+"""Every form of every secret the process holds as ``***``: :func:`fl_sidecar.redaction.redact`."""
 # Attributes every LogRecord has; anything else came in through ``extra=``.
 _STANDARD_ATTRS = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
@@ -36,24 +41,24 @@ def _extra_fields(record: logging.LogRecord) -> Dict[str, Any]:
 
 
 class RedactingFilter(logging.Filter):
-    """Replaces each secret (strings of at least 4 characters) by ``***`` in a record."""
+    """Replaces every form of every secret by ``***`` in a record.
 
-    def __init__(self, secrets: Iterable[str]) -> None:
-        """Redact these strings; shorter than 4 characters are ignored (too many false hits)."""
+    The secrets are the ones given here (registered process-wide, so errors made
+    from then on are clean too) and every credential the process has made.
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        """Redact these raw secrets in all their forms (shorter than 4 characters: ignored)."""
         super().__init__()
-        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self._secrets = tuple(s for s in secrets if s)
+        redaction.register(*self._secrets)
 
     def redact(self, text: str) -> str:
-        """``text`` with every secret replaced."""
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, _REDACTED)
-        return text
+        """``text`` with every form of every secret replaced."""
+        return redaction.redact(text, extra=self._secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Redact the message, the exception and stack text and every field; keep the record."""
-        if not self._secrets:
-            return True
         record.msg = self.redact(record.getMessage())
         record.args = None
         if record.exc_info and not record.exc_text:

@@ -226,9 +226,6 @@ def test_one_keep_alive_connection_for_many_calls(tmp_path: Path) -> None:
             self.rfile.read(int(self.headers["Content-Length"]))
             self._answer(201, b'{"detail": "Model Update Accepted"}')
 
-        def do_OPTIONS(self) -> None:
-            self._answer(200, b"")
-
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

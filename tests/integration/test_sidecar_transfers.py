@@ -381,34 +381,50 @@ def test_concurrent_safetensors_uploads_share_one_template(world: World) -> None
         assert torch.allclose(averaged[name], tensor, atol=1e-5), name
 
 
-def _coding_when_learnt(sidecar: SidecarProcess) -> str:
-    deadline = time.monotonic() + 20
-    while True:
-        coding: str = sidecar.stub.GetInfo(pb.GetInfoRequest(), timeout=10).negotiated_coding
-        if coding or time.monotonic() > deadline:
-            return coding
-        time.sleep(0.02)
+def _get_info_coding(sidecar: SidecarProcess) -> str:
+    coding: str = sidecar.stub.GetInfo(pb.GetInfoRequest(), timeout=10).negotiated_coding
+    return coding
 
 
-def test_get_info_knows_the_coding_before_any_transfer(
+def test_starting_a_sidecar_sends_no_request_and_the_coding_comes_from_a_download(
     world: World, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    """A start costs the server nothing (the real one answers OPTIONS with a 500)."""
+    from faultproxy import FaultProxy
+
+    model_id, _training_id, data = world.new_training()
     token = ["--token", world.alice.token]
-    with running_sidecar(server_url=world.devserver.url, args=token, notifications=False) as sc:
-        assert _coding_when_learnt(sc) == "zstd"
-        assert "request coding learnt" in sc.log_text()
-    never = [*token, "--compression", "never"]
-    with running_sidecar(server_url=world.devserver.url, args=never, notifications=False) as sc:
-        assert sc.stub.GetInfo(pb.GetInfoRequest(), timeout=10).negotiated_coding == "identity"
-    # A server without the zstd middleware (like the real one) is identity.
+    server = (world.devserver.host, world.devserver.port)
+    with FaultProxy(server) as proxy:
+        with running_sidecar(server_url=proxy.url, args=token, notifications=False) as sc:
+            assert _get_info_coding(sc) == ""  # not learnt yet, and nothing asked
+            _info, body, _progress = download(
+                sc.stub, pb.DownloadModelRequest(model_id=model_id, format=pb.MODEL_FORMAT_TORCH)
+            )
+            assert body == data
+            assert _get_info_coding(sc) == "zstd"  # from the download's answer
+        # The sidecar has exited: every request it ever made is recorded.
+        assert [(r.method, r.path) for r in proxy.seen()] == [("GET", f"/api/models/{model_id}/")]
+        never = [*token, "--compression", "never"]
+        with running_sidecar(server_url=proxy.url, args=never, notifications=False) as sc:
+            assert _get_info_coding(sc) == "identity"
+        assert len(proxy.seen()) == 1
+    # A server without the zstd middleware (like the real one) is identity, learnt the same way.
     plain = DevServer(
         data_dir=tmp_path_factory.mktemp("plain"), compression=False, password_iterations=1000
     )
     plain.start()
     try:
-        url = DevServerHandle(plain).url
-        with running_sidecar(server_url=url, args=token, notifications=False) as sc:
-            assert _coding_when_learnt(sc) == "identity"
+        handle = DevServerHandle(plain)
+        _actor, users, plain_model, _training = handle.setup_training(data, ["http://127.0.0.1:9/"])
+        plain_args = ["--token", users[0].token]
+        with running_sidecar(server_url=handle.url, args=plain_args, notifications=False) as sc:
+            assert _get_info_coding(sc) == ""
+            _info, body, _progress = download(
+                sc.stub,
+                pb.DownloadModelRequest(model_id=plain_model, format=pb.MODEL_FORMAT_TORCH),
+            )
+            assert body == data and _get_info_coding(sc) == "identity"
     finally:
         plain.stop()
 

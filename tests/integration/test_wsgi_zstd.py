@@ -188,12 +188,13 @@ def test_upload_decoded_by_the_middleware_is_exact(serve: Any, tmp_path: Path) -
     local = tmp_path / "local.pt"
     local.write_bytes(MODEL_BYTES + b"local")
     with FlServerClient(url, Credentials.token("t0k3n")) as client:
+        client.download_model("m1", tmp_path / "global.pt")  # teaches the coding
+        assert client.negotiated_coding == "zstd"
         sent = client.upload_model(
             "m1", local, round=3, sample_size=12, metrics={"acc": 0.5, "loss": 2.25}, owner="me"
         )
-        assert client.negotiated_coding == "zstd"
     assert sent.content_encoding == "zstd" and sent.wire_bytes < sent.raw_bytes // 4
-    assert [r["method"] for r in app.requests] == ["OPTIONS", "POST"]
+    assert [r["method"] for r in app.requests] == ["GET", "POST"]
     post = app.seen("POST")[0]
     assert post["content_encoding"] is None  # decoded before the app saw it
     assert post["wire_bytes"] == sent.wire_bytes
@@ -216,6 +217,7 @@ def test_a_known_digest_is_reported_not_recomputed(serve: Any, tmp_path: Path) -
         (plain_app, plain_app, "identity"),
     ):
         with FlServerClient(serve(wrapped), Credentials.token("t0k3n")) as client:
+            client.get_training("t1")  # any answer teaches the coding
             sent = client.upload_model("m1", local, round=0, sample_size=1, sha256=told)
             plain = client.upload_model("m1", local, round=0, sample_size=1)
         assert sent.content_encoding == plain.content_encoding == coding
@@ -243,12 +245,31 @@ def test_plain_server_without_the_middleware_gets_identity(serve: Any, tmp_path:
     posts = app.seen("POST")
     assert len(posts) == 2 and all(p["content_encoding"] is None for p in posts)
     assert _form(posts[0])["model_file"] == [MODEL_BYTES]
-    assert app.seen("OPTIONS") == []  # the download already taught the client
-    # A fresh client that uploads first probes once, then sends identity.
+    # A fresh client that uploads first sends identity without asking anything first.
     with FlServerClient(url, Credentials.token("t")) as fresh:
-        fresh.upload_model("m1", local, round=0, sample_size=1)
+        assert fresh.upload_model("m1", local, round=0, sample_size=1).content_encoding == (
+            "identity"
+        )
         fresh.upload_metrics("m1", {"acc": 1.0})
-    assert len(app.seen("OPTIONS")) == 1 and len(app.seen("POST")) == 4
+        assert fresh.negotiated_coding == "identity"
+    assert [r["method"] for r in app.requests] == ["GET", "POST", "POST", "POST", "POST"]
+
+
+def test_the_coding_is_learnt_from_answers_never_from_a_probe(serve: Any, tmp_path: Path) -> None:
+    """No OPTIONS, ever: an upload before any answer goes identity, and its answer teaches."""
+    app = RecordingApp()
+    url = serve(ZstdMiddleware(app, max_request_size=64 * 1024 * 1024))
+    local = tmp_path / "local.pt"
+    local.write_bytes(MODEL_BYTES)
+    with FlServerClient(url, Credentials.token("t")) as client:
+        assert client.negotiated_coding is None
+        first = client.upload_model("m1", local, round=0, sample_size=1)
+        assert first.content_encoding == "identity"
+        assert client.negotiated_coding == "zstd"  # the upload's answer advertised it
+        second = client.upload_model("m1", local, round=1, sample_size=1)
+        assert second.content_encoding == "zstd"
+    assert [r["method"] for r in app.requests] == ["POST", "POST"]
+    assert all(_form(p)["model_file"] == [MODEL_BYTES] for p in app.seen("POST"))
 
 
 def test_415_falls_back_to_identity_once_and_remembers(serve: Any, tmp_path: Path) -> None:
@@ -257,6 +278,8 @@ def test_415_falls_back_to_identity_once_and_remembers(serve: Any, tmp_path: Pat
     local = tmp_path / "local.pt"
     local.write_bytes(MODEL_BYTES)
     with FlServerClient(url, Credentials.token("t")) as client:
+        client.get_training("t1")  # the advertisement, believed until the 415
+        assert client.negotiated_coding == "zstd"
         first = client.upload_model("m1", local, round=0, sample_size=1)
         assert first.status == 201 and first.content_encoding == "identity"
         assert client.negotiated_coding == "identity"
@@ -272,9 +295,11 @@ def test_incompressible_models_go_identity_unless_told(serve: Any, tmp_path: Pat
     noise = tmp_path / "noise.pt"
     noise.write_bytes(os.urandom(5 * 1024 * 1024))  # three 1 MiB samples, none shrinks
     with FlServerClient(url) as client:
+        client.get_training("t")  # teaches the coding
         sent = client.upload_model("m", noise, round=0, sample_size=1)
         assert client.negotiated_coding == "zstd" and sent.content_encoding == "identity"
     with FlServerClient(url, min_upload_saving=0) as eager:
+        eager.get_training("t")
         assert eager.upload_model("m", noise, round=0, sample_size=1).content_encoding == "zstd"
     codings = [p["content_encoding"] for p in app.seen("POST")]
     assert codings == [None, None]  # the middleware decoded the second one
@@ -411,3 +436,42 @@ def test_a_bomb_under_a_large_limit_downloads_in_bounded_memory(serve: Any, tmp_
     assert got.raw_bytes == dest.stat().st_size == 64 * 1024 * 1024
     assert got.wire_bytes == len(bomb)
     assert peak < 24 * 1024 * 1024
+
+
+def _written_by_this_process() -> int:
+    """Bytes this process passed to write() so far (the dev server runs in its threads)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no wchar in /proc/self/io")
+
+
+def test_an_unauthenticated_bomb_costs_the_dev_server_nothing(
+    devserver: DevServerHandle, tiny_model: Callable[..., bytes]
+) -> None:
+    """1 GiB declared in 47 KB, without credentials: 401 before a byte is decoded.
+
+    The middleware used to decode the whole body to a temp file before the app
+    could refuse it (8 GiB for one 264 KB POST).
+    """
+    from test_sidecar_hostile_server import rle_frame
+
+    bomb = rle_frame(1024 * 1024) * 1024
+    multipart = {"Content-Encoding": "zstd", "Content-Type": "multipart/form-data; boundary=B"}
+    before = _written_by_this_process()
+    status, headers, answer = _raw_request(devserver.url, bomb, multipart)
+    written = _written_by_this_process() - before
+    assert status == 401, answer
+    assert headers["accept-encoding"] == "zstd"
+    assert written < 4 * 1024 * 1024, written
+    # With credentials the app reads, and the ratio limit stops the bomb as it goes.
+    _, clients, model_id, _ = devserver.setup_training(tiny_model(0), ["http://127.0.0.1:9/"])
+    authorized = {**multipart, "Authorization": f"Token {clients[0].token}"}
+    before = _written_by_this_process()
+    status, _, answer = _raw_request(
+        devserver.url, bomb, authorized, path=f"/api/models/{model_id}/"
+    )
+    written = _written_by_this_process() - before
+    assert status == 413, answer
+    assert "too large" in json.loads(answer)["detail"]
+    assert written < 256 * 1024 * 1024, written  # the ratio limit: 1024 x 47 KB + 16 MiB

@@ -217,3 +217,13 @@ def test_multipart_refuses_header_injection(tmp_path: Path) -> None:
         _multipart_parts([("metric_names", "a\r\n--B\r\nX: y")], "model_file", model, "B")
     with pytest.raises(errors.RequestRejectedError):
         _multipart_parts([('metric_names"; x="', "a")], "model_file", model, "B")
+
+
+def test_the_default_download_limit_is_a_model_size_not_a_disk() -> None:
+    """A zstd bomb is written to disk until the limit stops it: a few GiB, not 16."""
+    from fl_sidecar.config import DEFAULT_MAX_MODEL_SIZE
+    from fl_sidecar.server_api import DEFAULT_MAX_DOWNLOAD_SIZE
+
+    assert DEFAULT_MAX_DOWNLOAD_SIZE == DEFAULT_MAX_MODEL_SIZE == 4 * 1024**3
+    with FlServerClient("http://127.0.0.1:1/") as client:
+        assert client.max_download_size == DEFAULT_MAX_DOWNLOAD_SIZE

@@ -13,7 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fl_sidecar import codec
-from fl_sidecar.wsgi_zstd import ENVIRON_WIRE_BYTES, ZstdMiddleware
+from fl_sidecar.wsgi_zstd import (
+    DEFAULT_MAX_RATIO,
+    DEFAULT_MAX_REQUEST_SIZE,
+    DEFAULT_MAX_UNDECLARED_SIZE,
+    ENVIRON_WIRE_BYTES,
+    BodyDecodingError,
+    ZstdMiddleware,
+)
 
 Headers = List[Tuple[str, str]]
 
@@ -313,7 +320,7 @@ def test_a_large_limit_still_decodes_in_bounded_memory() -> None:
         start_response("204 No Content", [])
         return []
 
-    app = ZstdMiddleware(counting_app, max_request_size=1024 * MIB)
+    app = ZstdMiddleware(counting_app, max_request_size=1024 * MIB, max_ratio=None)
     bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 * MIB))
     tracemalloc.start()
     try:
@@ -323,3 +330,187 @@ def test_a_large_limit_still_decodes_in_bounded_memory() -> None:
         tracemalloc.stop()
     assert status == 204 and seen == [64 * MIB]
     assert peak < 16 * MIB
+
+
+# --- lazy decoding: the application's reads drive the decoder ----------------------
+
+
+_RLE_BLOCK = 128 * 1024
+
+
+def rle_frame(size: int, *, declared: Optional[int] = None) -> bytes:
+    """One real zstd frame of ``size`` zero bytes in RLE blocks (4 bytes per 128 KiB)."""
+    out = bytearray(b"\x28\xb5\x2f\xfd\xc0\x38")  # magic; 8-byte size, 128 KiB window
+    out += (size if declared is None else declared).to_bytes(8, "little")
+    remaining = size
+    while True:
+        n = min(_RLE_BLOCK, remaining)
+        remaining -= n
+        last = int(remaining == 0)
+        out += ((n << 3) | (1 << 1) | last).to_bytes(3, "little") + b"\0"
+        if last:
+            return bytes(out)
+
+
+class Refuser:
+    """An app that checks credentials first and answers 401 without reading the body."""
+
+    def __init__(self) -> None:
+        self.inputs: List[Any] = []
+        self.lengths: List[str] = []
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        self.inputs.append(environ["wsgi.input"])
+        self.lengths.append(environ["CONTENT_LENGTH"])
+        start_response("401 Unauthorized", [("Content-Length", "2")])
+        return [b"no"]
+
+
+def test_an_app_that_refuses_without_reading_never_pays_for_decoding() -> None:
+    """1 GiB declared in 47 KB: the app answers 401, and nothing was decoded."""
+    refuser = Refuser()
+    app = ZstdMiddleware(refuser, max_request_size=4 * 1024 * MIB)
+    bomb = rle_frame(MIB) * 1024
+    tracemalloc.start()
+    try:
+        status, _, body = call(app, body=bomb, headers=ZSTD)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert status == 401 and body == b"no"
+    assert refuser.lengths == [str(1024 * MIB)]  # the length, from the frame headers
+    assert refuser.inputs[0].decoded_bytes == 0
+    assert peak < 4 * MIB
+
+
+def _django_like_reader(environ: Dict[str, Any]) -> bytes:
+    """Reads as Django's LimitedStream and multipart parser do: CONTENT_LENGTH, then pieces."""
+    stream, remaining = environ["wsgi.input"], int(environ["CONTENT_LENGTH"])
+    parts: List[bytes] = []
+    line = stream.readline(min(remaining, 64 * 1024))  # the first boundary line
+    remaining -= len(line)
+    parts.append(line)
+    while remaining > 0:
+        block = stream.read(min(remaining, 64 * 1024))
+        if not block:
+            break
+        remaining -= len(block)
+        parts.append(block)
+    return b"".join(parts)
+
+
+def test_the_app_gets_the_decoded_length_and_exact_bytes_by_read_and_readline() -> None:
+    payload = b"--B\r\nContent-Disposition: form-data\r\n\r\n" + bytes(range(256)) * 9000 + b"\r\n"
+    packed = codec.pack(payload, chunk_size=64 * 1024)
+    got: List[bytes] = []
+
+    def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        assert environ["CONTENT_LENGTH"] == str(len(payload))
+        assert "HTTP_CONTENT_ENCODING" not in environ
+        got.append(_django_like_reader(environ))
+        assert environ["wsgi.input"].read() == b""  # at the end
+        start_response("201 Created", [("Content-Length", "0")])
+        return []
+
+    assert call(ZstdMiddleware(app), body=packed, headers=ZSTD)[0] == 201
+    assert got == [payload]
+    lines: List[List[bytes]] = []
+
+    def line_app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        lines.append(list(environ["wsgi.input"]))
+        start_response("204 No Content", [])
+        return []
+
+    text = b"".join(b"line %d\n" % i for i in range(50_000)) + b"no newline at the end"
+    assert call(ZstdMiddleware(line_app), body=codec.pack(text), headers=ZSTD)[0] == 204
+    assert b"".join(lines[0]) == text and len(lines[0]) == 50_001
+
+
+class Swallower:
+    """An app that reads the body and turns any read error into its own 500 (as Django does)."""
+
+    def __init__(self, *, catch: bool = True) -> None:
+        self.catch = catch
+        self.errors: List[BaseException] = []
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        try:
+            while environ["wsgi.input"].read(MIB):
+                pass
+        except OSError as exc:
+            self.errors.append(exc)
+            if not self.catch:
+                raise
+            start_response("500 Internal Server Error", [("Content-Length", "4")])
+            return [b"oops"]
+        start_response("201 Created", [("Content-Length", "0")])
+        return []
+
+
+@pytest.mark.parametrize("catch", [True, False], ids=["app-answers-500", "error-escapes"])
+def test_a_limit_passed_mid_read_is_413_and_corruption_400_whatever_the_app_does(
+    catch: bool,
+) -> None:
+    # 512 MiB from 23 KB: past the ratio limit (1024 x 23 KB + 16 MiB) while the app reads.
+    bomb = rle_frame(MIB) * 512
+    swallower = Swallower(catch=catch)
+    status, headers, body = call(ZstdMiddleware(swallower), body=bomb, headers=ZSTD)
+    assert status == 413, body
+    assert "too large" in json.loads(body)["detail"] and headers["accept-encoding"] == "zstd"
+    assert isinstance(swallower.errors[0], BodyDecodingError)
+    # A frame whose blocks decode to less than its header declares: found mid-read.
+    liar = rle_frame(MIB) + rle_frame(1024, declared=MIB) + rle_frame(MIB)
+    status, _, body = call(ZstdMiddleware(Swallower(catch=catch)), body=liar, headers=ZSTD)
+    assert status == 400, body
+    assert "invalid zstd body" in json.loads(body)["detail"]
+
+
+def test_the_last_byte_is_handed_out_only_after_the_stream_checks_out() -> None:
+    """A corrupt checksum at the very end: the app never sees a complete body."""
+    payload = bytes(range(256)) * 4096
+    # One frame with its size and a content checksum (its last 4 bytes), no seek table:
+    # nothing but decoding can find the flipped checksum.
+    packed = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(payload))
+    assert codec.inspect(bytes(packed)).decompressed_size == len(payload)
+    packed[-1] ^= 0xFF
+    received: List[int] = []
+
+    def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        total = 0
+        try:
+            while True:
+                block = environ["wsgi.input"].read(100_000)
+                if not block:
+                    break
+                total += len(block)
+        finally:
+            received.append(total)
+        start_response("201 Created", [("Content-Length", "0")])
+        return []
+
+    status, _, body = call(ZstdMiddleware(app), body=bytes(packed), headers=ZSTD)
+    assert status == 400, body
+    assert received[0] < len(payload)
+
+
+def test_bodies_without_declared_sizes_are_decoded_up_front_within_their_own_limit() -> None:
+    foreign = zstandard.ZstdCompressor(write_content_size=False)
+    small = foreign.compress(b"abc" * 100_000)
+    refuser = Refuser()
+    app = ZstdMiddleware(refuser, max_undeclared_size=MIB)
+    assert call(app, body=small, headers=ZSTD)[0] == 401
+    assert refuser.lengths == [str(300_000)]
+    status, _, body = call(app, body=foreign.compress(b"abc" * 500_000), headers=ZSTD)
+    assert status == 413 and "declare" in json.loads(body)["detail"]
+    assert len(refuser.lengths) == 1  # never reached the app
+
+
+def test_the_defaults_suit_a_server_on_the_internet() -> None:
+    app = ZstdMiddleware(Recorder())
+    assert app.max_request_size == DEFAULT_MAX_REQUEST_SIZE <= 4 * 1024**3
+    assert app.max_ratio == DEFAULT_MAX_RATIO <= 1024
+    assert app.max_undeclared_size == DEFAULT_MAX_UNDECLARED_SIZE <= 64 * MIB
+    # A declared size over the limit: refused before the app runs, nothing decoded.
+    refuser = Refuser()
+    status, _, _ = call(ZstdMiddleware(refuser), body=rle_frame(5 * 1024**3), headers=ZSTD)
+    assert status == 413 and refuser.lengths == []
