@@ -1468,8 +1468,15 @@ def _read_detail(resp: requests.Response) -> Tuple[str, Optional[str]]:
     # Message and body reach the trainer: a server that echoes the request (a debug
     # page lists its headers) must not hand it the sidecar's credentials. Redacted
     # before it is cut or parsed, so that no cut leaves a secret's beginning.
+    # The request's own header is redacted too, whether or not its credentials were
+    # registered (a caller may have set the header by hand).
+    header = resp.request.headers.get("Authorization", "") if resp.request is not None else ""
     truncated = len(body) >= _ERROR_BODY_LIMIT
-    text = redaction.redact(body.decode("utf-8", "replace"), truncated=truncated)
+    text = redaction.redact(
+        body.decode("utf-8", "replace"),
+        extra=redaction.header_forms(str(header)) if header else (),
+        truncated=truncated,
+    )
     return _parse_detail(text.encode("utf-8"), content_type, truncated=truncated), text
 
 
