@@ -258,7 +258,8 @@ class SidecarService(pb_grpc.SidecarServicer):
             bus: the server's notifications, for WatchEvents.
             server_url: the FL server's URL, already stripped of credentials.
             trust_pickles: reported by GetInfo (the transfers apply it).
-            max_unpack_size: default output limit of Unpack, in bytes.
+            max_unpack_size: the most bytes Unpack produces; a trainer's
+                ``max_output_size`` may lower it, never raise it.
             notification_url: where the FL server should POST notifications.
             metrics: where call durations and errors are counted.
         """
@@ -626,7 +627,9 @@ class SidecarService(pb_grpc.SidecarServicer):
                 if index != 0:
                     raise _invalid("Unpack options must be the first message")
                 if message.options.max_output_size:
-                    limit = message.options.max_output_size
+                    # The sidecar's --max-model-size is the ceiling: a trainer may only
+                    # ask for less, never lift it.
+                    limit = min(limit, message.options.max_output_size)
                 continue
             if kind != "chunk":
                 continue

@@ -144,6 +144,32 @@ def test_unpack_beyond_the_limit_is_resource_exhausted(sidecar: SidecarProcess) 
     assert details
 
 
+def test_a_trainers_max_output_size_cannot_lift_the_sidecars_limit() -> None:
+    data = _sample(3 * MIB)
+    with running_sidecar(args=["--max-model-size", "2M"]) as small:
+        packed, _summary, _sizes = _pack(small, data)
+        # Asking for more than the sidecar allows does not lift its 2 MiB ceiling.
+        code, details = _code_of(
+            lambda: _unpack(small, packed, pb.UnpackOptions(max_output_size=64 * MIB))
+        )
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert str(2 * MIB) in details
+        code, _ = _code_of(lambda: _unpack(small, packed))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Asking for less than the ceiling lowers it.
+        one_mib = _pack(small, data[:MIB])[0]
+        code, details = _code_of(
+            lambda: _unpack(small, one_mib, pb.UnpackOptions(max_output_size=MIB - 1))
+        )
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert str(MIB - 1) in details
+        # Within both limits it round-trips.
+        smaller = data[: MIB + 5]
+        blob = _pack(small, smaller)[0]
+        out, summary, _ = _unpack(small, blob, pb.UnpackOptions(max_output_size=64 * MIB))
+        assert out == smaller and summary.raw_bytes == len(smaller)
+
+
 def test_options_after_data_are_invalid_argument(sidecar: SidecarProcess) -> None:
     def late_options() -> Iterator[pb.PackRequest]:
         yield pb.PackRequest(chunk=b"abc")
