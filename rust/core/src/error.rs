@@ -24,6 +24,8 @@ pub enum CodecError {
         /// What the stream needs (or has produced so far), in bytes.
         needed: u64,
     },
+    /// A blob has (or packing would make) more frames than the codec handles (`MAX_FRAMES`).
+    FrameLimit(String),
     /// A frame needs a larger decoding window than allowed (a memory bomb).
     WindowTooLarge {
         /// The largest window allowed, in bytes.
@@ -42,7 +44,8 @@ impl fmt::Display for CodecError {
             | CodecError::Corrupt(m)
             | CodecError::Truncated(m)
             | CodecError::ChecksumMismatch(m)
-            | CodecError::SeekTable(m) => f.write_str(m),
+            | CodecError::SeekTable(m)
+            | CodecError::FrameLimit(m) => f.write_str(m),
             CodecError::SizeLimitExceeded { limit, needed } => write!(
                 f,
                 "output of {needed} bytes exceeds the limit of {limit} bytes (max_output_size)"
