@@ -21,7 +21,9 @@ Errors are the classes of :mod:`fl_sidecar.errors`:
 :class:`~fl_sidecar.errors.SizeLimitExceededError` (the output would exceed
 ``max_output_size``, raised before allocating whenever the sizes are known up front;
 or a blob has, or packing would make, more than :data:`MAX_FRAMES` frames).
-The first four are all :class:`~fl_sidecar.errors.CorruptDataError`.
+The first four are all :class:`~fl_sidecar.errors.CorruptDataError`. A frame
+whose window zstd cannot allocate (this process's memory, not the data) raises
+:class:`MemoryError`.
 
 Warning -- decoding our blobs elsewhere:
     python-zstandard's one-shot ``zstandard.ZstdDecompressor().decompress(blob)``

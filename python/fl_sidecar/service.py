@@ -87,6 +87,8 @@ _EVENT_KINDS: Dict[EventKind, int] = {
 # Most specific first: the first matching class decides.
 _STATUS_BY_ERROR: List[Tuple[type, grpc.StatusCode]] = [
     (SizeLimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    # The codec raises it when zstd cannot allocate a frame's window: a limit, not damage.
+    (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (CorruptDataError, grpc.StatusCode.DATA_LOSS),
     (CodecError, grpc.StatusCode.DATA_LOSS),
     (UnsafePickleError, grpc.StatusCode.FAILED_PRECONDITION),

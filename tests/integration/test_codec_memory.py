@@ -271,3 +271,29 @@ def test_bomb_bounds_hold_with_the_smallest_window_too(tmp_path: Path) -> None:
     assert_refused_within_bound(result, FILE_LIMIT)
     assert float(str(result["peak_mib"])) < 96
     assert os.listdir(tmp_path) == ["b.zst"]
+
+
+def test_a_window_the_process_cannot_allocate_is_memory_error_not_corruption() -> None:
+    # Under an address-space limit, zstd's allocation of a 128 MiB window fails: that is
+    # this process's limit, so MemoryError (RESOURCE_EXHAUSTED in the sidecar), never
+    # CorruptDataError (DATA_LOSS), which would blame the data.
+    result = run_measured(
+        f"""
+        import resource
+        from fl_sidecar.errors import CodecError
+        blob = {rle_bomb(2000)!r}
+        unpacker = codec.Unpacker(max_output_size=1 << 30)
+        with open("/proc/self/status") as f:
+            vm = next(int(l.split()[1]) for l in f if l.startswith("VmSize:")) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (64 << 20), resource.RLIM_INFINITY))
+        try:
+            for piece in unpacker.write_iter(blob):
+                pass
+            error = None
+        except (MemoryError, CodecError) as e:
+            error = type(e).__name__
+        print(json.dumps({{"error": error}}))
+        """,
+        Path.cwd(),
+    )
+    assert result["error"] == "MemoryError", result

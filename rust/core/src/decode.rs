@@ -48,6 +48,9 @@ fn zstd_failure(code: usize, what: String) -> CodecError {
         ZstdFailure::Checksum => {
             CodecError::ChecksumMismatch(format!("{what}: content checksum mismatch"))
         }
+        ZstdFailure::OutOfMemory => CodecError::OutOfMemory(format!(
+            "{what}: zstd could not allocate the memory the frame needs (its window)"
+        )),
         _ => CodecError::Corrupt(format!("{what}: {}", zstd_error_name(code))),
     }
 }

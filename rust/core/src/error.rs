@@ -33,6 +33,9 @@ pub enum CodecError {
         /// The window the frame asks for, in bytes.
         needed: u64,
     },
+    /// zstd could not allocate what a frame needs (its window): a resource limit of this
+    /// process, not damage in the data.
+    OutOfMemory(String),
     /// Reading or writing a file failed.
     Io(std::io::Error),
 }
@@ -45,7 +48,8 @@ impl fmt::Display for CodecError {
             | CodecError::Truncated(m)
             | CodecError::ChecksumMismatch(m)
             | CodecError::SeekTable(m)
-            | CodecError::FrameLimit(m) => f.write_str(m),
+            | CodecError::FrameLimit(m)
+            | CodecError::OutOfMemory(m) => f.write_str(m),
             CodecError::SizeLimitExceeded { limit, needed } => write!(
                 f,
                 "output of {needed} bytes exceeds the limit of {limit} bytes (max_output_size)"

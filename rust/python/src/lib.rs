@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use fl_sidecar_core as core;
 use fl_sidecar_core::{CodecError, PackOptions};
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyMemoryError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyType};
@@ -72,6 +72,7 @@ fn to_py_err(py: Python<'_>, failure: Failure) -> PyErr {
                 CodecError::SizeLimitExceeded { .. }
                 | CodecError::WindowTooLarge { .. }
                 | CodecError::FrameLimit(_) => raise(py, "SizeLimitExceededError", msg),
+                CodecError::OutOfMemory(_) => PyMemoryError::new_err(msg),
                 CodecError::Io(io) => PyErr::from(io),
             }
         }
