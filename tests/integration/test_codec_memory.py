@@ -6,9 +6,10 @@ without a content size (so nothing can be refused from a header), expanding to
 ``SizeLimitExceededError`` (RESOURCE_EXHAUSTED through the sidecar) while its peak
 RSS stays far below the limit: the streaming paths hand output on in 4 MiB steps
 and never hold more than one step, one frame window (here the largest accepted,
-128 MiB) and one read. The paths that write a file write everything up to the
-limit before refusing, so they run against a 1 GiB limit to spare the disk; an
-unbounded decoder would still hold four times the bound.
+128 MiB) and one read. The paths that write a file (or send it over the sidecar's
+socket) pass everything up to the limit on before refusing, so they run against
+a 1 GiB limit to spare the machine; an unbounded decoder would still hold four
+times the bound.
 """
 
 from __future__ import annotations
@@ -236,7 +237,8 @@ def _vm_hwm_mib(pid: int) -> float:
 
 def test_sidecar_unpack_stays_bounded() -> None:
     def requests() -> Iterator[pb.UnpackRequest]:
-        yield pb.UnpackRequest(options=pb.UnpackOptions(max_output_size=LIMIT))
+        # 1 GiB, not 4: every byte up to the limit crosses the socket before the refusal.
+        yield pb.UnpackRequest(options=pb.UnpackOptions(max_output_size=FILE_LIMIT))
         for start in range(0, len(BOMB), MIB):
             yield pb.UnpackRequest(chunk=BOMB[start : start + MIB])
 
@@ -247,9 +249,9 @@ def test_sidecar_unpack_stays_bounded() -> None:
             for message in sidecar.stub.Unpack(requests(), timeout=240):
                 produced += len(message.chunk)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert str(LIMIT) in (caught.value.details() or "")
+        assert str(FILE_LIMIT) in (caught.value.details() or "")
         grown = _vm_hwm_mib(sidecar.process.pid) - before
-    assert 0 < produced <= LIMIT
+    assert 0 < produced <= FILE_LIMIT
     assert grown < PEAK_BOUND_MIB, f"the sidecar's peak RSS grew by {grown:.0f} MiB"
 
 
