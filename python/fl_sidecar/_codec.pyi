@@ -14,6 +14,8 @@ DEFAULT_MAX_OUTPUT_SIZE: int
 MIN_LEVEL: int
 MAX_LEVEL: int
 MIN_PIECE_SIZE: int
+DEFAULT_PIECE_SIZE: int
+MAX_FRAMES: int
 
 def pack(data: Buffer, level: int, chunk_size: int, threads: int) -> bytes: ...
 def unpack(blob: Buffer, max_output_size: int, threads: int) -> bytes: ...
@@ -46,7 +48,9 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_LEVEL",
     "DEFAULT_MAX_OUTPUT_SIZE",
+    "DEFAULT_PIECE_SIZE",
     "MAX_CHUNK_SIZE",
+    "MAX_FRAMES",
     "MAX_LEVEL",
     "MIN_LEVEL",
     "MIN_PIECE_SIZE",

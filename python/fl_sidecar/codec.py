@@ -19,8 +19,11 @@ Errors are the classes of :mod:`fl_sidecar.errors`:
 :class:`~fl_sidecar.errors.ChecksumMismatchError` (content does not match its checksum),
 :class:`~fl_sidecar.errors.SeekTableError` (the seek table is malformed or lies), and
 :class:`~fl_sidecar.errors.SizeLimitExceededError` (the output would exceed
-``max_output_size``; raised before allocating whenever the sizes are known up front).
-The first four are all :class:`~fl_sidecar.errors.CorruptDataError`.
+``max_output_size``, raised before allocating whenever the sizes are known up front;
+or a blob has, or packing would make, more than :data:`MAX_FRAMES` frames).
+The first four are all :class:`~fl_sidecar.errors.CorruptDataError`. A frame
+whose window zstd cannot allocate (this process's memory, not the data) raises
+:class:`MemoryError`.
 
 Warning -- decoding our blobs elsewhere:
     python-zstandard's one-shot ``zstandard.ZstdDecompressor().decompress(blob)``
@@ -52,7 +55,9 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_LEVEL",
     "DEFAULT_MAX_OUTPUT_SIZE",
+    "DEFAULT_PIECE_SIZE",
     "MAX_CHUNK_SIZE",
+    "MAX_FRAMES",
     "MAX_LEVEL",
     "MIN_LEVEL",
     "MIN_PIECE_SIZE",
@@ -82,6 +87,12 @@ MIN_LEVEL: int = _codec.MIN_LEVEL
 MAX_LEVEL: int = _codec.MAX_LEVEL
 #: Smallest ``max_piece_size`` of :class:`Unpacker`, in bytes: one zstd block (128 KiB).
 MIN_PIECE_SIZE: int = _codec.MIN_PIECE_SIZE
+#: Default ``max_piece_size`` of :class:`Unpacker`, in bytes (4 MiB); also the step in
+#: which :func:`unpack_file` and :func:`unpack` (frames without sizes) decode.
+DEFAULT_PIECE_SIZE: int = _codec.DEFAULT_PIECE_SIZE
+#: The most zstd frames one blob may have (2^20), packing and unpacking alike: more is a
+#: :class:`~fl_sidecar.errors.SizeLimitExceededError` (2 MiB frames reach it at 2 TiB).
+MAX_FRAMES: int = _codec.MAX_FRAMES
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -162,6 +173,8 @@ def pack(
     Raises:
         TypeError: ``data`` is not a buffer.
         ValueError: ``data`` is not C-contiguous, or a parameter is out of range.
+        SizeLimitExceededError: ``data`` would make more than :data:`MAX_FRAMES` frames
+            (refused before compressing; use a larger ``chunk_size``).
     """
     return _codec.pack(
         _contiguous(data),
@@ -181,7 +194,11 @@ def unpack(
 
     When every frame's size is known (frame headers or seek table) the result is
     allocated once at its final size and the frames are decoded into it in
-    parallel; otherwise the frames are decoded as a stream.
+    parallel. Otherwise (foreign frames without sizes) the stream is decoded
+    twice in :data:`DEFAULT_PIECE_SIZE` steps: once to measure it, dropping the
+    output, then into a result of that size. Memory is the result's size plus
+    one step and one window either way: a bomb is refused at
+    ``max_output_size`` without ever holding its output.
 
     Args:
         blob: any C-contiguous buffer holding the compressed bytes; never copied.
@@ -196,7 +213,8 @@ def unpack(
         TruncatedDataError: the data ends inside a frame (or is empty).
         ChecksumMismatchError: a frame's content does not match its checksum.
         SeekTableError: the seek table is malformed or disagrees with the frames.
-        SizeLimitExceededError: the output would exceed ``max_output_size``.
+        SizeLimitExceededError: the output would exceed ``max_output_size``, or the
+            blob has more than :data:`MAX_FRAMES` frames.
         TypeError / ValueError: ``blob`` is not a C-contiguous buffer, bad parameter.
     """
     return _codec.unpack(
@@ -225,6 +243,8 @@ def pack_file(
     Raises:
         OSError: ``src`` cannot be read or ``dst`` cannot be written.
         ValueError: a parameter is out of range.
+        SizeLimitExceededError: ``src`` would make more than :data:`MAX_FRAMES` frames
+            (refused before writing when ``src`` is a regular file).
     """
     raw, packed, frames = _codec.pack_file(
         os.fspath(src),
@@ -245,9 +265,12 @@ def unpack_file(
 ) -> int:
     """Unpacks the zstd file ``src`` into ``dst`` with bounded memory.
 
-    A file ending with a seek table that lists all its frames (ours) is decoded
-    ``threads`` frames at a time in parallel (memory about 2 x threads x chunk_size);
-    any other zstd file is streamed on one thread. The total size is checked against
+    A file ending with a seek table that lists all its frames, none above
+    ``MAX_CHUNK_SIZE`` (ours), is decoded ``threads`` frames at a time in parallel
+    (memory about 2 x threads x chunk_size); any other zstd file is streamed on one
+    thread in :data:`DEFAULT_PIECE_SIZE` steps (memory one step, one 1 MiB read and
+    the frame's window: at most 8 MiB, or 128 MiB when ``max_output_size`` is that
+    large), whatever it expands to. The total size is checked against
     ``max_output_size`` before anything is written when the seek table gives it.
     ``dst`` is written through a temporary file and renamed into place only when the
     whole stream decoded and verified, so a failure leaves an existing ``dst`` untouched.
@@ -319,6 +342,9 @@ class Packer:
 
         Raises:
             TypeError / ValueError: not a C-contiguous buffer, or the packer is finished.
+            SizeLimitExceededError: the blob would get more than :data:`MAX_FRAMES`
+                frames (raised before compressing the batch that would cross it; use
+                a larger ``chunk_size``).
         """
         return self._inner.write(_contiguous(data))
 
@@ -339,26 +365,24 @@ class Packer:
 class Unpacker:
     """Streaming decoder for any zstd stream (ours, or plain single/multi-frame zstd).
 
-    Feed compressed pieces of any size with :meth:`write` (each returns the
-    decompressed bytes ready now), then call :meth:`finish`. Frame checksums and
-    seek tables are verified as they pass. After an error the decoder is spent.
+    Feed compressed pieces of any size with :meth:`write`, then call
+    :meth:`finish`. Frame checksums and seek tables are verified as they pass.
+    After an error the decoder is spent.
 
-    Without ``max_piece_size`` one :meth:`write` returns everything its input
-    completes: a few bytes of a decompression bomb hidden behind ordinary data
-    can come back as one object of up to ``max_output_size`` bytes. With it,
-    every call returns at most ``max_piece_size`` bytes; what a :meth:`write`
-    could not decode yet is held (copied, so the caller may reuse its buffer)
-    and comes out through :meth:`drain`, piece by piece. :meth:`write_iter`
-    does both::
+    Every call returns at most ``max_piece_size`` bytes (default
+    :data:`DEFAULT_PIECE_SIZE`, 4 MiB), so a few bytes of a decompression bomb
+    never come back as one huge object: what a :meth:`write` could not decode
+    yet is held (copied, so the caller may reuse its buffer) and comes out
+    through :meth:`drain`, piece by piece. :meth:`write_iter` does both::
 
-        unpacker = Unpacker(max_output_size=limit, max_piece_size=4 << 20)
+        unpacker = Unpacker(max_output_size=limit)
         for message in messages:
             for piece in unpacker.write_iter(message):  # each <= 4 MiB
                 send(piece)
         unpacker.finish()
 
-    Memory is then one piece, the frame's window (at most 8 MiB, or 128 MiB
-    when ``max_output_size`` is that large) and the held input, whatever the
+    Memory is one piece, the frame's window (at most 8 MiB, or 128 MiB when
+    ``max_output_size`` is that large) and the held input, whatever the
     expansion.
     """
 
@@ -369,8 +393,9 @@ class Unpacker:
         max_piece_size: Optional[int] = None,
     ) -> None:
         """``max_output_size``: the most decompressed bytes to produce in total.
-        ``max_piece_size``: the most decompressed bytes one call returns (None: no bound;
-        at least :data:`MIN_PIECE_SIZE`; pieces come out between it minus 128 KiB and it).
+        ``max_piece_size``: the most decompressed bytes one call returns (None:
+        :data:`DEFAULT_PIECE_SIZE`; at least :data:`MIN_PIECE_SIZE`; pieces come out
+        between it minus 128 KiB and it).
 
         Raises:
             ValueError: ``max_piece_size`` below :data:`MIN_PIECE_SIZE`, or a negative size.
@@ -391,7 +416,7 @@ class Unpacker:
 
     def drain(self) -> bytes:
         """Decodes more of the held input; returns at most ``max_piece_size`` bytes, and
-        ``b""`` once nothing is held. Without ``max_piece_size`` nothing is ever held.
+        ``b""`` once nothing is held.
 
         Raises:
             The errors of :func:`unpack`; ValueError after :meth:`finish` or an earlier error.
@@ -435,7 +460,7 @@ class Unpacker:
 
     @property
     def pending_input(self) -> int:
-        """Bytes of compressed input held for :meth:`drain` (0 without ``max_piece_size``)."""
+        """Bytes of compressed input held for :meth:`drain`."""
         return self._inner.pending_input
 
 

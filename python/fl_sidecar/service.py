@@ -93,6 +93,8 @@ _EVENT_KINDS: Dict[EventKind, int] = {
 # Most specific first: the first matching class decides.
 _STATUS_BY_ERROR: List[Tuple[type, grpc.StatusCode]] = [
     (SizeLimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    # The codec raises it when zstd cannot allocate a frame's window: a limit, not damage.
+    (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (CorruptDataError, grpc.StatusCode.DATA_LOSS),
     (CodecError, grpc.StatusCode.DATA_LOSS),
     (UnsafePickleError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -304,7 +306,8 @@ class SidecarService(pb_grpc.SidecarServicer):
             bus: the server's notifications, for WatchEvents.
             server_url: the FL server's URL, already stripped of credentials.
             trust_pickles: reported by GetInfo (the transfers apply it).
-            max_unpack_size: default output limit of Unpack, in bytes.
+            max_unpack_size: the most bytes Unpack produces; a trainer's
+                ``max_output_size`` may lower it, never raise it.
             notification_url: where the FL server should POST notifications.
             metrics: where call durations and errors are counted.
         """
@@ -675,7 +678,9 @@ class SidecarService(pb_grpc.SidecarServicer):
                 if index != 0:
                     raise _invalid("Unpack options must be the first message")
                 if message.options.max_output_size:
-                    limit = message.options.max_output_size
+                    # The sidecar's --max-model-size is the ceiling: a trainer may only
+                    # ask for less, never lift it.
+                    limit = min(limit, message.options.max_output_size)
                 continue
             if kind != "chunk":
                 continue

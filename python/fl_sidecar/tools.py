@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any, Callable, Optional, TextIO, Tuple
 
-from fl_sidecar.errors import FlSidecarError, SidecarError
+from fl_sidecar.errors import FlSidecarError, SidecarError, SizeLimitExceededError
 
 __all__ = ["ProgressBar", "parse_metric", "register"]
 
@@ -253,6 +253,15 @@ def _local_stream(
             options["level"] = args.level
         if args.chunk_size is not None:
             options["chunk_size"] = args.chunk_size
+        chunk = options.get("chunk_size", codec.DEFAULT_CHUNK_SIZE)
+        frames = max(1, -(-total // chunk)) if chunk > 0 else 0
+        if frames > codec.MAX_FRAMES:
+            # Refused before writing: unpacking would refuse such a blob.
+            raise SizeLimitExceededError(
+                f"{src}: {total} bytes in chunks of {chunk} bytes make {frames} zstd frames, "
+                f"more than the {codec.MAX_FRAMES} one blob may have (MAX_FRAMES); "
+                "use a larger --chunk-size"
+            )
         coder = codec.Packer(**options)
     else:
         coder = codec.Unpacker(**({"max_output_size": args.max_size} if args.max_size else {}))
@@ -266,9 +275,10 @@ def _local_stream(
                 if not block:
                     break
                 read += len(block)
-                data = coder.write(block)
-                written += len(data)
-                out.write(data)
+                # The unpacker hands a bomb's output on in bounded pieces (write_iter).
+                for data in [coder.write(block)] if pack else coder.write_iter(block):
+                    written += len(data)
+                    out.write(data)
                 progress(read, total)
             tail = coder.finish()
             if tail:

@@ -136,6 +136,23 @@ def test_unpack_size_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert not out.exists()
 
 
+def test_pack_refuses_more_frames_than_unpack_accepts_up_front(
+    side: ClientSide, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frames = 1 << 20  # the codec's MAX_FRAMES
+    raw = tmp_path / "raw"
+    raw.write_bytes(bytes(frames + 1))
+    packed = tmp_path / "raw.zst"
+    assert main(["pack", str(raw), str(packed), "--chunk-size", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "SizeLimitExceeded" in err and str(frames) in err and "--chunk-size" in err
+    target = side.sidecar.target
+    args = ["pack", str(raw), str(packed), "--chunk-size", "1", "--via-sidecar"]
+    assert main([*args, "--target", target]) == 1
+    assert str(frames) in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["raw"]
+
+
 def test_bad_usage_exits_2(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "fl_sidecar", "upload", "m", str(tmp_path / "f"), "--round", "x"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import struct
 import urllib.error
 import urllib.request
 import uuid
@@ -142,6 +143,59 @@ def test_unpack_beyond_the_limit_is_resource_exhausted(sidecar: SidecarProcess) 
     code, details = _code_of(lambda: _unpack(sidecar, bomb, pb.UnpackOptions(max_output_size=MIB)))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert details
+
+
+def test_a_trainers_max_output_size_cannot_lift_the_sidecars_limit() -> None:
+    data = _sample(3 * MIB)
+    with running_sidecar(args=["--max-model-size", "2M"]) as small:
+        packed, _summary, _sizes = _pack(small, data)
+        # Asking for more than the sidecar allows does not lift its 2 MiB ceiling.
+        code, details = _code_of(
+            lambda: _unpack(small, packed, pb.UnpackOptions(max_output_size=64 * MIB))
+        )
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert str(2 * MIB) in details
+        code, _ = _code_of(lambda: _unpack(small, packed))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Asking for less than the ceiling lowers it.
+        one_mib = _pack(small, data[:MIB])[0]
+        code, details = _code_of(
+            lambda: _unpack(small, one_mib, pb.UnpackOptions(max_output_size=MIB - 1))
+        )
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert str(MIB - 1) in details
+        # Within both limits it round-trips.
+        smaller = data[: MIB + 5]
+        blob = _pack(small, smaller)[0]
+        out, summary, _ = _unpack(small, blob, pb.UnpackOptions(max_output_size=64 * MIB))
+        assert out == smaller and summary.raw_bytes == len(smaller)
+
+
+def _seekable_empty_frames(count: int) -> bytes:
+    """``count`` empty zstd frames and a seek table that describes them truthfully."""
+    frame = bytes([0x28, 0xB5, 0x2F, 0xFD, 0x20, 0x00, 0x01, 0x00, 0x00])
+    table = struct.pack("<II", len(frame), 0) * count + struct.pack("<IBI", count, 0, 0x8F92EAB1)
+    return frame * count + struct.pack("<II", 0x184D2A5E, len(table)) + table
+
+
+def test_pack_and_unpack_agree_on_the_frame_limit(sidecar: SidecarProcess) -> None:
+    frames = 1 << 20  # the codec's MAX_FRAMES
+    requests = iter(
+        [
+            pb.PackRequest(options=pb.PackOptions(chunk_size=1)),
+            pb.PackRequest(chunk=bytes(frames + 1)),
+        ]
+    )
+    # Refused before compressing: Pack never writes a blob its own Unpack refuses.
+    code, details = _code_of(lambda: list(sidecar.stub.Pack(requests, timeout=60)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert str(frames) in details and "chunk_size" in details
+    # A blob with one frame too many is a limit reached, never DATA_LOSS.
+    code, details = _code_of(lambda: _unpack(sidecar, _seekable_empty_frames(frames + 1)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert str(frames) in details
+    out, summary, _ = _unpack(sidecar, _seekable_empty_frames(frames))
+    assert out == b"" and summary.raw_bytes == 0
 
 
 def test_options_after_data_are_invalid_argument(sidecar: SidecarProcess) -> None:

@@ -242,13 +242,27 @@ def test_bounded_unpacker_holds_a_copy_and_insists_on_draining() -> None:
     assert first + b"".join(rest) == data
 
 
-def test_unbounded_unpacker_never_holds_input() -> None:
+def test_default_unpacker_is_bounded_to_the_default_piece_size() -> None:
+    assert codec.DEFAULT_PIECE_SIZE == 4 << 20
+    # What fits in one piece comes out at once, nothing held.
     unpacker = codec.Unpacker()
     assert unpacker.write(codec.pack(bytes(3 << 20))) == bytes(3 << 20)
     assert unpacker.pending_input == 0
     assert unpacker.drain() == b""
     assert list(unpacker.write_iter(codec.pack(b"abc"))) == [b"abc"]
     unpacker.finish()
+    # More than a piece: one piece now, the rest held for drain(), with or without None.
+    for unpacker in (codec.Unpacker(), codec.Unpacker(max_piece_size=None)):
+        blob = codec.pack(bytes(10 << 20))
+        first = unpacker.write(blob)
+        assert len(first) <= codec.DEFAULT_PIECE_SIZE
+        assert unpacker.pending_input > 0
+        rest = []
+        while unpacker.pending_input:
+            rest.append(unpacker.drain())
+        assert all(len(piece) <= codec.DEFAULT_PIECE_SIZE for piece in rest)
+        unpacker.finish()
+        assert len(first) + sum(map(len, rest)) == 10 << 20
 
 
 @pytest.mark.parametrize("bound", [0, 1, codec.MIN_PIECE_SIZE - 1, -1])

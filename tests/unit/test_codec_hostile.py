@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Tuple, Type, Union
 
 import pytest
@@ -404,3 +405,55 @@ def test_empty_frames_are_still_verified() -> None:
     blob[frame_end - 1] ^= 0x01
     with pytest.raises(CorruptDataError):
         codec.unpack(bytes(blob))
+
+
+# --- the frame limit: pack and unpack agree, and a limit is never called corruption ---
+
+EMPTY_FRAME = bytes([0x28, 0xB5, 0x2F, 0xFD, 0x20, 0x00, 0x01, 0x00, 0x00])  # 9 bytes, no data
+
+
+def seekable_empty_frames(count: int) -> bytes:
+    """``count`` empty frames and a seek table that describes them truthfully."""
+    entries = struct.pack("<II", len(EMPTY_FRAME), 0) * count
+    table = entries + struct.pack("<IBI", count, 0, 0x8F92EAB1)
+    return EMPTY_FRAME * count + struct.pack("<II", 0x184D2A5E, len(table)) + table
+
+
+def test_packing_refuses_more_frames_than_unpacking_accepts(tmp_path: Path) -> None:
+    assert codec.MAX_FRAMES == 1 << 20
+    too_many = bytes(codec.MAX_FRAMES + 1)
+    with pytest.raises(SizeLimitExceededError, match=f"{codec.MAX_FRAMES}.*chunk_size"):
+        codec.pack(too_many, chunk_size=1)
+    packer = codec.Packer(chunk_size=64, threads=16)
+    packer.write(bytes(codec.MAX_FRAMES * 64))
+    with pytest.raises(SizeLimitExceededError, match=str(codec.MAX_FRAMES)):
+        packer.write(b"x")
+        packer.finish()
+    src, dst = tmp_path / "src.bin", tmp_path / "dst.zst"
+    src.write_bytes(too_many)
+    with pytest.raises(SizeLimitExceededError, match=str(codec.MAX_FRAMES)):
+        codec.pack_file(src, dst, chunk_size=1)
+    assert not dst.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.bin"]
+
+
+def test_a_blob_of_exactly_max_frames_round_trips() -> None:
+    # (The Rust tests take it through the streaming and file paths too.)
+    data = os.urandom(codec.MAX_FRAMES)
+    blob = codec.pack(data, chunk_size=1)
+    assert codec.inspect(blob).frames == codec.MAX_FRAMES
+    assert codec.unpack(blob) == data
+
+
+def test_more_frames_than_the_limit_is_a_size_limit_not_corruption(tmp_path: Path) -> None:
+    blob = seekable_empty_frames(codec.MAX_FRAMES + 1)
+    for decode in (one_shot, lambda b: streamed(b, piece=1 << 20)):
+        with pytest.raises(SizeLimitExceededError, match=str(codec.MAX_FRAMES)):
+            decode(blob)
+    (tmp_path / "b.zst").write_bytes(blob)
+    with pytest.raises(SizeLimitExceededError, match=str(codec.MAX_FRAMES)):
+        codec.unpack_file(tmp_path / "b.zst", tmp_path / "b.bin")
+    assert not (tmp_path / "b.bin").exists()
+    # Without a seek table, the walk of the one-shot decoder has the same limit.
+    with pytest.raises(SizeLimitExceededError, match=str(codec.MAX_FRAMES)):
+        codec.unpack(EMPTY_FRAME * (codec.MAX_FRAMES + 1))

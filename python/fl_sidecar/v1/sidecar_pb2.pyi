@@ -784,7 +784,10 @@ class UnpackOptions(_message.Message):
     MAX_OUTPUT_SIZE_FIELD_NUMBER: _builtins.int
     max_output_size: _builtins.int
     """Refuse to produce more than this many bytes (decompression bombs);
-    0 = the sidecar's default limit.
+    0 = the sidecar's limit (--max-model-size). The sidecar's limit is the
+    ceiling: a larger value is lowered to it, so the effective limit is
+    min(max_output_size, --max-model-size). Exceeding it is
+    RESOURCE_EXHAUSTED naming the limit.
     """
     def __init__(
         self,

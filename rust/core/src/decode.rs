@@ -10,13 +10,13 @@ use rayon::prelude::*;
 use xxhash_rust::xxh64::{xxh64, Xxh64};
 use zstd_safe::{DCtx, DParameter, InBuffer, OutBuffer};
 
-use crate::encode::write_atomically;
+use crate::encode::{write_atomically, MAX_CHUNK_SIZE};
 use crate::error::{classify_zstd_error, zstd_error_name, CodecError, Result, ZstdFailure};
 use crate::format::{
     frame_header_size, is_skippable_magic, parse_block_header, parse_frame_header,
-    parse_seek_table_content, read_u32, scan, FrameHeader, FrameInfo, Layout, SeekTable,
-    MAX_BLOCK_SIZE, MAX_FRAMES, MAX_FRAME_HEADER_SIZE, SEEKABLE_MAGIC, SEEK_TABLE_FOOTER_SIZE,
-    SEEK_TABLE_SKIPPABLE_MAGIC, SKIPPABLE_HEADER_SIZE, ZSTD_MAGIC,
+    parse_seek_table_content, read_u32, scan, too_many_frames, FrameHeader, FrameInfo, Layout,
+    SeekTable, MAX_BLOCK_SIZE, MAX_FRAMES, MAX_FRAME_HEADER_SIZE, SEEKABLE_MAGIC,
+    SEEK_TABLE_FOOTER_SIZE, SEEK_TABLE_SKIPPABLE_MAGIC, SKIPPABLE_HEADER_SIZE, ZSTD_MAGIC,
 };
 use crate::pool::run_in_pool;
 
@@ -34,6 +34,11 @@ const MAX_ZSTD_WINDOW: u64 = 1 << 31;
 /// Bytes the streaming decoder produces at a time.
 const STREAM_STEP: usize = 128 * 1024;
 
+/// The most decompressed bytes a streaming path (`unpack_stream`, `unpack_file`, the
+/// one-shot decoder for frames without sizes) produces and hands on at a time: with the
+/// frame's window this bounds their memory, whatever a bomb expands to.
+pub const DECODE_STEP: usize = 4 << 20;
+
 /// The smallest output bound [`Unpacker::write_bounded`] accepts: one zstd block's content
 /// (128 KiB), the most one step of the decoder can produce.
 pub const MIN_BOUNDED_OUTPUT: usize = MAX_BLOCK_SIZE;
@@ -43,6 +48,9 @@ fn zstd_failure(code: usize, what: String) -> CodecError {
         ZstdFailure::Checksum => {
             CodecError::ChecksumMismatch(format!("{what}: content checksum mismatch"))
         }
+        ZstdFailure::OutOfMemory => CodecError::OutOfMemory(format!(
+            "{what}: zstd could not allocate the memory the frame needs (its window)"
+        )),
         _ => CodecError::Corrupt(format!("{what}: {}", zstd_error_name(code))),
     }
 }
@@ -71,6 +79,19 @@ pub fn plan(blob: &[u8], max_output_size: u64) -> Result<DecodePlan<'_>> {
             });
         }
     }
+    for frame in &layout.frames {
+        // A header that claims more than its blocks can hold would have its claim
+        // allocated before zstd finds the lie.
+        if let Some(claimed) = frame.header.content_size {
+            if claimed > frame.max_decompressed {
+                return Err(CodecError::Corrupt(format!(
+                    "zstd frame at offset {}: its header claims {claimed} bytes, more than \
+                     the {} its blocks can hold",
+                    frame.offset, frame.max_decompressed
+                )));
+            }
+        }
+    }
     Ok(DecodePlan {
         blob,
         layout,
@@ -89,12 +110,63 @@ impl DecodePlan<'_> {
         &self.layout
     }
 
-    /// Decodes every frame in parallel into its place in `out`, which must be exactly
-    /// [`output_size`](Self::output_size) bytes.
+    /// The decompressed size: from the frame headers and seek table when they give it,
+    /// else by decoding the blob once in [`DECODE_STEP`] pieces that are dropped (memory
+    /// one step and one window; a bomb is refused at the limit without holding its output).
+    pub fn measure(&self) -> Result<usize> {
+        match self.output_size() {
+            Some(total) => Ok(total),
+            None => {
+                let total = self.stream(|_| Ok(()))?;
+                usize::try_from(total).map_err(|_| CodecError::SizeLimitExceeded {
+                    limit: self.limit,
+                    needed: total,
+                })
+            }
+        }
+    }
+
+    /// Runs the streaming decoder over the blob, handing `sink` at most [`DECODE_STEP`]
+    /// bytes at a time; returns the bytes produced.
+    fn stream(&self, mut sink: impl FnMut(&[u8]) -> Result<()>) -> Result<u64> {
+        let mut unpacker = Unpacker::new(self.limit);
+        let mut piece = Vec::with_capacity(DECODE_STEP);
+        let mut rest = self.blob;
+        while !rest.is_empty() {
+            let used = unpacker.write_bounded(rest, &mut piece, DECODE_STEP)?;
+            rest = &rest[used..];
+            sink(&piece)?;
+            piece.clear();
+        }
+        unpacker.finish()?;
+        Ok(unpacker.produced())
+    }
+
+    /// Decodes the blob into `out`, which must be exactly [`measure`](Self::measure) bytes:
+    /// every frame in parallel into its place when the sizes are known up front, else
+    /// streaming, a [`DECODE_STEP`] at a time.
     pub fn decode_into(&self, out: &mut [u8], threads: usize) -> Result<()> {
-        let total = self.output_size().ok_or_else(|| {
-            CodecError::InvalidArgument("the output size is not known up front".into())
-        })?;
+        let Some(total) = self.output_size() else {
+            let mut filled = 0usize;
+            let len = out.len();
+            let produced = self.stream(|piece| {
+                let end = filled + piece.len();
+                if end > len {
+                    return Err(CodecError::InvalidArgument(format!(
+                        "output buffer is {len} bytes, the blob decodes to more"
+                    )));
+                }
+                out[filled..end].copy_from_slice(piece);
+                filled = end;
+                Ok(())
+            })?;
+            if produced != len as u64 {
+                return Err(CodecError::InvalidArgument(format!(
+                    "output buffer is {len} bytes, the blob decodes to {produced}"
+                )));
+            }
+            return Ok(());
+        };
         if out.len() != total {
             return Err(CodecError::InvalidArgument(format!(
                 "output buffer is {} bytes, the blob decodes to {total}",
@@ -124,23 +196,13 @@ impl DecodePlan<'_> {
         })?
     }
 
-    /// Decodes into a new vector: in parallel when the size is known, else streaming.
+    /// Decodes into a new vector of exactly the output's size: in parallel when the sizes
+    /// are known; else the blob is measured first (see [`measure`](Self::measure)) and
+    /// decoded twice, so memory is the output's size, never the limit.
     pub fn decode_to_vec(&self, threads: usize) -> Result<Vec<u8>> {
-        match self.output_size() {
-            Some(total) => {
-                let mut out = vec![0u8; total];
-                self.decode_into(&mut out, threads)?;
-                Ok(out)
-            }
-            None => {
-                let mut unpacker = Unpacker::new(self.limit);
-                let reserve = self.layout.max_total().min(self.limit).min(1 << 30);
-                let mut out = Vec::with_capacity(reserve as usize);
-                unpacker.write(self.blob, &mut out)?;
-                unpacker.finish()?;
-                Ok(out)
-            }
-        }
+        let mut out = vec![0u8; self.measure()?];
+        self.decode_into(&mut out, threads)?;
+        Ok(out)
     }
 }
 
@@ -355,7 +417,9 @@ impl Unpacker {
         self.frames
     }
 
-    /// Feeds `input`; appends the bytes it decodes to `out`.
+    /// Feeds `input`; appends ALL the bytes it decodes to `out`, which a few bytes of a bomb
+    /// can grow to the limit. Only for callers that keep the whole output anyway; streaming
+    /// callers use [`write_bounded`](Self::write_bounded).
     pub fn write(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<()> {
         self.write_bounded(input, out, usize::MAX).map(|_| ())
     }
@@ -493,7 +557,7 @@ impl Unpacker {
                 Stage::SkippableHeader => {
                     let used = self.collect(input, SKIPPABLE_HEADER_SIZE);
                     if self.small.len() == SKIPPABLE_HEADER_SIZE {
-                        self.begin_skippable();
+                        self.begin_skippable()?;
                     }
                     used
                 }
@@ -691,9 +755,16 @@ impl Unpacker {
         Ok(())
     }
 
-    fn begin_skippable(&mut self) {
+    fn begin_skippable(&mut self) -> Result<()> {
         let magic = read_u32(&self.small, 0);
         let size = u64::from(read_u32(&self.small, 4));
+        if magic == SEEK_TABLE_SKIPPABLE_MAGIC && self.run_overflow {
+            // Its frames were too many to record: a limit reached, not damage.
+            return Err(too_many_frames(
+                &format!("the seek table follows {} or more", MAX_FRAMES + 1),
+                "",
+            ));
+        }
         self.small.clear();
         self.skippable_magic = magic;
         self.skippable_tail = 0;
@@ -712,6 +783,7 @@ impl Unpacker {
             self.run.clear();
             self.run_overflow = false;
         }
+        Ok(())
     }
 
     fn end_skippable(&mut self) -> Result<()> {
@@ -739,9 +811,8 @@ impl Unpacker {
 
     fn check_table(&self, table: &SeekTable) -> Result<()> {
         if self.run_overflow {
-            return Err(CodecError::SeekTable(format!(
-                "the seek table follows more than {MAX_FRAMES} frames: too many to verify"
-            )));
+            let count = format!("the seek table follows {} or more", MAX_FRAMES + 1);
+            return Err(too_many_frames(&count, ""));
         }
         let n = table.entries.len();
         if n != self.run.len() {
@@ -820,7 +891,8 @@ impl Unpacker {
     }
 }
 
-/// Unpacks everything `reader` yields into `writer` with the streaming decoder.
+/// Unpacks everything `reader` yields into `writer` with the streaming decoder; memory is
+/// one 1 MiB read, one [`DECODE_STEP`] of output and the frame's window.
 pub fn unpack_stream(
     reader: &mut impl Read,
     writer: &mut impl Write,
@@ -828,7 +900,7 @@ pub fn unpack_stream(
 ) -> Result<u64> {
     let mut unpacker = Unpacker::new(max_output_size);
     let mut input = vec![0u8; 1 << 20];
-    let mut out = Vec::with_capacity(2 << 20);
+    let mut out = Vec::with_capacity(DECODE_STEP);
     loop {
         let n = match reader.read(&mut input) {
             Ok(0) => break,
@@ -836,9 +908,14 @@ pub fn unpack_stream(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),
         };
-        unpacker.write(&input[..n], &mut out)?;
-        writer.write_all(&out)?;
-        out.clear();
+        // A bounded step at a time: a megabyte of bomb never becomes gigabytes in memory.
+        let mut rest = &input[..n];
+        while !rest.is_empty() {
+            let used = unpacker.write_bounded(rest, &mut out, DECODE_STEP)?;
+            rest = &rest[used..];
+            writer.write_all(&out)?;
+            out.clear();
+        }
     }
     unpacker.finish()?;
     writer.flush()?;
@@ -847,20 +924,40 @@ pub fn unpack_stream(
 
 /// Unpacks the file `src` into the file `dst`; returns the bytes written.
 ///
-/// A file that ends with a seek table describing all of it is decoded `threads` frames at a
-/// time in parallel (memory about twice `threads` frames); anything else goes through the
-/// streaming decoder. Either way the limit is checked before writing, when sizes are known.
+/// A file that ends with a seek table describing all of it, with frames of at most
+/// [`MAX_CHUNK_SIZE`] (ours), is decoded `threads` frames at a time in parallel (memory
+/// about twice `threads` frames); anything else goes through the streaming decoder (memory
+/// one [`DECODE_STEP`], one 1 MiB read and the frame's window). Either way the limit is
+/// checked before writing, when sizes are known, and more than [`MAX_FRAMES`] frames in
+/// the seek table is a `FrameLimit` error before anything is decoded.
 pub fn unpack_file(src: &Path, dst: &Path, max_output_size: u64, threads: usize) -> Result<u64> {
     let mut file = File::open(src)?;
     match seekable_file_layout(&mut file)? {
-        Some(table) => write_atomically(dst, |w| {
+        Some(table) if table.entries.len() > MAX_FRAMES => {
+            let count = format!("its seek table lists {}", table.entries.len());
+            Err(too_many_frames(&count, ""))
+        }
+        Some(table) if frames_fit_in_memory(&table) => write_atomically(dst, |w| {
             unpack_seekable_file(&mut file, &table, w, max_output_size, threads)
         }),
-        None => {
+        // Frames larger than ours (a seek table may list up to 4 GiB each): a batch of
+        // them would be held whole, so the streaming decoder takes them in bounded steps.
+        _ => {
             file.seek(SeekFrom::Start(0))?;
             write_atomically(dst, |w| unpack_stream(&mut file, w, max_output_size))
         }
     }
+}
+
+/// Whether every frame the table lists is one the parallel file path may hold whole: at
+/// most [`MAX_CHUNK_SIZE`] bytes decompressed (our largest frame) and the most zstd can
+/// compress that into.
+fn frames_fit_in_memory(table: &SeekTable) -> bool {
+    let most_compressed = zstd_safe::compress_bound(MAX_CHUNK_SIZE);
+    table.entries.iter().all(|e| {
+        e.decompressed_size as usize <= MAX_CHUNK_SIZE
+            && e.compressed_size as usize <= most_compressed
+    })
 }
 
 /// The seek table at the end of `file` when it describes every byte before it.

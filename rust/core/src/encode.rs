@@ -16,7 +16,7 @@ use std::ptr::NonNull;
 use crate::decode::advise_huge_pages;
 use crate::error::{zstd_error_name, CodecError, Result};
 use crate::format::{
-    read_u32, write_seek_table, SeekEntry, SEEKABLE_MAX_FRAMES, SEEK_TABLE_FOOTER_SIZE,
+    read_u32, too_many_frames, write_seek_table, SeekEntry, MAX_FRAMES, SEEK_TABLE_FOOTER_SIZE,
     SKIPPABLE_HEADER_SIZE,
 };
 use crate::pool::{check_threads, effective_threads, run_in_pool};
@@ -200,14 +200,19 @@ fn with_cctx<R>(opts: &PackOptions, f: impl FnOnce(&mut Cctx) -> R) -> Result<R>
     })
 }
 
+/// Refuses to make more frames than the decoder accepts ([`MAX_FRAMES`]): a blob that its
+/// own unpacking refuses is never written.
 fn check_frame_count(frames: u64) -> Result<()> {
-    if frames > SEEKABLE_MAX_FRAMES {
-        return Err(CodecError::InvalidArgument(format!(
-            "{frames} frames exceed the seekable format's limit of {SEEKABLE_MAX_FRAMES}; \
-             use a larger chunk_size"
-        )));
+    if frames > MAX_FRAMES as u64 {
+        let count = format!("packing would make {frames}");
+        return Err(too_many_frames(&count, "; use a larger chunk_size"));
     }
     Ok(())
+}
+
+/// The frames packing `data_len` bytes makes: at least one, so empty input still has one.
+pub fn frame_count(data_len: u64, opts: &PackOptions) -> u64 {
+    data_len.div_ceil(opts.chunk_size as u64).max(1)
 }
 
 /// The chunks `data` is cut into: at least one, so empty input still gives a frame.
@@ -480,12 +485,13 @@ impl Packer {
     }
 
     fn emit(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        // Checked before compressing: the frames already emitted stay a valid prefix.
+        check_frame_count(self.entries.len() as u64 + frame_count(data.len() as u64, &self.opts))?;
         let bound = frames_bound(data.len(), &self.opts);
         if self.scratch.len() < bound {
             self.scratch.resize(bound, 0);
         }
         let (used, entries) = compress_into(data, &self.opts, &mut self.scratch)?;
-        check_frame_count(self.entries.len() as u64 + entries.len() as u64)?;
         out.extend_from_slice(&self.scratch[..used]);
         self.stats.packed_size += used as u64;
         self.stats.frames += entries.len() as u64;
@@ -503,9 +509,13 @@ impl Packer {
         Ok(())
     }
 
-    /// Feeds `data`; appends whatever compressed bytes are ready to `out`.
+    /// Feeds `data`; appends whatever compressed bytes are ready to `out`. Input that
+    /// would take the blob past [`MAX_FRAMES`] frames is refused whole, before any of it
+    /// is compressed.
     pub fn write(&mut self, mut data: &[u8], out: &mut Vec<u8>) -> Result<()> {
         self.check_open()?;
+        let buffered = self.pending.len() as u64 + data.len() as u64;
+        check_frame_count(self.entries.len() as u64 + frame_count(buffered, &self.opts))?;
         if !self.pending.is_empty() {
             let take = (self.batch - self.pending.len()).min(data.len());
             self.pending.extend_from_slice(&data[..take]);
@@ -621,5 +631,7 @@ pub(crate) fn write_atomically<T>(
 pub fn pack_file(src: &Path, dst: &Path, opts: &PackOptions) -> Result<PackStats> {
     opts.validate()?;
     let mut reader = File::open(src)?;
+    // Refused before anything is written, when the size is known (a regular file).
+    check_frame_count(frame_count(reader.metadata()?.len(), opts))?;
     write_atomically(dst, |w| pack_stream(&mut reader, w, opts))
 }

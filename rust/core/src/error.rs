@@ -24,6 +24,8 @@ pub enum CodecError {
         /// What the stream needs (or has produced so far), in bytes.
         needed: u64,
     },
+    /// A blob has (or packing would make) more frames than the codec handles (`MAX_FRAMES`).
+    FrameLimit(String),
     /// A frame needs a larger decoding window than allowed (a memory bomb).
     WindowTooLarge {
         /// The largest window allowed, in bytes.
@@ -31,6 +33,9 @@ pub enum CodecError {
         /// The window the frame asks for, in bytes.
         needed: u64,
     },
+    /// zstd could not allocate what a frame needs (its window): a resource limit of this
+    /// process, not damage in the data.
+    OutOfMemory(String),
     /// Reading or writing a file failed.
     Io(std::io::Error),
 }
@@ -42,7 +47,9 @@ impl fmt::Display for CodecError {
             | CodecError::Corrupt(m)
             | CodecError::Truncated(m)
             | CodecError::ChecksumMismatch(m)
-            | CodecError::SeekTable(m) => f.write_str(m),
+            | CodecError::SeekTable(m)
+            | CodecError::FrameLimit(m)
+            | CodecError::OutOfMemory(m) => f.write_str(m),
             CodecError::SizeLimitExceeded { limit, needed } => write!(
                 f,
                 "output of {needed} bytes exceeds the limit of {limit} bytes (max_output_size)"

@@ -21,10 +21,19 @@ pub const SKIPPABLE_HEADER_SIZE: usize = 8;
 pub const SEEKABLE_MAX_FRAMES: u64 = 0x0800_0000;
 /// The largest block a zstd frame may hold (and regenerate), in bytes.
 pub const MAX_BLOCK_SIZE: usize = 128 * 1024;
-/// The most frames a blob may have: each costs about 100 bytes of bookkeeping while
-/// walking, and a hostile blob packs one into 9 bytes, so this bounds that memory
-/// (about 100 MiB); 2 MiB frames reach it only at 2 TiB.
+/// The most frames a blob may have, packing and unpacking alike: each costs about 100
+/// bytes of bookkeeping while walking, and a hostile blob packs one into 9 bytes, so this
+/// bounds that memory (about 100 MiB); 2 MiB frames reach it only at 2 TiB. The seekable
+/// format itself allows 2^27 (`SEEKABLE_MAX_FRAMES`).
 pub const MAX_FRAMES: usize = 1 << 20;
+
+/// The error for a blob with more than [`MAX_FRAMES`] frames; `count` says how many
+/// ("its seek table lists 1048577"), the message names the limit, then `advice`.
+pub(crate) fn too_many_frames(count: &str, advice: &str) -> CodecError {
+    CodecError::FrameLimit(format!(
+        "{count} zstd frames, more than the {MAX_FRAMES} one blob may have (MAX_FRAMES){advice}"
+    ))
+}
 /// The largest frame header, in bytes.
 pub const MAX_FRAME_HEADER_SIZE: usize = 18;
 
@@ -430,6 +439,13 @@ pub fn scan(blob: &[u8]) -> Result<Layout> {
         ));
     }
     let end_table = seek_table_at_end(blob)?;
+    if let Some((_, table)) = &end_table {
+        // Refused before walking a single frame.
+        if table.entries.len() > MAX_FRAMES {
+            let count = format!("its seek table lists {}", table.entries.len());
+            return Err(too_many_frames(&count, ""));
+        }
+    }
     let data_end = end_table.as_ref().map_or(blob.len(), |(start, _)| *start);
     let mut layout = Layout::default();
     // Frames since the last skippable frame: the only ones a seek table may describe.
@@ -444,9 +460,10 @@ pub fn scan(blob: &[u8]) -> Result<Layout> {
             let frame = walk_frame(&blob[..data_end], at)?;
             at += frame.compressed_size;
             if layout.frames.len() == MAX_FRAMES {
-                return Err(CodecError::Corrupt(format!(
-                    "more than {MAX_FRAMES} zstd frames: refusing to walk them"
-                )));
+                return Err(too_many_frames(
+                    &format!("the blob has {} or more", MAX_FRAMES + 1),
+                    "",
+                ));
             }
             layout.frames.push(frame);
         } else if is_skippable_magic(magic) {

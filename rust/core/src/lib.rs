@@ -10,16 +10,17 @@ pub mod format;
 pub mod pool;
 
 pub use decode::{
-    plan, unpack, unpack_file, unpack_stream, DecodePlan, Unpacker, DEFAULT_MAX_OUTPUT_SIZE,
-    MIN_BOUNDED_OUTPUT,
+    plan, unpack, unpack_file, unpack_stream, DecodePlan, Unpacker, DECODE_STEP,
+    DEFAULT_MAX_OUTPUT_SIZE, MIN_BOUNDED_OUTPUT,
 };
 pub use encode::{
-    compress_into, frames_bound, pack, pack_file, pack_into, pack_stream, packed_bound,
-    PackOptions, PackStats, Packer, DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, MAX_CHUNK_SIZE,
+    compress_into, frame_count, frames_bound, pack, pack_file, pack_into, pack_stream,
+    packed_bound, PackOptions, PackStats, Packer, DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL,
+    MAX_CHUNK_SIZE,
 };
 pub use encode::{zstd_version, zstd_version_number};
 pub use error::{CodecError, Result};
-pub use format::{scan, Layout};
+pub use format::{scan, Layout, MAX_FRAMES};
 
 /// What a blob says about itself, read without decompressing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -507,7 +507,11 @@ fn frame_count_is_bounded_while_walking() {
     }
     assert_eq!(unpack(&blob[..9 * 3], LIMIT, 0).unwrap(), b"");
     let r = unpack(&blob, LIMIT, 0);
-    assert!(matches!(r, Err(CodecError::Corrupt(_))), "{r:?}");
+    // A limit reached, named as such: never a claim of corruption.
+    assert!(
+        matches!(&r, Err(CodecError::FrameLimit(m)) if m.contains("1048576")),
+        "{r:?}"
+    );
     // Streaming needs no per-frame bookkeeping without a seek table.
     assert_eq!(stream_unpack(&blob, 1 << 20, LIMIT).unwrap(), b"");
 }
@@ -608,4 +612,184 @@ fn bounded_writes_keep_the_limit_and_refuse_tiny_bounds() {
     };
     assert!(matches!(r, CodecError::SizeLimitExceeded { .. }), "{r:?}");
     assert!(u.produced() <= (1 << 20) + 1);
+}
+
+/// A writer that records the largest single write it was given.
+#[derive(Default)]
+struct WriteSizes {
+    total: u64,
+    largest: usize,
+}
+
+impl std::io::Write for WriteSizes {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.total += buf.len() as u64;
+        self.largest = self.largest.max(buf.len());
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn unpack_stream_hands_on_bounded_steps_whatever_the_expansion() {
+    use crate::decode::{unpack_stream, DECODE_STEP};
+    // 64 MiB from 2 KiB: one 1 MiB read of it must not become one 64 MiB buffer.
+    let bomb = rle_bomb(512);
+    let mut sink = WriteSizes::default();
+    let n = unpack_stream(&mut &bomb[..], &mut sink, LIMIT).unwrap();
+    assert_eq!(n, 64 << 20);
+    assert_eq!(sink.total, 64 << 20);
+    assert!(
+        sink.largest <= DECODE_STEP,
+        "one write of {} bytes",
+        sink.largest
+    );
+    // And the limit still stops it.
+    let r = unpack_stream(&mut &bomb[..], &mut WriteSizes::default(), 8 << 20);
+    assert!(
+        matches!(r, Err(CodecError::SizeLimitExceeded { .. })),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn one_shot_without_sizes_measures_first_and_allocates_the_result_only() {
+    // Frames without sizes: measured in bounded steps, then decoded into an exact buffer.
+    let text = sample(3 << 20, 5, true);
+    let foreign = foreign_frame(&text, true, false);
+    let p = plan(&foreign, LIMIT).unwrap();
+    assert_eq!(p.output_size(), None);
+    assert_eq!(p.measure().unwrap(), text.len());
+    let mut out = vec![0u8; text.len()];
+    p.decode_into(&mut out, 0).unwrap();
+    assert_eq!(out, text);
+    let mut short = vec![0u8; text.len() - 1];
+    assert!(matches!(
+        p.decode_into(&mut short, 0),
+        Err(CodecError::InvalidArgument(_))
+    ));
+    let r = plan(&rle_bomb(8192), 1 << 20).unwrap().measure();
+    assert!(
+        matches!(r, Err(CodecError::SizeLimitExceeded { .. })),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn a_header_claiming_more_than_its_blocks_hold_is_refused_before_allocating() {
+    // Claims 512 MiB (within the limit) but holds one 16-byte RLE block.
+    let mut claim = 0xFD2F_B528u32.to_le_bytes().to_vec();
+    claim.push(0xA0); // 4-byte content size, single segment
+    claim.extend_from_slice(&(512u32 << 20).to_le_bytes());
+    claim.extend_from_slice(&(1 | (1 << 1) | (16 << 3) as u32).to_le_bytes()[..3]);
+    claim.push(7);
+    let r = plan(&claim, LIMIT);
+    assert!(
+        matches!(&r, Err(CodecError::Corrupt(m)) if m.contains("claims")),
+        "{r:?}"
+    );
+    assert!(stream_unpack(&claim, 5, LIMIT).is_err());
+}
+
+#[test]
+fn files_with_huge_frames_stream_instead_of_holding_a_frame() {
+    // A seek table may list frames of up to 4 GiB; this one lists a 64 MiB RLE frame.
+    let dir = std::env::temp_dir().join(format!("fl-codec-huge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let frame = rle_bomb(512);
+    let mut blob = frame.clone();
+    crate::format::write_seek_table(
+        &[crate::format::SeekEntry {
+            compressed_size: frame.len() as u32,
+            decompressed_size: 64 << 20,
+            checksum: None,
+        }],
+        false,
+        &mut blob,
+    );
+    assert_eq!(unpack(&blob, LIMIT, 0).unwrap().len(), 64 << 20);
+    std::fs::write(dir.join("huge.zst"), &blob).unwrap();
+    let n = crate::unpack_file(&dir.join("huge.zst"), &dir.join("out"), LIMIT, 2).unwrap();
+    assert_eq!(n, 64 << 20);
+    let out = std::fs::read(dir.join("out")).unwrap();
+    assert!(out.len() == 64 << 20 && out.iter().all(|&b| b == 0xAB));
+    // The streaming path still checks the table: a lie is caught.
+    let mut lie = frame.clone();
+    crate::format::write_seek_table(
+        &[crate::format::SeekEntry {
+            compressed_size: frame.len() as u32,
+            decompressed_size: (64 << 20) - 1,
+            checksum: None,
+        }],
+        false,
+        &mut lie,
+    );
+    std::fs::write(dir.join("lie.zst"), &lie).unwrap();
+    let r = crate::unpack_file(&dir.join("lie.zst"), &dir.join("x"), LIMIT, 2);
+    assert!(matches!(r, Err(CodecError::SeekTable(_))), "{r:?}");
+    assert!(!dir.join("x").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn pack_and_unpack_agree_on_the_frame_limit() {
+    use crate::format::{write_seek_table, SeekEntry, MAX_FRAMES};
+    // Packing refuses a blob its own unpacking would refuse, before compressing.
+    let one_too_many = vec![7u8; MAX_FRAMES + 1];
+    let r = pack(&one_too_many, &opts(1, 1, 0));
+    assert!(
+        matches!(&r, Err(CodecError::FrameLimit(m)) if m.contains("1048576") && m.contains("chunk_size")),
+        "{r:?}"
+    );
+    let mut p = Packer::new(opts(1, 64, 16)).unwrap();
+    let mut out = Vec::new();
+    p.write(&vec![0u8; MAX_FRAMES * 64], &mut out).unwrap();
+    let before = out.len();
+    let r = p.write(&[1], &mut out);
+    assert!(matches!(r, Err(CodecError::FrameLimit(_))), "{r:?}");
+    assert_eq!(
+        out.len(),
+        before,
+        "nothing of the refused input was compressed"
+    );
+    // Refused whole and at once, however large the write.
+    let mut p = Packer::new(opts(1, 1, 0)).unwrap();
+    let r = p.write(&one_too_many, &mut Vec::new());
+    assert!(matches!(r, Err(CodecError::FrameLimit(_))), "{r:?}");
+    assert_eq!(p.stats().frames, 0);
+    // A blob of exactly MAX_FRAMES frames (1-byte chunks) round-trips on every path.
+    let data = sample(MAX_FRAMES, 11, false);
+    let blob = pack(&data, &opts(1, 1, 0)).unwrap();
+    assert_eq!(inspect(&blob).unwrap().frames, MAX_FRAMES as u64);
+    assert_eq!(unpack(&blob, LIMIT, 0).unwrap(), data);
+    assert_eq!(stream_unpack(&blob, 1 << 20, LIMIT).unwrap(), data);
+    // One more frame (empty ones, 9 bytes each) behind a matching seek table: a limit
+    // on every path, never a claim that the table is wrong.
+    let empty: [u8; 9] = [0x28, 0xB5, 0x2F, 0xFD, 0x20, 0x00, 0x01, 0x00, 0x00];
+    let entries = vec![
+        SeekEntry {
+            compressed_size: 9,
+            decompressed_size: 0,
+            checksum: None,
+        };
+        MAX_FRAMES + 1
+    ];
+    let mut big = empty.repeat(MAX_FRAMES + 1);
+    write_seek_table(&entries, false, &mut big);
+    let r = unpack(&big, LIMIT, 0);
+    assert!(matches!(r, Err(CodecError::FrameLimit(_))), "{r:?}");
+    let r = stream_unpack(&big, 1 << 20, LIMIT);
+    assert!(matches!(r, Err(CodecError::FrameLimit(_))), "{r:?}");
+    let dir = std::env::temp_dir().join(format!("fl-codec-frames-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("big.zst"), &big).unwrap();
+    let r = crate::unpack_file(&dir.join("big.zst"), &dir.join("out"), LIMIT, 0);
+    assert!(matches!(r, Err(CodecError::FrameLimit(_))), "{r:?}");
+    std::fs::write(dir.join("one.bin"), &one_too_many).unwrap();
+    let r = crate::pack_file(&dir.join("one.bin"), &dir.join("one.zst"), &opts(1, 1, 0));
+    assert!(matches!(r, Err(CodecError::FrameLimit(_))), "{r:?}");
+    assert!(!dir.join("one.zst").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use fl_sidecar_core as core;
 use fl_sidecar_core::{CodecError, PackOptions};
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyMemoryError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyType};
@@ -69,9 +69,10 @@ fn to_py_err(py: Python<'_>, failure: Failure) -> PyErr {
                 CodecError::Truncated(_) => raise(py, "TruncatedDataError", msg),
                 CodecError::ChecksumMismatch(_) => raise(py, "ChecksumMismatchError", msg),
                 CodecError::SeekTable(_) => raise(py, "SeekTableError", msg),
-                CodecError::SizeLimitExceeded { .. } | CodecError::WindowTooLarge { .. } => {
-                    raise(py, "SizeLimitExceededError", msg)
-                }
+                CodecError::SizeLimitExceeded { .. }
+                | CodecError::WindowTooLarge { .. }
+                | CodecError::FrameLimit(_) => raise(py, "SizeLimitExceededError", msg),
+                CodecError::OutOfMemory(_) => PyMemoryError::new_err(msg),
                 CodecError::Io(io) => PyErr::from(io),
             }
         }
@@ -162,7 +163,9 @@ extern "C" {
     fn _PyBytes_Resize(bytes: *mut *mut ffi::PyObject, newsize: ffi::Py_ssize_t) -> c_int;
 }
 
-/// Unpacks any zstd blob (bytes), in parallel straight into the result when sizes are known.
+/// Unpacks any zstd blob (bytes) straight into a result of its final size: in parallel when
+/// the sizes are known, else measured by a first streaming pass (bounded memory) and decoded
+/// by a second, so a bomb never costs more than one step of memory.
 #[pyfunction]
 #[pyo3(text_signature = "(blob, max_output_size, threads)")]
 fn unpack(
@@ -174,15 +177,13 @@ fn unpack(
     let input = InputBuffer::get(py, blob)?;
     let slice = input.as_slice();
     let plan = run_released(py, || Ok(core::plan(slice, max_output_size)?))?;
-    match plan.output_size() {
-        Some(total) => new_bytes(py, total, |out| {
-            run_released(py, || Ok(plan.decode_into(out, threads)?))
-        }),
-        None => {
-            let data = run_released(py, || Ok(plan.decode_to_vec(threads)?))?;
-            Ok(PyBytes::new(py, &data).into())
-        }
-    }
+    let total = match plan.output_size() {
+        Some(total) => total,
+        None => run_released(py, || Ok(plan.measure()?))?,
+    };
+    new_bytes(py, total, |out| {
+        run_released(py, || Ok(plan.decode_into(out, threads)?))
+    })
 }
 
 /// Packs the file `src` into the file `dst`; returns (raw_size, packed_size, frames).
@@ -290,13 +291,13 @@ impl Packer {
 
 /// Streaming decoder for any zstd stream.
 ///
-/// With `max_piece_size`, each call returns at most that many bytes; input a call could
-/// not decode yet is copied and held (the caller's buffer may be reused once `write`
-/// returns), and `drain` decodes it piece by piece.
+/// Each call returns at most `max_piece_size` bytes (`DEFAULT_PIECE_SIZE` when None); input
+/// a call could not decode yet is copied and held (the caller's buffer may be reused once
+/// `write` returns), and `drain` decodes it piece by piece.
 #[pyclass(module = "fl_sidecar._codec")]
 struct Unpacker {
     inner: core::Unpacker,
-    max_piece_size: Option<usize>,
+    max_piece_size: usize,
     held: Vec<u8>,
     held_from: usize,
 }
@@ -311,13 +312,12 @@ impl Unpacker {
 impl Unpacker {
     #[new]
     fn new(max_output_size: u64, max_piece_size: Option<usize>) -> PyResult<Self> {
-        if let Some(n) = max_piece_size {
-            if n < core::MIN_BOUNDED_OUTPUT {
-                return Err(PyValueError::new_err(format!(
-                    "max_piece_size must be at least {} bytes (one zstd block), got {n}",
-                    core::MIN_BOUNDED_OUTPUT
-                )));
-            }
+        let max_piece_size = max_piece_size.unwrap_or(core::DECODE_STEP);
+        if max_piece_size < core::MIN_BOUNDED_OUTPUT {
+            return Err(PyValueError::new_err(format!(
+                "max_piece_size must be at least {} bytes (one zstd block), got {max_piece_size}",
+                core::MIN_BOUNDED_OUTPUT
+            )));
         }
         Ok(Unpacker {
             inner: core::Unpacker::new(max_output_size),
@@ -337,35 +337,27 @@ impl Unpacker {
         let input = InputBuffer::get(py, data)?;
         let slice = input.as_slice();
         let inner = &mut self.inner;
-        let out = match self.max_piece_size {
-            None => run_released(py, || {
-                let mut out = Vec::new();
-                inner.write(slice, &mut out)?;
-                Ok(out)
-            })?,
-            Some(bound) => {
-                let (out, held) = run_released(py, || {
-                    let mut out = Vec::with_capacity(bound.min(64 << 20));
-                    let used = inner.write_bounded(slice, &mut out, bound)?;
-                    Ok((out, slice[used..].to_vec()))
-                })?;
-                self.held = held;
-                self.held_from = 0;
-                out
-            }
-        };
+        let bound = self.max_piece_size;
+        let (out, held) = run_released(py, || {
+            let mut out = Vec::with_capacity(bound.min(64 << 20));
+            let used = inner.write_bounded(slice, &mut out, bound)?;
+            Ok((out, slice[used..].to_vec()))
+        })?;
+        self.held = held;
+        self.held_from = 0;
         Ok(PyBytes::new(py, &out).into())
     }
 
     /// The next piece decoded from held input; empty once none is held.
     fn drain(&mut self, py: Python<'_>) -> PyResult<PyObject> {
-        let (Some(bound), true) = (self.max_piece_size, self.pending() > 0) else {
+        let bound = self.max_piece_size;
+        if self.pending() == 0 {
             // Nothing held; still refused after finish() or an error, like write().
             self.inner
                 .write(&[], &mut Vec::new())
                 .map_err(|e| to_py_err(py, e.into()))?;
             return Ok(PyBytes::new(py, b"").into());
-        };
+        }
         let inner = &mut self.inner;
         let rest = &self.held[self.held_from..];
         let result = run_released(py, || {
@@ -436,6 +428,8 @@ fn _codec(_py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(zstd_version, m)?)?;
     m.add("MIN_PIECE_SIZE", core::MIN_BOUNDED_OUTPUT)?;
+    m.add("DEFAULT_PIECE_SIZE", core::DECODE_STEP)?;
+    m.add("MAX_FRAMES", core::MAX_FRAMES)?;
     m.add_class::<Packer>()?;
     m.add_class::<Unpacker>()?;
     Ok(())
