@@ -274,8 +274,10 @@ class GetInfoResponse(_message.Message):
     """the FL server's base URL, never with credentials"""
     negotiated_coding: _builtins.str
     """The content coding used for uploads: "zstd", "identity", or "" while not
-    yet negotiated. The sidecar asks the server at start-up (in the
-    background) and again before an upload while it is still "".
+    yet learnt. The sidecar sends no request of its own to learn it: it reads
+    the server's Accept-Encoding from the answers to its transfers (the first
+    download or upload), and an upload made while it is "" goes in identity.
+    "identity" at once with --compression never.
     """
     notification_url: _builtins.str
     """where the FL server should POST notifications"""
