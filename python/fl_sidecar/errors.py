@@ -42,9 +42,11 @@ __all__ = [
     "ServerUnavailableError",
     "SidecarError",
     "SizeLimitExceededError",
+    "SpoolFullError",
     "TensorMismatchError",
     "TruncatedDataError",
     "UnsafePickleError",
+    "UnsafeSocketError",
     "UploadOutcomeUnknownError",
 ]
 
@@ -55,6 +57,25 @@ class FlSidecarError(Exception):
 
 class ConfigurationError(FlSidecarError, ValueError):
     """A setting (flag or environment variable) is missing or invalid."""
+
+
+class UnsafeSocketError(ConfigurationError):
+    """The unix socket, or a directory above it, could be someone else's.
+
+    The sidecar refuses to serve there, and a trainer's client refuses to send
+    its token or credentials there.
+
+    Attributes:
+        path: the socket or directory refused (``None`` when no path is involved).
+        owner: its owner's uid (``None`` when not known).
+    """
+
+    def __init__(
+        self, message: str, *, path: Optional[str] = None, owner: Optional[int] = None
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.owner = owner
 
 
 # --- codec ---------------------------------------------------------------
@@ -181,6 +202,21 @@ class SidecarError(FlSidecarError):
     def __init__(self, message: str, *, code: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class SpoolFullError(FlSidecarError):
+    """The spool's file system is full (no space, a quota, or a file size limit).
+
+    Nothing was sent or kept: the partial spool files are removed. Free space in
+    (or give more to) ``spool_dir``, then retry.
+
+    Attributes:
+        spool_dir: the sidecar's spool directory.
+    """
+
+    def __init__(self, message: str, *, spool_dir: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.spool_dir = spool_dir
 
 
 # --- notifications -------------------------------------------------------
