@@ -208,6 +208,9 @@ class SidecarServer:
             trust_pickles=settings.trust_pickles,
             metrics=self.metrics,
         )
+        # Packed upload bodies go into the locked spool directory too, so a crash
+        # leaves nothing outside what the next start-up cleans.
+        self.client.spool_dir = self.transfers.spool_dir
         self.service = SidecarService(
             self.transfers,
             self.bus,

@@ -10,6 +10,7 @@ become INTERNAL and are logged with their traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import json
@@ -40,6 +41,7 @@ from fl_sidecar.errors import (
     ServerUnavailableError,
     SidecarError,
     SizeLimitExceededError,
+    SpoolFullError,
     TensorMismatchError,
     UnsafePickleError,
     UploadOutcomeUnknownError,
@@ -87,6 +89,7 @@ _EVENT_KINDS: Dict[EventKind, int] = {
 # Most specific first: the first matching class decides.
 _STATUS_BY_ERROR: List[Tuple[type, grpc.StatusCode]] = [
     (SizeLimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (SpoolFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (CorruptDataError, grpc.StatusCode.DATA_LOSS),
     (CodecError, grpc.StatusCode.DATA_LOSS),
     (UnsafePickleError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -106,6 +109,10 @@ _STATUS_BY_ERROR: List[Tuple[type, grpc.StatusCode]] = [
     (MalformedNotificationError, grpc.StatusCode.INVALID_ARGUMENT),
 ]
 
+_DISK_FULL_ERRNOS = frozenset(
+    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG) if code
+)
+
 T = TypeVar("T")
 
 
@@ -116,6 +123,8 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     for error_class, code in _STATUS_BY_ERROR:
         if isinstance(exc, error_class):
             return code
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED  # a full disk is no bug, wherever it shows
     return grpc.StatusCode.INTERNAL
 
 

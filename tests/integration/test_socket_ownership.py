@@ -158,7 +158,7 @@ def impostor(workdir: Path) -> Iterator[Tuple[_Impostor, Path]]:
     directory = workdir / "run"
     directory.mkdir(mode=0o755)
     path = directory / "s.sock"
-    servicer = _Impostor()
+    servicer = _Impostor()  # type: ignore[abstract]  # the other RPCs: UNIMPLEMENTED
     server = grpc.server(ThreadPoolExecutor(max_workers=2))
     sidecar_pb2_grpc.add_SidecarServicer_to_server(servicer, server)
     assert server.add_insecure_port(f"unix:{path}") != 0
