@@ -123,11 +123,16 @@ def check_socket_directory(
     me = os.geteuid() if uid is None else uid
     resolved = os.path.realpath(directory)
     _check_one_directory(resolved, os.lstat(resolved), {me}, "socket directory")
-    if trust_parents:
-        return
-    parent = os.path.dirname(resolved)
+    if not trust_parents:
+        _check_parents(os.path.dirname(resolved), me)
+
+
+def _check_parents(parent: str, uid: int) -> None:
+    """``parent`` and every directory above it: root's or ``uid``'s, others write only if sticky."""
     while True:
-        _check_one_directory(parent, os.lstat(parent), {_ROOT_UID, me}, "socket directory's parent")
+        _check_one_directory(
+            parent, os.lstat(parent), {_ROOT_UID, uid}, "socket directory's parent"
+        )
         above = os.path.dirname(parent)
         if above == parent:
             return
@@ -155,6 +160,9 @@ def make_socket_directory(directory: str, *, trust_parents: bool = False) -> Non
         if above == probe:
             break
         probe = above
+    if missing and not trust_parents:
+        # Before creating anything: a directory made under an unsafe parent is no use.
+        _check_parents(os.path.realpath(probe), me)
     for component in reversed(missing):
         # Raced with another process: the lstat below decides.
         with contextlib.suppress(FileExistsError):

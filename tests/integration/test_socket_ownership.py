@@ -21,7 +21,7 @@ from typing import Any, Iterator, List, Tuple
 
 import grpc
 import pytest
-from sidecar_harness import _child_env, _read_ready_line, _short_tempdir
+from sidecar_harness import _child_env, _read_ready_line, _short_tempdir, running_sidecar
 
 from fl_sidecar import errors
 from fl_sidecar.client import CallCredentials, SidecarClient
@@ -77,6 +77,28 @@ def test_sidecar_refuses_a_world_writable_socket_directory(workdir: Path) -> Non
     assert b"writable by others" in result.stderr
     assert b"0777" in result.stderr
     assert list(shared.iterdir()) == []
+
+
+def test_world_writable_parent_needs_trust_socket_parent(workdir: Path) -> None:
+    # A Kubernetes emptyDir: mode 0777, reached by the pod's containers alone.
+    volume = workdir / "volume"
+    volume.mkdir()
+    volume.chmod(0o777)
+    socket_path = volume / "grpc" / "s.sock"
+    refused = _serve("--socket", str(socket_path))
+    assert refused.returncode == 2, refused.stderr
+    assert b"parent" in refused.stderr and str(volume).encode() in refused.stderr
+    assert not (volume / "grpc").exists()  # nothing made under an unsafe parent
+    with running_sidecar(
+        args=["--socket", str(socket_path), "--trust-socket-parent"],
+        unix=False,
+        tcp=True,
+        notifications=False,
+    ) as process:
+        assert process.ready["socket"] == str(socket_path)
+        assert stat.S_IMODE(os.lstat(socket_path.parent).st_mode) == 0o700
+        with SidecarClient(str(socket_path), timeout=10) as client:
+            assert client.get_info().version
 
 
 def test_sidecar_refuses_a_default_directory_someone_else_made_first(workdir: Path) -> None:

@@ -204,3 +204,14 @@ def test_client_sends_nothing_without_a_socket(tmp_path: Path) -> None:
         client.close()
     assert caught.value.code == "UNAVAILABLE"
     assert "no sidecar is listening" in str(caught.value)
+
+
+def test_make_creates_nothing_under_a_parent_others_can_write(tmp_path: Path) -> None:
+    volume = _private_dir(tmp_path / "volume")
+    volume.chmod(0o777)
+    with pytest.raises(errors.UnsafeSocketError, match="parent") as caught:
+        socketdir.make_socket_directory(str(volume / "grpc" / "deeper"))
+    assert caught.value.path == str(volume)
+    assert list(volume.iterdir()) == []
+    socketdir.make_socket_directory(str(volume / "grpc"), trust_parents=True)
+    assert stat.S_IMODE(os.lstat(volume / "grpc").st_mode) == 0o700
