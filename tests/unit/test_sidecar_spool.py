@@ -201,6 +201,37 @@ def test_download_into_a_full_spool_is_typed_and_leaves_nothing(tmp_path: Path, 
         manager.close()
 
 
+class _DownloadingClient:
+    """Writes the whole model into the spool, as a download that fitted."""
+
+    def download_model(self, model_id: str, dest: Path, **_kwargs: Any) -> TransferResult:
+        Path(dest).write_bytes(b"the archive")
+        return TransferResult(200, "", 11, 11, "identity", 0.0, "", {})
+
+
+def test_conversion_into_a_full_spool_is_typed_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fl_sidecar import transfers
+
+    def convert_until_full(archive: Path, dest: Path) -> Any:
+        Path(dest).write_bytes(b"half a safetensors file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(transfers.model_files, "archive_to_safetensors", convert_until_full)
+    manager = TransferManager(
+        _DownloadingClient(),  # type: ignore[arg-type]
+        spool_dir=str(tmp_path),
+        max_model_size=1 << 20,
+    )
+    try:
+        with pytest.raises(errors.SpoolFullError):
+            manager.download("m", "safetensors")
+        assert _spool_files(manager) == [".lock"]
+    finally:
+        manager.close()
+
+
 def test_upload_into_a_full_spool_is_typed_and_leaves_nothing(tmp_path: Path) -> None:
     import zipfile
 

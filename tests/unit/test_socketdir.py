@@ -29,7 +29,7 @@ def test_own_private_directory_passes(tmp_path: Path) -> None:
     socketdir.check_socket_directory(str(_private_dir(tmp_path / "ok")))
 
 
-@pytest.mark.parametrize("mode", [0o777, 0o770, 0o722, 0o2777])
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o722, 0o2777], ids=lambda mode: f"{mode:04o}")
 def test_directory_writable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
     shared = _private_dir(tmp_path / "shared")
     shared.chmod(mode)
