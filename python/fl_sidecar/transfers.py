@@ -55,6 +55,7 @@ from fl_sidecar.telemetry import Metrics
 __all__ = [
     "FORMAT_SAFETENSORS",
     "FORMAT_TORCH",
+    "SPOOL_PREFIX",
     "DownloadCancelledError",
     "SpooledModel",
     "TransferManager",
@@ -69,6 +70,7 @@ _log = logging.getLogger(__name__)
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}\Z")
 _TEMPLATE_CACHE_SIZE = 2
 SPOOL_PREFIX = "fl-sidecar-spool-"
+"""Name prefix of each sidecar's spool directory under ``--spool-dir``."""
 # Held with flock(LOCK_EX) for the sidecar's lifetime: a spool directory whose
 # lock anyone can take belongs to no live process (the kernel drops the lock
 # when its holder dies, even by SIGKILL), and is removed at the next start-up.
@@ -237,7 +239,7 @@ class TransferManager:
             metrics: where bytes and durations are counted.
 
         Raises:
-            OSError: the spool directory cannot be created.
+            SpoolFullError: no room for the spool directory. OSError: it cannot be created.
         """
         self.client = client
         self.max_model_size = max_model_size
@@ -302,7 +304,8 @@ class TransferManager:
             ServerError subclasses from the FL server; CodecError for a corrupt body;
             UnsafePickleError: the archive's pickle would run code (and pickles are not
             trusted, or the format is SAFETENSORS); ModelFormatError: not a torch
-            archive; DownloadCancelledError: ``cancelled`` was set.
+            archive; DownloadCancelledError: ``cancelled`` was set; SpoolFullError: the
+            spool's file system is full (the partial files are removed).
         """
         archive = self._spool_path(".pt")
         stop = cancelled if cancelled is not None else threading.Event()
@@ -405,7 +408,8 @@ class TransferManager:
         Raises:
             ModelFormatError: TORCH data that is not a torch archive, or SAFETENSORS data
             that is not safetensors. TensorMismatchError: the weights do not match the
-            global model. ServerError subclasses from the FL server.
+            global model. ServerError subclasses from the FL server. SpoolFullError: the
+            spool's file system is full (the converted or packed files are removed).
         """
         self._track_in_flight("upload", +1)
         converted: Optional[Path] = None

@@ -212,13 +212,13 @@ class _DownloadingClient:
 def test_conversion_into_a_full_spool_is_typed_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fl_sidecar import transfers
+    from fl_sidecar import archive
 
     def convert_until_full(archive: Path, dest: Path) -> Any:
         Path(dest).write_bytes(b"half a safetensors file")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(transfers.model_files, "archive_to_safetensors", convert_until_full)
+    monkeypatch.setattr(archive, "archive_to_safetensors", convert_until_full)
     manager = TransferManager(
         _DownloadingClient(),  # type: ignore[arg-type]
         spool_dir=str(tmp_path),
