@@ -17,6 +17,9 @@ optional ``progress(done_bytes, total_bytes)`` callback (``total_bytes`` is 0
 while unknown). Every gRPC failure surfaces as :class:`fl_sidecar.errors.SidecarError`
 whose ``code`` is the gRPC status name (``"NOT_FOUND"``, ``"UNAVAILABLE"``, ...);
 when the FL server refused, ``http_status`` and ``http_body`` hold its answer.
+On a unix socket every call first checks who owns the socket and its directory
+and raises :class:`fl_sidecar.errors.UnsafeSocketError` before sending anything
+when another user could have put it there (see ``expected_owner``).
 
 torch is needed only by the ``*_state_dict`` and ``*_module`` methods, which use
 :mod:`fl_sidecar.models` (imported on first use).
@@ -53,6 +56,7 @@ from typing import (
 
 import grpc
 
+from fl_sidecar import socketdir
 from fl_sidecar.errors import (
     ERROR_CLASS_KEY,
     HTTP_BODY_KEY,
@@ -70,6 +74,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "MAX_MESSAGE_SIZE",
+    "SOCKET_OWNER_VARIABLE",
     "TOKEN_METADATA_KEY",
     "CallCredentials",
     "DownloadResult",
@@ -83,6 +88,7 @@ __all__ = [
     "UploadResult",
     "default_target",
     "normalize_target",
+    "unix_socket_path",
 ]
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024
@@ -93,6 +99,9 @@ MAX_MESSAGE_SIZE = 8 * 1024 * 1024
 
 TOKEN_METADATA_KEY = "x-fl-sidecar-token"
 """The metadata key carrying the sidecar's API token."""
+
+SOCKET_OWNER_VARIABLE = "FL_SIDECAR_SOCKET_OWNER"
+"""Environment variable naming the uid or user the sidecar's socket may belong to."""
 
 FORMATS = {"torch": pb.MODEL_FORMAT_TORCH, "safetensors": pb.MODEL_FORMAT_SAFETENSORS}
 """Model formats by their CLI/user-facing name."""
@@ -166,6 +175,19 @@ def normalize_target(target: Optional[str]) -> str:
     if target.startswith(("/", "./", "../")):
         return "unix:" + os.path.abspath(target)
     return target
+
+
+def unix_socket_path(target: str) -> Optional[str]:
+    """The file system path of a ``unix:`` gRPC target; ``None`` for any other target.
+
+    ``unix:///abs``, ``unix:/abs`` and ``unix:relative`` name a path;
+    ``unix-abstract:`` sockets have none.
+    """
+    if target.startswith("unix://"):
+        return target[len("unix://") :] or None
+    if target.startswith("unix:"):
+        return os.path.abspath(target[len("unix:") :]) if target[len("unix:") :] else None
+    return None
 
 
 def _format_value(fmt: Union[str, int]) -> int:
@@ -501,6 +523,18 @@ class SidecarClient:
         chunk_size: bytes per streamed message on uploads and downloads (1-4 MiB).
         verify: check every download against the sha256 the sidecar announces
             (about 1 s of CPU per GiB; the size is always checked).
+        expected_owner: on a unix socket, the uid or user name the sidecar runs
+            as, when that is neither this process's user nor root (a sidecar in
+            its own container); ``None`` reads ``FL_SIDECAR_SOCKET_OWNER``. Before
+            each call the client checks that the socket and its directory belong
+            to this process's user, root or ``expected_owner``, and that no one
+            else can write to the directory; otherwise it raises
+            :class:`fl_sidecar.errors.UnsafeSocketError` and sends nothing (no
+            token, no credentials).
+
+    Raises:
+        ValueError: a bad ``chunk_size``. UnsafeSocketError: an ``expected_owner``
+            that is neither a uid nor a known user name.
     """
 
     def __init__(
@@ -512,6 +546,7 @@ class SidecarClient:
         credentials: Optional[CallCredentials] = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         verify: bool = True,
+        expected_owner: Optional[Union[int, str]] = None,
     ) -> None:
         if not 1 <= chunk_size <= MAX_MESSAGE_SIZE // 2:
             raise ValueError(f"chunk_size must be 1..{MAX_MESSAGE_SIZE // 2} bytes")
@@ -520,7 +555,13 @@ class SidecarClient:
         self.chunk_size = chunk_size
         self.verify = verify
         self._credentials = credentials
-        self._metadata: Tuple[Tuple[str, str], ...] = (
+        self._socket_path = unix_socket_path(self.target)
+        if expected_owner is None:
+            expected_owner = os.environ.get(SOCKET_OWNER_VARIABLE) or None
+        self._expected_owner = (
+            socketdir.resolve_owner(expected_owner) if expected_owner is not None else None
+        )
+        self._token_metadata: Tuple[Tuple[str, str], ...] = (
             ((TOKEN_METADATA_KEY, api_token),) if api_token else ()
         )
         self._channel = grpc.insecure_channel(
@@ -565,6 +606,30 @@ class SidecarClient:
                 f"cannot reach the sidecar at {self.target} within {timeout} s",
                 code="UNAVAILABLE",
             ) from None
+
+    @property
+    def _metadata(self) -> Tuple[Tuple[str, str], ...]:
+        """The metadata of a call, after checking that the socket is the sidecar's.
+
+        Every call carries the API token (and most carry FL server credentials),
+        and every call passes its metadata from here: so nothing is sent to a
+        socket that another user could have put in the sidecar's place.
+
+        Raises:
+            UnsafeSocketError: the socket or its directory is not trusted.
+            SidecarError: ``UNAVAILABLE`` when no socket is at the path.
+        """
+        if self._socket_path is not None:
+            try:
+                socketdir.check_client_socket(
+                    self._socket_path, expected_owner=self._expected_owner
+                )
+            except FileNotFoundError as exc:
+                raise SidecarError(
+                    f"no sidecar is listening at {self.target} ({exc.strerror}: {exc.filename})",
+                    code="UNAVAILABLE",
+                ) from None
+        return self._token_metadata
 
     def _creds(self, credentials: Optional[CallCredentials]) -> Optional[pb.Credentials]:
         chosen = credentials if credentials is not None else self._credentials

@@ -125,6 +125,7 @@ class Settings:
     """
 
     socket_path: Optional[str] = None
+    trust_socket_parent: bool = False
     listen: Optional[Tuple[str, int]] = None
     allow_remote: bool = False
     api_token: Optional[str] = field(default=None, repr=False)
@@ -334,6 +335,13 @@ class _Resolver:
             script_env["FL_SIDECAR_SOCKET"] = socket_path
         return Settings(
             socket_path=socket_path,
+            trust_socket_parent=self._default(
+                "trust_socket_parent",
+                ("FL_SIDECAR_TRUST_SOCKET_PARENT",),
+                parse_bool,
+                "boolean",
+                False,
+            ),
             listen=listen,
             allow_remote=allow_remote,
             api_token=self._secret("api_token", "api_token_file", "FL_SIDECAR_API_TOKEN"),
@@ -475,7 +483,8 @@ def default_socket_path(environ: Mapping[str, str]) -> str:
     """The default unix socket: ``$XDG_RUNTIME_DIR/fl-sidecar/sidecar.sock``, else under /tmp.
 
     The /tmp fallback is a per-user directory (``/tmp/fl-sidecar-<uid>``) that
-    the server creates with mode 0700.
+    the server creates with mode 0700; one that another user made first is
+    refused, never used.
     """
     runtime_dir = environ.get("XDG_RUNTIME_DIR")
     if runtime_dir:
@@ -524,6 +533,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="unix socket to serve gRPC on, created with mode 0600 [FL_SIDECAR_SOCKET; default "
         "$XDG_RUNTIME_DIR/fl-sidecar/sidecar.sock or /tmp/fl-sidecar-UID/sidecar.sock when "
         "--listen is not given]",
+    )
+    net.add_argument(
+        "--trust-socket-parent",
+        action="store_const",
+        const=True,
+        help="serve even if a directory above the socket's directory is writable by others "
+        "without the sticky bit, e.g. a Kubernetes emptyDir that only the pod's containers "
+        "mount; the socket's own directory must still be private "
+        "[FL_SIDECAR_TRUST_SOCKET_PARENT]",
     )
     net.add_argument(
         "--listen",

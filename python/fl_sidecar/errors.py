@@ -50,9 +50,11 @@ __all__ = [
     "ServerUnavailableError",
     "SidecarError",
     "SizeLimitExceededError",
+    "SpoolFullError",
     "TensorMismatchError",
     "TruncatedDataError",
     "UnsafePickleError",
+    "UnsafeSocketError",
     "UploadOutcomeUnknownError",
 ]
 
@@ -63,6 +65,25 @@ class FlSidecarError(Exception):
 
 class ConfigurationError(FlSidecarError, ValueError):
     """A setting (flag or environment variable) is missing or invalid."""
+
+
+class UnsafeSocketError(ConfigurationError):
+    """The unix socket, or a directory above it, could be someone else's.
+
+    The sidecar refuses to serve there, and a trainer's client refuses to send
+    its token or credentials there.
+
+    Attributes:
+        path: the socket or directory refused (``None`` when no path is involved).
+        owner: its owner's uid (``None`` when not known).
+    """
+
+    def __init__(
+        self, message: str, *, path: Optional[str] = None, owner: Optional[int] = None
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.owner = owner
 
 
 # --- codec ---------------------------------------------------------------
@@ -236,6 +257,21 @@ HTTP_CONTENT_TYPE_KEY = "fl-sidecar-http-content-type"
 """Trailing-metadata key: the FL server's ``Content-Type``."""
 HTTP_BODY_LIMIT = 4096
 """Bytes: the most of the server's body a failed call carries (metadata must stay small)."""
+
+
+class SpoolFullError(FlSidecarError):
+    """The spool's file system is full (no space, a quota, or a file size limit).
+
+    Nothing was sent or kept: the partial spool files are removed. Free space in
+    (or give more to) ``spool_dir``, then retry.
+
+    Attributes:
+        spool_dir: the sidecar's spool directory.
+    """
+
+    def __init__(self, message: str, *, spool_dir: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.spool_dir = spool_dir
 
 
 # --- notifications -------------------------------------------------------

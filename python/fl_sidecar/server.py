@@ -42,7 +42,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fl_sidecar import __version__
+from fl_sidecar import __version__, socketdir
 from fl_sidecar.config import MAX_MESSAGE_SIZE, Settings, add_arguments, strip_userinfo
 from fl_sidecar.errors import ConfigurationError
 from fl_sidecar.events import EventBus, ServerEvent, clock_first_seq
@@ -135,34 +135,29 @@ def server_credentials(settings: Settings) -> Optional[Credentials]:
     return None
 
 
-def check_socket_directory(directory: str) -> None:
-    """Refuse a socket directory that others may write to without the sticky bit.
+def check_socket_directory(directory: str, *, trust_parents: bool = False) -> None:
+    """Refuse a socket directory that someone other than this process's user could change.
 
-    There another user could delete our socket and put their own in its place.
+    See :func:`fl_sidecar.socketdir.check_socket_directory`: ours, writable by
+    others only with the sticky bit, and parents owned by root or us.
 
     Raises:
-        ConfigurationError: the directory is group- or world-writable and not sticky.
+        UnsafeSocketError: the directory or a parent fails the checks.
     """
-    mode = os.stat(directory).st_mode
-    if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
-        raise ConfigurationError(
-            f"the socket directory {directory} is writable by others (mode "
-            f"{stat.S_IMODE(mode):o}); use a private directory"
-        )
+    socketdir.check_socket_directory(directory, trust_parents=trust_parents)
 
 
-def _prepare_socket_path(path: str) -> None:
-    """Make the socket's directory (0700 when created); remove a stale socket, refuse a live one."""
+def _prepare_socket_path(path: str, *, trust_parents: bool = False) -> None:
+    """Make the socket's directory (0700, checked); remove a stale socket of ours, refuse the rest.
+
+    Raises:
+        UnsafeSocketError: the directory is not private, or the path holds something
+            that is not our socket. ConfigurationError: a live server answers there.
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    check_socket_directory(directory)
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    socketdir.make_socket_directory(directory, trust_parents=trust_parents)
+    if socketdir.check_socket_file(path, owners={os.geteuid()}) is None:
         return
-    if not stat.S_ISSOCK(mode):
-        raise ConfigurationError(f"{path} exists and is not a socket; refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2.0)
     try:
@@ -213,6 +208,9 @@ class SidecarServer:
             trust_pickles=settings.trust_pickles,
             metrics=self.metrics,
         )
+        # Packed upload bodies go into the locked spool directory too, so a crash
+        # leaves nothing outside what the next start-up cleans.
+        self.client.spool_dir = self.transfers.spool_dir
         self.service = SidecarService(
             self.transfers,
             self.bus,
@@ -344,7 +342,7 @@ class SidecarServer:
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
 
     def _bind_unix(self, server: Any, path: str) -> None:
-        _prepare_socket_path(path)
+        _prepare_socket_path(path, trust_parents=self.settings.trust_socket_parent)
         # grpc creates (binds) the socket inside add_insecure_port; the umask
         # makes it 0600 from its first moment, the chmod is belt and braces.
         old_umask = os.umask(0o177)

@@ -10,6 +10,7 @@ become INTERNAL and are logged with their traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import json
@@ -46,6 +47,7 @@ from fl_sidecar.errors import (
     ServerUnavailableError,
     SidecarError,
     SizeLimitExceededError,
+    SpoolFullError,
     TensorMismatchError,
     UnsafePickleError,
     UploadOutcomeUnknownError,
@@ -95,6 +97,7 @@ _STATUS_BY_ERROR: List[Tuple[type, grpc.StatusCode]] = [
     (SizeLimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     # The codec raises it when zstd cannot allocate a frame's window: a limit, not damage.
     (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (SpoolFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (CorruptDataError, grpc.StatusCode.DATA_LOSS),
     (CodecError, grpc.StatusCode.DATA_LOSS),
     (UnsafePickleError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -114,6 +117,10 @@ _STATUS_BY_ERROR: List[Tuple[type, grpc.StatusCode]] = [
     (MalformedNotificationError, grpc.StatusCode.INVALID_ARGUMENT),
 ]
 
+_DISK_FULL_ERRNOS = frozenset(
+    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG) if code
+)
+
 T = TypeVar("T")
 
 
@@ -124,6 +131,8 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     for error_class, code in _STATUS_BY_ERROR:
         if isinstance(exc, error_class):
             return code
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED  # a full disk is no bug, wherever it shows
     return grpc.StatusCode.INTERNAL
 
 

@@ -8,6 +8,11 @@ memory stays at a few buffers whatever the model's size).
 
 Memory stays bounded: models live in spool files in a private directory
 (mode 0700) that is removed when the manager closes, never whole in memory.
+A spool directory left behind by a sidecar that died (SIGKILL, power loss) is
+removed by the next sidecar that starts with the same parent; a live
+sidecar's is never touched (see :func:`remove_stale_spools`). A full spool
+(no space, a quota, a file size limit) is a :class:`SpoolFullError` naming
+the directory, and leaves no partial files.
 The sidecar never executes a pickle: a TORCH download is vetted with the
 restricted reader unless ``trust_pickles`` is set, conversions use the
 restricted reader, and a SAFETENSORS upload is written into a copy of the
@@ -17,6 +22,9 @@ global model's archive.
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -28,7 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Mapping, Optional, Tuple
+from typing import IO, Callable, Iterator, Mapping, Optional, Tuple
 
 from fl_sidecar import archive as model_files
 from fl_sidecar.errors import (
@@ -37,6 +45,7 @@ from fl_sidecar.errors import (
     FlSidecarError,
     ModelFormatError,
     SizeLimitExceededError,
+    SpoolFullError,
     TruncatedDataError,
     UnsafePickleError,
 )
@@ -52,10 +61,12 @@ from fl_sidecar.telemetry import Metrics
 __all__ = [
     "FORMAT_SAFETENSORS",
     "FORMAT_TORCH",
+    "SPOOL_PREFIX",
     "DownloadCancelledError",
     "SpooledModel",
     "TransferManager",
     "UploadSpool",
+    "remove_stale_spools",
 ]
 
 FORMAT_TORCH = "torch"
@@ -64,6 +75,15 @@ FORMAT_SAFETENSORS = "safetensors"
 _log = logging.getLogger(__name__)
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}\Z")
 _TEMPLATE_CACHE_SIZE = 2
+SPOOL_PREFIX = "fl-sidecar-spool-"
+"""Name prefix of each sidecar's spool directory under ``--spool-dir``."""
+# Held with flock(LOCK_EX) for the sidecar's lifetime: a spool directory whose
+# lock anyone can take belongs to no live process (the kernel drops the lock
+# when its holder dies, even by SIGKILL), and is removed at the next start-up.
+_LOCK_NAME = ".lock"
+_FULL_ERRNOS = frozenset(
+    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG) if code
+)
 
 
 class DownloadCancelledError(FlSidecarError):
@@ -111,7 +131,8 @@ class UploadSpool:
         self.max_size = max_size
         self.size = 0
         self._hash = hashlib.sha256() if hashed else None
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with spool_space(path.parent):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._file: Optional[IO[bytes]] = os.fdopen(fd, "wb")
 
     def write(self, data: bytes) -> None:
@@ -119,6 +140,7 @@ class UploadSpool:
 
         Raises:
             SizeLimitExceededError: the upload grew beyond ``max_size`` bytes.
+            SpoolFullError: the spool's file system is full.
         """
         if self._file is None:
             raise ValueError("the spool is closed")
@@ -126,7 +148,8 @@ class UploadSpool:
             raise SizeLimitExceededError(
                 f"the model exceeds the sidecar's limit of {self.max_size} bytes"
             )
-        self._file.write(data)
+        with spool_space(self.path.parent):
+            self._file.write(data)
         if self._hash is not None:
             self._hash.update(data)
         self.size += len(data)
@@ -145,10 +168,12 @@ class UploadSpool:
             TruncatedDataError: fewer bytes arrived than announced.
             CorruptDataError: more bytes arrived than announced.
             ChecksumMismatchError: the SHA-256 differs from the announced one.
+            SpoolFullError: the last buffered bytes did not fit.
         """
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            with spool_space(self.path.parent):
+                file.close()
         if expected_size is not None and self.size < expected_size:
             raise TruncatedDataError(
                 f"the upload ended after {self.size} of the {expected_size} bytes announced"
@@ -169,10 +194,11 @@ class UploadSpool:
         return self.path
 
     def discard(self) -> None:
-        """Close and delete the spool file (idempotent)."""
+        """Close and delete the spool file (idempotent; a full disk does not stop it)."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            with contextlib.suppress(OSError):  # flushing into a full spool: the file goes anyway
+                file.close()
         _unlink_quietly(self.path)
 
 
@@ -206,7 +232,10 @@ class TransferManager:
         trust_pickles: bool = False,
         metrics: Optional[Metrics] = None,
     ) -> None:
-        """Create the private spool directory (mode 0700) under ``spool_dir``.
+        """Create the private spool directory (mode 0700, locked) under ``spool_dir``.
+
+        Then remove the spool directories under ``spool_dir`` that dead sidecars
+        left behind (:func:`remove_stale_spools`).
 
         Args:
             client: the FL server client (its default credentials apply when a call has none).
@@ -216,13 +245,21 @@ class TransferManager:
             metrics: where bytes and durations are counted.
 
         Raises:
-            OSError: the spool directory cannot be created.
+            SpoolFullError: no room for the spool directory. OSError: it cannot be created.
         """
         self.client = client
         self.max_model_size = max_model_size
         self.trust_pickles = trust_pickles
         self.metrics = metrics
-        self.spool_dir = Path(tempfile.mkdtemp(prefix="fl-sidecar-spool-", dir=spool_dir))
+        parent = Path(spool_dir) if spool_dir is not None else Path(tempfile.gettempdir())
+        self.spool_dir, lock_fd = _create_spool_dir(parent)
+        self._lock_fd: Optional[int] = lock_fd
+        removed = remove_stale_spools(parent)
+        if removed:
+            _log.info(
+                "removed spool directories left behind by sidecars that died",
+                extra={"spool_parent": str(parent), "removed": [str(p) for p in removed]},
+            )
         # (model id, round) -> the global model fetched as a SAFETENSORS upload's
         # template, least recently used first.
         self._templates: collections.OrderedDict[Tuple[str, int], _Template] = (
@@ -231,8 +268,11 @@ class TransferManager:
         self._templates_lock = threading.Lock()
 
     def close(self) -> None:
-        """Remove the spool directory with every file still in it."""
+        """Remove the spool directory with every file still in it, then drop its lock."""
         shutil.rmtree(self.spool_dir, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _spool_path(self, suffix: str) -> Path:
         return self.spool_dir / f"{uuid.uuid4().hex}{suffix}"
@@ -270,7 +310,8 @@ class TransferManager:
             ServerError subclasses from the FL server; CodecError for a corrupt body;
             UnsafePickleError: the archive's pickle would run code (and pickles are not
             trusted, or the format is SAFETENSORS); ModelFormatError: not a torch
-            archive; DownloadCancelledError: ``cancelled`` was set.
+            archive; DownloadCancelledError: ``cancelled`` was set; SpoolFullError: the
+            spool's file system is full (the partial files are removed).
         """
         archive = self._spool_path(".pt")
         stop = cancelled if cancelled is not None else threading.Event()
@@ -319,6 +360,10 @@ class TransferManager:
                 result.content_encoding,
                 result.wire_bytes,
             )
+        except OSError as exc:
+            _unlink_quietly(archive)
+            raise_if_spool_full(exc, self.spool_dir)
+            raise
         except BaseException:
             _unlink_quietly(archive)
             raise
@@ -369,7 +414,8 @@ class TransferManager:
         Raises:
             ModelFormatError: TORCH data that is not a torch archive, or SAFETENSORS data
             that is not safetensors. TensorMismatchError: the weights do not match the
-            global model. ServerError subclasses from the FL server.
+            global model. ServerError subclasses from the FL server. SpoolFullError: the
+            spool's file system is full (the converted or packed files are removed).
         """
         self._track_in_flight("upload", +1)
         converted: Optional[Path] = None
@@ -398,6 +444,9 @@ class TransferManager:
             )
             self._count("upload", result)
             return result
+        except OSError as exc:
+            raise_if_spool_full(exc, self.spool_dir)
+            raise
         finally:
             if converted is not None:
                 _unlink_quietly(converted)
@@ -504,6 +553,125 @@ class TransferManager:
     def _track_in_flight(self, direction: str, delta: int) -> None:
         if self.metrics is not None:
             self.metrics.in_flight.labels(direction).inc(delta)
+
+
+def raise_if_spool_full(exc: OSError, spool_dir: Path) -> None:
+    """Raise :class:`SpoolFullError` naming ``spool_dir`` when ``exc`` says the disk is full.
+
+    ENOSPC (no space or no inodes), EDQUOT (a quota) and EFBIG (a file size
+    limit) count; any other error returns, for the caller to re-raise.
+
+    Raises:
+        SpoolFullError: ``exc`` is one of those, chained to it.
+    """
+    if exc.errno not in _FULL_ERRNOS:
+        return
+    reason = os.strerror(exc.errno) if exc.errno is not None else str(exc)
+    raise SpoolFullError(
+        f"the spool directory {spool_dir} has no room for the model ({reason}); free space "
+        "there, or point --spool-dir (FL_SIDECAR_SPOOL_DIR) at a larger file system; "
+        "nothing was kept",
+        spool_dir=str(spool_dir),
+    ) from exc
+
+
+@contextlib.contextmanager
+def spool_space(spool_dir: Path) -> Iterator[None]:
+    """Turn a full-disk :class:`OSError` inside the block into :class:`SpoolFullError`.
+
+    Raises:
+        SpoolFullError: see :func:`raise_if_spool_full`; other errors pass unchanged.
+    """
+    try:
+        yield
+    except OSError as exc:
+        raise_if_spool_full(exc, spool_dir)
+        raise
+
+
+def _create_spool_dir(parent: Path) -> Tuple[Path, int]:
+    """A fresh ``fl-sidecar-spool-*`` directory (0700) under ``parent`` and its held lock's fd.
+
+    The lock file is created and locked under a temporary name, then renamed
+    to ``.lock``: whoever finds a ``.lock`` finds it already held.
+    """
+    with spool_space(parent):
+        directory = Path(tempfile.mkdtemp(prefix=SPOOL_PREFIX, dir=parent))
+    pending = directory / f"{_LOCK_NAME}.{os.getpid()}"
+    try:
+        fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, f"{os.getpid()}\n".encode("ascii"))  # for people: who holds it
+            os.rename(pending, directory / _LOCK_NAME)
+        except BaseException:
+            os.close(fd)
+            raise
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return directory, fd
+
+
+def remove_stale_spools(parent: Path) -> Tuple[Path, ...]:
+    """Remove the spool directories under ``parent`` that no live sidecar holds.
+
+    Only directories named ``fl-sidecar-spool-*``, owned by this user, that are
+    not symlinks and whose ``.lock`` nobody holds (its holder died: the kernel
+    released the lock) are removed. A live sidecar's directory (its lock is
+    held, on this host or, on a shared file system with working locks, any)
+    and directories without a lock file (made by an older version, or one that
+    is starting this instant) are left alone.
+
+    Returns:
+        The directories removed.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError as exc:
+        _log.warning(
+            "cannot look for stale spool directories",
+            extra={"spool_parent": str(parent), "error": str(exc)},
+        )
+        return ()
+    for entry in entries:
+        if not entry.name.startswith(SPOOL_PREFIX):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.stat(follow_symlinks=False).st_uid != os.geteuid():
+                continue
+            if _remove_if_unlocked(Path(entry.path)):
+                removed.append(Path(entry.path))
+        except OSError as exc:
+            _log.warning(
+                "could not check or remove a stale spool directory",
+                extra={"path": entry.path, "error": str(exc)},
+            )
+    return tuple(removed)
+
+
+def _remove_if_unlocked(directory: Path) -> bool:
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        try:
+            lock_fd = os.open(_LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return False
+    finally:
+        os.close(dir_fd)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a live sidecar holds it
+        # Held by us now: no sidecar can be using it. rmtree does not follow symlinks.
+        shutil.rmtree(directory)
+        return True
+    finally:
+        os.close(lock_fd)
 
 
 def round_seconds(seconds: float) -> float:

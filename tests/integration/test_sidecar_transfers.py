@@ -646,7 +646,9 @@ def test_zz_metrics_count_bytes_both_ways(world: World) -> None:
 
 
 def _spool_files(sidecar: SidecarProcess) -> List[Path]:
-    return [path for path in (sidecar.workdir / "spool").rglob("*") if path.is_file()]
+    """Model files in the sidecar's spool (its ``.lock``, held while it lives, is none)."""
+    spool = sidecar.workdir / "spool"
+    return [path for path in spool.rglob("*") if path.is_file() and path.name != ".lock"]
 
 
 def test_cancelled_download_leaves_no_spool_file(world: World) -> None:

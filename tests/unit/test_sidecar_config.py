@@ -291,3 +291,27 @@ def test_socket_directory_writable_by_others_is_refused(tmp_path: Path) -> None:
         check_socket_directory(str(shared))
     shared.chmod(0o1777)  # sticky, like /tmp: others cannot remove our socket
     check_socket_directory(str(shared))
+
+
+def test_trusting_the_socket_parent_is_off_unless_asked(tmp_path: Path) -> None:
+    assert settings(["--socket", "/tmp/x.sock"]).trust_socket_parent is False
+    assert settings(["--socket", "/tmp/x.sock", "--trust-socket-parent"]).trust_socket_parent
+    env = {"FL_SIDECAR_TRUST_SOCKET_PARENT": "1"}
+    assert settings(["--socket", "/tmp/x.sock"], env).trust_socket_parent is True
+    with pytest.raises(errors.ConfigurationError, match="FL_SIDECAR_TRUST_SOCKET_PARENT"):
+        settings(["--socket", "/tmp/x.sock"], {"FL_SIDECAR_TRUST_SOCKET_PARENT": "maybe"})
+
+
+def test_socket_refusals_are_configuration_errors_that_name_the_path(tmp_path: Path) -> None:
+    from fl_sidecar.server import check_socket_directory
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(errors.UnsafeSocketError) as caught:
+        check_socket_directory(str(shared))
+    assert isinstance(caught.value, errors.ConfigurationError)  # exit status 2 in serve
+    assert caught.value.path == str(shared)
+    # The parents' check alone can be waived, never the directory's own.
+    with pytest.raises(errors.UnsafeSocketError):
+        check_socket_directory(str(shared), trust_parents=True)
