@@ -55,7 +55,7 @@ from fl_sidecar.archive import (
     detect_format,
     safetensors_into_archive,
 )
-from fl_sidecar.errors import ModelFormatError, TensorMismatchError
+from fl_sidecar.errors import AmbiguousArchiveError, ModelFormatError, TensorMismatchError
 
 __all__ = [
     "ArchiveInfo",
@@ -412,26 +412,47 @@ def load_trusted(source: Source, *, map_location: Any = None) -> Any:
     ``torch.load(weights_only=False)`` for pickled archives (the model's classes must be
     importable), ``torch.jit.load`` for TorchScript; ``map_location`` as for those.
 
+    The bytes torch loads are the bytes checked: a path is opened once and that open
+    file is checked and then handed to torch (never opened again by name); bytes are
+    checked and loaded from the same buffer. The check is the vetting reader's zip
+    layout check (not its pickle check: this function trusts the pickle), plus torch's
+    own reader listing exactly the records ours found, so an archive that the sidecar
+    vetted cannot load here as another one (two ``data.pkl`` records, a pickle with a
+    zip appended...).
+
     Raises:
+        AmbiguousArchiveError: torch or another reader could read the archive
+            differently from the vetting reader.
         ModelFormatError: not a torch archive, or torch cannot load it.
         OSError: the file cannot be read.
     """
-    fmt = detect_format(source)
-    if fmt is ModelFormat.SAFETENSORS:
-        raise ModelFormatError("this is safetensors, not a torch archive: use from_safetensors")
-    target: Union[str, IO[bytes]] = (
-        io.BytesIO(bytes(source))  # type: ignore[arg-type]
-        if _is_bytes(source)
-        else os.fspath(source)  # type: ignore[arg-type]
-    )
-    try:
-        if fmt is ModelFormat.TORCHSCRIPT:
-            return _jit_load(target, map_location=map_location)
-        return torch.load(target, map_location=map_location, weights_only=False)
-    except (OSError, MemoryError):
-        raise
-    except Exception as exc:
-        raise ModelFormatError(f"torch could not load the model: {exc}") from exc
+    with contextlib.ExitStack() as stack:
+        if _is_bytes(source):
+            opened: IO[bytes] = io.BytesIO(bytes(source))  # type: ignore[arg-type]
+        else:
+            opened = stack.enter_context(open(os.fspath(source), "rb"))  # type: ignore[arg-type]
+        with _tf.open_archive(source, parse=False, opened=opened) as archive:
+            fmt = archive.format
+            ours = sorted(name[len(archive.prefix) + 1 :] for name in archive.record_names)
+        opened.seek(0)
+        try:
+            theirs = sorted(torch._C.PyTorchFileReader(opened).get_all_records())
+        except Exception as exc:
+            raise ModelFormatError(f"torch cannot read the archive: {exc}") from exc
+        if theirs != ours:
+            raise AmbiguousArchiveError(
+                "torch's reader sees other records than the vetting reader"
+                f" ({len(theirs)} against {len(ours)}); refused"
+            )
+        opened.seek(0)
+        try:
+            if fmt is ModelFormat.TORCHSCRIPT:
+                return _jit_load(opened, map_location=map_location)
+            return torch.load(opened, map_location=map_location, weights_only=False)
+        except (OSError, MemoryError):
+            raise
+        except Exception as exc:
+            raise ModelFormatError(f"torch could not load the model: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- safetensors
