@@ -203,7 +203,10 @@ def read_tensors(source: Source) -> Dict[str, torch.Tensor]:
 
     Raises:
         ModelFormatError: not a torch zip archive (a truncated zip, no ``data.pkl``...),
-            or records that disagree with the pickle.
+            or records that disagree with the pickle; its subclasses
+            AmbiguousArchiveError (another reader could read the zip differently) and
+            ModelLimitExceededError (over the reader's budgets, see
+            :class:`fl_sidecar.archive.ReadLimits`).
         UnsafePickleError: the pickle names or calls something other than tensor
             rebuilding and plain containers; none of it ran.
         OSError: the file cannot be read.

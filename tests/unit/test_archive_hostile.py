@@ -305,7 +305,7 @@ def test_load_trusted_loads_the_file_it_checked(tmp_path: Path, monkeypatch: Any
         os.replace(swapped, path)
         return real_load(f, *args, **kwargs)
 
-    monkeypatch.setattr(models.torch, "load", swapping_load)
+    monkeypatch.setattr(torch, "load", swapping_load)
     loaded = models.load_trusted(path)
     assert torch.equal(loaded["w"], torch.arange(4, dtype=torch.float32))
     assert not marker.exists()
