@@ -409,7 +409,7 @@ def save_module(module: torch.nn.Module, path: PathLike) -> None:
     _tf.atomic_write(path, produce)
 
 
-def load_trusted(source: Source, *, map_location: Any = None) -> Any:
+def load_trusted(source: Source, *, map_location: Any = None, vet: bool = False) -> Any:
     """Fully loads a model, running its pickle: only for archives you trust.
 
     ``torch.load(weights_only=False)`` for pickled archives (the model's classes must be
@@ -423,7 +423,12 @@ def load_trusted(source: Source, *, map_location: Any = None) -> Any:
     vetted cannot load here as another one (two ``data.pkl`` records, a pickle with a
     zip appended...).
 
+    ``vet=True`` also runs the restricted reader over the very bytes about to be
+    loaded (as the sidecar vets a TORCH download), and refuses a pickle that would call
+    anything but tensor rebuilding before torch sees it.
+
     Raises:
+        UnsafePickleError: ``vet`` is set and the pickle would run code; nothing ran.
         AmbiguousArchiveError: torch or another reader could read the archive
             differently from the vetting reader.
         ModelFormatError: not a torch archive, or torch cannot load it.
@@ -434,7 +439,7 @@ def load_trusted(source: Source, *, map_location: Any = None) -> Any:
             opened: IO[bytes] = io.BytesIO(bytes(source))  # type: ignore[arg-type]
         else:
             opened = stack.enter_context(open(os.fspath(source), "rb"))  # type: ignore[arg-type]
-        with _tf.open_archive(source, parse=False, opened=opened) as archive:
+        with _tf.open_archive(source, parse=vet, opened=opened) as archive:
             fmt = archive.format
             ours = sorted(name[len(archive.prefix) + 1 :] for name in archive.record_names)
         opened.seek(0)

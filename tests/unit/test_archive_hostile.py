@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fl_sidecar import archive, models
-from fl_sidecar.errors import AmbiguousArchiveError, ModelFormatError
+from fl_sidecar.errors import AmbiguousArchiveError, ModelFormatError, UnsafePickleError
 
 
 class _Evil:
@@ -309,3 +309,16 @@ def test_load_trusted_loads_the_file_it_checked(tmp_path: Path, monkeypatch: Any
     loaded = models.load_trusted(path)
     assert torch.equal(loaded["w"], torch.arange(4, dtype=torch.float32))
     assert not marker.exists()
+
+
+def test_load_trusted_can_vet_the_bytes_it_loads(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(2), "hook": _Evil(marker)}, buf)
+    path = tmp_path / "evil.pt"
+    path.write_bytes(buf.getvalue())
+    for source in (buf.getvalue(), path):
+        with pytest.raises(UnsafePickleError):
+            models.load_trusted(source, vet=True)
+    assert not marker.exists()
+    assert torch.equal(models.load_trusted(_good(), vet=True)["w"], torch.arange(4.0))
