@@ -447,7 +447,9 @@ _MAX_DIRECTORY_BYTES = 256 * 1024 * 1024  # the central directory, read whole
 _FLAG_ENCRYPTED = 0x0001
 _FLAG_DESCRIPTOR = 0x0008
 _FLAG_STRONG_ENCRYPTION = 0x0040
+_FLAG_PATCHED = 0x0020
 _FLAG_UTF8 = 0x0800
+_DOS_DIRECTORY = 0x10  # in a directory entry's external attributes
 _FLAG_MASKED_DIRECTORY = 0x2000
 # Flags that change how a record is read; the local header must agree on them.
 _READING_FLAGS = _FLAG_ENCRYPTED | _FLAG_DESCRIPTOR | _FLAG_UTF8
@@ -627,7 +629,7 @@ def _central_directory(f: IO[bytes], total: int) -> List[_ZipEntry]:
             comment_len,
             disk,
             _internal,
-            _external,
+            external,
             offset,
         ) = _CENTRAL_HEADER.unpack_from(directory, pos)
         if magic != _CENTRAL_MAGIC:
@@ -641,6 +643,12 @@ def _central_directory(f: IO[bytes], total: int) -> List[_ZipEntry]:
         where = f"record {name!r}"
         if flags & (_FLAG_ENCRYPTED | _FLAG_STRONG_ENCRYPTION | _FLAG_MASKED_DIRECTORY):
             raise ModelFormatError(f"{where} is encrypted")
+        if flags & _FLAG_PATCHED:
+            raise ModelFormatError(f"{where} holds patch data, which no torch reader applies")
+        if external & _DOS_DIRECTORY and not name.endswith("/"):
+            # miniz (torch's reader) takes the DOS directory attribute for a directory
+            # and reads no data; zipfile goes by the name and reads the record.
+            raise _ambiguous(f"{where} is marked as a directory but named as a file")
         if method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise ModelFormatError(f"{where} uses compression method {method}")
         if disk == 0xFFFF or disk:
@@ -831,7 +839,13 @@ class _Archive:
             self._file.seek(0)
             self.zip = zipfile.ZipFile(self._file)
             infos = self.zip.infolist()
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as exc:
+        except (
+            zipfile.BadZipFile,
+            zipfile.LargeZipFile,
+            EOFError,
+            ValueError,
+            NotImplementedError,
+        ) as exc:  # NotImplementedError: a "version needed" beyond zipfile's
             raise ModelFormatError(f"not a readable zip archive: {exc}") from exc
         try:
             self._check_zipfile_agrees(infos)

@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fl_sidecar import archive, models
 from fl_sidecar.errors import AmbiguousArchiveError, ModelFormatError, UnsafePickleError
@@ -190,6 +192,14 @@ def _non_ascii_name(evil: bytes) -> bytes:
     return bytes(data)
 
 
+def _marked_as_directory(evil: bytes) -> bytes:
+    # torch's reader (miniz) takes the DOS directory attribute for a directory and reads
+    # nothing (it returned uninitialised memory here); zipfile reads the record.
+    data = bytearray(_good())
+    struct.pack_into("<I", data, _central(bytes(data))[0] + 38, 0x10)
+    return bytes(data)
+
+
 def _outside_the_folder(evil: bytes) -> bytes:
     return _zip([*_records(_good()), ("other/data.pkl", evil)])
 
@@ -217,6 +227,7 @@ HOSTILE: Dict[str, Callable[[bytes], bytes]] = {
     "a zip64 mark without zip64": _zip64_mark_without_zip64,
     "a non-ASCII name not flagged UTF-8": _non_ascii_name,
     "a record outside the archive folder": _outside_the_folder,
+    "a file marked as a DOS directory": _marked_as_directory,
 }
 
 
@@ -322,3 +333,68 @@ def test_load_trusted_can_vet_the_bytes_it_loads(tmp_path: Path) -> None:
             models.load_trusted(source, vet=True)
     assert not marker.exists()
     assert torch.equal(models.load_trusted(_good(), vet=True)["w"], torch.arange(4.0))
+
+
+def _structure_offsets(data: bytes) -> List[int]:
+    """Byte offsets of every zip header field (local headers, directory, end records)."""
+    spots: List[int] = []
+    for magic, size in ((b"PK\x03\x04", 30), (b"PK\x01\x02", 46), (b"PK\x06\x06", 56)):
+        pos = data.find(magic)
+        while pos >= 0:
+            spots.extend(range(pos, min(pos + size, len(data))))
+            pos = data.find(magic, pos + 4)
+    spots.extend(range(len(data) - 42, len(data)))  # locator and end record
+    return sorted(set(spots))
+
+
+def _deflated_with_descriptors() -> bytes:
+    class Unseekable(io.RawIOBase):
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b: Any) -> int:
+            self.data += b
+            return len(b)
+
+    out = Unseekable()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in _records(_good()):
+            with zf.open(name, "w") as w:
+                w.write(data)
+    return bytes(out.data)
+
+
+_BASES = {"torch.save": _good(), "deflated, descriptors": _deflated_with_descriptors()}
+
+
+@pytest.mark.parametrize("base", list(_BASES))
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_property_what_we_accept_torch_reads_alike(base: str, data: st.DataObject) -> None:
+    # Header bytes mutated at random: whatever the vetting reader accepts, torch's own
+    # reader must list the same records and give the same pickle.
+    archive_bytes = bytearray(_BASES[base])
+    spots = _structure_offsets(bytes(archive_bytes))
+    flips = data.draw(
+        st.lists(st.tuples(st.sampled_from(spots), st.integers(0, 255)), min_size=1, max_size=3)
+    )
+    for pos, value in flips:
+        archive_bytes[pos] = value
+    mutated = bytes(archive_bytes)
+    try:
+        with archive.open_archive(mutated, parse=False) as opened:
+            ours = sorted(n.split("/", 1)[1] for n in opened.record_names)
+            pkl = opened.read_record(opened.records["data.pkl"])
+    except ModelFormatError as exc:
+        assert str(exc)
+        return
+    try:
+        reader = torch._C.PyTorchFileReader(io.BytesIO(mutated))
+        theirs, their_pkl = sorted(reader.get_all_records()), bytes(reader.get_record("data.pkl"))
+    except RuntimeError:
+        return  # torch refuses it (a corrupt record we have not read yet): no disagreement
+    assert theirs == ours
+    assert their_pkl == pkl
