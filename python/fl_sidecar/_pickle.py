@@ -72,7 +72,10 @@ class ReadLimits:
     of tensors) and far below what exhausts the machine.
 
     Attributes:
-        max_pickle_opcodes: opcodes in ``data.pkl``; bounds the unpickler's objects.
+        max_pickle_opcodes: opcodes in ``data.pkl``; bounds the unpickler's work.
+        max_pickle_objects: containers and objects the pickle builds (lists, dicts, sets,
+            tuples, instances, call results); bounds the unpickler's memory (an empty
+            set is 216 bytes from one opcode).
         max_depth: nesting of modules and containers the tensor walk follows, and of
             tuples in the pickle (hashing a tuple recurses in C).
         max_marks: MARKs open at once in the pickle.
@@ -83,7 +86,8 @@ class ReadLimits:
             (a shared sub-object is walked once; its names are reused).
     """
 
-    max_pickle_opcodes: int = 4_000_000
+    max_pickle_opcodes: int = 2_000_000
+    max_pickle_objects: int = 500_000
     max_depth: int = 200
     max_marks: int = 1_000
     max_stack: int = 1_000_000
@@ -720,6 +724,26 @@ _TUPLE_OPS = frozenset({"EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "F
 _PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 _GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
 _KEEP_FIRST_OPS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
+# Opcodes that make a container or an object (strings and numbers are bounded by bytes).
+_OBJECT_OPS = frozenset(
+    {
+        "EMPTY_LIST",
+        "LIST",
+        "EMPTY_DICT",
+        "DICT",
+        "EMPTY_SET",
+        "FROZENSET",
+        "TUPLE",
+        "TUPLE1",
+        "TUPLE2",
+        "TUPLE3",
+        "REDUCE",
+        "NEWOBJ",
+        "NEWOBJ_EX",
+        "OBJ",
+        "INST",
+    }
+)
 
 
 class PickleStats:
@@ -727,16 +751,18 @@ class PickleStats:
 
     Attributes:
         opcodes: opcodes up to and including STOP.
+        objects: containers and objects built (see :attr:`ReadLimits.max_pickle_objects`).
         max_marks: the most MARKs open at once.
         max_stack: the most objects on the stack at once.
         max_tuple_depth: the deepest tuple nesting built.
         storages: persistent ids (storage references) met.
     """
 
-    __slots__ = ("max_marks", "max_stack", "max_tuple_depth", "opcodes", "storages")
+    __slots__ = ("max_marks", "max_stack", "max_tuple_depth", "objects", "opcodes", "storages")
 
     def __init__(self) -> None:
         self.opcodes = 0
+        self.objects = 0
         self.max_marks = 0
         self.max_stack = 0
         self.max_tuple_depth = 0
@@ -756,11 +782,11 @@ def scan_pickle(
 
     Simulates the unpickler's stack with one number per object (how deeply tuples nest
     in it), so that what the C unpickler would do unbounded is refused first: more than
-    ``max_pickle_opcodes`` opcodes, a memo index beyond the opcode count (the C
-    unpickler sizes its memo table by the largest index), more than ``max_marks`` open
-    MARKs or ``max_stack`` objects, tuples nested deeper than ``max_depth``, more than
-    ``max_tensors`` storage references. Lengths that run past the data (a BINUNICODE8
-    claiming 2**63 bytes) are malformed.
+    ``max_pickle_opcodes`` opcodes or ``max_pickle_objects`` containers and objects, a
+    memo index beyond the opcode count (the C unpickler sizes its memo table by the
+    largest index), more than ``max_marks`` open MARKs or ``max_stack`` objects, tuples
+    nested deeper than ``max_depth``, more than ``max_tensors`` storage references.
+    Lengths that run past the data (a BINUNICODE8 claiming 2**63 bytes) are malformed.
 
     Returns:
         the counts, for tests and messages.
@@ -821,6 +847,10 @@ def scan_pickle(
                 else:
                     raise ModelFormatError("the pickle pops from an empty stack")
             else:
+                if name in _OBJECT_OPS:
+                    stats.objects += 1
+                    if stats.objects > limits.max_pickle_objects:
+                        raise _limit("containers and objects", limits.max_pickle_objects)
                 consumed = _pop_operands(op, stack, marks)
                 if name in ("PERSID", "BINPERSID"):
                     stats.storages += 1

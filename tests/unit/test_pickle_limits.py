@@ -145,6 +145,7 @@ def test_real_models_stay_far_below_the_limits() -> None:
         stats = scan_pickle(pkl)
         limits = ReadLimits()
         assert stats.opcodes * 50 < limits.max_pickle_opcodes
+        assert stats.objects * 50 < limits.max_pickle_objects
         assert stats.max_marks * 50 < limits.max_marks
         assert stats.max_tuple_depth * 50 < limits.max_depth
         with archive.open_archive(data) as opened:
@@ -201,6 +202,10 @@ def test_opcode_and_storage_budgets() -> None:
     assert restricted_loads(many)[0] == [1] * 2000
     with pytest.raises(ModelLimitExceededError, match="opcodes"):
         restricted_loads(many, limits=ReadLimits(max_pickle_opcodes=1000))
+    sets = b"\x80\x04]" + b"\x8fa" * 2000 + b"."  # an empty set is 216 bytes
+    assert len(restricted_loads(sets)[0]) == 2000
+    with pytest.raises(ModelLimitExceededError, match="containers and objects"):
+        restricted_loads(sets, limits=ReadLimits(max_pickle_objects=1000))
     storages = b"\x80\x02]" + b"".join(_storage_tensor(str(i)) + b"a" for i in range(20)) + b"."
     assert len(restricted_loads(storages)[1]) == 20
     with pytest.raises(ModelLimitExceededError, match="storage references"):
