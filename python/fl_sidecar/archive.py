@@ -881,6 +881,7 @@ class _Archive:
         if order is not None and order not in (b"little", b"big"):
             raise ModelFormatError(f"unknown byte order {order!r}")
         self._code_cache: Dict[str, Optional[str]] = {}
+        self.script_classes: Dict[str, Dict[str, _ScriptClass]] = {}  # by code module
         self.walk_steps = 0  # how much work naming the tensors took (see _Collector)
         if not parse:
             return
@@ -1105,24 +1106,45 @@ _NAME_LIST = re.compile(r"^[ \t]+(__parameters__|__buffers__) = \[([^\]\n]*)\]",
 _QUOTED = re.compile(r"\"([^\"\n]*)\"")
 
 
-def _script_class(
-    archive: _Archive, obj: Placeholder
-) -> Optional[Tuple[List[str], List[str], bool]]:
-    """(parameters, buffers, is_module) of a TorchScript class, parsed from its code, not run."""
-    cls = type(obj)
-    text = archive.code(cls.pickle_module)
-    if text is None:
-        return None
-    for match in _CLASS_LINE.finditer(text):
-        if match.group(1) != cls.pickle_name:
+_ScriptClass = Tuple[List[str], List[str], bool]  # parameters, buffers, is_module
+
+
+def _parse_script_classes(text: str) -> Dict[str, _ScriptClass]:
+    """Every class of a TorchScript code file, parsed once (text, never run).
+
+    The first definition of a name wins, as a reader scanning for it would find.
+    """
+    classes: Dict[str, _ScriptClass] = {}
+    matches = list(_CLASS_LINE.finditer(text))
+    for i, match in enumerate(matches):
+        if match.group(1) in classes:
             continue
-        end = _CLASS_LINE.search(text, match.end())
-        body = text[match.end() : end.start() if end else len(text)]
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        body = text[match.end() : end]
         lists: Dict[str, List[str]] = {"__parameters__": [], "__buffers__": []}
         for found in _NAME_LIST.finditer(body):
             lists[found.group(1)] = _QUOTED.findall(found.group(2))
-        return lists["__parameters__"], lists["__buffers__"], match.group(2) == "Module"
-    return None
+        classes[match.group(1)] = (
+            lists["__parameters__"],
+            lists["__buffers__"],
+            match.group(2) == "Module",
+        )
+    return classes
+
+
+def _script_class(archive: _Archive, obj: Placeholder) -> Optional[_ScriptClass]:
+    """(parameters, buffers, is_module) of a TorchScript class, parsed from its code, not run.
+
+    Each code file is parsed once per archive, however many objects of its classes the
+    pickle holds (scanning a 16 MiB file once per object would be a CPU sink).
+    """
+    cls = type(obj)
+    classes = archive.script_classes.get(cls.pickle_module)
+    if classes is None:
+        text = archive.code(cls.pickle_module)
+        classes = _parse_script_classes(text) if text is not None else {}
+        archive.script_classes[cls.pickle_module] = classes
+    return classes.get(cls.pickle_name)
 
 
 # (name relative to the object, tensor) pairs an object holds, in state_dict order

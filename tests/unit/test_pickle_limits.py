@@ -268,3 +268,20 @@ def test_should_stop_cancels_the_scan_and_the_walk() -> None:
         archive.describe(data, should_stop=stop_in_walk)
     never = archive.describe(data, should_stop=lambda: False)
     assert len(never.tensors) == 2**14
+
+
+@pytest.mark.timeout(60)
+def test_torchscript_code_is_parsed_once_however_many_objects() -> None:
+    # 3000 objects of one __torch__ class and a 4 MiB code file: parsing the file once
+    # per object would scan 12 GB of text.
+    children = 3000
+    pkl = b"\x80\x02c__torch__\nC\nq\x00c__torch__\nM\nq\x01h\x01)\x81}("
+    for i in range(children):
+        pkl += b"X" + struct.pack("<I", len(f"c{i}")) + f"c{i}".encode() + b"h\x00)\x81}b"
+    pkl += b"ub."
+    code = ("# filler\n" * (4 * 1024 * 1024 // 9)) + "class M(Module):\n  pass\nclass C(Module):\n"
+    data = _archive_with_pickle(pkl, {"code/__torch__.py": code.encode()})
+    with archive.open_archive(data) as opened:
+        assert opened.format is archive.ModelFormat.TORCHSCRIPT
+        assert opened.tensors == {}
+        assert set(opened.script_classes["__torch__"]) == {"M", "C"}
