@@ -36,6 +36,7 @@ import os
 import re
 import struct
 import tempfile
+import unicodedata
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -531,8 +532,9 @@ def _check_name(raw: bytes, flags: int, seen: Dict[str, str]) -> str:
     parts = name[:-1].split("/") if name.endswith("/") else name.split("/")
     if any(part in ("", ".", "..") for part in parts):
         raise _ambiguous(f"record name {shown} has an empty, '.' or '..' component")
-    # Readers on case-insensitive file systems, or that fold case, would see one record.
-    key = name.rstrip("/").casefold()
+    # Readers on case-insensitive file systems, or that fold case or normalise Unicode
+    # (macOS writes NFD), would see one record.
+    key = unicodedata.normalize("NFC", name.rstrip("/")).casefold()
     if key in seen:
         raise _ambiguous(f"records {seen[key]} and {shown} have the same name")
     seen[key] = shown

@@ -208,6 +208,9 @@ HOSTILE: Dict[str, Callable[[bytes], bytes]] = {
     "duplicate data.pkl, evil first": _duplicate_pickle_first,
     "duplicate data.pkl, evil last": _duplicate_pickle_last,
     "names differing in case": _renamed("archive/DATA.PKL"),
+    "names differing in Unicode normalisation": lambda evil: _zip(
+        [*_records(_good()), ("archive/caf\u00e9", b""), ("archive/cafe\u0301", evil)]
+    ),
     "a ./ component": _renamed("archive/./data.pkl"),
     "a .. component": _renamed("archive/x/../data.pkl"),
     "a backslash": _renamed("archive\\data.pkl"),
