@@ -36,6 +36,7 @@ import os
 import re
 import struct
 import tempfile
+import unicodedata
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -56,15 +57,32 @@ from typing import (
     Union,
 )
 
-from fl_sidecar._pickle import Placeholder, SafeOrderedDict, TensorRef, restricted_loads
-from fl_sidecar.errors import ModelFormatError, TensorMismatchError
+from fl_sidecar._pickle import (
+    DEFAULT_LIMITS,
+    STOP_CHECK_INTERVAL,
+    Placeholder,
+    ReadLimits,
+    SafeOrderedDict,
+    StopCheck,
+    TensorRef,
+    check_stop,
+    restricted_loads,
+)
+from fl_sidecar.errors import (
+    AmbiguousArchiveError,
+    ModelFormatError,
+    ModelLimitExceededError,
+    TensorMismatchError,
+)
 
 __all__ = [
     "CHUNK_BYTES",
+    "DEFAULT_LIMITS",
     "SAFETENSORS_DTYPES",
     "ArchiveDescription",
     "ModelFormat",
     "NewValues",
+    "ReadLimits",
     "SafetensorsEntry",
     "TensorInfo",
     "WrittenFile",
@@ -96,7 +114,6 @@ _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _MAX_PICKLE_SIZE = 256 * 1024 * 1024  # bytes; the pickle of a 1 GiB model is a few MiB
 _MAX_CODE_SIZE = 16 * 1024 * 1024  # bytes, one TorchScript code file
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # bytes, as the safetensors library allows
-_MAX_DEPTH = 200  # nesting of modules and containers; the walk recurses ~2 frames a level
 # Converted data may exceed the storages it comes from (tied weights are written once per
 # name, expanded views element by element) by this factor plus this many bytes, no more.
 _MAX_EXPANSION = 8
@@ -414,35 +431,429 @@ def _swap(buf: Any, unit: int) -> None:
         raw[k::unit] = original[unit - 1 - k :: unit]
 
 
+# --------------------------------------------------------------------------- zip layout
+
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # 30 bytes
+_CENTRAL_HEADER = struct.Struct("<4sHHHHHHIIIHHHHHII")  # 46 bytes
+_END_RECORD = struct.Struct("<4sHHHHIIH")  # 22 bytes
+_ZIP64_END_RECORD = struct.Struct("<4sQHHIIQQQQ")  # 56 bytes, without extensible data
+_ZIP64_LOCATOR = struct.Struct("<4sIQI")  # 20 bytes
+_CENTRAL_MAGIC = b"PK\x01\x02"
+_END_MAGIC = b"PK\x05\x06"
+_ZIP64_END_MAGIC = b"PK\x06\x06"
+_LOCATOR_MAGIC = b"PK\x06\x07"
+_DESCRIPTOR_MAGIC = b"PK\x07\x08"
+_MAX_RECORDS = 1_000_000  # records in one archive; torch writes one per storage
+_MAX_DIRECTORY_BYTES = 256 * 1024 * 1024  # the central directory, read whole
+_FLAG_ENCRYPTED = 0x0001
+_FLAG_DESCRIPTOR = 0x0008
+_FLAG_STRONG_ENCRYPTION = 0x0040
+_FLAG_PATCHED = 0x0020
+_FLAG_UTF8 = 0x0800
+_DOS_DIRECTORY = 0x10  # in a directory entry's external attributes
+_FLAG_MASKED_DIRECTORY = 0x2000
+# Flags that change how a record is read; the local header must agree on them.
+_READING_FLAGS = _FLAG_ENCRYPTED | _FLAG_DESCRIPTOR | _FLAG_UTF8
+_ZIP64_EXTRA = 0x0001
+
+
+@dataclass(frozen=True)
+class _ZipEntry:
+    """One record as the central directory and its local header both describe it."""
+
+    name: str
+    flags: int
+    method: int
+    crc: int
+    compress_size: int
+    file_size: int
+    header_offset: int
+    data_offset: int  # where its data starts, after the local header, name and extra
+    end: int  # where it ends: after its data and data descriptor
+
+
+def _ambiguous(message: str) -> AmbiguousArchiveError:
+    return AmbiguousArchiveError(
+        f"{message}: another zip or torch reader could read this archive differently; refused"
+    )
+
+
+def _read_at(f: IO[bytes], offset: int, size: int) -> bytes:
+    f.seek(offset)
+    data: bytes = f.read(size)
+    if len(data) != size:
+        raise ModelFormatError("the zip archive is truncated")
+    return data
+
+
+def _extra_fields(extra: bytes, where: str) -> Dict[int, bytes]:
+    """A zip extra field's blocks by id; malformed or repeated blocks are ambiguous."""
+    fields: Dict[int, bytes] = {}
+    pos = 0
+    while pos < len(extra):
+        if pos + 4 > len(extra):
+            raise _ambiguous(f"{where} has a malformed extra field")
+        tag, size = struct.unpack_from("<HH", extra, pos)
+        if pos + 4 + size > len(extra):
+            raise _ambiguous(f"{where} has a malformed extra field")
+        if tag in fields:
+            raise _ambiguous(f"{where} repeats extra field {tag:#06x}")
+        fields[tag] = extra[pos + 4 : pos + 4 + size]
+        pos += 4 + size
+    return fields
+
+
+def _zip64_values(fields: Dict[int, bytes], marked: Sequence[bool], where: str) -> List[int]:
+    """The 64-bit values a zip64 extra block gives for the fields marked 0xFFFFFFFF."""
+    data = fields.get(_ZIP64_EXTRA, b"")
+    wanted = sum(marked)
+    if len(data) != 8 * wanted:
+        raise _ambiguous(f"{where} has a zip64 extra field that does not match its marked sizes")
+    return list(struct.unpack(f"<{wanted}Q", data)) if wanted else []
+
+
+def _check_name(raw: bytes, flags: int, seen: Dict[str, str]) -> str:
+    """Decodes a record name the way every reader does, or refuses it."""
+    if flags & _FLAG_UTF8:
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _ambiguous(f"record name {raw!r} is not UTF-8 although flagged so") from None
+    else:
+        if any(b >= 0x80 for b in raw):
+            # zipfile decodes it as cp437, torch compares raw bytes: they disagree.
+            raise _ambiguous(f"record name {raw!r} is not ASCII and not flagged UTF-8")
+        name = raw.decode("ascii")
+    shown = repr(name)
+    if not name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise _ambiguous(f"record name {shown} is empty or holds control characters")
+    if "\\" in name or name.startswith("/"):
+        raise _ambiguous(f"record name {shown} has a backslash or a leading slash")
+    parts = name[:-1].split("/") if name.endswith("/") else name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise _ambiguous(f"record name {shown} has an empty, '.' or '..' component")
+    # Readers on case-insensitive file systems, or that fold case or normalise Unicode
+    # (macOS writes NFD), would see one record.
+    key = unicodedata.normalize("NFC", name.rstrip("/")).casefold()
+    if key in seen:
+        raise _ambiguous(f"records {seen[key]} and {shown} have the same name")
+    seen[key] = shown
+    return name
+
+
+def _end_records(f: IO[bytes], total: int) -> Tuple[int, int, int, int]:
+    """(record count, directory offset, directory size, where the directory must end)."""
+    if total < _END_RECORD.size + _LOCAL_HEADER.size:
+        raise ModelFormatError("not a readable zip archive: too short")
+    end = _read_at(f, total - _END_RECORD.size, _END_RECORD.size)
+    magic, disk, cd_disk, disk_count, count, cd_size, cd_offset, comment = _END_RECORD.unpack(end)
+    if magic != _END_MAGIC:
+        f.seek(max(0, total - 65557))
+        if _END_MAGIC in f.read():
+            raise _ambiguous("data or a comment follows the end of the archive")
+        raise ModelFormatError("not a readable zip archive: no end of central directory")
+    if comment:
+        raise _ambiguous("the end record announces a comment the file does not hold")
+    if disk or cd_disk or disk_count != count:
+        raise _ambiguous("the archive claims to span several disks")
+    directory_end = total - _END_RECORD.size
+    locator_at = directory_end - _ZIP64_LOCATOR.size
+    has_zip64 = locator_at >= 0 and _read_at(f, locator_at, 4) == _LOCATOR_MAGIC
+    if not has_zip64:
+        if _ZIP64_MARK in (cd_size, cd_offset) or count == 0xFFFF:
+            raise _ambiguous("the end record marks zip64 fields but there is no zip64 record")
+        return count, cd_offset, cd_size, directory_end
+    magic, locator_disk, end64_at, disks = _ZIP64_LOCATOR.unpack(
+        _read_at(f, locator_at, _ZIP64_LOCATOR.size)
+    )
+    if locator_disk != 0 or disks != 1:
+        raise _ambiguous("the zip64 locator claims several disks")
+    if end64_at != locator_at - _ZIP64_END_RECORD.size:
+        raise _ambiguous("the zip64 end record is not where its locator says")
+    (
+        magic,
+        record_size,
+        _made,
+        _needed,
+        disk,
+        cd_disk,
+        disk_count,
+        count64,
+        cd_size64,
+        cd_offset64,
+    ) = _ZIP64_END_RECORD.unpack(_read_at(f, end64_at, _ZIP64_END_RECORD.size))
+    if magic != _ZIP64_END_MAGIC or record_size != _ZIP64_END_RECORD.size - 12:
+        raise _ambiguous("the zip64 end record is malformed or has extensible data")
+    if disk or cd_disk or disk_count != count64:
+        raise _ambiguous("the zip64 end record claims several disks")
+    for narrow, wide, mark in (
+        (count, count64, 0xFFFF),
+        (cd_size, cd_size64, _ZIP64_MARK),
+        (cd_offset, cd_offset64, _ZIP64_MARK),
+    ):
+        if narrow != wide and narrow != mark:
+            raise _ambiguous("the end record and the zip64 end record disagree")
+    return count64, cd_offset64, cd_size64, end64_at
+
+
+def _central_directory(f: IO[bytes], total: int) -> List[_ZipEntry]:
+    """Parses and cross-checks a zip's directory and local headers; see :func:`_check_layout`."""
+    count, cd_offset, cd_size, directory_end = _end_records(f, total)
+    if cd_offset + cd_size != directory_end:
+        raise _ambiguous("the central directory does not end where the end record starts")
+    if not count:
+        raise ModelFormatError("the zip archive is empty")
+    if count > _MAX_RECORDS or cd_size > _MAX_DIRECTORY_BYTES:
+        raise ModelLimitExceededError(
+            f"the zip archive has more than {_MAX_RECORDS} records or a directory over"
+            f" {_MAX_DIRECTORY_BYTES} bytes"
+        )
+    directory = _read_at(f, cd_offset, cd_size)
+    pos = 0
+    seen: Dict[str, str] = {}
+    entries: List[_ZipEntry] = []
+    for _ in range(count):
+        if pos + _CENTRAL_HEADER.size > len(directory):
+            raise _ambiguous("the central directory holds fewer records than it says")
+        (
+            magic,
+            _made,
+            _needed,
+            flags,
+            method,
+            _time,
+            _date,
+            crc,
+            csize,
+            usize,
+            name_len,
+            extra_len,
+            comment_len,
+            disk,
+            _internal,
+            external,
+            offset,
+        ) = _CENTRAL_HEADER.unpack_from(directory, pos)
+        if magic != _CENTRAL_MAGIC:
+            raise _ambiguous("the central directory is malformed")
+        start = pos + _CENTRAL_HEADER.size
+        pos = start + name_len + extra_len + comment_len
+        if pos > len(directory):
+            raise _ambiguous("a central directory record runs past the directory")
+        raw = directory[start : start + name_len]
+        name = _check_name(raw, flags, seen)
+        where = f"record {name!r}"
+        if flags & (_FLAG_ENCRYPTED | _FLAG_STRONG_ENCRYPTION | _FLAG_MASKED_DIRECTORY):
+            raise ModelFormatError(f"{where} is encrypted")
+        if flags & _FLAG_PATCHED:
+            raise ModelFormatError(f"{where} holds patch data, which no torch reader applies")
+        if external & _DOS_DIRECTORY and not name.endswith("/"):
+            # miniz (torch's reader) takes the DOS directory attribute for a directory
+            # and reads no data; zipfile goes by the name and reads the record.
+            raise _ambiguous(f"{where} is marked as a directory but named as a file")
+        if method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ModelFormatError(f"{where} uses compression method {method}")
+        if disk == 0xFFFF or disk:
+            raise _ambiguous(f"{where} claims another disk")
+        fields = _extra_fields(directory[start + name_len : start + name_len + extra_len], where)
+        marked = [usize == _ZIP64_MARK, csize == _ZIP64_MARK, offset == _ZIP64_MARK]
+        wide = iter(_zip64_values(fields, marked, where))
+        usize = next(wide) if marked[0] else usize
+        csize = next(wide) if marked[1] else csize
+        offset = next(wide) if marked[2] else offset
+        if method == zipfile.ZIP_STORED and csize != usize:
+            raise _ambiguous(f"{where} is stored but its compressed and real sizes differ")
+        if name.endswith("/") and usize:
+            raise _ambiguous(f"{where} is a directory that holds data")
+        entries.append(_local_header(f, raw, name, flags, method, crc, csize, usize, offset))
+    if pos != len(directory):
+        raise _ambiguous("the central directory holds more than its records")
+    _check_tiling(f, entries, cd_offset)
+    return entries
+
+
+def _local_header(
+    f: IO[bytes],
+    raw: bytes,
+    name: str,
+    flags: int,
+    method: int,
+    crc: int,
+    csize: int,
+    usize: int,
+    offset: int,
+) -> _ZipEntry:
+    """Checks a record's local header against its central directory record."""
+    where = f"record {name!r}"
+    (
+        magic,
+        _needed,
+        local_flags,
+        local_method,
+        _time,
+        _date,
+        local_crc,
+        local_csize,
+        local_usize,
+        name_len,
+        extra_len,
+    ) = _LOCAL_HEADER.unpack(_read_at(f, offset, _LOCAL_HEADER.size))
+    if magic != _ZIP_MAGIC:
+        raise _ambiguous(f"{where} has no local header where the directory says")
+    if (local_flags ^ flags) & _READING_FLAGS or local_method != method:
+        raise _ambiguous(f"{where}: the local header's flags or method differ from the directory's")
+    if _read_at(f, offset + _LOCAL_HEADER.size, name_len) != raw:
+        raise _ambiguous(f"{where}: the local header names another record")
+    fields = _extra_fields(
+        _read_at(f, offset + _LOCAL_HEADER.size + name_len, extra_len), f"{where}'s local header"
+    )
+    if _ZIP64_EXTRA in fields:
+        # A local zip64 block holds both sizes, whichever are marked.
+        if len(fields[_ZIP64_EXTRA]) != 16 or _ZIP64_MARK not in (local_csize, local_usize):
+            raise _ambiguous(f"{where}: the local header's zip64 field is malformed")
+        wide_usize, wide_csize = struct.unpack("<QQ", fields[_ZIP64_EXTRA])
+        local_usize = wide_usize if local_usize == _ZIP64_MARK else local_usize
+        local_csize = wide_csize if local_csize == _ZIP64_MARK else local_csize
+    # With a data descriptor the local header may leave CRC and sizes zero (miniz, our
+    # writer); every value it does give must be the directory's.
+    for given, expected in ((local_crc, crc), (local_csize, csize), (local_usize, usize)):
+        if given != expected and not (flags & _FLAG_DESCRIPTOR and given == 0):
+            raise _ambiguous(
+                f"{where}: the local header's sizes or CRC differ from the directory's"
+            )
+    data_offset = offset + _LOCAL_HEADER.size + name_len + extra_len
+    return _ZipEntry(
+        name, flags, method, crc, csize, usize, offset, data_offset, data_offset + csize
+    )
+
+
+def _check_tiling(f: IO[bytes], entries: Sequence[_ZipEntry], cd_offset: int) -> None:
+    """Records must follow each other from byte 0 to the directory: no gaps, no overlaps."""
+    ordered = sorted(entries, key=lambda e: e.header_offset)
+    if ordered[0].header_offset != 0:
+        raise _ambiguous("data precedes the first record")
+    for i, entry in enumerate(ordered):
+        boundary = ordered[i + 1].header_offset if i + 1 < len(ordered) else cd_offset
+        end = entry.end
+        if end > boundary:
+            raise _ambiguous(f"record {entry.name!r} overlaps what follows it")
+        if entry.flags & _FLAG_DESCRIPTOR:
+            end = _descriptor_end(f, entry, boundary)
+        if end != boundary:
+            raise _ambiguous(f"unaccounted bytes follow record {entry.name!r}")
+
+
+def _descriptor_end(f: IO[bytes], entry: _ZipEntry, boundary: int) -> int:
+    """Where a record's data descriptor ends, if exactly one layout of it fits and agrees."""
+    gap = _read_at(f, entry.end, min(boundary - entry.end, 24))
+    fits = []
+    for magic in (True, False):
+        for wide in (False, True):
+            size = (4 if magic else 0) + 4 + (16 if wide else 8)
+            if len(gap) != size or (magic and gap[:4] != _DESCRIPTOR_MAGIC):
+                continue
+            body = gap[4:] if magic else gap
+            crc, csize, usize = struct.unpack("<IQQ" if wide else "<III", body)
+            if (crc, csize, usize) == (entry.crc, entry.compress_size, entry.file_size):
+                fits.append(size)
+    if len(fits) != 1:
+        raise _ambiguous(f"record {entry.name!r}'s data descriptor is missing or disagrees")
+    return entry.end + fits[0]
+
+
+def _check_layout(f: IO[bytes], total: int) -> Dict[str, _ZipEntry]:
+    """Parses a zip strictly: the records by name, or AmbiguousArchiveError.
+
+    Refused, because some reader would see a different archive: data before the first
+    record or after the end record (a prepended pickle, an appended zip, a comment),
+    gaps between or overlaps of records, local headers whose name, flags, method,
+    CRC or sizes differ from the directory's, a stored record whose sizes differ,
+    zip64 records that disagree with the end record, several disks, duplicate names
+    (also when they differ only in case), names that readers normalise (``./``,
+    ``..``, backslashes, a leading slash), and non-ASCII names not flagged UTF-8.
+
+    Raises:
+        AmbiguousArchiveError: as above.
+        ModelFormatError: not a zip, truncated, encrypted, an unknown compression.
+        ModelLimitExceededError: over a million records, or a huge directory.
+    """
+    head = _read_at(f, 0, min(total, 16))
+    if not head.startswith(_ZIP_MAGIC):
+        _refuse_non_zip(f, head, total)
+    return {entry.name: entry for entry in _central_directory(f, total)}
+
+
+def _refuse_non_zip(f: IO[bytes], head: bytes, total: int) -> None:
+    """Says why a file that does not start with a zip record is no torch archive."""
+    f.seek(max(0, total - 65557))
+    if _END_MAGIC in f.read():
+        # torch.load takes a file that does not start with a local header for a legacy
+        # pickle and runs it: a zip directory at the end must not make it look vetted.
+        raise _ambiguous("the file ends as a zip archive but does not start as one")
+    if _safetensors_header_length(head, None) is not None:
+        raise ModelFormatError("this is safetensors, not a torch archive: use from_safetensors")
+    if head.startswith(_LEGACY_MAGIC[:4]):
+        raise ModelFormatError(
+            "this is a legacy (pre-1.6) torch file or a bare pickle; only zip archives are"
+            " supported (re-save it with a current torch)"
+        )
+    raise ModelFormatError("not a readable zip archive: it does not start with a zip record")
+
+
 # --------------------------------------------------------------------------- archive
 
 
 class _Archive:
-    """A torch zip archive opened for restricted reading (the pickle never runs)."""
+    """A torch zip archive opened for restricted reading (the pickle never runs).
 
-    def __init__(self, source: Source, *, parse: bool = True) -> None:
-        self._file = open_source(source)
+    ``opened``: an open binary file to read instead of opening ``source`` (it is left
+    open on close), so that a caller can vet and then load the very same file.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        parse: bool = True,
+        limits: ReadLimits = DEFAULT_LIMITS,
+        should_stop: Optional[StopCheck] = None,
+        opened: Optional[IO[bytes]] = None,
+    ) -> None:
+        self._owns_file = opened is None
+        self._file = open_source(source) if opened is None else opened
+        self.limits = limits
+        self.should_stop = should_stop
         try:
             self._open(parse)
         except BaseException:
-            self._file.close()
+            if self._owns_file:
+                self._file.close()
             raise
 
     def _open(self, parse: bool) -> None:
         self._total = self._file.seek(0, os.SEEK_END)  # bytes
         self._file.seek(0)
+        head = self._file.read(16)
+        if not head.startswith(_ZIP_MAGIC):
+            _refuse_non_zip(self._file, head, self._total)
+        self._entries = _check_layout(self._file, self._total)
         try:
+            self._file.seek(0)
             self.zip = zipfile.ZipFile(self._file)
             infos = self.zip.infolist()
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as exc:
-            self._file.seek(0)
-            if _safetensors_header_length(self._file.read(16), None) is not None:
-                raise ModelFormatError(
-                    "this is safetensors, not a torch archive: use from_safetensors"
-                ) from exc
+        except (
+            zipfile.BadZipFile,
+            zipfile.LargeZipFile,
+            EOFError,
+            ValueError,
+            NotImplementedError,
+        ) as exc:  # NotImplementedError: a "version needed" beyond zipfile's
             raise ModelFormatError(f"not a readable zip archive: {exc}") from exc
-        if not infos:
-            raise ModelFormatError("the zip archive is empty")
+        try:
+            self._check_zipfile_agrees(infos)
+        except BaseException:
+            self.zip.close()
+            raise
         # torch names the archive after its first record's directory, as does its reader.
         first = infos[0].filename
         if "/" not in first:
@@ -450,13 +861,18 @@ class _Archive:
         self.prefix = first.split("/", 1)[0]
         self.records: Dict[str, zipfile.ZipInfo] = {}
         for info in infos:
-            if info.filename.startswith(self.prefix + "/"):
-                self.records[info.filename[len(self.prefix) + 1 :]] = info
+            if not info.filename.startswith(self.prefix + "/"):
+                raise _ambiguous(
+                    f"record {info.filename!r} lies outside the archive's folder {self.prefix!r}"
+                )
+            self.records[info.filename[len(self.prefix) + 1 :]] = info
         pkl = self.records.get("data.pkl")
         if pkl is None:
             raise ModelFormatError("not a torch archive: it has no data.pkl")
         if pkl.file_size > _MAX_PICKLE_SIZE:
             raise ModelFormatError(f"data.pkl is implausibly large ({pkl.file_size} bytes)")
+        for info in self.records.values():
+            _check_plausible_size(info, self._total)
         self.format = (
             ModelFormat.TORCHSCRIPT
             if "constants.pkl" in self.records or any(r.startswith("code/") for r in self.records)
@@ -467,11 +883,43 @@ class _Archive:
         if order is not None and order not in (b"little", b"big"):
             raise ModelFormatError(f"unknown byte order {order!r}")
         self._code_cache: Dict[str, Optional[str]] = {}
+        self.script_classes: Dict[str, Dict[str, _ScriptClass]] = {}  # by code module
+        self.walk_steps = 0  # how much work naming the tensors took (see _Collector)
         if not parse:
             return
-        self.root, self.storages = restricted_loads(self.read_record(pkl))
+        self.root, self.storages = restricted_loads(
+            self.read_record(pkl), limits=self.limits, should_stop=self.should_stop
+        )
         self.tensors = _collect_tensors(self)
         self.storage_dtypes = self._check_storages()
+
+    def _check_zipfile_agrees(self, infos: Sequence[zipfile.ZipInfo]) -> None:
+        """zipfile (which inflates records) must see exactly the records we checked."""
+        ours = list(self._entries.values())
+        if len(infos) != len(ours):
+            raise _ambiguous("zipfile sees a different number of records")
+        for info, entry in zip(infos, ours):
+            if (
+                info.filename,
+                info.header_offset,
+                info.compress_size,
+                info.file_size,
+                info.compress_type,
+                info.CRC,
+            ) != (
+                entry.name,
+                entry.header_offset,
+                entry.compress_size,
+                entry.file_size,
+                entry.method,
+                entry.crc,
+            ):
+                raise _ambiguous(f"zipfile reads record {entry.name!r} differently")
+
+    @property
+    def record_names(self) -> List[str]:
+        """Every record's name (prefix included), in directory order."""
+        return list(self._entries)
 
     def __enter__(self) -> _Archive:
         return self
@@ -481,7 +929,8 @@ class _Archive:
 
     def close(self) -> None:
         self.zip.close()
-        self._file.close()
+        if self._owns_file:
+            self._file.close()
 
     def read_record(self, info: zipfile.ZipInfo) -> bytes:
         """A whole record's bytes (only for small records: the pickle, code, flags)."""
@@ -523,25 +972,17 @@ class _Archive:
                 continue
             if _span(ref)[1] > nbytes // itemsize:
                 raise ModelFormatError(f"tensor {name} reaches past the end of its storage")
-        for key in element:
+        # Every storage the pickle refers to must be a record of exactly its declared
+        # size, so declared sizes never exceed what the file holds.
+        for key, storage in self.storages.items():
             info = self.records.get(f"data/{key}")
             if info is None:
                 raise ModelFormatError(f"storage record data/{key} is missing")
-            storage = self.storages[key]
             expected = storage.numel * _dtype(storage.dtype).itemsize
             if info.file_size != expected:
                 raise ModelFormatError(
                     f"storage record data/{key} holds {info.file_size} bytes, expected {expected}"
                 )
-            # torch stores records uncompressed; another tool may deflate them, but never
-            # past deflate's own ratio limit (about 1032:1): beyond it is a zip bomb.
-            if info.compress_type == zipfile.ZIP_STORED:
-                plausible = info.compress_size == info.file_size
-            else:
-                plausible = info.file_size <= 1032 * info.compress_size + 1024
-            # A directory may claim more than the file holds: refuse before allocating.
-            if not plausible or info.header_offset + info.compress_size > self._total:
-                raise ModelFormatError(f"storage record data/{key} declares an implausible size")
         return element
 
     def swap_unit(self, key: str) -> int:
@@ -550,12 +991,7 @@ class _Archive:
 
     def data_offset(self, info: zipfile.ZipInfo) -> int:
         """Where a record's data starts in the file: after its local header, name and extra."""
-        self._file.seek(info.header_offset)
-        header = self._file.read(30)
-        if len(header) != 30 or header[:4] != _ZIP_MAGIC:
-            raise ModelFormatError(f"record {info.filename} has a bad local header")
-        name_len, extra_len = struct.unpack("<HH", header[26:30])
-        return int(info.header_offset) + 30 + int(name_len) + int(extra_len)
+        return self._entries[info.filename].data_offset
 
     def iter_record(
         self, info: zipfile.ZipInfo, start: int = 0, length: Optional[int] = None
@@ -625,6 +1061,21 @@ class _Archive:
         return TensorInfo(name, ref.dtype, ref.size, ref.stride, ref.offset, ref.storage.key)
 
 
+def _check_plausible_size(info: zipfile.ZipInfo, total: int) -> None:
+    """Refuses a record whose sizes cannot be true, before anything is allocated for it.
+
+    torch stores records uncompressed; another tool may deflate them, but never past
+    deflate's own ratio limit (about 1032:1): beyond it is a zip bomb. The layout check
+    has already made every record's stored bytes lie within the file.
+    """
+    if info.compress_type == zipfile.ZIP_STORED:
+        plausible = info.compress_size == info.file_size
+    else:
+        plausible = info.file_size <= 1032 * info.compress_size + 1024
+    if not plausible or info.header_offset + info.compress_size > total:
+        raise ModelFormatError(f"record {info.filename} declares an implausible size")
+
+
 def _check_range(info: zipfile.ZipInfo, start: int, end: int) -> None:
     if start < 0 or end > info.file_size or start > end:
         raise ModelFormatError(f"record {info.filename}: range outside the record")
@@ -657,93 +1108,158 @@ _NAME_LIST = re.compile(r"^[ \t]+(__parameters__|__buffers__) = \[([^\]\n]*)\]",
 _QUOTED = re.compile(r"\"([^\"\n]*)\"")
 
 
-def _script_class(
-    archive: _Archive, obj: Placeholder
-) -> Optional[Tuple[List[str], List[str], bool]]:
-    """(parameters, buffers, is_module) of a TorchScript class, parsed from its code, not run."""
-    cls = type(obj)
-    text = archive.code(cls.pickle_module)
-    if text is None:
-        return None
-    for match in _CLASS_LINE.finditer(text):
-        if match.group(1) != cls.pickle_name:
+_ScriptClass = Tuple[List[str], List[str], bool]  # parameters, buffers, is_module
+
+
+def _parse_script_classes(text: str) -> Dict[str, _ScriptClass]:
+    """Every class of a TorchScript code file, parsed once (text, never run).
+
+    The first definition of a name wins, as a reader scanning for it would find.
+    """
+    classes: Dict[str, _ScriptClass] = {}
+    matches = list(_CLASS_LINE.finditer(text))
+    for i, match in enumerate(matches):
+        if match.group(1) in classes:
             continue
-        end = _CLASS_LINE.search(text, match.end())
-        body = text[match.end() : end.start() if end else len(text)]
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        body = text[match.end() : end]
         lists: Dict[str, List[str]] = {"__parameters__": [], "__buffers__": []}
         for found in _NAME_LIST.finditer(body):
             lists[found.group(1)] = _QUOTED.findall(found.group(2))
-        return lists["__parameters__"], lists["__buffers__"], match.group(2) == "Module"
-    return None
+        classes[match.group(1)] = (
+            lists["__parameters__"],
+            lists["__buffers__"],
+            match.group(2) == "Module",
+        )
+    return classes
+
+
+def _script_class(archive: _Archive, obj: Placeholder) -> Optional[_ScriptClass]:
+    """(parameters, buffers, is_module) of a TorchScript class, parsed from its code, not run.
+
+    Each code file is parsed once per archive, however many objects of its classes the
+    pickle holds (scanning a 16 MiB file once per object would be a CPU sink).
+    """
+    cls = type(obj)
+    classes = archive.script_classes.get(cls.pickle_module)
+    if classes is None:
+        text = archive.code(cls.pickle_module)
+        classes = _parse_script_classes(text) if text is not None else {}
+        archive.script_classes[cls.pickle_module] = classes
+    return classes.get(cls.pickle_name)
+
+
+# (name relative to the object, tensor) pairs an object holds, in state_dict order
+_Named = List[Tuple[str, TensorRef]]
+
+
+def _join(key: object, name: str) -> str:
+    return f"{key}.{name}" if name else str(key)
 
 
 class _Collector:
+    """Names the tensors under the pickle's root, as ``state_dict()`` would.
+
+    Memoised by object identity: a sub-object shared by several containers (a DAG, as
+    a tied submodule makes, or a hostile pickle repeating one list 2**40 times over) is
+    walked once, and its names are reused under each of its parents. Every step counts
+    against :attr:`ReadLimits.max_walk_steps`; ``steps`` tells how many were taken.
+    """
+
     def __init__(self, archive: _Archive) -> None:
         self.archive = archive
-        self.out: Dict[str, TensorRef] = {}
+        self.limits: ReadLimits = archive.limits
+        self.should_stop: Optional[StopCheck] = archive.should_stop
+        self.memo: Dict[int, _Named] = {}
         self.path: set[int] = set()
+        self.steps = 0
+        self._next_check = STOP_CHECK_INTERVAL
 
-    def add(self, name: str, value: object) -> None:
-        if not isinstance(value, TensorRef):
-            return
-        if name in self.out and self.out[name] is not value:
-            raise ModelFormatError(f"two different tensors are named {name!r}")
-        self.out[name] = value
+    def step(self, units: int = 1) -> None:
+        self.steps += units
+        if self.steps > self.limits.max_walk_steps:
+            raise ModelLimitExceededError(
+                f"naming the model's tensors exceeds the reader's limit of"
+                f" {self.limits.max_walk_steps} walk steps (objects visited and names made)"
+            )
+        if self.steps >= self._next_check:
+            self._next_check = self.steps + STOP_CHECK_INTERVAL
+            check_stop(self.should_stop)
 
-    def enter(self, obj: object, depth: int) -> None:
-        if depth > _MAX_DEPTH:
-            raise ModelFormatError("the model nests too deeply")
+    def adopt(self, out: _Named, key: str, named: _Named) -> None:
+        """Appends a child's names under ``key``, paying for each name made."""
+        if len(out) + len(named) > self.limits.max_tensors:
+            raise ModelLimitExceededError(
+                f"the model names more than the reader's limit of {self.limits.max_tensors} tensors"
+            )
+        for name, ref in named:
+            full = _join(key, name)
+            self.step(1 + len(full) // 64)
+            out.append((full, ref))
+
+    def any(self, obj: object, depth: int) -> _Named:
+        self.step()
+        if isinstance(obj, TensorRef):
+            return [("", obj)]
+        if not isinstance(obj, (Placeholder, dict, list, tuple)):
+            return []
+        known = self.memo.get(id(obj))
+        if known is not None:
+            return known
+        if depth > self.limits.max_depth:
+            raise ModelLimitExceededError(
+                f"the model nests too deeply (the reader's limit is {self.limits.max_depth} levels)"
+            )
         if id(obj) in self.path:
             raise ModelFormatError("the model contains itself")
         self.path.add(id(obj))
-
-    def any(self, obj: object, prefix: str, depth: int) -> None:
-        if isinstance(obj, TensorRef):
-            self.add(prefix[:-1], obj)
-            return
-        if not isinstance(obj, (Placeholder, dict, list, tuple)):
-            return
-        self.enter(obj, depth)
+        out: _Named = []
         try:
             if isinstance(obj, Placeholder):
                 state = obj.state_dict_view()
                 if state is not None and isinstance(state.get("_parameters"), dict):
-                    self.module(state, prefix, depth)
+                    self.module(state, out, depth)
                 elif type(obj).pickle_module.startswith("__torch__"):
-                    self.script(obj, prefix, depth)
+                    self.script(obj, out, depth)
                 elif state is not None:
-                    self.mapping(state, prefix, depth)
+                    self.mapping(state, out, depth)
             elif isinstance(obj, dict):
-                self.mapping(obj, prefix, depth)
+                self.mapping(obj, out, depth)
             else:
                 for i, item in enumerate(obj):
-                    self.any(item, f"{prefix}{i}.", depth + 1)
+                    self.adopt(out, str(i), self.any(item, depth + 1))
         finally:
             self.path.discard(id(obj))
+        self.memo[id(obj)] = out
+        return out
 
-    def mapping(self, state: Dict[Any, Any], prefix: str, depth: int) -> None:
+    def mapping(self, state: Dict[Any, Any], out: _Named, depth: int) -> None:
         for key, value in state.items():
             if isinstance(key, str):
-                self.any(value, f"{prefix}{key}.", depth + 1)
+                self.adopt(out, key, self.any(value, depth + 1))
 
-    def module(self, state: Dict[Any, Any], prefix: str, depth: int) -> None:
+    def tensor(self, out: _Named, key: str, value: object) -> None:
+        if isinstance(value, TensorRef):
+            self.adopt(out, key, [("", value)])
+
+    def module(self, state: Dict[Any, Any], out: _Named, depth: int) -> None:
         # nn.Module.state_dict order: own parameters, own persistent buffers, children.
         for key, value in state["_parameters"].items():
-            self.add(f"{prefix}{key}", value)
+            self.tensor(out, key, value)
         skip = state.get("_non_persistent_buffers_set")
         skip = skip if isinstance(skip, (set, frozenset)) else set()
         buffers = state.get("_buffers")
         if isinstance(buffers, dict):
             for key, value in buffers.items():
                 if key not in skip:
-                    self.add(f"{prefix}{key}", value)
+                    self.tensor(out, key, value)
         children = state.get("_modules")
         if isinstance(children, dict):
             for key, child in children.items():
                 if isinstance(child, Placeholder):
-                    self.any(child, f"{prefix}{key}.", depth + 1)
+                    self.adopt(out, key, self.any(child, depth + 1))
 
-    def script(self, obj: Placeholder, prefix: str, depth: int) -> None:
+    def script(self, obj: Placeholder, out: _Named, depth: int) -> None:
         # A TorchScript object keeps parameters and buffers as plain attributes; its
         # class code lists which are which, as RecursiveScriptModule.state_dict() uses.
         state = obj.state_dict_view() or {}
@@ -753,23 +1269,28 @@ class _Collector:
         else:
             names = info[0] + info[1]
         for key in names:
-            self.add(f"{prefix}{key}", state.get(key))
+            self.tensor(out, key, state.get(key))
         for key, value in state.items():
             if isinstance(value, Placeholder) and isinstance(key, str):
                 child = _script_class(self.archive, value)
                 if child is None or child[2]:
-                    self.any(value, f"{prefix}{key}.", depth + 1)
+                    self.adopt(out, key, self.any(value, depth + 1))
 
 
 def _collect_tensors(archive: _Archive) -> Dict[str, TensorRef]:
     collector = _Collector(archive)
     try:
-        collector.any(archive.root, "", 0)
+        named = collector.any(archive.root, 0)
     except RecursionError as exc:  # a deep stack on entry; the depth limit covers the rest
-        raise ModelFormatError("the model nests too deeply") from exc
-    for ref in collector.out.values():
+        raise ModelLimitExceededError("the model nests too deeply") from exc
+    archive.walk_steps = collector.steps
+    out: Dict[str, TensorRef] = {}
+    for name, ref in named:
+        if out.setdefault(name, ref) is not ref:
+            raise ModelFormatError(f"two different tensors are named {name!r}")
+    for ref in out.values():
         _dtype(ref.dtype)  # an allow-listed name this module has no facts for is refused
-    return collector.out
+    return out
 
 
 def _root_facts(archive: _Archive) -> Tuple[str, bool]:
@@ -785,18 +1306,33 @@ def _root_facts(archive: _Archive) -> Tuple[str, bool]:
     return type(root).__name__, False
 
 
-def describe(source: Source) -> ArchiveDescription:
+def describe(
+    source: Source,
+    *,
+    limits: ReadLimits = DEFAULT_LIMITS,
+    should_stop: Optional[StopCheck] = None,
+) -> ArchiveDescription:
     """Reads what a torch archive (bytes or path) holds, without its tensor data.
 
-    Only the pickle is read (restricted: nothing it names is imported or called), so
-    memory is about the pickle's size, a few MiB for a 1 GiB model.
+    Only the zip directory and the pickle are read (restricted: nothing it names is
+    imported or called), so memory is about the pickle's size, a few MiB for a 1 GiB
+    model. This is the vetting step: an archive it accepts is read by ``torch.load``
+    as the same records (see :class:`~fl_sidecar.errors.AmbiguousArchiveError`).
+
+    Args:
+        source: the archive's bytes, or a path.
+        limits: budgets on the reader's work and memory.
+        should_stop: called every few thousand steps; True stops the reading.
 
     Raises:
+        AmbiguousArchiveError: another zip or torch reader could read it differently.
+        ModelLimitExceededError: reading it would exceed one of ``limits``.
         ModelFormatError: not a torch zip archive, or a malformed one.
         UnsafePickleError: its pickle asks for more than rebuilding tensors; nothing ran.
+        ModelReadCancelledError: ``should_stop`` returned True.
         OSError: the file cannot be read.
     """
-    with _Archive(source) as archive:
+    with _Archive(source, limits=limits, should_stop=should_stop) as archive:
         root_class, is_module = _root_facts(archive)
         tensors = {name: archive.info(name) for name in archive.tensors}
         return ArchiveDescription(
@@ -1024,7 +1560,13 @@ def _atomic_write_hashed(dest: PathLike, produce: Callable[[_Sink], None]) -> Wr
     return written[0]
 
 
-def archive_to_safetensors(src: PathLike, dst: PathLike) -> WrittenFile:
+def archive_to_safetensors(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    limits: ReadLimits = DEFAULT_LIMITS,
+    should_stop: Optional[StopCheck] = None,
+) -> WrittenFile:
     """Converts a torch archive file into a safetensors file, without running its pickle.
 
     Each tensor's bytes are copied from its storage record; tied tensors become separate
@@ -1044,9 +1586,12 @@ def archive_to_safetensors(src: PathLike, dst: PathLike) -> WrittenFile:
             storages' bytes plus 256 MiB (tied many times over, or expanded views).
         UnsafePickleError: the pickle asks for more than rebuilding tensors; nothing ran.
         TensorMismatchError: a dtype has no safetensors name (complex128).
+        ModelLimitExceededError: reading it would exceed one of ``limits``.
+        ModelReadCancelledError: ``should_stop`` returned True (checked between tensors
+            too); ``dst`` is left as it was.
         OSError: a file cannot be read or written.
     """
-    with _Archive(src) as archive:
+    with _Archive(src, limits=limits, should_stop=should_stop) as archive:
         specs = {n: (ref.size, ref.dtype) for n, ref in archive.tensors.items()}
         header, order = safetensors_header(specs)
         _check_expansion(archive)
@@ -1054,6 +1599,7 @@ def archive_to_safetensors(src: PathLike, dst: PathLike) -> WrittenFile:
         def produce(out: _Sink) -> None:
             out.write(header)
             for name in order:
+                check_stop(should_stop)
                 _write_view(archive, archive.tensors[name], out)
 
         return _atomic_write_hashed(dst, produce)
@@ -1397,18 +1943,35 @@ def rewrite_archive(archive: _Archive, out: _Sink, values: NewValues) -> None:
     writer.finish()
 
 
-def open_archive(source: Source) -> _Archive:
+def open_archive(
+    source: Source,
+    *,
+    parse: bool = True,
+    limits: ReadLimits = DEFAULT_LIMITS,
+    should_stop: Optional[StopCheck] = None,
+    opened: Optional[IO[bytes]] = None,
+) -> _Archive:
     """Opens a torch archive (bytes or path) for restricted reading; close it after use.
 
-    For :mod:`fl_sidecar.models`; other callers use :func:`describe`.
+    For :mod:`fl_sidecar.models`; other callers use :func:`describe`. ``parse=False``
+    checks the zip layout only (not the pickle); ``opened`` reads that open file
+    instead of ``source`` and leaves it open.
 
     Raises:
-        ModelFormatError, UnsafePickleError, OSError: as :func:`describe`.
+        ModelFormatError, UnsafePickleError, ModelReadCancelledError, OSError: as
+            :func:`describe`.
     """
-    return _Archive(source)
+    return _Archive(source, parse=parse, limits=limits, should_stop=should_stop, opened=opened)
 
 
-def safetensors_into_archive(template: PathLike, weights: PathLike, dst: PathLike) -> WrittenFile:
+def safetensors_into_archive(
+    template: PathLike,
+    weights: PathLike,
+    dst: PathLike,
+    *,
+    limits: ReadLimits = DEFAULT_LIMITS,
+    should_stop: Optional[StopCheck] = None,
+) -> WrittenFile:
     """Writes the weights of a safetensors file into a copy of a torch archive file.
 
     Every name, shape and dtype is checked before anything is written; the pickle is
@@ -1428,10 +1991,15 @@ def safetensors_into_archive(template: PathLike, weights: PathLike, dst: PathLik
             tensors get different values. Nothing is written.
         ModelFormatError: the template is not a torch archive or ``weights`` not safetensors.
         UnsafePickleError: the template's pickle asks for more than tensors; nothing ran.
+        ModelLimitExceededError: reading the template would exceed one of ``limits``.
+        ModelReadCancelledError: ``should_stop`` returned True (checked while the
+            template is read); ``dst`` is left as it was.
         OSError: a file cannot be read or written.
     """
     header, start = read_safetensors_header(weights)
-    with _Archive(template) as archive, open(os.fspath(weights), "rb") as wf:
+    with _Archive(template, limits=limits, should_stop=should_stop) as archive, open(
+        os.fspath(weights), "rb"
+    ) as wf:
         check_against(
             {n: (ref.size, ref.dtype) for n, ref in archive.tensors.items()},
             {n: (e.shape, e.dtype) for n, e in header.items()},

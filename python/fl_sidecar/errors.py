@@ -32,6 +32,7 @@ __all__ = [
     "HTTP_BODY_LIMIT",
     "HTTP_CONTENT_TYPE_KEY",
     "HTTP_STATUS_KEY",
+    "AmbiguousArchiveError",
     "AuthenticationError",
     "ChecksumMismatchError",
     "CodecError",
@@ -42,6 +43,8 @@ __all__ = [
     "MalformedNotificationError",
     "ModelError",
     "ModelFormatError",
+    "ModelLimitExceededError",
+    "ModelReadCancelledError",
     "NotFoundError",
     "PermissionDeniedError",
     "RequestRejectedError",
@@ -125,6 +128,31 @@ class ModelError(FlSidecarError):
 
 class ModelFormatError(ModelError, ValueError):
     """The bytes are not a model archive of the expected format."""
+
+
+class AmbiguousArchiveError(ModelFormatError):
+    """A zip archive that another zip or torch reader could read differently.
+
+    Duplicate or look-alike record names, records that overlap or lie about their
+    sizes, local headers that disagree with the central directory, data before or
+    after the archive, zip64 fields that disagree, a file that is both a pickle and
+    a zip: the restricted reader would vet one thing while ``torch.load`` ran
+    another, so such an archive is refused outright.
+    """
+
+
+class ModelLimitExceededError(ModelFormatError):
+    """Reading a model would exceed one of the reader's budgets on work or memory.
+
+    The message names the limit (pickle opcodes, nesting depth, tensor count, walk
+    steps...). Real models stay far below every limit; a hostile pickle that shares
+    sub-objects to make the walk explode, or nests containers until a C routine
+    recurses too deep, is stopped here before it costs more.
+    """
+
+
+class ModelReadCancelledError(FlSidecarError):
+    """The caller's ``should_stop`` check asked the model reader to stop, and it did."""
 
 
 class UnsafePickleError(ModelError):

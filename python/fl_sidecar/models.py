@@ -55,7 +55,7 @@ from fl_sidecar.archive import (
     detect_format,
     safetensors_into_archive,
 )
-from fl_sidecar.errors import ModelFormatError, TensorMismatchError
+from fl_sidecar.errors import AmbiguousArchiveError, ModelFormatError, TensorMismatchError
 
 __all__ = [
     "ArchiveInfo",
@@ -203,7 +203,10 @@ def read_tensors(source: Source) -> Dict[str, torch.Tensor]:
 
     Raises:
         ModelFormatError: not a torch zip archive (a truncated zip, no ``data.pkl``...),
-            or records that disagree with the pickle.
+            or records that disagree with the pickle; its subclasses
+            AmbiguousArchiveError (another reader could read the zip differently) and
+            ModelLimitExceededError (over the reader's budgets, see
+            :class:`fl_sidecar.archive.ReadLimits`).
         UnsafePickleError: the pickle names or calls something other than tensor
             rebuilding and plain containers; none of it ran.
         OSError: the file cannot be read.
@@ -406,32 +409,58 @@ def save_module(module: torch.nn.Module, path: PathLike) -> None:
     _tf.atomic_write(path, produce)
 
 
-def load_trusted(source: Source, *, map_location: Any = None) -> Any:
+def load_trusted(source: Source, *, map_location: Any = None, vet: bool = False) -> Any:
     """Fully loads a model, running its pickle: only for archives you trust.
 
     ``torch.load(weights_only=False)`` for pickled archives (the model's classes must be
     importable), ``torch.jit.load`` for TorchScript; ``map_location`` as for those.
 
+    The bytes torch loads are the bytes checked: a path is opened once and that open
+    file is checked and then handed to torch (never opened again by name); bytes are
+    checked and loaded from the same buffer. The check is the vetting reader's zip
+    layout check (not its pickle check: this function trusts the pickle), plus torch's
+    own reader listing exactly the records ours found, so an archive that the sidecar
+    vetted cannot load here as another one (two ``data.pkl`` records, a pickle with a
+    zip appended...).
+
+    ``vet=True`` also runs the restricted reader over the very bytes about to be
+    loaded (as the sidecar vets a TORCH download), and refuses a pickle that would call
+    anything but tensor rebuilding before torch sees it.
+
     Raises:
+        UnsafePickleError: ``vet`` is set and the pickle would run code; nothing ran.
+        AmbiguousArchiveError: torch or another reader could read the archive
+            differently from the vetting reader.
         ModelFormatError: not a torch archive, or torch cannot load it.
         OSError: the file cannot be read.
     """
-    fmt = detect_format(source)
-    if fmt is ModelFormat.SAFETENSORS:
-        raise ModelFormatError("this is safetensors, not a torch archive: use from_safetensors")
-    target: Union[str, IO[bytes]] = (
-        io.BytesIO(bytes(source))  # type: ignore[arg-type]
-        if _is_bytes(source)
-        else os.fspath(source)  # type: ignore[arg-type]
-    )
-    try:
-        if fmt is ModelFormat.TORCHSCRIPT:
-            return _jit_load(target, map_location=map_location)
-        return torch.load(target, map_location=map_location, weights_only=False)
-    except (OSError, MemoryError):
-        raise
-    except Exception as exc:
-        raise ModelFormatError(f"torch could not load the model: {exc}") from exc
+    with contextlib.ExitStack() as stack:
+        if _is_bytes(source):
+            opened: IO[bytes] = io.BytesIO(bytes(source))  # type: ignore[arg-type]
+        else:
+            opened = stack.enter_context(open(os.fspath(source), "rb"))  # type: ignore[arg-type]
+        with _tf.open_archive(source, parse=vet, opened=opened) as archive:
+            fmt = archive.format
+            ours = sorted(name[len(archive.prefix) + 1 :] for name in archive.record_names)
+        opened.seek(0)
+        try:
+            theirs = sorted(torch._C.PyTorchFileReader(opened).get_all_records())
+        except Exception as exc:
+            raise ModelFormatError(f"torch cannot read the archive: {exc}") from exc
+        if theirs != ours:
+            raise AmbiguousArchiveError(
+                "torch's reader sees other records than the vetting reader"
+                f" ({len(theirs)} against {len(ours)}); refused"
+            )
+        opened.seek(0)
+        try:
+            if fmt is ModelFormat.TORCHSCRIPT:
+                return _jit_load(opened, map_location=map_location)
+            return torch.load(opened, map_location=map_location, weights_only=False)
+        except (OSError, MemoryError):
+            raise
+        except Exception as exc:
+            raise ModelFormatError(f"torch could not load the model: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- safetensors

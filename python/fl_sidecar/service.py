@@ -40,6 +40,8 @@ from fl_sidecar.errors import (
     MalformedNotificationError,
     ModelError,
     ModelFormatError,
+    ModelLimitExceededError,
+    ModelReadCancelledError,
     NotFoundError,
     PermissionDeniedError,
     RequestRejectedError,
@@ -98,6 +100,9 @@ _STATUS_BY_ERROR: List[Tuple[type, grpc.StatusCode]] = [
     # The codec raises it when zstd cannot allocate a frame's window: a limit, not damage.
     (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (SpoolFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    # A model reader's budget (pickle opcodes, depth, walk steps...) is a limit too.
+    (ModelLimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ModelReadCancelledError, grpc.StatusCode.CANCELLED),
     (CorruptDataError, grpc.StatusCode.DATA_LOSS),
     (CodecError, grpc.StatusCode.DATA_LOSS),
     (UnsafePickleError, grpc.StatusCode.FAILED_PRECONDITION),

@@ -13,9 +13,13 @@ import functools
 import hashlib
 import io
 import os
+import pickle
 import threading
 import time
 import urllib.request
+import uuid
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -26,7 +30,10 @@ from conftest import DevServerHandle, User
 from sidecar_harness import _PACKAGE_ROOT, SidecarProcess, running_sidecar
 
 from fl_sidecar import models
+from fl_sidecar.client import SidecarClient
+from fl_sidecar.compat import Communication, ModelDownloadException
 from fl_sidecar.devserver import DevServer
+from fl_sidecar.errors import AmbiguousArchiveError
 from fl_sidecar.v1 import sidecar_pb2 as pb
 from fl_sidecar.v1 import sidecar_pb2_grpc
 
@@ -609,6 +616,63 @@ def test_malicious_pickle_passes_through_only_with_trust(world: World, tmp_path:
         log = trusting.log_text()
     assert not marker.exists()
     assert world.alice.token not in log
+
+
+def _two_pickles(evil_first: bool, marker: Path) -> bytes:
+    """A zip with two ``archive/data.pkl`` records: a harmless one and one that runs a
+    command; zipfile and torch's reader may each pick a different one."""
+    good = io.BytesIO()
+    torch.save({"weight": torch.zeros(2)}, good)
+    with zipfile.ZipFile(io.BytesIO(good.getvalue())) as src:
+        records = [(info.filename, src.read(info)) for info in src.infolist()]
+    evil = ("archive/data.pkl", pickle.dumps(_Evil(str(marker)), protocol=2))
+    records = [evil, *records] if evil_first else [*records, evil]
+    out = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Duplicate name"
+        with zipfile.ZipFile(out, "w") as zf:
+            for name, data in records:
+                zf.writestr(name, data)
+    return out.getvalue()
+
+
+def _plant(world: World, data: bytes) -> str:
+    model_id, _training_id, _data = world.new_training()
+    row = world.devserver.server.app.store.one("SELECT path FROM models WHERE id = ?", (model_id,))
+    assert row is not None
+    Path(row["path"]).write_bytes(data)
+    return model_id
+
+
+def test_archive_with_two_pickles_is_refused_on_every_path(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "pwned"
+    model_ids = [_plant(world, _two_pickles(first, marker)) for first in (True, False)]
+    for model_id in model_ids:
+        # The vetting sidecar refuses it, for both formats.
+        for fmt in (pb.MODEL_FORMAT_TORCH, pb.MODEL_FORMAT_SAFETENSORS):
+            request = pb.DownloadModelRequest(model_id=model_id, format=fmt)
+            code, details = _details(functools.partial(download, world.stub, request))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "differently" in details
+    # A sidecar that trusts pickles passes the bytes on; the trainer's loaders refuse them.
+    with running_sidecar(
+        server_url=world.devserver.url,
+        args=["--token", world.alice.token, "--trust-pickles"],
+        notifications=False,
+    ) as trusting:
+        monkeypatch.setattr(Communication, "sidecar_target", trusting.target)
+        with SidecarClient(trusting.target) as client:
+            for model_id in model_ids:
+                with pytest.raises(AmbiguousArchiveError):
+                    client.download_module(model_id)
+                com = Communication(
+                    uuid.uuid4(), uuid.uuid4(), 0, model_id, f"Token {world.alice.token}"
+                )
+                with pytest.raises(ModelDownloadException, match="differently"):
+                    com.download_model()
+    assert not marker.exists()
 
 
 # --- last: nothing leaked ----------------------------------------------------

@@ -506,7 +506,8 @@ def test_storage_claiming_more_than_the_file_is_refused(tmp_path: Path) -> None:
     lying = _patch_sizes(lying, "archive/data/0", 2**30)
     src = tmp_path / "lying.pt"
     src.write_bytes(lying)
-    with pytest.raises(ModelFormatError, match="implausible"):
+    # The record would overlap the directory: refused while the layout is checked.
+    with pytest.raises(ModelFormatError, match="overlaps"):
         archive.archive_to_safetensors(src, tmp_path / "out.safetensors")
 
 
@@ -550,13 +551,16 @@ def _patched_storage(data: bytes, body: bytes) -> bytes:
 
 
 def _patch_sizes(data: bytes, name: str, size: int) -> bytes:
-    """Sets both sizes of ``name`` in the central directory (a stored record that lies)."""
+    """Sets both sizes of ``name`` in the central directory and its local header (a
+    stored record that lies consistently)."""
     out = bytearray(data)
     pos = out.find(b"PK\x01\x02")
     while pos >= 0:
         name_len = struct.unpack_from("<H", out, pos + 28)[0]
         if out[pos + 46 : pos + 46 + name_len].decode() == name:
             struct.pack_into("<II", out, pos + 20, size, size)
+            local = struct.unpack_from("<I", out, pos + 42)[0]
+            struct.pack_into("<II", out, local + 18, size, size)
             return bytes(out)
         pos = out.find(b"PK\x01\x02", pos + 4)
     raise AssertionError(f"{name} not found")

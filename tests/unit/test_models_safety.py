@@ -312,13 +312,16 @@ def test_tensor_past_its_storage_is_a_format_error() -> None:
 
 
 def _patch_declared_size(archive: bytes, name: str, size: int) -> bytes:
-    """The archive with the central directory's uncompressed size of ``name`` changed."""
+    """The archive with ``name``'s uncompressed size changed, in its local header and in
+    the central directory alike (so that only the size itself is implausible)."""
     data = bytearray(archive)
     pos = data.find(b"PK\x01\x02")
     while pos >= 0:
         name_len = struct.unpack_from("<H", data, pos + 28)[0]
         if data[pos + 46 : pos + 46 + name_len].decode() == name:
             struct.pack_into("<I", data, pos + 24, size)
+            local = struct.unpack_from("<I", data, pos + 42)[0]
+            struct.pack_into("<I", data, local + 22, size)
             return bytes(data)
         pos = data.find(b"PK\x01\x02", pos + 4)
     raise AssertionError(f"{name} not found")

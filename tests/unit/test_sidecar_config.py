@@ -185,6 +185,9 @@ def test_status_codes_follow_the_proto() -> None:
     assert code(errors.SizeLimitExceededError("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
     # zstd failing to allocate a window is a resource limit, not damage in the data.
     assert code(MemoryError()) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert code(errors.ModelLimitExceededError("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert code(errors.ModelReadCancelledError("x")) == grpc.StatusCode.CANCELLED
+    assert code(errors.SpoolFullError("x", spool_dir="/s")) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert code(errors.UnsafePickleError("x")) == grpc.StatusCode.FAILED_PRECONDITION
     assert code(errors.ModelFormatError("x")) == grpc.StatusCode.INVALID_ARGUMENT
     assert code(errors.TensorMismatchError("x")) == grpc.StatusCode.INVALID_ARGUMENT

@@ -31,6 +31,10 @@ def check_module_file(path: Union[str, os.PathLike[str]]) -> Signature:
     Raises:
         ModelFormatError: not a torch archive, a safetensors file, or a bare
             state_dict / tensor container rather than a module, or no tensors.
+        AmbiguousArchiveError: another zip or torch reader could read the file
+            differently (a ModelFormatError).
+        ModelLimitExceededError: reading it would exceed the reader's budgets on work
+            and memory (a ModelFormatError; see ``fl_sidecar.archive.ReadLimits``).
         UnsafePickleError: the pickle asks for anything but tensors and plain containers.
         OSError: the file cannot be read.
     """

@@ -32,7 +32,8 @@ Errors are gRPC status codes with a human-readable message:
   UNKNOWN             an upload may or may not have reached the server: do not
                       resend blindly, ask GetTraining first
   DATA_LOSS           corrupt, truncated or checksum-failing data
-  RESOURCE_EXHAUSTED  a size limit was exceeded (e.g. a decompression bomb)
+  RESOURCE_EXHAUSTED  a limit was reached (a size limit, e.g. a decompression bomb;
+                      a model reader's budget; the sidecar's spool is full)
   CANCELLED           the trainer went away mid-stream; nothing was uploaded
   INTERNAL            a bug in the sidecar
 
