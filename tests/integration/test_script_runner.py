@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -622,3 +623,88 @@ def records_at(path: Path) -> List[Dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --- switching compatibility mode on and off, the reference's variables ------------
+
+
+def _wait_for_text(read: Any, text: str, timeout: float = WAIT) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        current = str(read())
+        if text in current or time.monotonic() > deadline:
+            return current
+        time.sleep(0.05)
+
+
+def _post_round_start(url: str, training: str, round_: int = 0) -> int:
+    from trainer_stack import post_notification
+
+    body = {"round": round_, "global_model_uuid": MODEL}
+    payload = {"notification_type": "UPDATE_ROUND_START", "body": body, "training_uuid": training}
+    return post_notification(url, payload)
+
+
+def _python_on_path() -> str:
+    # The reference default executor is "python" from PATH: this interpreter's.
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+@pytest.mark.parametrize("switch", ["reference-variables", "run-scripts-flag"])
+def test_a_sidecar_runs_the_script_with_the_reference_defaults(switch: str) -> None:
+    from sidecar_harness import _short_tempdir, running_sidecar
+
+    workdir = _short_tempdir()
+    scripts = workdir / "project"
+    (scripts / "src").mkdir(parents=True)
+    (scripts / "src" / "main.py").write_text(RECORDER)
+    env = {
+        "PATH": _python_on_path(),
+        "RECORD_FILE": str(workdir / "record.jsonl"),
+        "FL_SIDECAR_SCRIPT_TRAINING_IDS": TRAINING,  # no FL server here to confirm it
+    }
+    args: List[str] = []
+    if switch == "reference-variables":
+        # Only the working directory, by the reference client's own name.
+        env["FL_DEMONSTRATOR_TRAINING_WORKING_DIRETORY"] = str(scripts)
+    else:
+        # Nothing but the flag: the sidecar's current directory is the project.
+        args = ["--run-scripts"]
+        (workdir / "src").mkdir()
+        (workdir / "src" / "main.py").write_text(RECORDER)
+        scripts = workdir
+    with running_sidecar(workdir=workdir, env=env, args=args) as sidecar:
+        url = sidecar.notification_url
+        assert url is not None
+        assert _post_round_start(url, TRAINING) == 202
+        record_file = workdir / "record.jsonl"
+        _wait_for_text(lambda: record_file.exists() and record_file.read_text(), "train")
+        (got,) = records(workdir)
+        assert got["argv"][:3] == ["train", "--training-id", TRAINING]
+        assert Path(got["cwd"]).resolve() == scripts.resolve()
+        assert "deprecated" not in sidecar.log_text()
+
+
+def test_without_compatibility_mode_the_log_says_where_round_starts_go() -> None:
+    from sidecar_harness import running_sidecar
+
+    from fl_sidecar.client import SidecarClient
+
+    with running_sidecar() as sidecar:
+        url = sidecar.notification_url
+        assert url is not None
+        log = _wait_for_text(sidecar.log_text, "compatibility mode off")
+        assert "round starts go to WatchEvents subscribers only" in log
+        # Nobody listens and no script runs: a warning, and the event waits on the bus.
+        assert _post_round_start(url, TRAINING, 0) == 202
+        warning = "no WatchEvents subscriber and no training script"
+        assert warning in _wait_for_text(sidecar.log_text, warning)
+        with SidecarClient(sidecar.target, timeout=WAIT) as client, client.watch_events(
+            training_ids=[TRAINING]
+        ) as events:
+            first = events.get(timeout=WAIT)
+            assert first.round == 0  # it waited for this subscriber
+            assert _post_round_start(url, TRAINING, 1) == 202
+            assert events.get(timeout=WAIT).round == 1
+            # Only the first round start found nobody.
+            assert sidecar.log_text().count(warning) == 1
