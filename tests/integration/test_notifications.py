@@ -764,3 +764,40 @@ def test_a_client_expecting_100_continue_gets_the_413_instead(
             answer += chunk
     assert status_line(answer) == 200
     assert bus.last_seq() == 1
+
+
+# --- resuming WatchEvents on a real sidecar ------------------------------------------
+
+
+def test_watch_events_resumes_on_a_sidecar_without_events_yet() -> None:
+    # A trainer resuming after a sidecar restart passes the last number it saw
+    # (from the previous process) before the new one has received anything.
+    from sidecar_harness import running_sidecar
+
+    from fl_sidecar.client import SidecarClient
+
+    with running_sidecar() as sidecar, SidecarClient(sidecar.target, timeout=WAIT) as client:
+        url = sidecar.notification_url
+        assert url is not None
+        streams = [client.watch_events(after_seq=n, training_ids=[TRAINING]) for n in (0, 1)]
+        try:
+            request = urllib.request.Request(
+                url, data=notification("UPDATE_ROUND_START", 0), method="POST"
+            )
+            with urllib.request.urlopen(request, timeout=WAIT) as answer:
+                assert answer.status == 202
+            first = [stream.get(timeout=WAIT) for stream in streams]
+            assert [event.round for event in first] == [0, 0]
+            newest = first[0].seq
+        finally:
+            for stream in streams:
+                stream.close()
+        # Resuming at the newest event waits for the next one.
+        with client.watch_events(after_seq=newest, training_ids=[TRAINING]) as resumed:
+            request = urllib.request.Request(
+                url, data=notification("UPDATE_ROUND_START", 1), method="POST"
+            )
+            with urllib.request.urlopen(request, timeout=WAIT) as answer:
+                assert answer.status == 202
+            event = resumed.get(timeout=WAIT)
+            assert (event.round, event.seq) == (1, newest + 1)
