@@ -417,6 +417,8 @@ class EventBus:
     ) -> ServerEvent:
         """Number a notification, retain it and wake every subscriber.
 
+        Repeats are published too; the endpoint uses :meth:`publish_once`.
+
         Args:
             notification_type: the type as the server sent it (unknown types
                 become ``EventKind.UNKNOWN``).
