@@ -801,3 +801,36 @@ def test_watch_events_resumes_on_a_sidecar_without_events_yet() -> None:
                 assert answer.status == 202
             event = resumed.get(timeout=WAIT)
             assert (event.round, event.seq) == (1, newest + 1)
+
+
+def test_the_dev_servers_quirks_repeat_and_reorder_like_the_real_server(
+    tmp_path: Any, notification_sink: Any, tiny_model: Any
+) -> None:
+    from conftest import DevServerHandle
+
+    from fl_sidecar.devserver import DevServer
+
+    server = DevServer(
+        data_dir=tmp_path / "data",
+        password_iterations=1000,
+        notify_retry_delays=(0.05,),
+        notification_quirks=True,
+    )
+    server.start()
+    try:
+        sink = notification_sink()
+        handle = DevServerHandle(server)
+        _, _, model_id, training_id = handle.setup_training(tiny_model(0), [sink.url])
+        sink.wait_for(4)
+        assert handle.wait_idle(WAIT)
+        sent = [(b["notification_type"], b["body"].get("round")) for b in sink.bodies]
+        assert sent == [
+            ("UPDATE_ROUND_START", 0),
+            ("TRAINING_START", None),  # after the round start
+            ("UPDATE_ROUND_START", 0),
+            ("UPDATE_ROUND_START", 0),
+        ]
+        assert {b["training_uuid"] for b in sink.bodies} == {training_id}
+        assert {b["body"]["global_model_uuid"] for b in sink.bodies} == {model_id}
+    finally:
+        server.stop()
