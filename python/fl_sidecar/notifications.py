@@ -67,6 +67,7 @@ from fl_sidecar.events import (
 )
 
 __all__ = [
+    "DEFAULT_EVICT_AFTER",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_CONNECTIONS_PER_PEER",
     "DEFAULT_PORT",
@@ -100,10 +101,11 @@ DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_MAX_CONNECTIONS_PER_PEER = 16
 """Connections served at once from one peer address."""
 
-# A connection still sending its request after this many seconds may be closed
-# to make room at a cap; younger ones are spared (a burst of real
-# notifications must not evict each other).
-_EVICT_AFTER = 1.0
+DEFAULT_EVICT_AFTER = 1.0
+"""Seconds a connection must have spent sending its request before a cap may close it.
+
+Younger ones are spared: a burst of real notifications must not evict each other.
+"""
 # Bytes of an oversized body read and discarded before the 413, so that a
 # client streaming it reads the answer instead of a reset.
 _DISCARD_LIMIT = 1024 * 1024
@@ -161,8 +163,10 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         max_connections: int,
         max_connections_per_peer: int,
         request_deadline: float,
+        evict_after: float,
     ) -> None:
         self.address_family = family
+        self._evict_after = evict_after
         self.stopping = False
         self.request_deadline = request_deadline
         self._max_connections = max_connections
@@ -250,7 +254,7 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
 
     def _slowest_locked(self, peer: Optional[str]) -> Optional[_Connection]:
         """The connection (of ``peer``, if given) sending its request the longest, over a second."""
-        cutoff = time.monotonic() - _EVICT_AFTER
+        cutoff = time.monotonic() - self._evict_after
         slowest: Optional[_Connection] = None
         for conn in self._connections.values():
             since = conn.reading_since
@@ -490,6 +494,7 @@ class NotificationServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER,
         request_deadline: float = DEFAULT_REQUEST_DEADLINE,
+        evict_after: float = DEFAULT_EVICT_AFTER,
     ) -> None:
         """Configure the endpoint (nothing listens before :meth:`start`).
 
@@ -514,11 +519,13 @@ class NotificationServer:
                 (request line, headers and body), counted from the accept or
                 from the previous answer on the connection; an overdue
                 connection is closed.
+            evict_after: seconds a connection must have spent sending its
+                request before a new one at a cap may close it.
 
         Raises:
             ValueError: ``port`` is outside 0..65535, ``max_body_size``,
                 ``max_connections`` or ``max_connections_per_peer`` is less
-                than 1, or ``request_deadline`` is not positive.
+                than 1, or ``request_deadline`` or ``evict_after`` is not positive.
         """
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {port}")
@@ -536,6 +543,9 @@ class NotificationServer:
             )
         if not request_deadline > 0:
             raise ValueError(f"request_deadline must be positive, got {request_deadline}")
+        if not evict_after > 0:
+            raise ValueError(f"evict_after must be positive, got {evict_after}")
+        self.evict_after = evict_after
         self.max_connections_per_peer = max_connections_per_peer
         self.request_deadline = request_deadline
         self._requested_port = port
@@ -583,6 +593,7 @@ class NotificationServer:
                 max_connections=self.max_connections,
                 max_connections_per_peer=self.max_connections_per_peer,
                 request_deadline=self.request_deadline,
+                evict_after=self.evict_after,
             )
             server.notifications = self
             thread = threading.Thread(

@@ -462,9 +462,10 @@ def test_a_burst_of_senders_fits_the_listen_backlog(bus: EventBus) -> None:
 
 def test_connections_over_the_limit_wait_instead_of_being_refused(bus: EventBus) -> None:
     # The real server never retries a non-2xx answer: a refusal would lose the
-    # notification. Two idle connections take both slots; a third sender must
-    # get its answer once one of them goes away.
-    with NotificationServer(bus, port=0, max_connections=2) as server:
+    # notification. Two idle connections take both slots (too young to be
+    # closed to make room); a third sender must get its answer once one of
+    # them goes away.
+    with NotificationServer(bus, port=0, max_connections=2, evict_after=600) as server:
         idle = [
             socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) for _ in range(2)
         ]
@@ -560,6 +561,12 @@ def test_invalid_settings_are_refused(bus: EventBus) -> None:
         NotificationServer(bus, max_body_size=0)
     with pytest.raises(ValueError):
         NotificationServer(bus, max_connections=0)
+    with pytest.raises(ValueError):
+        NotificationServer(bus, max_connections_per_peer=0)
+    with pytest.raises(ValueError):
+        NotificationServer(bus, request_deadline=0)
+    with pytest.raises(ValueError):
+        NotificationServer(bus, evict_after=0)
 
 
 def test_a_busy_port_raises_oserror(server: NotificationServer, bus: EventBus) -> None:
