@@ -201,7 +201,11 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
                     self._per_peer[conn.peer] += 1
                     registered = True
                     continue
-                victim = self._slowest_locked(conn.peer if peer_full else None)
+                scope = conn.peer if peer_full else None
+                # One eviction at a time: a closed connection frees its slot
+                # only when its handler has ended.
+                if not self._closing_locked(scope):
+                    victim = self._slowest_locked(scope)
                 if victim is None:
                     self._conn_cond.wait(_SLOT_POLL)
             if victim is not None:
@@ -251,6 +255,13 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
                 self.request_deadline,
                 extra={"peer": conn.peer},
             )
+
+    def _closing_locked(self, peer: Optional[str]) -> bool:
+        """Whether a connection (of ``peer``, if given) was closed and its handler not yet ended."""
+        return any(
+            conn.closed_because is not None and (peer is None or conn.peer == peer)
+            for conn in self._connections.values()
+        )
 
     def _slowest_locked(self, peer: Optional[str]) -> Optional[_Connection]:
         """The connection (of ``peer``, if given) sending its request the longest, over a second."""
