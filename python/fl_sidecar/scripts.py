@@ -283,11 +283,15 @@ class ScriptRunner:
                 return
         if kind is EventKind.TRAINING_START:
             self._enqueue(
-                event.training_id, lambda: self.init_training(event.training_id, event.model_id)
+                event.training_id,
+                lambda: self.init_training(event.training_id, event.model_id),
+                "training-start hook",
             )
         elif kind is EventKind.TRAINING_FINISHED:
             self._enqueue(
-                event.training_id, lambda: self.end_training(event.training_id, event.model_id)
+                event.training_id,
+                lambda: self.end_training(event.training_id, event.model_id),
+                "training-finished hook",
             )
         elif kind in (EventKind.UPDATE_ROUND_START, EventKind.MODEL_TEST_ROUND):
             action = "train" if kind is EventKind.UPDATE_ROUND_START else "test"
@@ -437,7 +441,9 @@ class ScriptRunner:
             logger.warning("training script not started: %s", problem, extra={"seq": event_seq})
             return
         self._enqueue(
-            training_id, lambda: self._run(action, training_id, round, model_id, event_seq)
+            training_id,
+            lambda: self._run(action, training_id, round, model_id, event_seq),
+            f"{action} round {round}",
         )
 
     def _refusal(self, training_id: str) -> Optional[str]:
@@ -493,7 +499,7 @@ class ScriptRunner:
             )
         return known
 
-    def _enqueue(self, training_id: str, job: Callable[[], None]) -> None:
+    def _enqueue(self, training_id: str, job: Callable[[], None], what: str) -> None:
         with self._cond:
             if self._stopping:
                 logger.warning(
@@ -503,8 +509,9 @@ class ScriptRunner:
             if self._queued >= self.max_queued:
                 self.dropped += 1
                 logger.error(
-                    "training script queue full (%d waiting): run dropped",
+                    "training script queue full (%d waiting): %s dropped",
                     self._queued,
+                    what,
                     extra={"training_id": training_id, "dropped": self.dropped},
                 )
                 return
