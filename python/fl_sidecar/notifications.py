@@ -110,6 +110,8 @@ Younger ones are spared: a burst of real notifications must not evict each other
 # client streaming it reads the answer instead of a reset.
 _DISCARD_LIMIT = 1024 * 1024
 _DISCARD_CHUNK = 64 * 1024
+# Seconds between log lines about closed slow connections (counts in between).
+_LOG_EVERY = 1.0
 # Bounds what a log line may quote of a client-controlled string.
 _LOG_QUOTE_LIMIT = 80
 # Seconds between checks for stop() while every handler slot is taken.
@@ -174,6 +176,8 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         self._conn_cond = threading.Condition()
         self._connections: Dict[int, _Connection] = {}
         self._per_peer: collections.Counter[str] = collections.Counter()
+        self._closed_unlogged: collections.Counter[str] = collections.Counter()
+        self._last_closed_log: Dict[str, float] = {}
         super().__init__(address, _Handler, bind_and_activate=True)
 
     def connection_of(self, sock: Any) -> Optional[_Connection]:
@@ -210,12 +214,7 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
                     self._conn_cond.wait(_SLOT_POLL)
             if victim is not None:
                 _close_for(victim, "evicted")
-                logger.warning(
-                    "notification endpoint: closed a connection still sending its request "
-                    "after %.1f s, to make room",
-                    time.monotonic() - (victim.reading_since or time.monotonic()),
-                    extra={"peer": victim.peer},
-                )
+                self._log_closed("evicted", victim.peer)
             self.close_overdue()
         try:
             super().process_request(request, client_address)
@@ -249,12 +248,24 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
                     overdue.append(conn)
         for conn in overdue:
             _close_for(conn, "deadline")
-            logger.warning(
-                "notification endpoint: closed a connection whose request did not arrive "
-                "within %g s",
-                self.request_deadline,
-                extra={"peer": conn.peer},
-            )
+            self._log_closed("deadline", conn.peer)
+
+    def _log_closed(self, reason: str, peer: str) -> None:
+        """Log closed slow connections, at most one line per reason a second (a flood is many)."""
+        now = time.monotonic()
+        with self._conn_cond:
+            self._closed_unlogged[reason] += 1
+            if now - self._last_closed_log.get(reason, -_LOG_EVERY) < _LOG_EVERY:
+                return
+            count = self._closed_unlogged.pop(reason)
+            self._last_closed_log[reason] = now
+        if reason == "deadline":
+            message = "notification endpoint: closed %d connection(s) whose request did not "
+            message += f"arrive within {self.request_deadline:g} s"
+        else:
+            message = "notification endpoint: closed %d connection(s) still sending their "
+            message += "request, to make room"
+        logger.warning(message, count, extra={"peer": peer, "closed": count})
 
     def _closing_locked(self, peer: Optional[str]) -> bool:
         """Whether a connection (of ``peer``, if given) was closed and its handler not yet ended."""
