@@ -11,8 +11,15 @@ The reference client's variables keep their names and meaning
 (``FL_DEMONSTRATOR_BASE_URL``, ``FL_CLIENT_SERVER_HOST``,
 ``FL_CLIENT_SERVER_PORT``, ``FL_DEMONSTRATOR_TRAINING_SCRIPT_EXECUTOR``,
 ``FL_DEMONSTRATOR_TRAINING_SCRIPT_PATH``,
-``FL_DEMONSTRATOR_TRAINING_SCRIPT_WORKING_DIRETORY`` (sic)); new ones are
-``FL_SIDECAR_*``.
+``FL_DEMONSTRATOR_TRAINING_WORKING_DIRETORY`` (sic, without ``SCRIPT_``)); new
+ones are ``FL_SIDECAR_*``.
+
+Compatibility mode (a training script per round, as the reference client
+runs it) is on when ``--run-scripts`` (``FL_SIDECAR_RUN_SCRIPTS=1``), any
+``--script-*`` flag or any of the reference client's three script variables
+is set; ``FL_SIDECAR_RUN_SCRIPTS=0`` turns it off whatever else is set. When
+on, what is not set takes the reference client's defaults: executor
+``python``, script ``src/main.py``, working directory ``.``.
 """
 
 from __future__ import annotations
@@ -32,8 +39,13 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_DRAIN_SECONDS",
     "DEFAULT_MAX_CONCURRENT_RPCS",
+    "DEFAULT_MAX_CONCURRENT_SCRIPTS",
     "DEFAULT_MAX_MODEL_SIZE",
+    "DEFAULT_MAX_QUEUED_SCRIPTS",
     "DEFAULT_NOTIFICATION_PORT",
+    "DEFAULT_SCRIPT_EXECUTOR",
+    "DEFAULT_SCRIPT_PATH",
+    "DEFAULT_SCRIPT_WORKING_DIRECTORY",
     "DEFAULT_SERVER_URL",
     "MAX_CHUNK_SIZE",
     "MAX_MESSAGE_SIZE",
@@ -66,6 +78,28 @@ stops it, so the default is a generous model size, not the size of a disk.
 
 DEFAULT_NOTIFICATION_PORT = 8101
 """The reference client's notification port."""
+
+DEFAULT_SCRIPT_EXECUTOR = "python"
+"""Compatibility mode: the reference client's default executor (looked up on ``PATH``)."""
+
+DEFAULT_SCRIPT_PATH = "src/main.py"
+"""Compatibility mode: the reference client's default training script."""
+
+DEFAULT_SCRIPT_WORKING_DIRECTORY = "."
+"""Compatibility mode: the reference client's default working directory (the current one)."""
+
+DEFAULT_MAX_CONCURRENT_SCRIPTS = 2
+"""Compatibility mode: training scripts run at once (each training's runs stay in order)."""
+
+DEFAULT_MAX_QUEUED_SCRIPTS = 64
+"""Compatibility mode: script runs waiting at most; further ones are dropped and logged."""
+
+# The reference client's script variables, and the name this project read
+# (wrongly) for the working directory before, still accepted with a warning.
+_SCRIPT_EXECUTOR_VARIABLE = "FL_DEMONSTRATOR_TRAINING_SCRIPT_EXECUTOR"
+_SCRIPT_PATH_VARIABLE = "FL_DEMONSTRATOR_TRAINING_SCRIPT_PATH"
+_WORKING_DIRECTORY_VARIABLE = "FL_DEMONSTRATOR_TRAINING_WORKING_DIRETORY"
+_DEPRECATED_WORKING_DIRECTORY_VARIABLE = "FL_DEMONSTRATOR_TRAINING_SCRIPT_WORKING_DIRETORY"
 
 DEFAULT_SERVER_URL = "http://localhost:8000"
 """The FL server used when neither a flag nor an environment variable names one."""
@@ -139,6 +173,9 @@ class Settings:
     script_executor: Optional[str] = None
     script_path: Optional[str] = None
     script_working_directory: Optional[str] = None
+    max_concurrent_scripts: int = DEFAULT_MAX_CONCURRENT_SCRIPTS
+    max_queued_scripts: int = DEFAULT_MAX_QUEUED_SCRIPTS
+    script_training_ids: Optional[Tuple[str, ...]] = None
     metrics_host: str = "127.0.0.1"
     metrics_port: Optional[int] = None
     spool_dir: Optional[str] = None
@@ -153,6 +190,8 @@ class Settings:
     max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
     ready_file: Optional[str] = None
     script_env: Optional[Dict[str, str]] = field(default=None, repr=False, compare=False)
+    warnings: Tuple[str, ...] = field(default=(), compare=False)
+    """Deprecations met while reading the settings, for the log once logging is set up."""
 
     @property
     def public_server_url(self) -> str:
@@ -161,7 +200,7 @@ class Settings:
 
     @property
     def compatibility_mode(self) -> bool:
-        """Whether a training script is configured (the reference client's behaviour)."""
+        """Whether round notifications start the training script (the reference client's way)."""
         return self.script_path is not None
 
     def secrets(self) -> List[str]:
@@ -322,7 +361,43 @@ class _Resolver:
         password = self._secret("password", "password_file", "FL_SIDECAR_PASSWORD")
         if (username is None) != (password is None):
             raise ConfigurationError("a username needs a password and a password a username")
-        script_path = self._raw("script_path", "FL_DEMONSTRATOR_TRAINING_SCRIPT_PATH")
+        warnings: List[str] = []
+        script_executor = self._raw("script_executor", _SCRIPT_EXECUTOR_VARIABLE)
+        script_path = self._raw("script_path", _SCRIPT_PATH_VARIABLE)
+        script_working_directory = self._raw(
+            "script_working_directory", _WORKING_DIRECTORY_VARIABLE
+        )
+        if script_working_directory is None:
+            script_working_directory = self._env.get(_DEPRECATED_WORKING_DIRECTORY_VARIABLE) or None
+            if script_working_directory is not None:
+                warnings.append(
+                    f"{_DEPRECATED_WORKING_DIRECTORY_VARIABLE} is deprecated: the reference "
+                    f"client's name is {_WORKING_DIRECTORY_VARIABLE} (sic)"
+                )
+        run_scripts = self._optional(
+            "run_scripts", ("FL_SIDECAR_RUN_SCRIPTS",), parse_bool, "boolean"
+        )
+        if run_scripts is None:
+            run_scripts = any(
+                value is not None
+                for value in (script_executor, script_path, script_working_directory)
+            )
+        if run_scripts:
+            script_executor = script_executor or DEFAULT_SCRIPT_EXECUTOR
+            script_path = script_path or DEFAULT_SCRIPT_PATH
+            script_working_directory = script_working_directory or DEFAULT_SCRIPT_WORKING_DIRECTORY
+        else:
+            script_executor = script_path = script_working_directory = None
+        training_ids_text = self._raw("script_training_ids", "FL_SIDECAR_SCRIPT_TRAINING_IDS")
+        script_training_ids: Optional[Tuple[str, ...]] = None
+        if training_ids_text is not None:
+            script_training_ids = tuple(
+                part.strip() for part in training_ids_text.split(",") if part.strip()
+            )
+            if not script_training_ids:
+                raise ConfigurationError(
+                    "--script-training-ids / FL_SIDECAR_SCRIPT_TRAINING_IDS names no training id"
+                )
         # The training script inherits the environment without the FL server's
         # credentials (it talks to the sidecar, which keeps them), plus where
         # the sidecar listens.
@@ -354,13 +429,24 @@ class _Resolver:
             ),
             notification_host=notification_host,
             notification_port=notification_port,
-            script_executor=self._raw(
-                "script_executor", "FL_DEMONSTRATOR_TRAINING_SCRIPT_EXECUTOR"
-            ),
+            script_executor=script_executor,
             script_path=script_path,
-            script_working_directory=self._raw(
-                "script_working_directory", "FL_DEMONSTRATOR_TRAINING_SCRIPT_WORKING_DIRETORY"
+            script_working_directory=script_working_directory,
+            max_concurrent_scripts=self._default(
+                "max_concurrent_scripts",
+                ("FL_SIDECAR_MAX_CONCURRENT_SCRIPTS",),
+                _positive_int,
+                "count",
+                DEFAULT_MAX_CONCURRENT_SCRIPTS,
             ),
+            max_queued_scripts=self._default(
+                "max_queued_scripts",
+                ("FL_SIDECAR_MAX_QUEUED_SCRIPTS",),
+                _positive_int,
+                "count",
+                DEFAULT_MAX_QUEUED_SCRIPTS,
+            ),
+            script_training_ids=script_training_ids,
             metrics_host=metrics_host,
             metrics_port=metrics_port,
             spool_dir=self._raw("spool_dir", "FL_SIDECAR_SPOOL_DIR"),
@@ -399,6 +485,7 @@ class _Resolver:
             ),
             ready_file=self._raw("ready_file", "FL_SIDECAR_READY_FILE"),
             script_env=script_env,
+            warnings=tuple(warnings),
         )
 
 
@@ -659,22 +746,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="do not start the notification endpoint [FL_SIDECAR_NO_NOTIFICATIONS]",
     )
     notes.add_argument(
+        "--run-scripts",
+        action="store_const",
+        const=True,
+        help="compatibility mode: start the training script for each round and test "
+        "notification, like the reference client; also on when any --script-* flag or "
+        "reference script variable is set, off with FL_SIDECAR_RUN_SCRIPTS=0 "
+        "[FL_SIDECAR_RUN_SCRIPTS]",
+    )
+    notes.add_argument(
         "--script-executor",
         metavar="PROGRAM",
-        help="compatibility mode: the program that runs the training script, e.g. python "
-        "[FL_DEMONSTRATOR_TRAINING_SCRIPT_EXECUTOR]",
+        help="compatibility mode: the program that runs the training script "
+        f"[{_SCRIPT_EXECUTOR_VARIABLE}; default {DEFAULT_SCRIPT_EXECUTOR}]",
     )
     notes.add_argument(
         "--script-path",
         metavar="PATH",
         help="compatibility mode: the training script, started with train|test --training-id "
-        "--round --model-id per event [FL_DEMONSTRATOR_TRAINING_SCRIPT_PATH]",
+        f"--round --model-id per event [{_SCRIPT_PATH_VARIABLE}; default {DEFAULT_SCRIPT_PATH}]",
     )
     notes.add_argument(
         "--script-working-directory",
         metavar="DIR",
         help="compatibility mode: its working directory "
-        "[FL_DEMONSTRATOR_TRAINING_SCRIPT_WORKING_DIRETORY (sic)]",
+        f"[{_WORKING_DIRECTORY_VARIABLE} (sic), or the deprecated "
+        f"{_DEPRECATED_WORKING_DIRECTORY_VARIABLE}; default the current directory]",
+    )
+    notes.add_argument(
+        "--max-concurrent-scripts",
+        metavar="N",
+        type=_positive_int,
+        help="compatibility mode: training scripts running at once "
+        f"[FL_SIDECAR_MAX_CONCURRENT_SCRIPTS; default {DEFAULT_MAX_CONCURRENT_SCRIPTS}]",
+    )
+    notes.add_argument(
+        "--max-queued-scripts",
+        metavar="N",
+        type=_positive_int,
+        help="compatibility mode: script runs waiting at most; more are dropped and logged "
+        f"[FL_SIDECAR_MAX_QUEUED_SCRIPTS; default {DEFAULT_MAX_QUEUED_SCRIPTS}]",
+    )
+    notes.add_argument(
+        "--script-training-ids",
+        metavar="ID[,ID...]",
+        help="compatibility mode: run scripts only for these trainings; unset: only for "
+        "trainings the FL server confirms [FL_SIDECAR_SCRIPT_TRAINING_IDS]",
     )
 
     data = parser.add_argument_group("models and data")

@@ -20,6 +20,24 @@ from a sequence number older than :meth:`EventBus.oldest_seq` gets what is
 retained, and a subscriber that falls further behind than the history skips
 the events dropped meanwhile (:attr:`Subscription.missed` counts them). An event counts as
 received once :meth:`Subscription.get` (or iteration) returned it.
+
+The FL server repeats and reorders notifications (two uploads that finish in
+the same second have made it POST one round start three times), so the
+endpoint publishes with :meth:`EventBus.publish_once`, which delivers each
+(training, type, round) once:
+
+- a repeat of a (training, type, round) already published is dropped;
+- a round notification (``UPDATE_ROUND_START``, ``MODEL_TEST_ROUND``,
+  ``SWAG_ROUND_START``) whose round is older than the newest round already
+  published for its training is dropped (the training has moved on; acting on
+  it would redo a finished round);
+- ``TRAINING_START``, ``TRAINING_FINISHED`` and ``CLIENT_REMOVED`` are
+  published once per training, in whatever order they arrive;
+- types this version does not know are never dropped.
+
+What is remembered for this is bounded (the newest round per training, for the
+most recent :data:`DEFAULT_DEDUPE_TRAININGS` trainings) and lives as long as
+the process: a restarted sidecar delivers a repeat once more.
 """
 
 from __future__ import annotations
@@ -52,6 +70,7 @@ from typing import (
 from fl_sidecar.errors import MalformedNotificationError
 
 __all__ = [
+    "DEFAULT_DEDUPE_TRAININGS",
     "DEFAULT_HISTORY",
     "DEFAULT_HISTORY_BYTES",
     "DEFAULT_MAX_NOTIFICATION_SIZE",
@@ -60,6 +79,7 @@ __all__ = [
     "EventKind",
     "ServerEvent",
     "Subscription",
+    "Verdict",
     "clock_first_seq",
     "is_valid_id",
     "parse_notification",
@@ -73,6 +93,9 @@ DEFAULT_HISTORY_BYTES = 64 * 1024 * 1024
 
 DEFAULT_MAX_NOTIFICATION_SIZE = 64 * 1024
 """Bytes: the largest notification the endpoint accepts (the real ones are ~150 bytes)."""
+
+DEFAULT_DEDUPE_TRAININGS = 10_000
+"""Trainings whose newest round :meth:`EventBus.publish_once` remembers (least recent forgotten)."""
 
 MAX_ROUND = 2**31 - 1
 """The largest round number accepted (the gRPC contract carries it as uint32)."""
@@ -112,6 +135,49 @@ _MODEL_KINDS: FrozenSet[EventKind] = _ROUND_KINDS | {
     EventKind.TRAINING_START,
     EventKind.TRAINING_FINISHED,
 }
+
+
+class Verdict(enum.Enum):
+    """What :meth:`EventBus.publish_once` did with a notification."""
+
+    PUBLISHED = "published"
+    DUPLICATE = "duplicate"
+    """The same (training, type, round) was published before."""
+    STALE = "stale"
+    """A round notification older than the newest round published for its training."""
+
+
+class _TrainingRounds:
+    """What one training has published: its newest round and the kinds seen for it."""
+
+    __slots__ = ("newest_round", "once_kinds", "round_kinds")
+
+    def __init__(self) -> None:
+        self.newest_round = -1
+        # Kinds published for newest_round: older rounds are refused as stale
+        # anyway, so nothing about them needs remembering.
+        self.round_kinds: Set[EventKind] = set()
+        self.once_kinds: Set[EventKind] = set()
+
+    def verdict(self, kind: EventKind, round_: Optional[int]) -> Verdict:
+        if kind in _ROUND_KINDS and round_ is not None:
+            if round_ < self.newest_round:
+                return Verdict.STALE
+            if round_ == self.newest_round and kind in self.round_kinds:
+                return Verdict.DUPLICATE
+            return Verdict.PUBLISHED
+        if kind is EventKind.UNKNOWN or kind in _ROUND_KINDS:
+            return Verdict.PUBLISHED  # nothing to compare an unknown type (or a roundless one) by
+        return Verdict.DUPLICATE if kind in self.once_kinds else Verdict.PUBLISHED
+
+    def record(self, kind: EventKind, round_: Optional[int]) -> None:
+        if kind in _ROUND_KINDS and round_ is not None:
+            if round_ > self.newest_round:
+                self.newest_round = round_
+                self.round_kinds = set()
+            self.round_kinds.add(kind)
+        elif kind is not EventKind.UNKNOWN and kind not in _ROUND_KINDS:
+            self.once_kinds.add(kind)
 
 
 @dataclass(frozen=True)
@@ -288,6 +354,7 @@ class EventBus:
         history: int = DEFAULT_HISTORY,
         max_bytes: int = DEFAULT_HISTORY_BYTES,
         first_seq: int = 1,
+        dedupe_trainings: int = DEFAULT_DEDUPE_TRAININGS,
     ) -> None:
         """Create an empty bus.
 
@@ -300,9 +367,12 @@ class EventBus:
                 is kept whatever its size.
             first_seq: the first event's sequence number (at least 1); see
                 :func:`clock_first_seq`.
+            dedupe_trainings: how many trainings :meth:`publish_once`
+                remembers (the least recently notified is forgotten first).
 
         Raises:
-            ValueError: ``history``, ``max_bytes`` or ``first_seq`` is less than 1.
+            ValueError: ``history``, ``max_bytes``, ``first_seq`` or
+                ``dedupe_trainings`` is less than 1.
         """
         if history < 1:
             raise ValueError(f"history must be at least 1, got {history}")
@@ -315,7 +385,14 @@ class EventBus:
         self._events: Deque[ServerEvent] = collections.deque()
         if first_seq < 1:
             raise ValueError(f"first_seq must be at least 1, got {first_seq}")
+        if dedupe_trainings < 1:
+            raise ValueError(f"dedupe_trainings must be at least 1, got {dedupe_trainings}")
+        self._first_seq = first_seq
         self._last_seq = first_seq - 1
+        self._dedupe_trainings = dedupe_trainings
+        self._rounds: collections.OrderedDict[str, _TrainingRounds] = collections.OrderedDict()
+        # Open subscriptions that take delivery (observers excluded).
+        self._subscribers: Set[Subscription] = set()
         # Retained events no subscriber has received yet; a subscriber with
         # after_seq=None starts with these.
         self._undelivered: Set[int] = set()
@@ -340,6 +417,8 @@ class EventBus:
     ) -> ServerEvent:
         """Number a notification, retain it and wake every subscriber.
 
+        Repeats are published too; the endpoint uses :meth:`publish_once`.
+
         Args:
             notification_type: the type as the server sent it (unknown types
                 become ``EventKind.UNKNOWN``).
@@ -356,28 +435,90 @@ class EventBus:
         body_json = json.dumps(dict(body), separators=(",", ":"), allow_nan=False)
         kind = EventKind.from_notification_type(notification_type)
         with self._cond:
-            self._last_seq += 1
-            event = ServerEvent(
-                seq=self._last_seq,
-                kind=kind,
-                notification_type=notification_type,
-                training_id=training_id,
-                model_id=_optional_model_id(body),
-                round=_optional_round(body),
-                body_json=body_json,
-                raw_json=raw_json,
-                received_at=time.time(),
+            return self._publish_locked(
+                kind, notification_type, training_id, body, body_json, raw_json
             )
-            self._events.append(event)
-            self._undelivered.add(event.seq)
-            self._retained_bytes += _size(event)
-            while len(self._events) > self._history or (
-                self._retained_bytes > self._max_bytes and len(self._events) > 1
-            ):
-                dropped = self._events.popleft()
-                self._undelivered.discard(dropped.seq)
-                self._retained_bytes -= _size(dropped)
-            self._cond.notify_all()
+
+    def publish_once(
+        self,
+        notification_type: str,
+        training_id: str,
+        body: Mapping[str, Any],
+        raw_json: str,
+    ) -> Tuple[Verdict, Optional[ServerEvent]]:
+        """Publish a notification unless it repeats one already published (see the module docs).
+
+        Args:
+            notification_type, training_id, body, raw_json: as for :meth:`publish`.
+
+        Returns:
+            ``(Verdict.PUBLISHED, event)``, or ``(Verdict.DUPLICATE, None)`` /
+            ``(Verdict.STALE, None)`` for a notification that was dropped.
+
+        Raises:
+            TypeError, ValueError: ``body`` cannot be serialised as JSON.
+        """
+        body_json = json.dumps(dict(body), separators=(",", ":"), allow_nan=False)
+        kind = EventKind.from_notification_type(notification_type)
+        round_ = _optional_round(body)
+        with self._cond:
+            rounds = self._rounds.get(training_id)
+            if rounds is None:
+                rounds = self._rounds[training_id] = _TrainingRounds()
+                while len(self._rounds) > self._dedupe_trainings:
+                    self._rounds.popitem(last=False)
+            else:
+                self._rounds.move_to_end(training_id)
+            verdict = rounds.verdict(kind, round_)
+            if verdict is not Verdict.PUBLISHED:
+                return verdict, None
+            rounds.record(kind, round_)
+            event = self._publish_locked(
+                kind, notification_type, training_id, body, body_json, raw_json
+            )
+            return verdict, event
+
+    def has_subscriber(self, training_id: str) -> bool:
+        """Whether an open subscription (not an observer) would receive ``training_id``'s events."""
+        with self._cond:
+            if self._closed:
+                return False
+            return any(
+                sub._training_ids is None or training_id in sub._training_ids
+                for sub in self._subscribers
+            )
+
+    def _publish_locked(
+        self,
+        kind: EventKind,
+        notification_type: str,
+        training_id: str,
+        body: Mapping[str, Any],
+        body_json: str,
+        raw_json: str,
+    ) -> ServerEvent:
+        self._last_seq += 1
+        event = ServerEvent(
+            seq=self._last_seq,
+            kind=kind,
+            notification_type=notification_type,
+            training_id=training_id,
+            model_id=_optional_model_id(body),
+            round=_optional_round(body),
+            body_json=body_json,
+            raw_json=raw_json,
+            received_at=time.time(),
+        )
+        self._events.append(event)
+        self._undelivered.add(event.seq)
+        self._retained_bytes += _size(event)
+        while len(self._events) > self._history or (
+            self._retained_bytes > self._max_bytes and len(self._events) > 1
+        ):
+            dropped = self._events.popleft()
+            self._undelivered.discard(dropped.seq)
+            self._retained_bytes -= _size(dropped)
+        self._cond.notify_all()
         return event
 
     def subscribe(
@@ -422,9 +563,12 @@ class EventBus:
             else:
                 backlog = []
                 cursor = after_seq
-            return Subscription(
+            subscription = Subscription(
                 self, cursor=cursor, backlog=backlog, training_ids=wanted, observe=observe
             )
+            if not observe:
+                self._subscribers.add(subscription)
+            return subscription
 
     def last_seq(self) -> int:
         """The sequence number of the newest event; ``first_seq - 1`` before the first."""
@@ -538,9 +682,16 @@ class Subscription:
                 return bus._event_at(seq)
             self._missed += 1
         while self._cursor < bus._last_seq:
+            if not bus._events:
+                # Nothing published yet: a resume from a number the previous
+                # process gave out (below this bus's first) has missed nothing here.
+                self._cursor = bus._last_seq
+                break
             oldest = bus._events[0].seq
             if self._cursor + 1 < oldest:
-                self._missed += oldest - self._cursor - 1
+                # Only numbers this bus gave out count as missed, not the gap
+                # below its first_seq (a resume after a restart).
+                self._missed += max(0, oldest - max(self._cursor + 1, bus._first_seq))
                 self._cursor = oldest - 1
             self._cursor += 1
             event = bus._event_at(self._cursor)
@@ -552,6 +703,7 @@ class Subscription:
         """Stop reading: a blocked :meth:`get` returns ``None``. Idempotent, thread-safe."""
         with self._bus._cond:
             self._closed = True
+            self._bus._subscribers.discard(self)
             self._bus._cond.notify_all()
 
     def __iter__(self) -> Iterator[ServerEvent]:

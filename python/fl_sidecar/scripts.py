@@ -8,10 +8,26 @@ The reference client runs ``<executor> <script_path> train --training-id <id>
 ``TRAINING_START`` and ``end_training`` on ``TRAINING_FINISHED``, which start
 no process; here they are hooks (override them, or pass callables).
 
-:meth:`ScriptRunner.handle` returns at once: each training has its own queue,
-worked by its own thread, so one training's scripts run one at a time in the
-order their notifications arrived, while different trainings run side by side.
-Exit codes are logged and kept (:attr:`ScriptRunner.results`).
+:meth:`ScriptRunner.handle` returns at once. Each training has its own queue,
+so one training's scripts run one at a time in the order their notifications
+arrived; different trainings run side by side, at most ``max_concurrent`` at
+once (2 by default) on that many worker threads. At most ``max_queued`` runs
+wait (64 by default); a run beyond that is dropped and logged as an error
+(:attr:`ScriptRunner.dropped` counts them), so a flood of notifications costs
+neither processes nor memory. Exit codes are logged and kept
+(:attr:`ScriptRunner.results`).
+
+Which trainings get scripts: with ``allowed_training_ids``, only those; else,
+with ``confirm_training``, only trainings it confirms (the sidecar asks the FL
+server for the training, once per id, and remembers the answer for the most
+recent 1,024 ids), so notifications with made-up ids start nothing. A refused
+event is logged as a warning.
+
+Each (training, action, round) runs once from :meth:`ScriptRunner.handle`
+(repeats are logged and skipped), and ``TRAINING_START`` /
+``TRAINING_FINISHED`` call their hooks once per training: the FL server repeats
+notifications. :meth:`ScriptRunner.start_training` and
+:meth:`ScriptRunner.start_testing` run what they are asked.
 
 No credential is put on the command line: the script talks to the sidecar
 over gRPC, and the sidecar keeps the credentials. The script's environment is
@@ -25,22 +41,46 @@ import collections
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import (
+    IO,
+    Callable,
+    Deque,
+    Dict,
+    FrozenSet,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 from fl_sidecar.errors import ConfigurationError
 from fl_sidecar.events import EventKind, ServerEvent, is_valid_id
 
-__all__ = ["ScriptRun", "ScriptRunner"]
+__all__ = ["DEFAULT_MAX_CONCURRENT", "DEFAULT_MAX_QUEUED", "ScriptRun", "ScriptRunner"]
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MAX_CONCURRENT = 2
+"""Training scripts running at once."""
+
+DEFAULT_MAX_QUEUED = 64
+"""Runs (and hooks) waiting at most."""
+
 # Seconds a script gets to exit after SIGTERM (on stop or timeout) before SIGKILL.
 _TERMINATE_GRACE = 5.0
+# Training ids whose confirmation is remembered, and (training, action, round)
+# keys remembered to skip repeats: bounded, least recent forgotten first.
+_CONFIRMED_MEMORY = 1024
+_SEEN_MEMORY = 10_000
 
 TrainingHook = Callable[[str, Optional[str]], None]
 """``hook(training_id, model_id)``, for training start and training finished."""
@@ -99,6 +139,10 @@ class ScriptRunner:
         on_training_finished: Optional[TrainingHook] = None,
         on_result: Optional[Callable[[ScriptRun], None]] = None,
         history: int = 1000,
+        max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        allowed_training_ids: Optional[Iterable[str]] = None,
+        confirm_training: Optional[Callable[[str], bool]] = None,
     ) -> None:
         """Configure the runner (nothing starts before the first event).
 
@@ -122,10 +166,21 @@ class ScriptRunner:
                 ``TRAINING_START`` and ``TRAINING_FINISHED``.
             on_result: called with each :class:`ScriptRun` when it ends.
             history: how many :class:`ScriptRun` results to keep.
+            max_concurrent: scripts (and hooks) running at once, across trainings.
+            max_queued: runs waiting at most; further ones are dropped and logged.
+            allowed_training_ids: if given, only these trainings get runs and
+                hooks; others are refused (logged).
+            confirm_training: without ``allowed_training_ids``, called (on a
+                worker thread) with a training id before its first run; ``False``
+                refuses the training (remembered), an exception refuses this run
+                only (logged). ``None``: every training is accepted.
 
         Raises:
-            ConfigurationError: the executor is empty or cannot be split, the
-                script or a directory does not exist, or ``timeout`` is not positive.
+            ConfigurationError: the executor is empty or cannot be split (one
+                that is not found is reported by each run, see
+                :meth:`executor_found`), the script or a directory does not exist,
+                ``timeout`` is not positive, or ``max_concurrent`` or
+                ``max_queued`` is less than 1.
         """
         try:
             self._executor: List[str] = shlex.split(executor)
@@ -148,6 +203,20 @@ class ScriptRunner:
             )
         if timeout is not None and not timeout > 0:
             raise ConfigurationError(f"training script timeout must be positive, got {timeout}")
+        if max_concurrent < 1:
+            raise ConfigurationError(
+                f"concurrent training scripts must be at least 1, got {max_concurrent}"
+            )
+        if max_queued < 1:
+            raise ConfigurationError(
+                f"queued training scripts must be at least 1, got {max_queued}"
+            )
+        self.max_concurrent = max_concurrent
+        self.max_queued = max_queued
+        self._allowed: Optional[FrozenSet[str]] = (
+            frozenset(allowed_training_ids) if allowed_training_ids is not None else None
+        )
+        self._confirm_training = confirm_training
         self.script_path = script_path
         self.working_directory = working_directory
         self.timeout = timeout
@@ -157,11 +226,22 @@ class ScriptRunner:
         self._on_training_finished = on_training_finished
         self._on_result = on_result
         self._cond = threading.Condition()
+        # Waiting jobs per training; trainings with waiting jobs and none
+        # running, in the order they became ready; trainings with a job running.
         self._queues: Dict[str, Deque[Callable[[], None]]] = {}
-        self._workers: Dict[str, threading.Thread] = {}
+        self._ready: Deque[str] = collections.deque()
+        self._running: Set[str] = set()
+        self._queued = 0
+        self._threads: List[threading.Thread] = []
         self._processes: Dict[str, subprocess.Popen[bytes]] = {}
         self._results: Deque[ScriptRun] = collections.deque(maxlen=history)
+        self._confirmed: collections.OrderedDict[str, bool] = collections.OrderedDict()
+        self._seen: collections.OrderedDict[Tuple[str, str, Optional[int]], None] = (
+            collections.OrderedDict()
+        )
         self._stopping = False
+        self.dropped = 0
+        """Runs and hooks dropped because ``max_queued`` were already waiting."""
 
     # --- the reference client's entry points ------------------------------------
 
@@ -171,16 +251,47 @@ class ScriptRunner:
         ``UPDATE_ROUND_START`` queues a ``train`` run, ``MODEL_TEST_ROUND`` a
         ``test`` run, ``TRAINING_START`` and ``TRAINING_FINISHED`` the hooks;
         other kinds are logged and ignored. An event whose ids or round are
-        unusable is logged and ignored. Never raises for a bad event.
+        unusable, of a training that is refused, or that repeats one already
+        handled (same training, kind and round) is logged and ignored. Never
+        raises for a bad event.
         """
         kind = event.kind
+        handled_kinds = (
+            EventKind.TRAINING_START,
+            EventKind.TRAINING_FINISHED,
+            EventKind.UPDATE_ROUND_START,
+            EventKind.MODEL_TEST_ROUND,
+        )
+        if kind in handled_kinds:
+            refusal = self._refusal(event.training_id)
+            if refusal is not None:
+                logger.warning(
+                    "training script not started: %s",
+                    refusal,
+                    extra={"seq": event.seq, "training_id": event.training_id[:80]},
+                )
+                return
+            if not self._first_time(event):
+                logger.info(
+                    "training script not started again: a repeat of a handled notification",
+                    extra={
+                        "seq": event.seq,
+                        "training_id": event.training_id,
+                        "round": event.round,
+                    },
+                )
+                return
         if kind is EventKind.TRAINING_START:
             self._enqueue(
-                event.training_id, lambda: self.init_training(event.training_id, event.model_id)
+                event.training_id,
+                lambda: self.init_training(event.training_id, event.model_id),
+                "training-start hook",
             )
         elif kind is EventKind.TRAINING_FINISHED:
             self._enqueue(
-                event.training_id, lambda: self.end_training(event.training_id, event.model_id)
+                event.training_id,
+                lambda: self.end_training(event.training_id, event.model_id),
+                "training-finished hook",
             )
         elif kind in (EventKind.UPDATE_ROUND_START, EventKind.MODEL_TEST_ROUND):
             action = "train" if kind is EventKind.UPDATE_ROUND_START else "test"
@@ -246,6 +357,11 @@ class ScriptRunner:
             model_id,
         ]
 
+    def executor_found(self) -> bool:
+        """Whether the executor is an executable file or a program on the scripts' ``PATH``."""
+        search_path = (self._env if self._env is not None else os.environ).get("PATH", os.defpath)
+        return shutil.which(self._executor[0], path=search_path) is not None
+
     # --- state -------------------------------------------------------------------
 
     @property
@@ -257,7 +373,7 @@ class ScriptRunner:
     def busy_trainings(self) -> List[str]:
         """Trainings with a run in progress or queued."""
         with self._cond:
-            return sorted(self._workers)
+            return sorted(self._running | {t for t, q in self._queues.items() if q})
 
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
         """Wait until nothing is queued or running.
@@ -269,7 +385,7 @@ class ScriptRunner:
             ``True`` when idle, ``False`` on timeout.
         """
         with self._cond:
-            return self._cond.wait_for(lambda: not self._workers, timeout)
+            return self._cond.wait_for(lambda: not self._queued and not self._running, timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Drop queued work, stop running scripts and wait for the workers. Idempotent.
@@ -282,10 +398,12 @@ class ScriptRunner:
         """
         with self._cond:
             self._stopping = True
-            for queue in self._queues.values():
-                queue.clear()
+            self._queues.clear()
+            self._ready.clear()
+            self._queued = 0
             processes = list(self._processes.values())
-            workers = list(self._workers.values())
+            workers = list(self._threads)
+            self._cond.notify_all()
         for process in processes:
             _terminate(process)
         deadline = time.monotonic() + timeout
@@ -323,42 +441,119 @@ class ScriptRunner:
             logger.warning("training script not started: %s", problem, extra={"seq": event_seq})
             return
         self._enqueue(
-            training_id, lambda: self._run(action, training_id, round, model_id, event_seq)
+            training_id,
+            lambda: self._run(action, training_id, round, model_id, event_seq),
+            f"{action} round {round}",
         )
 
-    def _enqueue(self, training_id: str, job: Callable[[], None]) -> None:
+    def _refusal(self, training_id: str) -> Optional[str]:
+        """Why ``training_id`` gets no runs, as far as known without asking; ``None``: go on."""
+        if self._allowed is not None:
+            if training_id in self._allowed:
+                return None
+            return "training id not in the configured training ids"
+        with self._cond:
+            if self._confirmed.get(training_id) is False:
+                return "the FL server does not know this training"
+        return None
+
+    def _first_time(self, event: ServerEvent) -> bool:
+        """Remember ``event``'s (training, kind, round); ``False`` if it was seen before."""
+        key = (event.training_id, event.kind.value, event.round)
+        with self._cond:
+            if key in self._seen:
+                return False
+            self._seen[key] = None
+            while len(self._seen) > _SEEN_MEMORY:
+                self._seen.popitem(last=False)
+        return True
+
+    def _may_run(self, training_id: str) -> bool:
+        """Whether ``training_id`` is allowed or confirmed (asks ``confirm_training`` once)."""
+        if self._allowed is not None:
+            return training_id in self._allowed
+        if self._confirm_training is None:
+            return True
+        with self._cond:
+            known = self._confirmed.get(training_id)
+        if known is None:
+            try:
+                known = bool(self._confirm_training(training_id))
+            except Exception as exc:
+                # Not remembered: the FL server may be back for the next round.
+                logger.warning(
+                    "training script not started: could not confirm the training with the "
+                    "FL server (%s)",
+                    exc,
+                    extra={"training_id": training_id},
+                )
+                return False
+            with self._cond:
+                self._confirmed[training_id] = known
+                while len(self._confirmed) > _CONFIRMED_MEMORY:
+                    self._confirmed.popitem(last=False)
+        if not known:
+            logger.warning(
+                "training script not started: the FL server does not know this training",
+                extra={"training_id": training_id},
+            )
+        return known
+
+    def _enqueue(self, training_id: str, job: Callable[[], None], what: str) -> None:
         with self._cond:
             if self._stopping:
                 logger.warning(
                     "script runner stopped; event ignored", extra={"training_id": training_id}
                 )
                 return
-            self._queues.setdefault(training_id, collections.deque()).append(job)
-            if training_id not in self._workers:
-                worker = threading.Thread(
-                    target=self._work,
-                    args=(training_id,),
-                    name=f"fl-sidecar-script-{training_id[:36]}",
-                    daemon=True,
+            if self._queued >= self.max_queued:
+                self.dropped += 1
+                logger.error(
+                    "training script queue full (%d waiting): %s dropped",
+                    self._queued,
+                    what,
+                    extra={"training_id": training_id, "dropped": self.dropped},
                 )
-                self._workers[training_id] = worker
+                return
+            queue = self._queues.setdefault(training_id, collections.deque())
+            queue.append(job)
+            self._queued += 1
+            if len(queue) == 1 and training_id not in self._running:
+                self._ready.append(training_id)
+            self._threads = [t for t in self._threads if t.is_alive()]
+            if len(self._threads) < self.max_concurrent:
+                worker = threading.Thread(
+                    target=self._work, name="fl-sidecar-script-worker", daemon=True
+                )
+                self._threads.append(worker)
                 worker.start()
 
-    def _work(self, training_id: str) -> None:
+    def _work(self) -> None:
         while True:
             with self._cond:
-                queue = self._queues.get(training_id)
-                if not queue or self._stopping:
-                    self._queues.pop(training_id, None)
-                    del self._workers[training_id]
+                if self._stopping or not self._ready:
+                    if threading.current_thread() in self._threads:
+                        self._threads.remove(threading.current_thread())
                     self._cond.notify_all()
                     return
-                job = queue.popleft()
+                training_id = self._ready.popleft()
+                job = self._queues[training_id].popleft()
+                self._queued -= 1
+                self._running.add(training_id)
             try:
-                job()
+                if self._may_run(training_id):
+                    job()
             except Exception:
                 # A hook's bug must not stop the training's later runs.
                 logger.exception("training job failed", extra={"training_id": training_id})
+            finally:
+                with self._cond:
+                    self._running.discard(training_id)
+                    if self._queues.get(training_id):
+                        self._ready.append(training_id)
+                    else:
+                        self._queues.pop(training_id, None)
+                    self._cond.notify_all()
 
     def _run(self, action: str, training_id: str, round: int, model_id: str, seq: int) -> None:
         argv = self.command(action, training_id, round, model_id)

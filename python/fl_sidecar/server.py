@@ -44,8 +44,14 @@ from grpc_reflection.v1alpha import reflection
 
 from fl_sidecar import __version__, socketdir
 from fl_sidecar.config import MAX_MESSAGE_SIZE, Settings, add_arguments, strip_userinfo
-from fl_sidecar.errors import ConfigurationError
-from fl_sidecar.events import EventBus, ServerEvent, clock_first_seq
+from fl_sidecar.errors import (
+    ConfigurationError,
+    ConflictError,
+    NotFoundError,
+    PermissionDeniedError,
+    RequestRejectedError,
+)
+from fl_sidecar.events import EventBus, EventKind, ServerEvent, clock_first_seq
 from fl_sidecar.server_api import Credentials, FlServerClient
 from fl_sidecar.service import SERVICE_NAME, SidecarService
 from fl_sidecar.telemetry import Metrics, configure_logging
@@ -238,6 +244,8 @@ class SidecarServer:
             OSError / RuntimeError: an address cannot be bound.
         """
         settings = self.settings
+        for warning in settings.warnings:
+            _log.warning(warning)
         if settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(settings.metrics_host, settings.metrics_port)
         self._start_notifications()
@@ -282,29 +290,80 @@ class SidecarServer:
     def _event_handler(self) -> Callable[[ServerEvent], None]:
         runner: Any = None
         settings = self.settings
-        if settings.script_path is not None:
+        if settings.compatibility_mode:
             from fl_sidecar.scripts import ScriptRunner
 
-            # Without an executor the script runs with this Python.
+            assert settings.script_path is not None  # compatibility mode sets all three
             runner = ScriptRunner(
-                executor=settings.script_executor or sys.executable,
+                executor=settings.script_executor or "python",
                 script_path=settings.script_path,
                 working_directory=settings.script_working_directory,
                 env=settings.script_env,
+                max_concurrent=settings.max_concurrent_scripts,
+                max_queued=settings.max_queued_scripts,
+                allowed_training_ids=settings.script_training_ids,
+                confirm_training=self._training_known,
             )
             self.script_runner = runner
+            if not runner.executor_found():
+                _log.warning(
+                    "compatibility mode: the training script executor is not found; "
+                    "every run will fail to start",
+                    extra={"executor": settings.script_executor},
+                )
             _log.info(
-                "compatibility mode: events start the training script",
-                extra={"script": settings.script_path, "executor": settings.script_executor},
+                "compatibility mode: round and test notifications start the training script",
+                extra={
+                    "script": settings.script_path,
+                    "executor": settings.script_executor,
+                    "working_directory": settings.script_working_directory,
+                    "max_concurrent_scripts": settings.max_concurrent_scripts,
+                    "training_ids": ",".join(settings.script_training_ids or ()) or "confirmed",
+                },
+            )
+        else:
+            _log.info(
+                "compatibility mode off: round starts go to WatchEvents subscribers only "
+                "(--run-scripts or the FL_DEMONSTRATOR_TRAINING_SCRIPT_* variables start a "
+                "training script per round)"
             )
         events_counter = self.metrics.events
+        bus = self.bus
+        round_kinds = (
+            EventKind.UPDATE_ROUND_START,
+            EventKind.MODEL_TEST_ROUND,
+            EventKind.SWAG_ROUND_START,
+        )
 
         def on_event(event: ServerEvent) -> None:
             events_counter.labels(event.kind.value).inc()
             if runner is not None:
                 runner.handle(event)
+            elif event.kind in round_kinds and not bus.has_subscriber(event.training_id):
+                _log.warning(
+                    "round notification with no WatchEvents subscriber and no training script: "
+                    "it waits for the next subscriber",
+                    extra={
+                        "seq": event.seq,
+                        "training_id": event.training_id,
+                        "round": event.round,
+                        "notification_type": event.notification_type,
+                    },
+                )
 
         return on_event
+
+    def _training_known(self, training_id: str) -> bool:
+        """Whether the FL server answers for ``training_id`` (compatibility mode's check).
+
+        Raises:
+            ServerError: the server could not be asked (unavailable, bad credentials).
+        """
+        try:
+            self.client.get_training(training_id)
+        except (NotFoundError, PermissionDeniedError, ConflictError, RequestRejectedError):
+            return False
+        return True
 
     def _start_grpc(self) -> None:
         settings = self.settings

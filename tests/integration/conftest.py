@@ -395,3 +395,15 @@ def stack() -> Iterator[TrainerStack]:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture(scope="module")
+def quirky_stack() -> Iterator[TrainerStack]:
+    """Like ``stack``, but the dev server repeats and reorders notifications as the real one."""
+    from trainer_stack import TrainerStack
+
+    s = TrainerStack(notification_quirks=True)
+    try:
+        yield s
+    finally:
+        s.close()

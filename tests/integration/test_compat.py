@@ -244,3 +244,15 @@ def test_pack_unpack_and_torchscript() -> None:
     assert torch.equal(loaded(x), module(x))
     assert com.get_headers() == {"Authorization": "Token x"}
     assert "Token x" not in repr(com)
+
+
+def test_compatibility_mode_runs_each_round_once_despite_the_real_servers_repeats(
+    quirky_stack: TrainerStack, tmp_path: Path
+) -> None:
+    # The same training as above, while the dev server repeats round starts and
+    # tests and sends the training start late, as the real server does.
+    test_compatibility_mode_runs_the_script_per_round(quirky_stack, tmp_path)
+    for side in quirky_stack.clients[-2:]:
+        log = Path(side.sidecar.log_path or "").read_text(encoding="utf-8", errors="replace")
+        assert log.count('msg="training script started"') == 2, log[-3000:]
+        assert "a repeat of a notification already delivered" in log

@@ -38,7 +38,10 @@ def _records(output: bytes) -> List[Dict[str, Any]]:
 
 
 @pytest.mark.skipif(NODE is None, reason="node is not installed (CI has it: this test runs there)")
-def test_node_trainer_runs_a_training(stack: TrainerStack) -> None:
+@pytest.mark.parametrize("quirks", [False, True], ids=["plain", "notification-quirks"])
+def test_node_trainer_runs_a_training(request: pytest.FixtureRequest, quirks: bool) -> None:
+    # With quirks the dev server repeats and reorders notifications as the real one does.
+    stack: TrainerStack = request.getfixturevalue("quirky_stack" if quirks else "stack")
     assert (EXAMPLE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir(), (
         "examples/node has no node_modules: run `make install` (npm ci in examples/node)"
     )

@@ -123,8 +123,8 @@ def test_status_codes_of_the_real_servers_notifications(
 def test_any_path_is_accepted_like_the_reference_client(
     server: NotificationServer, bus: EventBus
 ) -> None:
-    for path in ("/", "/notifications/", "/a/b?c=d"):
-        status, _ = post(server, notification("UPDATE_ROUND_START", 3), path=path)
+    for round_, path in enumerate(("/", "/notifications/", "/a/b?c=d")):
+        status, _ = post(server, notification("UPDATE_ROUND_START", round_), path=path)
         assert status == 202
     assert bus.last_seq() == 3
 
@@ -462,9 +462,10 @@ def test_a_burst_of_senders_fits_the_listen_backlog(bus: EventBus) -> None:
 
 def test_connections_over_the_limit_wait_instead_of_being_refused(bus: EventBus) -> None:
     # The real server never retries a non-2xx answer: a refusal would lose the
-    # notification. Two idle connections take both slots; a third sender must
-    # get its answer once one of them goes away.
-    with NotificationServer(bus, port=0, max_connections=2) as server:
+    # notification. Two idle connections take both slots (too young to be
+    # closed to make room); a third sender must get its answer once one of
+    # them goes away.
+    with NotificationServer(bus, port=0, max_connections=2, evict_after=600) as server:
         idle = [
             socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) for _ in range(2)
         ]
@@ -560,6 +561,12 @@ def test_invalid_settings_are_refused(bus: EventBus) -> None:
         NotificationServer(bus, max_body_size=0)
     with pytest.raises(ValueError):
         NotificationServer(bus, max_connections=0)
+    with pytest.raises(ValueError):
+        NotificationServer(bus, max_connections_per_peer=0)
+    with pytest.raises(ValueError):
+        NotificationServer(bus, request_deadline=0)
+    with pytest.raises(ValueError):
+        NotificationServer(bus, evict_after=0)
 
 
 def test_a_busy_port_raises_oserror(server: NotificationServer, bus: EventBus) -> None:
@@ -597,3 +604,240 @@ def test_logs_are_structured_and_never_quote_a_body_in_full(
     assert getattr(accepted[0], "round", None) == 4
     assert getattr(accepted[0], "status", None) == 202
     assert getattr(accepted[0], "training_id", None) == TRAINING
+
+
+# --- repeats, slow peers, oversized streamed bodies --------------------------------
+
+
+def test_repeats_the_real_server_sends_are_answered_but_delivered_once(bus: EventBus) -> None:
+    handled: List[Tuple[EventKind, Optional[int]]] = []
+    with NotificationServer(
+        bus, port=0, on_event=lambda e: handled.append((e.kind, e.round))
+    ) as server, bus.subscribe() as sub:
+        sent = [
+            ("UPDATE_ROUND_START", 0, 202),
+            ("TRAINING_START", None, 200),  # after the round start, as the real one may
+            ("UPDATE_ROUND_START", 0, 202),
+            ("UPDATE_ROUND_START", 0, 202),
+            ("TRAINING_START", None, 200),
+            ("MODEL_TEST_ROUND", 1, 202),
+            ("MODEL_TEST_ROUND", 1, 202),
+            ("UPDATE_ROUND_START", 0, 202),  # late, and older than the newest round
+            ("UPDATE_ROUND_START", 1, 202),
+        ]
+        for kind, round_, status in sent:
+            answer = post(server, notification(kind, round_))
+            assert answer[0] == status, answer
+        received = []
+        for _ in range(4):
+            event = sub.get(timeout=WAIT)
+            assert event is not None
+            received.append((event.kind, event.round))
+        assert sub.get(timeout=0) is None
+    assert received == [
+        (EventKind.UPDATE_ROUND_START, 0),
+        (EventKind.TRAINING_START, None),
+        (EventKind.MODEL_TEST_ROUND, 1),
+        (EventKind.UPDATE_ROUND_START, 1),
+    ]
+    assert handled == received  # the handler (scripts) saw each once too
+
+
+def _slow_connection(port: int, source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT, source_address=(source, 0))
+    sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # headers never finished
+    return sock
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the server closed ``sock`` (waits up to the socket's timeout)."""
+    try:
+        return sock.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_slow_peers_cannot_block_notifications_and_are_closed_at_the_deadline(
+    bus: EventBus,
+) -> None:
+    # Slow connections from two peer addresses fill every slot; one more
+    # trickles a header byte every 0.2 s, which no per-read timeout would stop.
+    with NotificationServer(
+        bus, port=0, max_connections=8, max_connections_per_peer=4, request_deadline=3.0
+    ) as server:
+        slow = [_slow_connection(server.port, "127.0.0.2") for _ in range(6)]
+        slow += [_slow_connection(server.port) for _ in range(6)]
+        trickler = _slow_connection(server.port, "127.0.0.3")
+        trickle_closed = threading.Event()
+
+        def trickle() -> None:
+            for _ in range(int(WAIT * 5)):
+                try:
+                    trickler.sendall(b"y")
+                except OSError:
+                    trickle_closed.set()
+                    return
+                if trickle_closed.wait(0.2):
+                    return
+
+        trickling = threading.Thread(target=trickle, daemon=True)
+        trickling.start()
+        try:
+            with bus.subscribe() as sub:
+                answers: List[int] = []
+                sender = threading.Thread(
+                    target=lambda: answers.append(post(server, notification("TRAINING_START"))[0])
+                )
+                sender.start()
+                event = sub.get(timeout=WAIT)
+                assert event is not None and event.kind is EventKind.TRAINING_START
+                sender.join(WAIT)
+                assert answers == [200]
+            # Every slow connection is closed once its deadline passes.
+            for sock in slow:
+                assert _closed_by_peer(sock)
+            assert trickle_closed.wait(WAIT) or _closed_by_peer(trickler)
+            # And the endpoint still serves.
+            assert post(server, notification("TRAINING_FINISHED"))[0] == 200
+        finally:
+            trickle_closed.set()
+            trickling.join(WAIT)
+            for sock in [*slow, trickler]:
+                sock.close()
+
+
+def test_a_kept_alive_connection_gets_a_fresh_deadline_per_request(bus: EventBus) -> None:
+    with NotificationServer(bus, port=0, request_deadline=5.0) as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=WAIT)
+        try:
+            for round_ in range(3):
+                connection.request("POST", "/", body=notification("UPDATE_ROUND_START", round_))
+                response = connection.getresponse()
+                response.read()
+                assert response.status == 202
+        finally:
+            connection.close()
+    assert bus.last_seq() == 3
+
+
+@pytest.mark.parametrize("size", [LIMIT + 1, 300_000, 1024 * 1024])
+def test_a_client_streaming_an_oversized_body_reads_the_413(bus: EventBus, size: int) -> None:
+    with NotificationServer(bus, port=0, max_body_size=LIMIT) as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=WAIT)
+        try:
+            connection.putrequest("POST", "/")
+            connection.putheader("Content-Type", "application/json")
+            connection.putheader("Content-Length", str(size))
+            connection.endheaders()
+            chunk = b"x" * 16384
+            sent = 0
+            while sent < size:
+                piece = chunk[: size - sent]
+                connection.send(piece)
+                sent += len(piece)
+            response = connection.getresponse()
+            assert response.status == 413
+            assert b"exceeds" in response.read()
+        finally:
+            connection.close()
+        assert bus.last_seq() == 0
+        assert post(server, notification("TRAINING_START"))[0] == 200
+
+
+def test_a_client_expecting_100_continue_gets_the_413_instead(
+    server: NotificationServer, bus: EventBus
+) -> None:
+    answer = raw_exchange(
+        server,
+        b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 100000000\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    # A body within the limit is invited as usual.
+    data = notification("TRAINING_START")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as sock:
+        sock.sendall(
+            b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n"
+            + f"Content-Length: {len(data)}\r\n\r\n".encode()
+        )
+        assert sock.recv(1024).startswith(b"HTTP/1.1 100 ")
+        sock.sendall(data)
+        answer = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert status_line(answer) == 200
+    assert bus.last_seq() == 1
+
+
+# --- resuming WatchEvents on a real sidecar ------------------------------------------
+
+
+def test_watch_events_resumes_on_a_sidecar_without_events_yet() -> None:
+    # A trainer resuming after a sidecar restart passes the last number it saw
+    # (from the previous process) before the new one has received anything.
+    from sidecar_harness import running_sidecar
+
+    from fl_sidecar.client import SidecarClient
+
+    with running_sidecar() as sidecar, SidecarClient(sidecar.target, timeout=WAIT) as client:
+        url = sidecar.notification_url
+        assert url is not None
+        streams = [client.watch_events(after_seq=n, training_ids=[TRAINING]) for n in (0, 1)]
+        try:
+            request = urllib.request.Request(
+                url, data=notification("UPDATE_ROUND_START", 0), method="POST"
+            )
+            with urllib.request.urlopen(request, timeout=WAIT) as answer:
+                assert answer.status == 202
+            first = [stream.get(timeout=WAIT) for stream in streams]
+            assert [event.round for event in first] == [0, 0]
+            newest = first[0].seq
+        finally:
+            for stream in streams:
+                stream.close()
+        # Resuming at the newest event waits for the next one.
+        with client.watch_events(after_seq=newest, training_ids=[TRAINING]) as resumed:
+            request = urllib.request.Request(
+                url, data=notification("UPDATE_ROUND_START", 1), method="POST"
+            )
+            with urllib.request.urlopen(request, timeout=WAIT) as answer:
+                assert answer.status == 202
+            event = resumed.get(timeout=WAIT)
+            assert (event.round, event.seq) == (1, newest + 1)
+
+
+def test_the_dev_servers_quirks_repeat_and_reorder_like_the_real_server(
+    tmp_path: Any, notification_sink: Any, tiny_model: Any
+) -> None:
+    from conftest import DevServerHandle
+
+    from fl_sidecar.devserver import DevServer
+
+    server = DevServer(
+        data_dir=tmp_path / "data",
+        password_iterations=1000,
+        notify_retry_delays=(0.05,),
+        notification_quirks=True,
+    )
+    server.start()
+    try:
+        sink = notification_sink()
+        handle = DevServerHandle(server)
+        _, _, model_id, training_id = handle.setup_training(tiny_model(0), [sink.url])
+        sink.wait_for(4)
+        assert handle.wait_idle(WAIT)
+        sent = [(b["notification_type"], b["body"].get("round")) for b in sink.bodies]
+        assert sent == [
+            ("UPDATE_ROUND_START", 0),
+            ("TRAINING_START", None),  # after the round start
+            ("UPDATE_ROUND_START", 0),
+            ("UPDATE_ROUND_START", 0),
+        ]
+        assert {b["training_uuid"] for b in sink.bodies} == {training_id}
+        assert {b["body"]["global_model_uuid"] for b in sink.bodies} == {model_id}
+    finally:
+        server.stop()

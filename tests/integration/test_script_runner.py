@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -425,3 +426,285 @@ def test_end_to_end_notifications_start_the_script(workdir: Path) -> None:
     # A trainer watching the bus sees the same events the script was started for.
     assert [event.round for event in bus.snapshot()] == [0, 1]
     bus.close()
+
+
+# --- caps, refusals and repeats --------------------------------------------------
+
+THIRD_TRAINING = "a1b2c3d4-0000-4000-8000-000000000003"
+
+
+def test_runs_beyond_the_queue_bound_are_dropped_and_counted(workdir: Path, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    with ScriptRunner(
+        executor=sys.executable,
+        script_path="train.py",
+        working_directory=str(workdir),
+        env=recorder_env(workdir, GATE_DIR=str(gate)),
+        max_concurrent=1,
+        max_queued=2,
+    ) as runner:
+        runner.start_training(TRAINING, 0, MODEL)
+        started, release = gate_paths(gate, TRAINING)
+        wait_for_file(started)  # running: no longer waiting
+        runner.start_training(OTHER_TRAINING, 0, MODEL)
+        runner.start_training(THIRD_TRAINING, 0, MODEL)
+        runner.start_training(THIRD_TRAINING, 1, MODEL)  # a third waiting run: dropped
+        assert runner.dropped == 1
+        # One script at a time: the others wait while the first is held.
+        assert not gate_paths(gate, OTHER_TRAINING)[0].exists()
+        release.touch()
+        gate_paths(gate, OTHER_TRAINING)[1].touch()
+        gate_paths(gate, THIRD_TRAINING)[1].touch()
+        assert runner.wait_idle(WAIT)
+    assert sorted((r["argv"][2], r["argv"][4]) for r in records(workdir)) == sorted(
+        [(OTHER_TRAINING, "0"), (TRAINING, "0"), (THIRD_TRAINING, "0")]
+    )
+
+
+def test_only_configured_training_ids_get_runs(workdir: Path) -> None:
+    bus = EventBus()
+    with ScriptRunner(
+        executor=sys.executable,
+        script_path="train.py",
+        working_directory=str(workdir),
+        env=recorder_env(workdir),
+        allowed_training_ids=[OTHER_TRAINING],
+        confirm_training=lambda training: pytest.fail("configured ids need no confirmation"),
+    ) as runner:
+        runner.handle(make_event(bus, "UPDATE_ROUND_START", 0))
+        runner.handle(make_event(bus, "UPDATE_ROUND_START", 0, training=OTHER_TRAINING))
+        assert runner.wait_idle(WAIT)
+    assert [r["argv"][2] for r in records(workdir)] == [OTHER_TRAINING]
+
+
+def test_unconfirmed_trainings_get_no_runs_and_failed_checks_are_retried(workdir: Path) -> None:
+    asked: List[str] = []
+    server_up = threading.Event()
+
+    def confirm(training: str) -> bool:
+        asked.append(training)
+        if training == THIRD_TRAINING and not server_up.is_set():
+            raise ConnectionError("FL server unavailable")
+        return training != OTHER_TRAINING
+
+    bus = EventBus()
+    with ScriptRunner(
+        executor=sys.executable,
+        script_path="train.py",
+        working_directory=str(workdir),
+        env=recorder_env(workdir),
+        confirm_training=confirm,
+    ) as runner:
+        runner.handle(make_event(bus, "UPDATE_ROUND_START", 0))
+        runner.handle(make_event(bus, "UPDATE_ROUND_START", 0, training=OTHER_TRAINING))
+        runner.handle(make_event(bus, "UPDATE_ROUND_START", 0, training=THIRD_TRAINING))
+        assert runner.wait_idle(WAIT)
+        # A refusal is remembered: the next round is refused without asking.
+        runner.handle(make_event(bus, "UPDATE_ROUND_START", 1, training=OTHER_TRAINING))
+        runner.handle(make_event(bus, "UPDATE_ROUND_START", 1))
+        server_up.set()
+        # A check that failed is not remembered: asked again.
+        runner.handle(make_event(bus, "UPDATE_ROUND_START", 1, training=THIRD_TRAINING))
+        assert runner.wait_idle(WAIT)
+    assert sorted(asked) == sorted([TRAINING, OTHER_TRAINING, THIRD_TRAINING, THIRD_TRAINING])
+    assert sorted((r["argv"][2], r["argv"][4]) for r in records(workdir)) == sorted(
+        [(TRAINING, "0"), (TRAINING, "1"), (THIRD_TRAINING, "1")]
+    )
+
+
+def test_repeated_notifications_run_the_script_once(runner: ScriptRunner, workdir: Path) -> None:
+    bus = EventBus()
+    hooks: List[str] = []
+    for kind, round_ in [
+        ("UPDATE_ROUND_START", 0),
+        ("UPDATE_ROUND_START", 0),
+        ("UPDATE_ROUND_START", 0),
+        ("MODEL_TEST_ROUND", 1),
+        ("MODEL_TEST_ROUND", 1),
+    ]:
+        runner.handle(make_event(bus, kind, round_))
+    finished = ScriptRunner(
+        executor=sys.executable,
+        script_path="train.py",
+        working_directory=str(workdir),
+        env=recorder_env(workdir),
+        on_training_finished=lambda training, model: hooks.append(training),
+    )
+    with finished:
+        finished.handle(make_event(bus, "TRAINING_FINISHED", None))
+        finished.handle(make_event(bus, "TRAINING_FINISHED", None))
+        assert finished.wait_idle(WAIT)
+    assert runner.wait_idle(WAIT)
+    assert [(r["argv"][0], r["argv"][4]) for r in records(workdir)] == [
+        ("train", "0"),
+        ("test", "1"),
+    ]
+    assert hooks == [TRAINING]
+
+
+# --- through a real sidecar and the dev server -------------------------------------
+
+# Records when it ran (CLOCK_MONOTONIC is one clock for every process on the
+# machine), holding the slot a moment so that runs allowed in parallel overlap.
+INTERVAL_RECORDER = """\
+import json, os, sys, time
+start = time.monotonic()
+time.sleep(float(os.environ["HOLD_SECONDS"]))
+record = {"argv": sys.argv[1:], "start": start, "end": time.monotonic()}
+with open(os.environ["RECORD_FILE"], "a") as f:
+    f.write(json.dumps(record) + "\\n")
+"""
+
+
+def _most_at_once(intervals: List[Tuple[float, float]]) -> int:
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    return most
+
+
+def test_a_sidecar_caps_scripts_and_refuses_trainings_the_server_does_not_know(
+    stack: Any, tmp_path: Path
+) -> None:
+    from trainer_stack import post_notification
+
+    work = tmp_path / "scripts"
+    work.mkdir()
+    (work / "record.py").write_text(INTERVAL_RECORDER)
+    record_file = work / "record.jsonl"
+    side = stack.add_client(
+        extra_args=(
+            "--script-executor",
+            sys.executable,
+            "--script-path",
+            "record.py",
+            "--script-working-directory",
+            str(work),
+            "--max-concurrent-scripts",
+            "2",
+        ),
+        env={"RECORD_FILE": str(record_file), "HOLD_SECONDS": "0.5"},
+    )
+    real = [stack.training([side], rounds=1)["training_id"] for _ in range(5)]
+    made_up = [f"00000000-0000-4000-8000-{n:012d}" for n in range(30)]
+    url = side.notification_url
+    for training in [*made_up[:15], *real, *made_up[15:]]:
+        body = {"round": 0, "global_model_uuid": MODEL}
+        payload = {
+            "notification_type": "UPDATE_ROUND_START",
+            "body": body,
+            "training_uuid": training,
+        }
+        assert post_notification(url, payload) == 202
+    # A repeat of a round start already handled starts nothing.
+    repeat = {"round": 0, "global_model_uuid": MODEL}
+    payload = {"notification_type": "UPDATE_ROUND_START", "body": repeat, "training_uuid": real[0]}
+    assert post_notification(url, payload) == 202
+
+    deadline = time.monotonic() + 120
+    refusals = 0
+    while time.monotonic() < deadline:
+        log = Path(side.sidecar.log_path).read_text(encoding="utf-8", errors="replace")
+        refusals = log.count("the FL server does not know this training")
+        if len(records_at(record_file)) >= len(real) and refusals >= len(made_up):
+            break
+        time.sleep(0.1)
+    ran = records_at(record_file)
+    assert sorted(r["argv"][2] for r in ran) == sorted(real), stack.logs()
+    assert refusals >= len(made_up), stack.logs()
+    most = _most_at_once([(r["start"], r["end"]) for r in ran])
+    assert most <= 2, ran
+
+
+def records_at(path: Path) -> List[Dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --- switching compatibility mode on and off, the reference's variables ------------
+
+
+def _wait_for_text(read: Any, text: str, timeout: float = WAIT) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        current = str(read())
+        if text in current or time.monotonic() > deadline:
+            return current
+        time.sleep(0.05)
+
+
+def _post_round_start(url: str, training: str, round_: int = 0) -> int:
+    from trainer_stack import post_notification
+
+    body = {"round": round_, "global_model_uuid": MODEL}
+    payload = {"notification_type": "UPDATE_ROUND_START", "body": body, "training_uuid": training}
+    return post_notification(url, payload)
+
+
+def _python_on_path() -> str:
+    # The reference default executor is "python" from PATH: this interpreter's.
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+@pytest.mark.parametrize("switch", ["reference-variables", "run-scripts-flag"])
+def test_a_sidecar_runs_the_script_with_the_reference_defaults(switch: str) -> None:
+    from sidecar_harness import _short_tempdir, running_sidecar
+
+    workdir = _short_tempdir()
+    scripts = workdir / "project"
+    (scripts / "src").mkdir(parents=True)
+    (scripts / "src" / "main.py").write_text(RECORDER)
+    env = {
+        "PATH": _python_on_path(),
+        "RECORD_FILE": str(workdir / "record.jsonl"),
+        "FL_SIDECAR_SCRIPT_TRAINING_IDS": TRAINING,  # no FL server here to confirm it
+    }
+    args: List[str] = []
+    if switch == "reference-variables":
+        # Only the working directory, by the reference client's own name.
+        env["FL_DEMONSTRATOR_TRAINING_WORKING_DIRETORY"] = str(scripts)
+    else:
+        # Nothing but the flag: the sidecar's current directory is the project.
+        args = ["--run-scripts"]
+        (workdir / "src").mkdir()
+        (workdir / "src" / "main.py").write_text(RECORDER)
+        scripts = workdir
+    with running_sidecar(workdir=workdir, env=env, args=args) as sidecar:
+        url = sidecar.notification_url
+        assert url is not None
+        assert _post_round_start(url, TRAINING) == 202
+        record_file = workdir / "record.jsonl"
+        _wait_for_text(lambda: record_file.exists() and record_file.read_text(), "train")
+        (got,) = records(workdir)
+        assert got["argv"][:3] == ["train", "--training-id", TRAINING]
+        assert Path(got["cwd"]).resolve() == scripts.resolve()
+        assert "deprecated" not in sidecar.log_text()
+
+
+def test_without_compatibility_mode_the_log_says_where_round_starts_go() -> None:
+    from sidecar_harness import running_sidecar
+
+    from fl_sidecar.client import SidecarClient
+
+    with running_sidecar() as sidecar:
+        url = sidecar.notification_url
+        assert url is not None
+        log = _wait_for_text(sidecar.log_text, "compatibility mode off")
+        assert "round starts go to WatchEvents subscribers only" in log
+        # Nobody listens and no script runs: a warning, and the event waits on the bus.
+        assert _post_round_start(url, TRAINING, 0) == 202
+        warning = "no WatchEvents subscriber and no training script"
+        assert warning in _wait_for_text(sidecar.log_text, warning)
+        with SidecarClient(sidecar.target, timeout=WAIT) as client, client.watch_events(
+            training_ids=[TRAINING]
+        ) as events:
+            first = events.get(timeout=WAIT)
+            assert first.round == 0  # it waited for this subscriber
+            assert _post_round_start(url, TRAINING, 1) == 202
+            assert events.get(timeout=WAIT).round == 1
+            # Only the first round start found nobody.
+            assert sidecar.log_text().count(warning) == 1

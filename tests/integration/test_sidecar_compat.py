@@ -66,10 +66,13 @@ def test_round_and_test_notifications_start_the_script(tmp_path: Path) -> None:
     listener.bind(report_path)
     listener.listen(4)
     listener.settimeout(60)
+    # No FL server runs here to confirm the training: it is configured instead.
+    training, model = str(uuid.uuid4()), str(uuid.uuid4())
     try:
         with running_sidecar(
             workdir=workdir,
             env={
+                "FL_SIDECAR_SCRIPT_TRAINING_IDS": training,
                 "FL_DEMONSTRATOR_TRAINING_SCRIPT_EXECUTOR": sys.executable,
                 "FL_DEMONSTRATOR_TRAINING_SCRIPT_PATH": "train.py",
                 "FL_DEMONSTRATOR_TRAINING_SCRIPT_WORKING_DIRETORY": str(scripts),
@@ -80,7 +83,6 @@ def test_round_and_test_notifications_start_the_script(tmp_path: Path) -> None:
         ) as sidecar:
             url = sidecar.notification_url
             assert url is not None
-            training, model = str(uuid.uuid4()), str(uuid.uuid4())
             body = {"round": 2, "global_model_uuid": model}
             assert _notify(url, "UPDATE_ROUND_START", training, body) == 202
             train = _receive(listener)

@@ -77,7 +77,8 @@ class ClientSide:
 class TrainerStack:
     """The dev server plus any number of sidecar-backed clients; :meth:`close` stops them all."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, notification_quirks: bool = False) -> None:
+        """Start the dev server; ``notification_quirks`` repeats and reorders its notifications."""
         # Unix socket paths must stay under 108 bytes: a short directory.
         self.workdir = Path(tempfile.mkdtemp(prefix="fls-", dir="/tmp"))
         self.server = DevServer(
@@ -85,6 +86,7 @@ class TrainerStack:
             notify_timeout=5.0,
             notify_retry_delays=(0.05, 0.1, 0.2),
             password_iterations=1000,
+            notification_quirks=notification_quirks,
         )
         self.server.start()
         self.devserver = DevServerHandle(self.server)

@@ -644,3 +644,118 @@ def test_history_is_bounded_in_bytes_too() -> None:
     assert bus.snapshot() == [event]
     small = [bus.publish("NEW", "t1", {}, "{}").seq for _ in range(3)]
     assert [event.seq for event in bus.snapshot()] == small
+
+
+# --- resume on a bus with few or no events -------------------------------------
+
+
+@pytest.mark.parametrize("after_seq", [0, 1, 999, 1000, 1001])
+def test_resume_on_a_bus_without_events_waits_for_the_first(after_seq: int) -> None:
+    # A restarted sidecar numbers from the clock; a trainer resumes with the
+    # last number the previous process gave it, before anything arrived here.
+    bus = EventBus(first_seq=1000)
+    with bus.subscribe(after_seq=after_seq) as sub:
+        assert sub.get(timeout=0) is None
+        publish_round(bus, 0)
+        if after_seq < 1000:
+            assert drain(sub) == [1000]
+        else:
+            assert drain(sub) == []  # a number beyond the first waits for later ones
+        assert sub.missed == 0
+
+
+def test_resume_from_the_previous_process_counts_only_this_bus_as_missed() -> None:
+    bus = EventBus(first_seq=1000, history=2)
+    for round_ in range(5):  # seqs 1000..1004; 1003 and 1004 are retained
+        publish_round(bus, round_)
+    with bus.subscribe(after_seq=17) as resumed:
+        assert drain(resumed) == [1003, 1004]
+        assert resumed.missed == 3  # 1000..1002, not the numbers below 1000
+
+
+def test_resume_at_the_newest_event_waits_for_the_next() -> None:
+    bus = EventBus(first_seq=50)
+    publish_round(bus, 0)
+    with bus.subscribe(after_seq=bus.last_seq()) as sub:
+        assert sub.get(timeout=0) is None
+        publish_round(bus, 1)
+        assert drain(sub) == [51]
+
+
+# --- delivering each (training, type, round) once ---------------------------------
+
+
+def offer(
+    bus: EventBus, kind: str, round_: Optional[int] = None, training: str = TRAINING
+) -> Tuple[str, Optional[int]]:
+    body: Dict[str, Any] = {"global_model_uuid": MODEL}
+    if round_ is not None:
+        body["round"] = round_
+    verdict, event = bus.publish_once(kind, training, body, "{}")
+    return verdict.value, None if event is None else event.seq
+
+
+def test_publish_once_drops_repeats_the_real_server_sends() -> None:
+    bus = EventBus()
+    assert offer(bus, "UPDATE_ROUND_START", 0) == ("published", 1)
+    # Before TRAINING_START, as the real server sometimes sends them.
+    assert offer(bus, "TRAINING_START") == ("published", 2)
+    assert offer(bus, "UPDATE_ROUND_START", 0) == ("duplicate", None)
+    assert offer(bus, "UPDATE_ROUND_START", 0) == ("duplicate", None)
+    assert offer(bus, "TRAINING_START") == ("duplicate", None)
+    assert offer(bus, "MODEL_TEST_ROUND", 1) == ("published", 3)
+    assert offer(bus, "MODEL_TEST_ROUND", 1) == ("duplicate", None)
+    assert offer(bus, "UPDATE_ROUND_START", 1) == ("published", 4)
+    assert offer(bus, "TRAINING_FINISHED") == ("published", 5)
+    assert offer(bus, "TRAINING_FINISHED") == ("duplicate", None)
+    assert [e.seq for e in bus.snapshot()] == [1, 2, 3, 4, 5]
+
+
+def test_publish_once_drops_a_late_notification_of_an_older_round() -> None:
+    bus = EventBus()
+    offer(bus, "UPDATE_ROUND_START", 0)
+    offer(bus, "MODEL_TEST_ROUND", 1)
+    # Round 0 is over: its round start arriving late would make a trainer redo it.
+    assert offer(bus, "UPDATE_ROUND_START", 0) == ("stale", None)
+    assert offer(bus, "SWAG_ROUND_START", 0) == ("stale", None)
+    # Same round, another type: delivered, whichever of the two comes first.
+    assert offer(bus, "UPDATE_ROUND_START", 1) == ("published", 3)
+    assert offer(bus, "MODEL_TEST_ROUND", 1) == ("duplicate", None)
+    assert offer(bus, "MODEL_TEST_ROUND", 0) == ("stale", None)
+
+
+def test_publish_once_keeps_trainings_apart_and_never_drops_unknown_types() -> None:
+    bus = EventBus()
+    assert offer(bus, "UPDATE_ROUND_START", 3, training="a")[0] == "published"
+    assert offer(bus, "UPDATE_ROUND_START", 0, training="b")[0] == "published"
+    assert offer(bus, "UPDATE_ROUND_START", 3, training="b")[0] == "published"
+    assert offer(bus, "NEW_KIND", 1, training="a")[0] == "published"
+    assert offer(bus, "NEW_KIND", 1, training="a")[0] == "published"
+
+
+def test_publish_once_forgets_the_least_recent_training_first() -> None:
+    bus = EventBus(dedupe_trainings=2)
+    offer(bus, "UPDATE_ROUND_START", 0, training="a")
+    offer(bus, "UPDATE_ROUND_START", 0, training="b")
+    offer(bus, "UPDATE_ROUND_START", 1, training="a")  # "a" is now the most recent
+    offer(bus, "UPDATE_ROUND_START", 0, training="c")  # forgets "b"
+    assert offer(bus, "UPDATE_ROUND_START", 1, training="a")[0] == "duplicate"
+    assert offer(bus, "UPDATE_ROUND_START", 0, training="b")[0] == "published"
+    with pytest.raises(ValueError):
+        EventBus(dedupe_trainings=0)
+
+
+def test_has_subscriber_follows_open_subscriptions_and_their_filters() -> None:
+    bus = EventBus()
+    assert not bus.has_subscriber("a")
+    with bus.subscribe(observe=True):
+        assert not bus.has_subscriber("a")  # monitoring does not take delivery
+    with bus.subscribe(training_ids=["a"]):
+        assert bus.has_subscriber("a")
+        assert not bus.has_subscriber("b")
+    assert not bus.has_subscriber("a")
+    sub = bus.subscribe()
+    assert bus.has_subscriber("b")
+    bus.close()
+    assert not bus.has_subscriber("b")
+    sub.close()

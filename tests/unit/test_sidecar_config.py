@@ -93,9 +93,10 @@ def test_compatibility_mode_from_the_reference_variables() -> None:
         {
             "FL_DEMONSTRATOR_TRAINING_SCRIPT_EXECUTOR": "python3",
             "FL_DEMONSTRATOR_TRAINING_SCRIPT_PATH": "train.py",
-            "FL_DEMONSTRATOR_TRAINING_SCRIPT_WORKING_DIRETORY": "/work",
+            "FL_DEMONSTRATOR_TRAINING_WORKING_DIRETORY": "/work",
         },
     )
+    assert s.warnings == ()
     assert s.compatibility_mode
     assert (s.script_executor, s.script_path, s.script_working_directory) == (
         "python3",
@@ -318,3 +319,75 @@ def test_socket_refusals_are_configuration_errors_that_name_the_path(tmp_path: P
     # The parents' check alone can be waived, never the directory's own.
     with pytest.raises(errors.UnsafeSocketError):
         check_socket_directory(str(shared), trust_parents=True)
+
+
+# --- compatibility mode: switch, reference defaults, caps ---------------------------
+
+
+def test_the_old_working_directory_name_still_works_with_a_warning() -> None:
+    s = settings([], {"FL_DEMONSTRATOR_TRAINING_SCRIPT_WORKING_DIRETORY": "/old"})
+    assert s.compatibility_mode
+    assert s.script_working_directory == "/old"
+    (warning,) = s.warnings
+    assert "FL_DEMONSTRATOR_TRAINING_WORKING_DIRETORY" in warning
+    # The reference client's name wins when both are set.
+    both = settings(
+        [],
+        {
+            "FL_DEMONSTRATOR_TRAINING_SCRIPT_WORKING_DIRETORY": "/old",
+            "FL_DEMONSTRATOR_TRAINING_WORKING_DIRETORY": "/new",
+        },
+    )
+    assert both.script_working_directory == "/new"
+    assert both.warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["--run-scripts"], {}),
+        ([], {"FL_SIDECAR_RUN_SCRIPTS": "1"}),
+        ([], {"FL_DEMONSTRATOR_TRAINING_SCRIPT_EXECUTOR": "python"}),
+        ([], {"FL_DEMONSTRATOR_TRAINING_SCRIPT_PATH": "src/main.py"}),
+        ([], {"FL_DEMONSTRATOR_TRAINING_WORKING_DIRETORY": "."}),
+        (["--script-working-directory", "."], {}),
+    ],
+)
+def test_compatibility_mode_is_on_with_the_reference_defaults(
+    argv: List[str], env: Dict[str, str]
+) -> None:
+    s = settings(argv, env)
+    assert s.compatibility_mode
+    assert (s.script_executor, s.script_path, s.script_working_directory) == (
+        "python",
+        "src/main.py",
+        ".",
+    )
+    assert (s.max_concurrent_scripts, s.max_queued_scripts) == (2, 64)
+    assert s.script_training_ids is None
+
+
+def test_compatibility_mode_off_unless_asked_and_off_when_told() -> None:
+    off = settings([], {})
+    assert not off.compatibility_mode
+    assert (off.script_executor, off.script_path, off.script_working_directory) == (None,) * 3
+    told = settings(
+        [], {"FL_SIDECAR_RUN_SCRIPTS": "0", "FL_DEMONSTRATOR_TRAINING_SCRIPT_PATH": "x"}
+    )
+    assert not told.compatibility_mode
+    assert told.script_path is None
+
+
+def test_script_caps_and_training_ids() -> None:
+    s = settings(
+        ["--run-scripts", "--max-concurrent-scripts", "3"],
+        {"FL_SIDECAR_MAX_QUEUED_SCRIPTS": "5", "FL_SIDECAR_SCRIPT_TRAINING_IDS": " a , b,,"},
+    )
+    assert (s.max_concurrent_scripts, s.max_queued_scripts) == (3, 5)
+    assert s.script_training_ids == ("a", "b")
+    with pytest.raises(errors.ConfigurationError, match="names no training id"):
+        settings([], {"FL_SIDECAR_SCRIPT_TRAINING_IDS": " , "})
+    with pytest.raises(errors.ConfigurationError):
+        settings([], {"FL_SIDECAR_MAX_CONCURRENT_SCRIPTS": "0"})
+    with pytest.raises(SystemExit):
+        settings(["--max-queued-scripts", "0"])

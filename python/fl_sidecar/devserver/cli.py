@@ -52,6 +52,13 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="serve without the zstd content-coding middleware (like the real server)",
     )
+    parser.add_argument(
+        "--notification-quirks",
+        action="store_true",
+        help="repeat and reorder notifications as the real server does: round starts "
+        "three times, tests and finishes twice, the training start after the first round "
+        "start, and a late repeat of the previous round start",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (INFO)")
     parser.set_defaults(func=run)
 
@@ -82,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         notify_timeout=args.notify_timeout,
         max_upload_size=args.max_upload_size,
         compression=not args.no_compression,
+        notification_quirks=args.notification_quirks,
     )
     try:
         url = server.start()

@@ -6,6 +6,10 @@ workers serves one ordered queue per endpoint: a slow endpoint holds up only
 its own notifications, and each client still sees them in the order sent.
 A refused connection is retried on a schedule (the real server's +5, +15,
 +30, +50, +75 s by default) without letting later notifications overtake it.
+
+With ``quirks=True`` it also repeats and reorders notifications the way the
+real server has been seen to (see :class:`Notifier`), so that clients can be
+tested against them.
 """
 
 from __future__ import annotations
@@ -17,14 +21,21 @@ import logging
 import threading
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["DEFAULT_RETRY_DELAYS", "Notification", "Notifier"]
+__all__ = ["DEFAULT_RETRY_DELAYS", "QUIRK_COPIES", "Notification", "Notifier"]
 
 _log = logging.getLogger(__name__)
 
 #: Seconds to wait before each retry of a refused connection (the real server's schedule).
 DEFAULT_RETRY_DELAYS: Sequence[float] = (5.0, 15.0, 30.0, 50.0, 75.0)
+
+#: With quirks on: how many times each type is sent (the real server's worst seen).
+QUIRK_COPIES: Mapping[str, int] = {
+    "UPDATE_ROUND_START": 3,
+    "MODEL_TEST_ROUND": 2,
+    "TRAINING_FINISHED": 2,
+}
 
 
 class Notification:
@@ -57,6 +68,12 @@ class Notifier:
         workers: endpoints served at the same time.
         retry_delays: seconds before each retry after a refused connection; its
             length is the number of retries.
+        quirks: send notifications as the real server has been seen to:
+            ``UPDATE_ROUND_START`` three times, ``MODEL_TEST_ROUND`` and
+            ``TRAINING_FINISHED`` twice; ``TRAINING_START`` after the first
+            round start instead of before it; and, after each
+            ``MODEL_TEST_ROUND``, the previous round's ``UPDATE_ROUND_START``
+            once more (a late repeat of an older round).
     """
 
     def __init__(
@@ -65,8 +82,14 @@ class Notifier:
         timeout: float = 5.0,
         workers: int = 8,
         retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+        quirks: bool = False,
     ) -> None:
         self._timeout = timeout
+        self._quirks = quirks
+        # Per (endpoint, training), with quirks: a held-back TRAINING_START and
+        # the last round start sent.
+        self._held_start: Dict[Tuple[str, str], Dict[str, Any]] = {}
+        self._last_round_start: Dict[Tuple[str, str], Dict[str, Any]] = {}
         self._retry_delays = tuple(retry_delays)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="devserver-notify"
@@ -85,9 +108,36 @@ class Notifier:
         self, endpoint: str, notification_type: str, training_id: str, body: Mapping[str, Any]
     ) -> None:
         """Queue one notification for ``endpoint`` (returns at once; never raises for delivery)."""
-        self._enqueue(
-            Notification(endpoint, notification_body(notification_type, training_id, body))
-        )
+        if not self._quirks:
+            self._enqueue(
+                Notification(endpoint, notification_body(notification_type, training_id, body))
+            )
+            return
+        with self._lock:
+            sends = self._quirky(endpoint, notification_type, training_id, dict(body))
+        for kind, payload in sends:
+            self._enqueue(Notification(endpoint, notification_body(kind, training_id, payload)))
+
+    def _quirky(
+        self, endpoint: str, notification_type: str, training_id: str, body: Dict[str, Any]
+    ) -> List[Tuple[str, Dict[str, Any]]]:
+        """What the real server might send instead of this one notification (lock held)."""
+        key = (endpoint, training_id)
+        if notification_type == "TRAINING_START":
+            self._held_start[key] = body  # goes out after the next one
+            return []
+        sends = [(notification_type, body)]
+        held = self._held_start.pop(key, None)
+        if held is not None:
+            sends.append(("TRAINING_START", held))
+        sends += [(notification_type, body)] * (QUIRK_COPIES.get(notification_type, 1) - 1)
+        if notification_type == "UPDATE_ROUND_START":
+            self._last_round_start[key] = body
+        elif notification_type == "MODEL_TEST_ROUND" and key in self._last_round_start:
+            sends.append(("UPDATE_ROUND_START", self._last_round_start[key]))
+        elif notification_type == "TRAINING_FINISHED":
+            self._last_round_start.pop(key, None)
+        return sends
 
     def _enqueue(self, item: Notification) -> None:
         with self._lock:

@@ -68,6 +68,8 @@ class DevServer:
         max_upload_size: largest request body, in bytes (decoded size under zstd).
         password_iterations: PBKDF2-SHA256 iterations for new user passwords.
         compression: put the zstd middleware in front of the app.
+        notification_quirks: repeat and reorder notifications as the real
+            server does (see :class:`~fl_sidecar.devserver.notify.Notifier`).
     """
 
     def __init__(
@@ -83,8 +85,10 @@ class DevServer:
         max_upload_size: int = 8 * 1024**3,
         password_iterations: int = 20_000,
         compression: bool = True,
+        notification_quirks: bool = False,
     ) -> None:
         self._host = host
+        self._notification_quirks = notification_quirks
         self._port = port
         self._db = db
         self._owns_data_dir = data_dir is None
@@ -141,6 +145,7 @@ class DevServer:
                 timeout=self._notify_timeout,
                 workers=self._notify_workers,
                 retry_delays=self._notify_retry_delays,
+                quirks=self._notification_quirks,
             )
             self._app = DevServerApp(
                 self._store,
