@@ -30,6 +30,7 @@ import os
 import queue
 import tempfile
 import threading
+import uuid
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import (
@@ -52,7 +53,7 @@ from typing import (
 
 import grpc
 
-from fl_sidecar.errors import SidecarError
+from fl_sidecar.errors import SidecarError, UploadFailedError
 from fl_sidecar.events import EventKind, ServerEvent
 from fl_sidecar.v1 import sidecar_pb2 as pb
 from fl_sidecar.v1 import sidecar_pb2_grpc as pb_grpc
@@ -74,6 +75,7 @@ __all__ = [
     "TrainingStatus",
     "UnpackResult",
     "UploadResult",
+    "UploadStatus",
     "default_target",
     "normalize_target",
 ]
@@ -101,6 +103,16 @@ _FORMAT_NAMES = {
     pb.MODEL_FORMAT_TORCH: "torch",
     pb.MODEL_FORMAT_SAFETENSORS: "safetensors",
 }
+
+_UPLOAD_STATE_NAMES = {
+    pb.UPLOAD_STATE_NOT_SENT: "not_sent",
+    pb.UPLOAD_STATE_SENDING: "sending",
+    pb.UPLOAD_STATE_ACCEPTED: "accepted",
+    pb.UPLOAD_STATE_REJECTED: "rejected",
+    pb.UPLOAD_STATE_UNKNOWN: "unknown",
+}
+_UPLOAD_STATE_KEY = "fl-sidecar-upload-state"  # trailing metadata of UploadModel statuses
+_GET_UPLOAD_TIMEOUT = 10.0  # seconds for the GetUpload asked after a broken upload call
 
 _CODEC_REQUESTS = {"Pack": pb.PackRequest, "Unpack": pb.UnpackRequest}
 """The request message of each codec RPC, by its name."""
@@ -259,6 +271,31 @@ class UploadResult:
     wire_bytes: int
     content_encoding: str
     seconds: float
+    upload_id: str = ""
+
+
+@dataclass(frozen=True)
+class UploadStatus:
+    """What became of an upload (:meth:`SidecarClient.get_upload`).
+
+    Attributes:
+        upload_id: the upload's id.
+        state: ``"not_sent"`` (nothing reached the FL server: safe to send again),
+            ``"sending"``, ``"accepted"``, ``"rejected"`` (refused, nothing stored) or
+            ``"unknown"`` (the whole request went out, no answer came: it may have arrived).
+        http_status: the FL server's answer; 0 when none came.
+        detail: the server's message, or why the state is what it is.
+        model_id, round: what it was uploaded for.
+        updated_at: unix time of the last change, seconds.
+    """
+
+    upload_id: str
+    state: str
+    http_status: int
+    detail: str
+    model_id: str
+    round: int
+    updated_at: float
 
 
 @dataclass(frozen=True)
@@ -445,6 +482,10 @@ class SidecarClient:
         chunk_size: bytes per streamed message on uploads and downloads (1-4 MiB).
         verify: check every download against the sha256 the sidecar announces
             (about 1 s of CPU per GiB; the size is always checked).
+
+    Attributes:
+        last_upload_id: the ``upload_id`` of the latest upload this client started
+            (``None`` before the first), for :meth:`get_upload`.
     """
 
     def __init__(
@@ -464,6 +505,8 @@ class SidecarClient:
         self.chunk_size = chunk_size
         self.verify = verify
         self._credentials = credentials
+        # The id of the latest upload this client started (for get_upload after a crash).
+        self.last_upload_id: Optional[str] = None
         self._metadata: Tuple[Tuple[str, str], ...] = (
             ((TOKEN_METADATA_KEY, api_token),) if api_token else ()
         )
@@ -586,6 +629,32 @@ class SidecarClient:
         except ValueError:
             data = {}
         return TrainingStatus(state=r.state, data=data if isinstance(data, dict) else {})
+
+    def get_upload(self, upload_id: str) -> UploadStatus:
+        """What became of the upload ``upload_id``, from the sidecar's journal.
+
+        It answers after a sidecar restart too (the journal is on disk), and
+        while the sidecar shuts down.
+
+        Raises:
+            SidecarError: ``NOT_FOUND`` when this sidecar never began to send an
+                upload with that id (so it did not arrive through it), or
+                ``UNAVAILABLE`` when the sidecar cannot be reached.
+        """
+        request = pb.GetUploadRequest(upload_id=str(upload_id))
+        try:
+            r = self._stub.GetUpload(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _map_rpc_error(exc, f"GetUpload {upload_id}") from None
+        return UploadStatus(
+            upload_id=r.upload_id,
+            state=_UPLOAD_STATE_NAMES.get(r.state, "unknown"),
+            http_status=r.http_status,
+            detail=r.detail,
+            model_id=r.model_id,
+            round=r.round,
+            updated_at=r.updated_at,
+        )
 
     # --- downloads ----------------------------------------------------------
 
@@ -816,11 +885,12 @@ class SidecarClient:
             progress=progress,
             total=header.size,
         )
+        self.last_upload_id = header.upload_id
         try:
             r = self._stub.UploadModel(source, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             source.reraise()
-            raise _map_rpc_error(exc, f"upload for model {header.model_id}") from None
+            raise self._upload_error(exc, header) from None
         return UploadResult(
             http_status=r.http_status,
             detail=r.detail,
@@ -828,6 +898,33 @@ class SidecarClient:
             wire_bytes=r.wire_bytes,
             content_encoding=r.content_encoding,
             seconds=r.seconds,
+            upload_id=r.upload_id or header.upload_id,
+        )
+
+    def _upload_error(self, exc: grpc.RpcError, header: pb.UploadHeader) -> UploadFailedError:
+        """The error of a failed UploadModel, with what reached the FL server.
+
+        The sidecar puts the upload's state in the trailing metadata of every
+        status it sends. A status without it came from the gRPC library (the
+        connection to the sidecar broke): then the sidecar's journal is asked.
+        """
+        mapped = _map_rpc_error(exc, f"upload {header.upload_id} for model {header.model_id}")
+        trailer = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+        state = dict(trailer or ()).get(_UPLOAD_STATE_KEY)
+        code, message = mapped.code, str(mapped)
+        if state is None:
+            try:
+                state = self.get_upload(header.upload_id).state
+            except SidecarError as asked:
+                state = "not_sent" if asked.code == "NOT_FOUND" else "unknown"
+            if state == "unknown" or state == "sending":
+                code = "UNKNOWN"
+                message += (
+                    f"; the upload's outcome is unknown (the connection to the sidecar broke): "
+                    f"ask get_upload({header.upload_id!r}) before sending it again"
+                )
+        return UploadFailedError(
+            message, code=code, upload_id=header.upload_id, upload_state=str(state)
         )
 
     def _header(
@@ -842,10 +939,12 @@ class SidecarClient:
         sha256: str,
         credentials: Optional[CallCredentials],
         owner: str,
+        upload_id: Optional[str],
     ) -> pb.UploadHeader:
         if round < 0 or sample_size < 0:
             raise ValueError("round and sample_size must not be negative")
         return pb.UploadHeader(
+            upload_id=upload_id or str(uuid.uuid4()),
             model_id=str(model_id),
             round=int(round),
             sample_size=int(sample_size),
@@ -871,6 +970,7 @@ class SidecarClient:
         progress: Optional[ProgressCallback] = None,
         credentials: Optional[CallCredentials] = None,
         timeout: Optional[float] = None,
+        upload_id: Optional[str] = None,
     ) -> UploadResult:
         """Upload a locally trained model (its bytes) for ``round`` of the global model.
 
@@ -879,11 +979,22 @@ class SidecarClient:
         global model). ``checksum=True`` sends the sha256 for the sidecar to check.
         Nothing reaches the FL server unless the whole stream arrives.
 
+        ``upload_id`` names the upload for :meth:`get_upload` (a new UUID when
+        ``None``; the result's and the error's ``upload_id`` and
+        :attr:`last_upload_id` carry it). The retry rule: after an
+        :class:`~fl_sidecar.errors.UploadFailedError` whose ``upload_state`` is
+        ``"not_sent"`` send it again (the same id may be reused); ``"rejected"``:
+        the server refused it; ``"unknown"``: it may have arrived, never resend it
+        blindly (compare :meth:`get_training`, then send under a new id only if it
+        did not arrive).
+
         Raises:
             ValueError: negative round or sample size, non-numeric metric, unknown format.
-            SidecarError: ``FAILED_PRECONDITION`` (wrong round/state, duplicate),
-                ``PERMISSION_DENIED``, ``INVALID_ARGUMENT``, ``UNKNOWN`` (the upload
-                may have arrived: check :meth:`get_training` before resending), ...
+            UploadFailedError: (a :class:`SidecarError`) ``FAILED_PRECONDITION`` (wrong
+                round/state, or an id whose outcome is unknown), ``ALREADY_EXISTS`` (this
+                id was accepted already), ``PERMISSION_DENIED``, ``INVALID_ARGUMENT``,
+                ``UNAVAILABLE`` (only with ``upload_state == "not_sent"``), ``UNKNOWN``
+                (the upload may have arrived), ...
         """
         view = memoryview(data).cast("B")
         size = view.nbytes
@@ -897,6 +1008,7 @@ class SidecarClient:
             sha256=hashlib.sha256(view).hexdigest() if checksum else "",
             credentials=credentials,
             owner=owner,
+            upload_id=upload_id,
         )
         return self._upload_stream(
             header, _slice_chunks(view, self.chunk_size), progress=progress, timeout=timeout
@@ -916,6 +1028,7 @@ class SidecarClient:
         progress: Optional[ProgressCallback] = None,
         credentials: Optional[CallCredentials] = None,
         timeout: Optional[float] = None,
+        upload_id: Optional[str] = None,
     ) -> UploadResult:
         """Upload a model file, streamed from disk (see :meth:`upload`).
 
@@ -941,6 +1054,7 @@ class SidecarClient:
             sha256=sha,
             credentials=credentials,
             owner=owner,
+            upload_id=upload_id,
         )
         with open(path, "rb") as f:
             return self._upload_stream(
@@ -959,6 +1073,7 @@ class SidecarClient:
         progress: Optional[ProgressCallback] = None,
         credentials: Optional[CallCredentials] = None,
         timeout: Optional[float] = None,
+        upload_id: Optional[str] = None,
     ) -> UploadResult:
         """Upload weights as SAFETENSORS; names, shapes and dtypes must match the global model.
 
@@ -981,6 +1096,7 @@ class SidecarClient:
             progress=progress,
             credentials=credentials,
             timeout=timeout,
+            upload_id=upload_id,
         )
 
     def upload_module(
@@ -995,6 +1111,7 @@ class SidecarClient:
         progress: Optional[ProgressCallback] = None,
         credentials: Optional[CallCredentials] = None,
         timeout: Optional[float] = None,
+        upload_id: Optional[str] = None,
     ) -> UploadResult:
         """Upload an ``nn.Module`` (or TorchScript module) as TORCH bytes.
 
@@ -1018,6 +1135,7 @@ class SidecarClient:
             progress=progress,
             credentials=credentials,
             timeout=timeout,
+            upload_id=upload_id,
         )
 
     # --- pack / unpack ------------------------------------------------------
