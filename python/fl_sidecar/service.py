@@ -841,7 +841,7 @@ def _upload_failure(exc: Exception, upload_id: str, state: str) -> Exception:
         return SidecarError(
             f"{exc} (upload {upload_id}: it did not arrive; safe to send again)", code=code.name
         )
-    if isinstance(exc, SidecarError) or code == status_for(exc):
+    if code == status_for(exc):
         return exc
     return SidecarError(str(exc), code=code.name)
 
