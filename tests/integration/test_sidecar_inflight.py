@@ -133,7 +133,10 @@ def _failure(future: Any) -> grpc.RpcError:
 
 
 def _upload_state(sidecar: SidecarProcess, upload_id: str) -> pb.GetUploadResponse:
-    return sidecar.stub.GetUpload(pb.GetUploadRequest(upload_id=upload_id), timeout=30)
+    answer: pb.GetUploadResponse = sidecar.stub.GetUpload(
+        pb.GetUploadRequest(upload_id=upload_id), timeout=30
+    )
+    return answer
 
 
 def _exit_status_after(sidecar: SidecarProcess, signum: int) -> Tuple[int, float]:

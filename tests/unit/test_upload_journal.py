@@ -141,7 +141,8 @@ def _body(tmp_path: Path, cancel: Cancellation, completed: List[int]) -> _Stream
 
 
 def test_a_cancelled_body_stops_before_its_last_byte(tmp_path: Path) -> None:
-    cancel, completed = Cancellation(), []
+    cancel = Cancellation()
+    completed: List[int] = []
     body = _body(tmp_path, cancel, completed)
     blocks = iter(body)
     next(blocks)
@@ -155,7 +156,8 @@ def test_a_cancelled_body_stops_before_its_last_byte(tmp_path: Path) -> None:
 
 
 def test_the_completion_is_recorded_just_before_the_last_block(tmp_path: Path) -> None:
-    cancel, completed = Cancellation(), []
+    cancel = Cancellation()
+    completed: List[int] = []
     body = _body(tmp_path, cancel, completed)
     sent = 0
     for block in body:
@@ -184,7 +186,7 @@ def test_retry_is_said_only_when_nothing_arrived() -> None:
     assert _upload_state_after(shrank, body_complete=False) == "not_sent"
 
     def code(exc: Exception, state: str) -> str:
-        return status_for(_upload_failure(exc, "u1", state)).name
+        return str(status_for(_upload_failure(exc, "u1", state)).name)
 
     assert code(unavailable, "not_sent") == "UNAVAILABLE"
     assert code(unavailable, "unknown") == "UNKNOWN"
