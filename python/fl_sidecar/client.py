@@ -112,7 +112,8 @@ _UPLOAD_STATE_NAMES = {
     pb.UPLOAD_STATE_UNKNOWN: "unknown",
 }
 _UPLOAD_STATE_KEY = "fl-sidecar-upload-state"  # trailing metadata of UploadModel statuses
-_GET_UPLOAD_TIMEOUT = 10.0  # seconds for the GetUpload asked after a broken upload call
+# The gRPC code of a refusal the journal recorded (by HTTP status), as the sidecar maps them.
+_REJECTION_CODES = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND"}
 
 _CODEC_REQUESTS = {"Pack": pb.PackRequest, "Unpack": pb.UnpackRequest}
 """The request message of each codec RPC, by its name."""
@@ -890,7 +891,19 @@ class SidecarClient:
             r = self._stub.UploadModel(source, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             source.reraise()
-            raise self._upload_error(exc, header) from None
+            failure = self._upload_error(exc, header)
+            if isinstance(failure, UploadStatus):
+                # The sidecar recorded the server's 2xx before the connection broke.
+                return UploadResult(
+                    http_status=failure.http_status,
+                    detail=failure.detail,
+                    raw_bytes=0,
+                    wire_bytes=0,
+                    content_encoding="",
+                    seconds=0.0,
+                    upload_id=failure.upload_id,
+                )
+            raise failure from None
         return UploadResult(
             http_status=r.http_status,
             detail=r.detail,
@@ -901,12 +914,15 @@ class SidecarClient:
             upload_id=r.upload_id or header.upload_id,
         )
 
-    def _upload_error(self, exc: grpc.RpcError, header: pb.UploadHeader) -> UploadFailedError:
+    def _upload_error(
+        self, exc: grpc.RpcError, header: pb.UploadHeader
+    ) -> Union[UploadFailedError, UploadStatus]:
         """The error of a failed UploadModel, with what reached the FL server.
 
         The sidecar puts the upload's state in the trailing metadata of every
         status it sends. A status without it came from the gRPC library (the
-        connection to the sidecar broke): then the sidecar's journal is asked.
+        connection to the sidecar broke): then the sidecar's journal is asked,
+        and an upload it recorded as accepted is returned as its status.
         """
         mapped = _map_rpc_error(exc, f"upload {header.upload_id} for model {header.model_id}")
         trailer = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
@@ -914,10 +930,18 @@ class SidecarClient:
         code, message = mapped.code, str(mapped)
         if state is None:
             try:
-                state = self.get_upload(header.upload_id).state
+                status = self.get_upload(header.upload_id)
             except SidecarError as asked:
                 state = "not_sent" if asked.code == "NOT_FOUND" else "unknown"
-            if state == "unknown" or state == "sending":
+            else:
+                if status.state == "accepted":
+                    return status
+                state = status.state
+                if state == "rejected":
+                    code = _REJECTION_CODES.get(status.http_status, "FAILED_PRECONDITION")
+                    message += f"; the FL server refused it: HTTP {status.http_status}"
+                    message += f" {status.detail}" if status.detail else ""
+            if state in ("unknown", "sending"):
                 code = "UNKNOWN"
                 message += (
                     f"; the upload's outcome is unknown (the connection to the sidecar broke): "

@@ -25,7 +25,13 @@ keep-alive :class:`requests.Session`, with:
 - streaming both ways: uploads are sent from a file (packed bodies from a temp
   file) with a known ``Content-Length``; downloads are written to a temp file
   beside the destination and renamed into place. No whole model is ever held
-  in memory.
+  in memory;
+- cancellation (:class:`fl_sidecar.cancel.Cancellation`): model transfers stop
+  between chunks, and a read or write blocked on a stalled peer is broken by
+  shutting the request's socket down. An upload cancelled before its body's
+  last byte was handed to the socket certainly did not arrive
+  (:class:`~fl_sidecar.errors.TransferCancelledError`); after it, its outcome
+  is unknown (:class:`~fl_sidecar.errors.UploadOutcomeUnknownError`).
 
 Credentials never appear in logs, reprs or exception messages.
 """
@@ -1140,8 +1146,9 @@ class FlServerClient:
         cancel: Cancellation, operation: str, idempotent: bool, body: Any
     ) -> Exception:
         """The error for a request whose connection a cancellation shut down."""
-        if idempotent or not isinstance(body, _StreamBody) or not body.complete:
+        if idempotent or (isinstance(body, _StreamBody) and not body.complete):
             # A body that never got its last byte out is no request to the server.
+            # (Other bodies are small and may have gone out whole: unknown below.)
             return _cancelled(
                 cancel,
                 operation,

@@ -528,7 +528,10 @@ class TransferManager:
                     record = journal.get(upload_id)
                     body_complete = record is not None and record.body_complete
                     journal.finish(
-                        upload_id, _upload_state_after(exc, body_complete), detail=str(exc)
+                        upload_id,
+                        _upload_state_after(exc, body_complete),
+                        http_status=int(getattr(exc, "status", None) or 0),
+                        detail=str(exc),
                     )
                 raise
             if journal is not None and upload_id is not None:
