@@ -89,7 +89,7 @@ UPLOAD_ID_METADATA_KEY = "fl-sidecar-upload-id"
 """Trailing metadata of every UploadModel status the sidecar sends: the upload's id."""
 UPLOAD_STATE_METADATA_KEY = "fl-sidecar-upload-state"
 """Trailing metadata of every UploadModel status the sidecar sends: ``not_sent``,
-``accepted``, ``rejected`` or ``unknown`` (what became of the upload)."""
+``accepted``, ``rejected``, ``unknown`` or (refused as in progress) ``sending``."""
 
 _UPLOAD_STATES: Dict[str, int] = {
     upload_journal.NOT_SENT: pb.UPLOAD_STATE_NOT_SENT,
