@@ -1152,7 +1152,8 @@ class FlServerClient:
             return _cancelled(
                 cancel,
                 operation,
-                "the request was stopped before it was complete: it did not reach the server",
+                "the request was stopped before its last byte: the server did not get it whole "
+                "and stored nothing",
             )
         return UploadOutcomeUnknownError(
             f"{operation}: {cancel.reason or 'cancelled'} after the whole request was sent; "

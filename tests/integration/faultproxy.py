@@ -227,6 +227,9 @@ class FaultProxy:
                 limit = int(action.split(":", 1)[1]) if action.startswith("truncate:") else None
                 self._relay(client, parser, limit)
             elif action.startswith("hold:"):
+                # A small receive buffer, so that the client's writes block soon after
+                # the hold begins however large the host's TCP buffers may grow.
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
                 self._relay(client, parser, None, hold_request=int(action.split(":", 1)[1]))
             elif action.startswith("hold-answer:"):
                 self._relay(client, parser, None, hold_answer=int(action.split(":", 1)[1]))
