@@ -506,3 +506,61 @@ def _await_final_state(
         time.sleep(0.05)
     assert record is not None
     return record
+
+
+# --- every UploadModel status says what reached the server -----------------------
+
+
+def test_every_upload_status_carries_the_truth_about_the_server(
+    small_round: Round, devserver: DevServerHandle, workdir: Path
+) -> None:
+    # 503: the proxy read the whole request and answered for the server, which
+    # the sidecar cannot tell from a server that failed after storing it.
+    with FaultProxy((devserver.host, devserver.port), actions=["503"]) as proxy:
+        sidecar = _sidecar(workdir, proxy, small_round.alice)
+        try:
+            cases = [
+                ("maybe", 0, grpc.StatusCode.UNKNOWN, "unknown", pb.UPLOAD_STATE_UNKNOWN),
+                ("refused", 7, grpc.StatusCode.FAILED_PRECONDITION, "rejected", None),
+            ]
+            for upload_id, round_, code, state, recorded in cases:
+                header = _header(small_round, upload_id)
+                header.round = round_
+                error = _failure(
+                    sidecar.stub.UploadModel.future(
+                        _messages(header, small_round.model), timeout=60
+                    )
+                )
+                assert error.code() == code, error.details()
+                assert _trailer(error) == {
+                    "fl-sidecar-upload-id": upload_id,
+                    "fl-sidecar-upload-state": state,
+                }
+                record = _upload_state(sidecar, upload_id)
+                if recorded is not None:
+                    assert record.state == recorded
+                else:
+                    # The server's 400 ("not currently in round 7") is kept.
+                    assert (record.state, record.http_status) == (pb.UPLOAD_STATE_REJECTED, 400)
+            answer = sidecar.stub.UploadModel(
+                _messages(_header(small_round, "fine"), small_round.model), timeout=60
+            )
+            assert (answer.http_status, answer.upload_id) == (201, "fine")
+        finally:
+            assert sidecar.stop() == 0
+    # Nothing listens: certainly not sent, and only then UNAVAILABLE.
+    closed = FaultProxy((devserver.host, devserver.port))
+    closed.stop()
+    sidecar = _sidecar(workdir, closed, small_round.alice)
+    try:
+        error = _failure(
+            sidecar.stub.UploadModel.future(
+                _messages(_header(small_round, "nowhere"), small_round.model), timeout=120
+            )
+        )
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+        assert _trailer(error)["fl-sidecar-upload-state"] == "not_sent"
+        assert _upload_state(sidecar, "nowhere").state == pb.UPLOAD_STATE_NOT_SENT
+    finally:
+        assert sidecar.stop() == 0
+    assert small_round.arrived() == 1
