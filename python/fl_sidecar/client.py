@@ -34,6 +34,7 @@ import os
 import queue
 import tempfile
 import threading
+import uuid
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import (
@@ -63,6 +64,7 @@ from fl_sidecar.errors import (
     HTTP_CONTENT_TYPE_KEY,
     HTTP_STATUS_KEY,
     SidecarError,
+    UploadFailedError,
 )
 from fl_sidecar.events import EventKind, ServerEvent
 from fl_sidecar.v1 import sidecar_pb2 as pb
@@ -86,6 +88,7 @@ __all__ = [
     "TrainingStatus",
     "UnpackResult",
     "UploadResult",
+    "UploadStatus",
     "default_target",
     "normalize_target",
     "unix_socket_path",
@@ -118,6 +121,17 @@ _FORMAT_NAMES = {
     pb.MODEL_FORMAT_TORCH: "torch",
     pb.MODEL_FORMAT_SAFETENSORS: "safetensors",
 }
+
+_UPLOAD_STATE_NAMES = {
+    pb.UPLOAD_STATE_NOT_SENT: "not_sent",
+    pb.UPLOAD_STATE_SENDING: "sending",
+    pb.UPLOAD_STATE_ACCEPTED: "accepted",
+    pb.UPLOAD_STATE_REJECTED: "rejected",
+    pb.UPLOAD_STATE_UNKNOWN: "unknown",
+}
+_UPLOAD_STATE_KEY = "fl-sidecar-upload-state"  # trailing metadata of UploadModel statuses
+# The gRPC code of a refusal the journal recorded (by HTTP status), as the sidecar maps them.
+_REJECTION_CODES = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND"}
 
 _CODEC_REQUESTS = {"Pack": pb.PackRequest, "Unpack": pb.UnpackRequest}
 """The request message of each codec RPC, by its name."""
@@ -289,6 +303,31 @@ class UploadResult:
     wire_bytes: int
     content_encoding: str
     seconds: float
+    upload_id: str = ""
+
+
+@dataclass(frozen=True)
+class UploadStatus:
+    """What became of an upload (:meth:`SidecarClient.get_upload`).
+
+    Attributes:
+        upload_id: the upload's id.
+        state: ``"not_sent"`` (nothing reached the FL server: safe to send again),
+            ``"sending"``, ``"accepted"``, ``"rejected"`` (refused, nothing stored) or
+            ``"unknown"`` (the whole request went out, no answer came: it may have arrived).
+        http_status: the FL server's answer; 0 when none came.
+        detail: the server's message, or why the state is what it is.
+        model_id, round: what it was uploaded for.
+        updated_at: unix time of the last change, seconds.
+    """
+
+    upload_id: str
+    state: str
+    http_status: int
+    detail: str
+    model_id: str
+    round: int
+    updated_at: float
 
 
 @dataclass(frozen=True)
@@ -535,6 +574,10 @@ class SidecarClient:
     Raises:
         ValueError: a bad ``chunk_size``. UnsafeSocketError: an ``expected_owner``
             that is neither a uid nor a known user name.
+
+    Attributes:
+        last_upload_id: the ``upload_id`` of the latest upload this client started
+            (``None`` before the first), for :meth:`get_upload`.
     """
 
     def __init__(
@@ -555,6 +598,8 @@ class SidecarClient:
         self.chunk_size = chunk_size
         self.verify = verify
         self._credentials = credentials
+        # The id of the latest upload this client started (for get_upload after a crash).
+        self.last_upload_id: Optional[str] = None
         self._socket_path = unix_socket_path(self.target)
         if expected_owner is None:
             expected_owner = os.environ.get(SOCKET_OWNER_VARIABLE) or None
@@ -711,6 +756,32 @@ class SidecarClient:
         except ValueError:
             data = {}
         return TrainingStatus(state=r.state, data=data if isinstance(data, dict) else {})
+
+    def get_upload(self, upload_id: str) -> UploadStatus:
+        """What became of the upload ``upload_id``, from the sidecar's journal.
+
+        It answers after a sidecar restart too (the journal is on disk), and
+        while the sidecar shuts down.
+
+        Raises:
+            SidecarError: ``NOT_FOUND`` when this sidecar never began to send an
+                upload with that id (so it did not arrive through it), or
+                ``UNAVAILABLE`` when the sidecar cannot be reached.
+        """
+        request = pb.GetUploadRequest(upload_id=str(upload_id))
+        try:
+            r = self._stub.GetUpload(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _map_rpc_error(exc, f"GetUpload {upload_id}") from None
+        return UploadStatus(
+            upload_id=r.upload_id,
+            state=_UPLOAD_STATE_NAMES.get(r.state, "unknown"),
+            http_status=r.http_status,
+            detail=r.detail,
+            model_id=r.model_id,
+            round=r.round,
+            updated_at=r.updated_at,
+        )
 
     # --- downloads ----------------------------------------------------------
 
@@ -941,11 +1012,24 @@ class SidecarClient:
             progress=progress,
             total=header.size,
         )
+        self.last_upload_id = header.upload_id
         try:
             r = self._stub.UploadModel(source, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             source.reraise()
-            raise _map_rpc_error(exc, f"upload for model {header.model_id}") from None
+            failure = self._upload_error(exc, header)
+            if isinstance(failure, UploadStatus):
+                # The sidecar recorded the server's 2xx before the connection broke.
+                return UploadResult(
+                    http_status=failure.http_status,
+                    detail=failure.detail,
+                    raw_bytes=0,
+                    wire_bytes=0,
+                    content_encoding="",
+                    seconds=0.0,
+                    upload_id=failure.upload_id,
+                )
+            raise failure from None
         return UploadResult(
             http_status=r.http_status,
             detail=r.detail,
@@ -953,6 +1037,44 @@ class SidecarClient:
             wire_bytes=r.wire_bytes,
             content_encoding=r.content_encoding,
             seconds=r.seconds,
+            upload_id=r.upload_id or header.upload_id,
+        )
+
+    def _upload_error(
+        self, exc: grpc.RpcError, header: pb.UploadHeader
+    ) -> Union[UploadFailedError, UploadStatus]:
+        """The error of a failed UploadModel, with what reached the FL server.
+
+        The sidecar puts the upload's state in the trailing metadata of every
+        status it sends. A status without it came from the gRPC library (the
+        connection to the sidecar broke): then the sidecar's journal is asked,
+        and an upload it recorded as accepted is returned as its status.
+        """
+        mapped = _map_rpc_error(exc, f"upload {header.upload_id} for model {header.model_id}")
+        trailer = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+        state = dict(trailer or ()).get(_UPLOAD_STATE_KEY)
+        code, message = mapped.code, str(mapped)
+        if state is None:
+            try:
+                status = self.get_upload(header.upload_id)
+            except SidecarError as asked:
+                state = "not_sent" if asked.code == "NOT_FOUND" else "unknown"
+            else:
+                if status.state == "accepted":
+                    return status
+                state = status.state
+                if state == "rejected":
+                    code = _REJECTION_CODES.get(status.http_status, "FAILED_PRECONDITION")
+                    message += f"; the FL server refused it: HTTP {status.http_status}"
+                    message += f" {status.detail}" if status.detail else ""
+            if state in ("unknown", "sending"):
+                code = "UNKNOWN"
+                message += (
+                    f"; the upload's outcome is unknown (the connection to the sidecar broke): "
+                    f"ask get_upload({header.upload_id!r}) before sending it again"
+                )
+        return UploadFailedError(
+            message, code=code, upload_id=header.upload_id, upload_state=str(state)
         )
 
     def _header(
@@ -967,10 +1089,12 @@ class SidecarClient:
         sha256: str,
         credentials: Optional[CallCredentials],
         owner: str,
+        upload_id: Optional[str],
     ) -> pb.UploadHeader:
         if round < 0 or sample_size < 0:
             raise ValueError("round and sample_size must not be negative")
         return pb.UploadHeader(
+            upload_id=upload_id or str(uuid.uuid4()),
             model_id=str(model_id),
             round=int(round),
             sample_size=int(sample_size),
@@ -996,6 +1120,7 @@ class SidecarClient:
         progress: Optional[ProgressCallback] = None,
         credentials: Optional[CallCredentials] = None,
         timeout: Optional[float] = None,
+        upload_id: Optional[str] = None,
     ) -> UploadResult:
         """Upload a locally trained model (its bytes) for ``round`` of the global model.
 
@@ -1004,11 +1129,22 @@ class SidecarClient:
         global model). ``checksum=True`` sends the sha256 for the sidecar to check.
         Nothing reaches the FL server unless the whole stream arrives.
 
+        ``upload_id`` names the upload for :meth:`get_upload` (a new UUID when
+        ``None``; the result's and the error's ``upload_id`` and
+        :attr:`last_upload_id` carry it). The retry rule: after an
+        :class:`~fl_sidecar.errors.UploadFailedError` whose ``upload_state`` is
+        ``"not_sent"`` send it again (the same id may be reused); ``"rejected"``:
+        the server refused it; ``"unknown"``: it may have arrived, never resend it
+        blindly (compare :meth:`get_training`, then send under a new id only if it
+        did not arrive).
+
         Raises:
             ValueError: negative round or sample size, a ``None`` metric, unknown format.
-            SidecarError: ``FAILED_PRECONDITION`` (wrong round/state, duplicate),
-                ``PERMISSION_DENIED``, ``INVALID_ARGUMENT``, ``UNKNOWN`` (the upload
-                may have arrived: check :meth:`get_training` before resending), ...
+            UploadFailedError: (a :class:`SidecarError`) ``FAILED_PRECONDITION`` (wrong
+                round/state, or an id whose outcome is unknown), ``ALREADY_EXISTS`` (this
+                id was accepted already), ``PERMISSION_DENIED``, ``INVALID_ARGUMENT``,
+                ``UNAVAILABLE`` (only with ``upload_state == "not_sent"``), ``UNKNOWN``
+                (the upload may have arrived), ...
         """
         view = memoryview(data).cast("B")
         size = view.nbytes
@@ -1022,6 +1158,7 @@ class SidecarClient:
             sha256=hashlib.sha256(view).hexdigest() if checksum else "",
             credentials=credentials,
             owner=owner,
+            upload_id=upload_id,
         )
         return self._upload_stream(
             header, _slice_chunks(view, self.chunk_size), progress=progress, timeout=timeout
@@ -1041,6 +1178,7 @@ class SidecarClient:
         progress: Optional[ProgressCallback] = None,
         credentials: Optional[CallCredentials] = None,
         timeout: Optional[float] = None,
+        upload_id: Optional[str] = None,
     ) -> UploadResult:
         """Upload a model file, streamed from disk (see :meth:`upload`).
 
@@ -1066,6 +1204,7 @@ class SidecarClient:
             sha256=sha,
             credentials=credentials,
             owner=owner,
+            upload_id=upload_id,
         )
         with open(path, "rb") as f:
             return self._upload_stream(
@@ -1084,6 +1223,7 @@ class SidecarClient:
         progress: Optional[ProgressCallback] = None,
         credentials: Optional[CallCredentials] = None,
         timeout: Optional[float] = None,
+        upload_id: Optional[str] = None,
     ) -> UploadResult:
         """Upload weights as SAFETENSORS; names, shapes and dtypes must match the global model.
 
@@ -1106,6 +1246,7 @@ class SidecarClient:
             progress=progress,
             credentials=credentials,
             timeout=timeout,
+            upload_id=upload_id,
         )
 
     def upload_module(
@@ -1120,6 +1261,7 @@ class SidecarClient:
         progress: Optional[ProgressCallback] = None,
         credentials: Optional[CallCredentials] = None,
         timeout: Optional[float] = None,
+        upload_id: Optional[str] = None,
     ) -> UploadResult:
         """Upload an ``nn.Module`` (or TorchScript module) as TORCH bytes.
 
@@ -1143,6 +1285,7 @@ class SidecarClient:
             progress=progress,
             credentials=credentials,
             timeout=timeout,
+            upload_id=upload_id,
         )
 
     # --- pack / unpack ------------------------------------------------------

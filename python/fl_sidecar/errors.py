@@ -55,9 +55,11 @@ __all__ = [
     "SizeLimitExceededError",
     "SpoolFullError",
     "TensorMismatchError",
+    "TransferCancelledError",
     "TruncatedDataError",
     "UnsafePickleError",
     "UnsafeSocketError",
+    "UploadFailedError",
     "UploadOutcomeUnknownError",
 ]
 
@@ -235,6 +237,24 @@ class UploadOutcomeUnknownError(ServerUnavailableError):
     """
 
 
+class TransferCancelledError(FlSidecarError):
+    """A transfer was stopped before it completed: the trainer went away or the sidecar shut down.
+
+    For an upload it means that the request never reached the FL server whole
+    (its last body byte was not sent), so the server stored nothing and sending
+    it again is safe. An upload cancelled after its whole body was sent is an
+    :class:`UploadOutcomeUnknownError` instead.
+
+    Attributes:
+        shutting_down: True when the sidecar's shutdown stopped it, False when the
+            trainer did.
+    """
+
+    def __init__(self, message: str, *, shutting_down: bool = False) -> None:
+        super().__init__(message)
+        self.shutting_down = shutting_down
+
+
 # --- sidecar -------------------------------------------------------------
 
 
@@ -300,6 +320,23 @@ class SpoolFullError(FlSidecarError):
     def __init__(self, message: str, *, spool_dir: Optional[str] = None) -> None:
         super().__init__(message)
         self.spool_dir = spool_dir
+
+
+class UploadFailedError(SidecarError):
+    """An upload through the sidecar failed; ``upload_state`` says what reached the FL server.
+
+    Attributes:
+        upload_id: the upload's id (ask ``SidecarClient.get_upload`` about it later).
+        upload_state: ``"not_sent"`` (nothing arrived: safe to send again),
+            ``"rejected"`` (the server refused it and stored nothing),
+            ``"unknown"`` (it may have arrived: never resend it blindly) or
+            ``"sending"`` (the sidecar is sending it right now).
+    """
+
+    def __init__(self, message: str, *, code: str, upload_id: str, upload_state: str) -> None:
+        super().__init__(message, code=code)
+        self.upload_id = upload_id
+        self.upload_state = upload_state
 
 
 # --- notifications -------------------------------------------------------

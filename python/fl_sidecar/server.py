@@ -10,9 +10,14 @@ optional API token. When everything listens it prints one JSON line to stdout
 
 On SIGTERM or SIGINT it drains: health turns NOT_SERVING, new calls are
 refused with UNAVAILABLE, WatchEvents streams end, the notification endpoint
-stops, in-flight transfers get ``--drain-seconds`` to finish, the rest are
-cancelled; then the socket file, the ready file and the spool directory are
-removed and the process exits 0.
+stops, in-flight transfers get ``--drain-seconds`` to finish. Then the rest
+are cancelled, HTTP requests included (their connections are shut down), and
+each trainer is told what really became of its transfer: an upload stopped
+before its last byte did not arrive (UNAVAILABLE, ``not_sent``), one whose
+request was complete but unanswered is UNKNOWN. Then the socket file, the
+ready file and the spool directory are removed and the process exits 0, at
+most about ``--drain-seconds`` + 3 seconds after the signal (calls that still
+run then, e.g. a conversion between two checks, are abandoned).
 
 Threads: gRPC calls run on a pool of ``--max-concurrent-rpcs`` threads and
 the server admits no more calls than that (the rest get RESOURCE_EXHAUSTED at
@@ -33,8 +38,10 @@ import signal
 import socket
 import stat
 import sys
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import FrameType
 from typing import Any, Callable, Dict, List, Optional
 
@@ -43,6 +50,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fl_sidecar import __version__, socketdir
+from fl_sidecar.cancel import REASON_SHUTDOWN
 from fl_sidecar.config import MAX_MESSAGE_SIZE, Settings, add_arguments, strip_userinfo
 from fl_sidecar.errors import (
     ConfigurationError,
@@ -56,6 +64,7 @@ from fl_sidecar.server_api import Credentials, FlServerClient
 from fl_sidecar.service import SERVICE_NAME, SidecarService
 from fl_sidecar.telemetry import Metrics, configure_logging
 from fl_sidecar.transfers import TransferManager
+from fl_sidecar.uploads import UploadJournal
 from fl_sidecar.v1 import sidecar_pb2_grpc
 
 __all__ = [
@@ -75,6 +84,17 @@ _log = logging.getLogger(__name__)
 # send metadata, and health reveals nothing but SERVING / NOT_SERVING.
 _UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
 _FINAL_GRACE = 1.0  # seconds the gRPC server gives leftover calls (health watches) at the end
+_CANCEL_GRACE = 2.0  # seconds cancelled calls get to tell their trainers what became of them
+
+
+def journal_directory(spool_dir: Optional[str]) -> str:
+    """Where the upload journal lives: beside the spool directory, kept across restarts.
+
+    ``<spool_dir>/fl-sidecar-uploads-<uid>`` (the system temp dir when ``spool_dir``
+    is ``None``): the spool directory itself is private to one process and removed
+    when it stops, the journal must outlive it.
+    """
+    return os.path.join(spool_dir or tempfile.gettempdir(), f"fl-sidecar-uploads-{os.getuid()}")
 
 
 class _TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -207,12 +227,14 @@ class SidecarServer:
             max_download_size=settings.max_model_size,
             spool_dir=settings.spool_dir,
         )
+        self.journal = UploadJournal(Path(journal_directory(settings.spool_dir)))
         self.transfers = TransferManager(
             self.client,
             spool_dir=settings.spool_dir,
             max_model_size=settings.max_model_size,
             trust_pickles=settings.trust_pickles,
             metrics=self.metrics,
+            journal=self.journal,
         )
         # Packed upload bodies go into the locked spool directory too, so a crash
         # leaves nothing outside what the next start-up cleans.
@@ -419,13 +441,19 @@ class SidecarServer:
 
     # -- stop --
 
-    def drain_and_stop(self) -> None:
+    def drain_and_stop(self) -> bool:
         """Drain (health NOT_SERVING, refuse new calls, wait for transfers), stop, clean up.
 
-        Idempotent; blocks at most about ``drain_seconds`` + 1 second.
+        After ``drain_seconds`` the transfers still running are cancelled (HTTP
+        requests included) and get 2 seconds to report to their trainers.
+        Idempotent; blocks at most about ``drain_seconds`` + 3 seconds.
+
+        Returns:
+            True when every call ended; False when some still run (stuck between
+            two cancellation checks): the caller should not wait for their threads.
         """
         if self._stopped.is_set():
-            return
+            return True
         self._stopped.set()
         settings = self.settings
         _log.info("draining", extra={"drain_seconds": settings.drain_seconds})
@@ -433,11 +461,19 @@ class SidecarServer:
         self.service.begin_drain()
         if self.notifications is not None:
             self.notifications.stop()
-        if not self.service.wait_idle(settings.drain_seconds):
+        finished = self.service.wait_idle(settings.drain_seconds)
+        if not finished:
+            transfers = self.transfers.cancel_all(REASON_SHUTDOWN)
             _log.warning(
                 "cancelling calls still running after the drain",
-                extra={"left": self.service.active_calls()},
+                extra={"left": self.service.active_calls(), "transfers": transfers},
             )
+            finished = self.service.wait_idle(_CANCEL_GRACE)
+            if not finished:
+                _log.warning(
+                    "calls still running after their cancellation; not waiting for them",
+                    extra={"left": self.service.active_calls()},
+                )
         if self.script_runner is not None:
             # After the drain, so a script's last upload could still finish.
             self.script_runner.stop()
@@ -445,6 +481,7 @@ class SidecarServer:
             self._grpc.stop(grace=_FINAL_GRACE).wait()
         self._cleanup()
         _log.info("stopped")
+        return finished
 
     def _cleanup(self) -> None:
         settings = self.settings
@@ -502,7 +539,14 @@ def run_serve(settings: Settings) -> int:
             extra={"signal": signal.Signals(received[0]).name if received else "?"},
         )
     finally:
-        server.drain_and_stop()
+        finished = server.drain_and_stop()
+    if not finished:
+        # The gRPC pool's threads are joined at interpreter exit: one stuck in a
+        # conversion would hold the exit up for as long as it runs. Everything of
+        # ours is cleaned up already.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
     return 0
 
 

@@ -25,7 +25,13 @@ keep-alive :class:`requests.Session`, with:
 - streaming both ways: uploads are sent from a file (packed bodies from a temp
   file) with a known ``Content-Length``; downloads are written to a temp file
   beside the destination and renamed into place. No whole model is ever held
-  in memory.
+  in memory;
+- cancellation (:class:`fl_sidecar.cancel.Cancellation`): model transfers stop
+  between chunks, and a read or write blocked on a stalled peer is broken by
+  shutting the request's socket down. An upload cancelled before its body's
+  last byte was handed to the socket certainly did not arrive
+  (:class:`~fl_sidecar.errors.TransferCancelledError`); after it, its outcome
+  is unknown (:class:`~fl_sidecar.errors.UploadOutcomeUnknownError`).
 
 Credentials never appear in logs, reprs or exception messages.
 """
@@ -41,6 +47,7 @@ import logging
 import os
 import random
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -63,9 +70,13 @@ from typing import (
 from urllib.parse import quote, urlsplit
 
 import requests
+import requests.adapters
+import urllib3.connection
+import urllib3.connectionpool
 import urllib3.exceptions
 
 from fl_sidecar import redaction
+from fl_sidecar.cancel import Cancellation
 from fl_sidecar.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -77,6 +88,7 @@ from fl_sidecar.errors import (
     ServerError,
     ServerUnavailableError,
     SizeLimitExceededError,
+    TransferCancelledError,
     TruncatedDataError,
     UploadOutcomeUnknownError,
 )
@@ -119,6 +131,83 @@ _RETRY_STATUSES = frozenset({502, 503, 504})
 _USER_AGENT = "fl-sidecar/0.1"
 
 T = TypeVar("T")
+BodyCallback = Callable[[], None]
+"""Called once, just before the last byte of an upload's body is handed to the socket."""
+
+
+# --- cancellation of requests in flight --------------------------------------
+
+# The Cancellation of the request this thread is making: the connection classes
+# below attach their socket to it, so that cancelling breaks a blocked read or write.
+_scope = threading.local()
+
+
+def _attach_to_current(sock: Any) -> None:
+    cancel: Optional[Cancellation] = getattr(_scope, "cancel", None)
+    if cancel is not None and sock is not None:
+        cancel.attach(sock)
+
+
+@contextlib.contextmanager
+def _cancel_scope(cancel: Optional[Cancellation]) -> Iterator[None]:
+    previous = getattr(_scope, "cancel", None)
+    _scope.cancel = cancel
+    try:
+        yield
+    finally:
+        _scope.cancel = previous
+
+
+class _CancellableHTTPConnection(urllib3.connection.HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        _attach_to_current(self.sock)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        # A kept-alive connection is already connected: attach it for this request.
+        _attach_to_current(self.sock)
+        super().request(*args, **kwargs)
+
+
+class _CancellableHTTPSConnection(urllib3.connection.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        _attach_to_current(self.sock)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach_to_current(self.sock)
+        super().request(*args, **kwargs)
+
+
+class _CancellableHTTPPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _CancellableHTTPConnection
+
+
+class _CancellableHTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _CancellableHTTPSConnection
+
+
+_POOL_CLASSES = {"http": _CancellableHTTPPool, "https": _CancellableHTTPSPool}
+
+
+class _CancellableAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter whose connections can be shut down by a :class:`Cancellation`."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOL_CLASSES
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = _POOL_CLASSES
+        return manager
+
+
+def _cancelled(cancel: Cancellation, operation: str, what: str) -> TransferCancelledError:
+    return TransferCancelledError(
+        f"{operation}: {cancel.reason or 'cancelled'}; {what}",
+        shutting_down=cancel.shutting_down,
+    )
 
 
 # --- credentials -----------------------------------------------------------
@@ -418,6 +507,11 @@ class _StreamBody:
 
     requests sends an object with ``__iter__`` and ``__len__`` as a stream with a
     ``Content-Length`` header, and urllib3 sends each chunk as it comes.
+
+    Cancelling stops it between chunks, and always before the last chunk: a
+    body whose last byte was never handed to the socket cannot be a complete
+    request on the server's side. ``complete`` says whether that point was
+    passed (``on_complete`` runs just before, e.g. to record it durably).
     """
 
     def __init__(
@@ -425,11 +519,20 @@ class _StreamBody:
         parts: Sequence[Union[bytes, _FileSlice]],
         progress: Optional[ProgressCallback] = None,
         on_file_block: Optional[Callable[[bytes], None]] = None,
+        *,
+        cancel: Optional[Cancellation] = None,
+        on_complete: Optional[BodyCallback] = None,
+        operation: str = "upload",
     ) -> None:
         self._parts = parts
         self._progress = progress
         self._on_file_block = on_file_block
+        self._cancel = cancel
+        self._on_complete = on_complete
+        self._operation = operation
         self.sent = 0
+        self.started = False
+        self.complete = False
         self.length = sum(p.size if isinstance(p, _FileSlice) else len(p) for p in parts)
 
     def __len__(self) -> int:
@@ -437,13 +540,25 @@ class _StreamBody:
 
     def __iter__(self) -> Iterator[bytes]:
         self.sent = 0
+        self.started = True
         for part in self._parts:
             blocks: Iterator[bytes] = (
                 part.chunks() if isinstance(part, _FileSlice) else iter([part])
             )
             for block in blocks:
+                if self._cancel is not None and self._cancel.is_set():
+                    raise _cancelled(
+                        self._cancel,
+                        self._operation,
+                        f"stopped after {self.sent} of {self.length} body bytes: the server "
+                        "did not get the request whole and stored nothing",
+                    )
                 if isinstance(part, _FileSlice) and self._on_file_block is not None:
                     self._on_file_block(block)
+                if self.sent + len(block) >= self.length and not self.complete:
+                    if self._on_complete is not None:
+                        self._on_complete()
+                    self.complete = True
                 self.sent += len(block)
                 if self._progress is not None:
                     self._progress(self.sent, self.length)
@@ -647,7 +762,7 @@ class FlServerClient:
         self._zstd_refused = False  # a 415 seen: never send zstd again
         self._session = requests.Session()
         # Retries are ours: urllib3's would resend uploads whose outcome is unknown.
-        adapter = requests.adapters.HTTPAdapter(max_retries=0, pool_maxsize=16)
+        adapter = _CancellableAdapter(max_retries=0, pool_maxsize=16)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         # Proxies and netrc from the environment would leak past our settings object.
@@ -683,6 +798,7 @@ class FlServerClient:
         *,
         credentials: Optional[Credentials] = None,
         progress: Optional[ProgressCallback] = None,
+        cancel: Optional[Cancellation] = None,
     ) -> TransferResult:
         """Download the global model ``model_id`` into the file ``dest``.
 
@@ -693,6 +809,8 @@ class FlServerClient:
 
         Args:
             progress: called with (wire bytes received, wire total or ``None``).
+            cancel: cancelling it stops the download at once, even in a blocked read
+                (its connection is shut down); nothing is left at ``dest``.
 
         Returns:
             A :class:`TransferResult`; ``raw_bytes`` and ``sha256`` describe the model file.
@@ -702,6 +820,7 @@ class FlServerClient:
             SizeLimitExceededError: the model exceeds ``max_download_size``.
             CodecError: the zstd body is corrupt or truncated.
             ServerUnavailableError: unreachable, timed out or 5xx after the retries.
+            TransferCancelledError: ``cancel`` was cancelled.
         """
         operation = "download"
         path = f"api/models/{_quote_id(model_id)}/"
@@ -718,11 +837,20 @@ class FlServerClient:
                 headers={"Accept-Encoding": accept},
                 credentials=credentials,
                 stream=True,
+                cancel=cancel,
             )
             with resp:
-                return self._receive_model(resp, dest_path, operation, progress, started)
+                try:
+                    return self._receive_model(
+                        resp, dest_path, operation, progress, started, cancel
+                    )
+                finally:
+                    # Before the connection goes back to the pool, where another
+                    # call may take it: a later cancel must not shut it down.
+                    if cancel is not None:
+                        cancel.detach_all()
 
-        return self._with_retries(operation, attempt)
+        return self._with_retries(operation, attempt, cancel)
 
     def upload_model(
         self,
@@ -736,6 +864,8 @@ class FlServerClient:
         credentials: Optional[Credentials] = None,
         progress: Optional[ProgressCallback] = None,
         sha256: Optional[str] = None,
+        cancel: Optional[Cancellation] = None,
+        on_body_complete: Optional[BodyCallback] = None,
     ) -> TransferResult:
         """Upload a locally trained model file for ``round`` of the training of ``model_id``.
 
@@ -753,6 +883,13 @@ class FlServerClient:
             sha256: the file's hex SHA-256 when the caller already knows it (the sidecar
                 checked it as the trainer streamed the file in): reported as is, and the
                 file is not hashed again (about 0.5 s of CPU per GiB).
+            cancel: cancelling it stops the upload at once, even in a blocked write
+                or read (its connection is shut down). Before the body's last byte
+                was handed to the socket that is a certain non-arrival
+                (``TransferCancelledError``); after it, the outcome is unknown.
+            on_body_complete: called just before the body's last byte is handed to
+                the socket (each time, should a refused zstd body be sent again
+                as identity); after it returns, the upload may arrive.
 
         Raises:
             ConflictError: wrong round or training state. NotFoundError: no such model.
@@ -760,6 +897,7 @@ class FlServerClient:
             (e.g. not a torch file). UploadOutcomeUnknownError: the connection failed or
             the server answered 5xx after the body may have arrived.
             ServerUnavailableError: the server could not be reached.
+            TransferCancelledError: cancelled before the body was complete; nothing arrived.
             FileNotFoundError: ``source`` does not exist.
         """
         fields: List[Tuple[str, str]] = []
@@ -776,6 +914,8 @@ class FlServerClient:
             credentials,
             progress,
             sha256=sha256,
+            cancel=cancel,
+            on_body_complete=on_body_complete,
         )
 
     def upload_metrics(
@@ -1037,6 +1177,28 @@ class FlServerClient:
         # After a 415 the advertisement is not believed again (no 415 loop).
         self.negotiated_coding = "zstd" if q > 0 and not self._zstd_refused else "identity"
 
+    @staticmethod
+    def _cancelled_request(
+        cancel: Cancellation, operation: str, idempotent: bool, body: Any
+    ) -> Exception:
+        """The error for a request whose connection a cancellation shut down."""
+        if idempotent or (isinstance(body, _StreamBody) and not body.complete):
+            # A body that never got its last byte out is no request to the server.
+            # (Other bodies are small and may have gone out whole: unknown below.)
+            return _cancelled(
+                cancel,
+                operation,
+                "the request was stopped before its last byte: the server did not get it whole "
+                "and stored nothing",
+            )
+        return UploadOutcomeUnknownError(
+            f"{operation}: {cancel.reason or 'cancelled'} after the whole request was sent; "
+            "no answer came, so whether the server accepted it is unknown. It was NOT resent: "
+            "ask the upload's state (GetUpload) or the training's state to learn whether it "
+            "arrived",
+            operation=operation,
+        )
+
     def _attempt(
         self,
         method: str,
@@ -1051,29 +1213,39 @@ class FlServerClient:
         stream: bool = False,
         anonymous: bool = False,
         passthrough: frozenset[int] = frozenset(),
+        cancel: Optional[Cancellation] = None,
     ) -> requests.Response:
         """One request. Returns a 2xx (or ``passthrough``) answer; raises typed errors.
 
-        Raises _Retryable when repeating the request is safe.
+        Raises _Retryable when repeating the request is safe. With ``cancel``, its
+        socket is attached to it until the answer's head is read (until the whole
+        body is read for ``stream=True``: the caller detaches then).
         """
         url = self.base_url + path
         all_headers = {} if anonymous else self._headers(credentials, None)
         if headers:
             all_headers.update(headers)
+        if cancel is not None and cancel.is_set():
+            raise _cancelled(cancel, operation, "the request was not sent")
         try:
-            resp = self._session.request(
-                method,
-                url,
-                data=data,
-                json=json_body,
-                headers=all_headers,
-                timeout=(self.connect_timeout, self.timeout),
-                # Always streamed, so that an error body is read only up to a limit.
-                stream=True,
-                allow_redirects=idempotent,
-            )
+            with _cancel_scope(cancel):
+                resp = self._session.request(
+                    method,
+                    url,
+                    data=data,
+                    json=json_body,
+                    headers=all_headers,
+                    timeout=(self.connect_timeout, self.timeout),
+                    # Always streamed, so that an error body is read only up to a limit.
+                    stream=True,
+                    allow_redirects=idempotent,
+                )
         except requests.RequestException as exc:
+            if cancel is not None:
+                cancel.detach_all()
             reason = _describe(exc)
+            if cancel is not None and cancel.is_set():
+                raise self._cancelled_request(cancel, operation, idempotent, data) from None
             if isinstance(exc, requests.exceptions.SSLError):
                 raise ServerUnavailableError(
                     f"{operation} failed: TLS error: {reason}", operation=operation
@@ -1088,6 +1260,12 @@ class FlServerClient:
                 "whether it arrived",
                 operation=operation,
             ) from None
+        except TransferCancelledError:
+            if cancel is not None:
+                cancel.detach_all()
+            raise
+        if cancel is not None and not stream:
+            cancel.detach_all()
         _log.debug("%s %s -> %d", method, path, resp.status_code)
         self._learn_coding(resp)
         status = resp.status_code
@@ -1095,6 +1273,8 @@ class FlServerClient:
             if not stream:
                 _load_small_body(resp, operation, idempotent)
             return resp
+        if cancel is not None:
+            cancel.detach_all()  # the connection is released with the error body
         detail, body = _read_detail(resp)
         content_type = resp.headers.get("Content-Type") or None
         if status >= 500:
@@ -1116,13 +1296,21 @@ class FlServerClient:
                 )
         raise _map_error(status, detail, operation, body, content_type)
 
-    def _with_retries(self, operation: str, attempt: Callable[[], T]) -> T:
-        """Run ``attempt`` until it succeeds, raises a final error, or the budget is spent."""
+    def _with_retries(
+        self, operation: str, attempt: Callable[[], T], cancel: Optional[Cancellation] = None
+    ) -> T:
+        """Run ``attempt`` until it succeeds, raises a final error, or the budget is spent.
+
+        A cancelled ``cancel`` ends the loop (no further attempt, no backoff sleep)
+        with :class:`TransferCancelledError`.
+        """
         tries = 0
         while True:
             try:
                 return attempt()
             except _Retryable as failure:
+                if cancel is not None and cancel.is_set():
+                    raise _cancelled(cancel, operation, "no further attempt was made") from None
                 if tries >= self.retries:
                     err = failure.error
                     raise type(err)(
@@ -1145,7 +1333,11 @@ class FlServerClient:
                     delay,
                 )
                 tries += 1
-                time.sleep(delay)
+                if cancel is not None:
+                    if cancel.wait(delay):
+                        raise _cancelled(cancel, operation, "no further attempt was made") from None
+                else:
+                    time.sleep(delay)
 
     # -- internals: downloads --
 
@@ -1156,6 +1348,7 @@ class FlServerClient:
         operation: str,
         progress: Optional[ProgressCallback],
         started: float,
+        cancel: Optional[Cancellation] = None,
     ) -> TransferResult:
         coding = resp.headers.get("Content-Encoding", "identity").strip().lower() or "identity"
         if coding not in ("identity", "zstd"):
@@ -1179,7 +1372,7 @@ class FlServerClient:
         try:
             with os.fdopen(fd, "wb") as out:
                 sink = _DecodingSink(out, hasher, coding, self.max_download_size, operation)
-                wire = self._copy_raw(resp, sink, total, progress, operation)
+                wire = self._copy_raw(resp, sink, total, progress, operation, cancel)
                 try:
                     sink.finish()
                 except TruncatedDataError:
@@ -1218,13 +1411,18 @@ class FlServerClient:
         total: Optional[int],
         progress: Optional[ProgressCallback],
         operation: str,
+        cancel: Optional[Cancellation] = None,
     ) -> int:
         """Feed the body as it is on the wire (urllib3 decodes nothing) into ``sink``."""
         wire = 0
         while True:
+            if cancel is not None and cancel.is_set():
+                raise _cancelled(cancel, operation, f"stopped after {wire} bytes")
             try:
                 block = resp.raw.read(_IO_CHUNK, decode_content=False)
             except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+                if cancel is not None and cancel.is_set():
+                    raise _cancelled(cancel, operation, f"stopped after {wire} bytes") from None
                 raise _Retryable(
                     ServerUnavailableError(
                         f"{operation}: the body broke off after {wire} bytes ({_describe(exc)})",
@@ -1232,6 +1430,9 @@ class FlServerClient:
                     )
                 ) from None
             if not block:
+                if cancel is not None and cancel.is_set():
+                    # A shut-down socket reads as the end of the body.
+                    raise _cancelled(cancel, operation, f"stopped after {wire} bytes")
                 return wire
             wire += len(block)
             sink.write(block)
@@ -1292,6 +1493,8 @@ class FlServerClient:
         progress: Optional[ProgressCallback],
         *,
         sha256: Optional[str] = None,
+        cancel: Optional[Cancellation] = None,
+        on_body_complete: Optional[BodyCallback] = None,
     ) -> TransferResult:
         started = time.monotonic()
         if not source.is_file():
@@ -1302,7 +1505,9 @@ class FlServerClient:
         raw_model = source.stat().st_size
         coding = self._upload_coding(credentials)
         if coding == "zstd" and (self.compression == "always" or self._worth_packing(source)):
-            spooled, digest = self._pack_body(parts, hash_file=sha256 is None)
+            spooled, digest = self._pack_body(
+                parts, hash_file=sha256 is None, cancel=cancel, operation=operation
+            )
             try:
                 resp, wire, _ = self._send_body(
                     operation,
@@ -1313,6 +1518,8 @@ class FlServerClient:
                     progress,
                     passthrough=frozenset({415}),
                     hash_file=False,  # the packed body's digest is of no use
+                    cancel=cancel,
+                    on_body_complete=on_body_complete,
                 )
             finally:
                 _unlink_quietly(spooled)
@@ -1331,6 +1538,8 @@ class FlServerClient:
             credentials,
             progress,
             hash_file=sha256 is None,
+            cancel=cancel,
+            on_body_complete=on_body_complete,
         )
         return self._upload_result(resp, raw_model, "identity", started, sha256 or digest, wire)
 
@@ -1345,6 +1554,8 @@ class FlServerClient:
         *,
         passthrough: frozenset[int] = frozenset(),
         hash_file: bool = True,
+        cancel: Optional[Cancellation] = None,
+        on_body_complete: Optional[BodyCallback] = None,
     ) -> Tuple[requests.Response, int, str]:
         """POST a streamed body; returns the answer, the wire length and the file parts' sha256.
 
@@ -1354,7 +1565,14 @@ class FlServerClient:
 
         def attempt() -> requests.Response:
             hasher = hashlib.sha256()
-            body = _StreamBody(parts, progress, hasher.update if hash_file else None)
+            body = _StreamBody(
+                parts,
+                progress,
+                hasher.update if hash_file else None,
+                cancel=cancel,
+                on_complete=on_body_complete,
+                operation=operation,
+            )
             last["body"], last["hasher"] = body, hasher
             return self._attempt(
                 "POST",
@@ -1365,18 +1583,25 @@ class FlServerClient:
                 headers=headers,
                 credentials=credentials,
                 passthrough=passthrough,
+                cancel=cancel,
             )
 
-        resp = self._with_retries(operation, attempt)
+        resp = self._with_retries(operation, attempt, cancel)
         digest = str(last["hasher"].hexdigest()) if hash_file else ""
         return resp, int(last["body"].length), digest
 
     def _pack_body(
-        self, parts: Sequence[Union[bytes, _FileSlice]], *, hash_file: bool = True
+        self,
+        parts: Sequence[Union[bytes, _FileSlice]],
+        *,
+        hash_file: bool = True,
+        cancel: Optional[Cancellation] = None,
+        operation: str = "upload",
     ) -> Tuple[Path, str]:
         """Pack the whole multipart body into a temp file; returns it and the model's sha256.
 
-        With ``hash_file=False`` the digest is ``""``.
+        With ``hash_file=False`` the digest is ``""``. A cancelled ``cancel`` stops it
+        between 8 MiB blocks (TransferCancelledError; nothing was sent).
         """
         packer = _codec().Packer(**self._codec_args(threads=True))
         hasher = hashlib.sha256()
@@ -1387,6 +1612,10 @@ class FlServerClient:
                 for part in parts:
                     if isinstance(part, _FileSlice):
                         for block in part.chunks(_PACK_READ):
+                            if cancel is not None and cancel.is_set():
+                                raise _cancelled(
+                                    cancel, operation, "stopped while packing: nothing was sent"
+                                )
                             if hash_file:
                                 hasher.update(block)
                             out.write(packer.write(block))

@@ -18,12 +18,15 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Tuple, TypeVar, Union
 
 import grpc
 
 from fl_sidecar import __version__
+from fl_sidecar import uploads as upload_journal
+from fl_sidecar.cancel import REASON_TRAINER_GONE, Cancellation
 from fl_sidecar.config import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_MESSAGE_SIZE
 from fl_sidecar.errors import (
     ERROR_CLASS_KEY,
@@ -51,6 +54,7 @@ from fl_sidecar.errors import (
     SizeLimitExceededError,
     SpoolFullError,
     TensorMismatchError,
+    TransferCancelledError,
     UnsafePickleError,
     UploadOutcomeUnknownError,
 )
@@ -68,7 +72,14 @@ from fl_sidecar.transfers import (
 from fl_sidecar.v1 import sidecar_pb2 as pb
 from fl_sidecar.v1 import sidecar_pb2_grpc as pb_grpc
 
-__all__ = ["SERVICE_NAME", "SidecarService", "error_trailers", "status_for"]
+__all__ = [
+    "SERVICE_NAME",
+    "UPLOAD_ID_METADATA_KEY",
+    "UPLOAD_STATE_METADATA_KEY",
+    "SidecarService",
+    "error_trailers",
+    "status_for",
+]
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Sidecar"].full_name
 """``"fl_sidecar.v1.Sidecar"``, the name used by health checking and reflection."""
@@ -81,8 +92,23 @@ _MIN_OUTPUT_MESSAGE = 1024 * 1024
 _MAX_PACK_CHUNK_SIZE = 8 * 1024 * 1024
 _PROGRESS_POLL = 0.25  # seconds between checks that the trainer is still there
 _EVENT_POLL = 1.0  # seconds
-# Calls the drain does not wait for: WatchEvents ends when the bus closes, GetInfo is instant.
-_NOT_DRAINED = frozenset({"WatchEvents", "GetInfo"})
+# Calls the drain does not wait for: WatchEvents ends when the bus closes, GetInfo and
+# GetUpload are instant (and GetUpload is what a trainer asks while the sidecar stops).
+_NOT_DRAINED = frozenset({"WatchEvents", "GetInfo", "GetUpload"})
+
+UPLOAD_ID_METADATA_KEY = "fl-sidecar-upload-id"
+"""Trailing metadata of every UploadModel status the sidecar sends: the upload's id."""
+UPLOAD_STATE_METADATA_KEY = "fl-sidecar-upload-state"
+"""Trailing metadata of every UploadModel status the sidecar sends: ``not_sent``,
+``accepted``, ``rejected``, ``unknown`` or (refused as in progress) ``sending``."""
+
+_UPLOAD_STATES: Dict[str, int] = {
+    upload_journal.NOT_SENT: pb.UPLOAD_STATE_NOT_SENT,
+    upload_journal.SENDING: pb.UPLOAD_STATE_SENDING,
+    upload_journal.ACCEPTED: pb.UPLOAD_STATE_ACCEPTED,
+    upload_journal.REJECTED: pb.UPLOAD_STATE_REJECTED,
+    upload_journal.UNKNOWN: pb.UPLOAD_STATE_UNKNOWN,
+}
 
 _EVENT_KINDS: Dict[EventKind, int] = {
     EventKind.TRAINING_START: pb.EVENT_KIND_TRAINING_START,
@@ -133,6 +159,10 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     """The gRPC status code for a domain error, as the proto documents; INTERNAL otherwise."""
     if isinstance(exc, SidecarError):
         return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
+    if isinstance(exc, TransferCancelledError):
+        # Stopped by the shutdown: nothing arrived, and another sidecar (or this one
+        # restarted) can do it. Stopped because the trainer left: nobody listens.
+        return grpc.StatusCode.UNAVAILABLE if exc.shutting_down else grpc.StatusCode.CANCELLED
     for error_class, code in _STATUS_BY_ERROR:
         if isinstance(exc, error_class):
             return code
@@ -437,9 +467,11 @@ class SidecarService(pb_grpc.SidecarServicer):
         credentials = _credentials(request.credentials)
 
         updates: queue.Queue[Tuple[str, Any]] = queue.Queue()
-        cancelled = threading.Event()
+        cancel = Cancellation()
         handoff = threading.Lock()
-        context.add_callback(cancelled.set)
+        # The trainer cancelled or disconnected: the HTTP download, vetting and
+        # conversion stop (the worker thread's spool files go with them).
+        context.add_callback(functools.partial(cancel.cancel, REASON_TRAINER_GONE))
 
         def fetch() -> None:
             try:
@@ -449,7 +481,7 @@ class SidecarService(pb_grpc.SidecarServicer):
                     credentials=credentials,
                     progress=lambda done, total: updates.put(("progress", (done, total))),
                     on_converting=lambda: updates.put(("converting", None)),
-                    cancelled=cancelled,
+                    cancel=cancel,
                 )
             except BaseException as exc:
                 updates.put(("error", exc))
@@ -457,7 +489,7 @@ class SidecarService(pb_grpc.SidecarServicer):
                 # Under the lock: either the reader still takes the model, or
                 # it is gone and the model is deleted here; never neither.
                 with handoff:
-                    if cancelled.is_set():
+                    if cancel.is_set():
                         model.discard()
                     else:
                         updates.put(("done", model))
@@ -497,7 +529,7 @@ class SidecarService(pb_grpc.SidecarServicer):
             )
         finally:
             with handoff:
-                cancelled.set()
+                cancel.cancel(REASON_TRAINER_GONE)
             if model is not None:
                 model.discard()
             _discard_unclaimed(updates)
@@ -540,7 +572,12 @@ class SidecarService(pb_grpc.SidecarServicer):
 
     @_unary
     def UploadModel(self, request_iterator: Iterator[pb.UploadModelRequest], context: Any) -> Any:
-        """Spool the chunks, check them against the header, convert if asked, upload."""
+        """Spool the chunks, check them against the header, convert if asked, upload.
+
+        Every status it ends with carries the upload's id and state as trailing
+        metadata; UNAVAILABLE only ever goes with ``not_sent``.
+        """
+        _set_upload_trailer(context, "", upload_journal.NOT_SENT)
         self._check_open()
         messages = _requests(request_iterator)
         first = next(messages, None)
@@ -548,6 +585,12 @@ class SidecarService(pb_grpc.SidecarServicer):
             raise _invalid("the first message of UploadModel must be the header")
         header = first.header
         model_id = _require_id(header.model_id, "header.model_id")
+        upload_id = (
+            upload_journal.check_upload_id(header.upload_id)
+            if header.upload_id
+            else str(uuid.uuid4())
+        )
+        _set_upload_trailer(context, upload_id, upload_journal.NOT_SENT)
         fmt = _format_name(header.format)
         metrics = _metrics_mapping(header.metrics)
         credentials = _credentials(header.credentials)
@@ -560,29 +603,42 @@ class SidecarService(pb_grpc.SidecarServicer):
                 f"the model's {header.size} bytes exceed the sidecar's limit of "
                 f"{self.transfers.max_model_size} bytes"
             )
-        spool = self.transfers.new_upload_spool(hashed=bool(header.sha256))
+        journal = self.transfers.journal
+        previous = None
+        if journal is not None:
+            previous = journal.get(upload_id)
+            try:
+                journal.claim(upload_id, model_id, header.round)
+            except SidecarError as refused:
+                # Refused without sending: the trailer says what the earlier attempt did.
+                earlier = upload_journal.SENDING if refused.code == "ABORTED" else None
+                if earlier is None and previous is not None:
+                    earlier = previous.state
+                _set_upload_trailer(context, upload_id, earlier or upload_journal.NOT_SENT)
+                raise
+        cancel = Cancellation()
+        # The trainer went away: spooling, conversion and the HTTP request stop.
+        context.add_callback(functools.partial(cancel.cancel, REASON_TRAINER_GONE))
         try:
-            for message in messages:
-                if message.WhichOneof("kind") != "chunk":
-                    raise _invalid("UploadModel takes one header, then only chunks")
-                spool.write(message.chunk)
-            path = spool.finish(header.size or None, header.sha256 or None)
-            if not context.is_active():
-                raise SidecarError("the trainer went away; nothing was uploaded", code="CANCELLED")
-            result = self.transfers.upload(
-                model_id,
-                Path(path),
-                fmt,
-                round=header.round,
-                sample_size=header.sample_size,
-                metrics=metrics,
-                owner=header.owner or None,
-                credentials=credentials,
-                # Checked against the chunks as they arrived: not hashed again.
-                sha256=header.sha256.lower() or None,
+            result = self._spool_and_upload(
+                header, messages, context, model_id, fmt, metrics, credentials, upload_id, cancel
             )
+        except Exception as exc:
+            state = upload_journal.NOT_SENT
+            record = journal.get(upload_id) if journal is not None else None
+            if record is not None and record != previous:
+                state = record.state  # this attempt reached the journal: it says what happened
+            elif isinstance(exc, UploadOutcomeUnknownError):
+                state = upload_journal.UNKNOWN
+            _set_upload_trailer(context, upload_id, state)
+            failure = _upload_failure(exc, upload_id, state)
+            if failure is exc:
+                raise
+            raise failure from exc
         finally:
-            spool.discard()
+            if journal is not None:
+                journal.release(upload_id)
+        _set_upload_trailer(context, upload_id, upload_journal.ACCEPTED)
         _log.info(
             "model uploaded",
             extra={
@@ -593,6 +649,7 @@ class SidecarService(pb_grpc.SidecarServicer):
                 "wire_bytes": result.wire_bytes,
                 "coding": result.content_encoding,
                 "status": result.status,
+                "upload_id": upload_id,
             },
         )
         return pb.UploadModelResponse(
@@ -602,6 +659,69 @@ class SidecarService(pb_grpc.SidecarServicer):
             wire_bytes=result.wire_bytes,
             content_encoding=result.content_encoding,
             seconds=result.seconds,
+            upload_id=upload_id,
+        )
+
+    def _spool_and_upload(
+        self,
+        header: pb.UploadHeader,
+        messages: Iterator[pb.UploadModelRequest],
+        context: Any,
+        model_id: str,
+        fmt: str,
+        metrics: Dict[str, MetricValue],
+        credentials: Optional[Credentials],
+        upload_id: str,
+        cancel: Cancellation,
+    ) -> Any:
+        spool = self.transfers.new_upload_spool(hashed=bool(header.sha256))
+        try:
+            for message in messages:
+                if message.WhichOneof("kind") != "chunk":
+                    raise _invalid("UploadModel takes one header, then only chunks")
+                spool.write(message.chunk)
+            path = spool.finish(header.size or None, header.sha256 or None)
+            if not context.is_active():
+                raise SidecarError("the trainer went away; nothing was uploaded", code="CANCELLED")
+            return self.transfers.upload(
+                model_id,
+                Path(path),
+                fmt,
+                round=header.round,
+                sample_size=header.sample_size,
+                metrics=metrics,
+                owner=header.owner or None,
+                credentials=credentials,
+                # Checked against the chunks as they arrived: not hashed again.
+                sha256=header.sha256.lower() or None,
+                upload_id=upload_id,
+                cancel=cancel,
+            )
+        finally:
+            spool.discard()
+
+    @_unary
+    def GetUpload(self, request: pb.GetUploadRequest, context: Any) -> Any:
+        """What became of an upload, from the journal (answers during the drain too)."""
+        upload_id = upload_journal.check_upload_id(request.upload_id)
+        journal = self.transfers.journal
+        if journal is None:
+            raise SidecarError("this sidecar keeps no upload journal", code="FAILED_PRECONDITION")
+        record = journal.get(upload_id)
+        if record is None:
+            raise SidecarError(
+                f"this sidecar never began to send an upload {upload_id} (or forgot it after "
+                "7 days): it did not reach the FL server through this sidecar",
+                code="NOT_FOUND",
+            )
+        return pb.GetUploadResponse(
+            upload_id=record.upload_id,
+            state=_UPLOAD_STATES.get(record.state, pb.UPLOAD_STATE_UNKNOWN),  # type: ignore[arg-type]
+            http_status=record.http_status,
+            detail=record.detail,
+            model_id=record.model_id,
+            round=record.round,
+            updated_at=record.updated_at,
         )
 
     @_unary
@@ -761,6 +881,38 @@ so one Unpack call holds about one piece, one frame window and one message.
 def _bounded_unpacker(limit: int) -> Any:
     """A streaming decoder that refuses more than ``limit`` bytes in all, 4 MiB per step."""
     return _codec_module().Unpacker(max_output_size=limit, max_piece_size=_UNPACK_PIECE)
+
+
+def _set_upload_trailer(context: Any, upload_id: str, state: str) -> None:
+    context.set_trailing_metadata(
+        ((UPLOAD_ID_METADATA_KEY, upload_id), (UPLOAD_STATE_METADATA_KEY, state))
+    )
+
+
+def _upload_failure(exc: Exception, upload_id: str, state: str) -> Exception:
+    """The error the trainer gets for a failed upload, true to what reached the server.
+
+    "Retry" (UNAVAILABLE) only ever goes with ``not_sent``; whenever the whole
+    request may have reached the server, the code is UNKNOWN.
+    """
+    if state == upload_journal.UNKNOWN and status_for(exc) != grpc.StatusCode.UNKNOWN:
+        return SidecarError(
+            f"{exc} (upload {upload_id}: the whole request was sent and no answer came, so the "
+            "FL server may have it; do not resend it blindly: ask GetUpload / GetTraining)",
+            code="UNKNOWN",
+        )
+    if state == upload_journal.UNKNOWN:
+        return SidecarError(f"{exc} (upload {upload_id}; ask GetUpload)", code="UNKNOWN")
+    code = status_for(exc)
+    if state != upload_journal.NOT_SENT and code == grpc.StatusCode.UNAVAILABLE:
+        code = grpc.StatusCode.UNKNOWN  # never "retry" for what may have arrived
+    if state == upload_journal.NOT_SENT and isinstance(exc, TransferCancelledError):
+        return SidecarError(
+            f"{exc} (upload {upload_id}: it did not arrive; safe to send again)", code=code.name
+        )
+    if code == status_for(exc):
+        return exc
+    return SidecarError(str(exc), code=code.name)
 
 
 def _discard_unclaimed(updates: queue.Queue[Tuple[str, Any]]) -> None:

@@ -25,6 +25,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -36,18 +37,28 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterator, Mapping, Optional, Tuple
+from typing import IO, Callable, Iterator, Mapping, Optional, Set, Tuple
 
 from fl_sidecar import archive as model_files
+from fl_sidecar import uploads
+from fl_sidecar.cancel import REASON_SHUTDOWN, Cancellation
 from fl_sidecar.errors import (
+    AuthenticationError,
     ChecksumMismatchError,
+    ConflictError,
     CorruptDataError,
-    FlSidecarError,
     ModelFormatError,
+    ModelReadCancelledError,
+    NotFoundError,
+    PermissionDeniedError,
+    RequestRejectedError,
+    SidecarError,
     SizeLimitExceededError,
     SpoolFullError,
+    TransferCancelledError,
     TruncatedDataError,
     UnsafePickleError,
+    UploadOutcomeUnknownError,
 )
 from fl_sidecar.server_api import (
     Credentials,
@@ -57,6 +68,7 @@ from fl_sidecar.server_api import (
     TransferResult,
 )
 from fl_sidecar.telemetry import Metrics
+from fl_sidecar.uploads import UploadJournal
 
 __all__ = [
     "FORMAT_SAFETENSORS",
@@ -86,8 +98,21 @@ _FULL_ERRNOS = frozenset(
 )
 
 
-class DownloadCancelledError(FlSidecarError):
-    """The trainer went away while the model was being fetched; the partial file is gone."""
+class DownloadCancelledError(TransferCancelledError):
+    """The trainer went away (or the sidecar shut down) while the model was being fetched.
+
+    The partial file is gone.
+    """
+
+
+# The FL server's answers that say it stored nothing (4xx).
+_REFUSALS = (
+    AuthenticationError,
+    PermissionDeniedError,
+    NotFoundError,
+    ConflictError,
+    RequestRejectedError,
+)
 
 
 @dataclass
@@ -231,6 +256,7 @@ class TransferManager:
         max_model_size: int,
         trust_pickles: bool = False,
         metrics: Optional[Metrics] = None,
+        journal: Optional[UploadJournal] = None,
     ) -> None:
         """Create the private spool directory (mode 0700, locked) under ``spool_dir``.
 
@@ -243,6 +269,7 @@ class TransferManager:
             max_model_size: largest upload accepted, in bytes.
             trust_pickles: pass TORCH downloads through without vetting them.
             metrics: where bytes and durations are counted.
+            journal: where uploads with an id are recorded before they are sent.
 
         Raises:
             SpoolFullError: no room for the spool directory. OSError: it cannot be created.
@@ -251,6 +278,10 @@ class TransferManager:
         self.max_model_size = max_model_size
         self.trust_pickles = trust_pickles
         self.metrics = metrics
+        self.journal = journal
+        self._cancellations: Set[Cancellation] = set()
+        self._cancellations_lock = threading.Lock()
+        self._shutting_down = False
         parent = Path(spool_dir) if spool_dir is not None else Path(tempfile.gettempdir())
         self.spool_dir, lock_fd = _create_spool_dir(parent)
         self._lock_fd: Optional[int] = lock_fd
@@ -274,6 +305,35 @@ class TransferManager:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    # -- cancellation --
+
+    @contextlib.contextmanager
+    def cancellable(self, cancel: Optional[Cancellation] = None) -> Iterator[Cancellation]:
+        """A call's :class:`Cancellation` (``cancel`` or a new one), reached by :meth:`cancel_all`.
+
+        Already cancelled when the manager is shutting down.
+        """
+        token = cancel if cancel is not None else Cancellation()
+        with self._cancellations_lock:
+            self._cancellations.add(token)
+            shutting_down = self._shutting_down
+        if shutting_down:
+            token.cancel(REASON_SHUTDOWN)
+        try:
+            yield token
+        finally:
+            with self._cancellations_lock:
+                self._cancellations.discard(token)
+
+    def cancel_all(self, reason: str = REASON_SHUTDOWN) -> int:
+        """Cancel every transfer in flight (and every later one); returns how many were running."""
+        with self._cancellations_lock:
+            self._shutting_down = True
+            running = list(self._cancellations)
+        for token in running:
+            token.cancel(reason)
+        return len(running)
+
     def _spool_path(self, suffix: str) -> Path:
         return self.spool_dir / f"{uuid.uuid4().hex}{suffix}"
 
@@ -291,7 +351,7 @@ class TransferManager:
         credentials: Optional[Credentials] = None,
         progress: Optional[ProgressCallback] = None,
         on_converting: Optional[Callable[[], None]] = None,
-        cancelled: Optional[threading.Event] = None,
+        cancel: Optional[Cancellation] = None,
     ) -> SpooledModel:
         """Fetch the global model into a spool file, vet or convert it.
 
@@ -301,7 +361,9 @@ class TransferManager:
             credentials: for this call; ``None`` uses the client's own.
             progress: called with (wire bytes received, wire total or ``None``).
             on_converting: called once before vetting or conversion starts.
-            cancelled: set when the trainer went away; the fetch then stops.
+            cancel: cancelled when the trainer went away or the sidecar stops: the fetch
+                stops at once (its connection is shut down), vetting and conversion at
+                their next stage, and the spool files are removed.
 
         Returns:
             The spooled model; the caller must :meth:`SpooledModel.discard` it.
@@ -310,32 +372,53 @@ class TransferManager:
             ServerError subclasses from the FL server; CodecError for a corrupt body;
             UnsafePickleError: the archive's pickle would run code (and pickles are not
             trusted, or the format is SAFETENSORS); ModelFormatError: not a torch
-            archive; DownloadCancelledError: ``cancelled`` was set; SpoolFullError: the
+            archive; DownloadCancelledError: ``cancel`` was cancelled; SpoolFullError: the
             spool's file system is full (the partial files are removed).
         """
-        archive = self._spool_path(".pt")
-        stop = cancelled if cancelled is not None else threading.Event()
+        with self.cancellable(cancel) as stop:
+            return self._download(model_id, fmt, credentials, progress, on_converting, stop)
 
-        def on_progress(done: int, total: Optional[int]) -> None:
+    def _download(
+        self,
+        model_id: str,
+        fmt: str,
+        credentials: Optional[Credentials],
+        progress: Optional[ProgressCallback],
+        on_converting: Optional[Callable[[], None]],
+        stop: Cancellation,
+    ) -> SpooledModel:
+        archive = self._spool_path(".pt")
+
+        def check() -> None:
             if stop.is_set():
-                raise DownloadCancelledError("the trainer cancelled the download")
-            if progress is not None:
-                progress(done, total)
+                raise DownloadCancelledError(
+                    f"download of model {model_id}: {stop.reason}; stopped",
+                    shutting_down=stop.shutting_down,
+                )
 
         self._track_in_flight("download", +1)
         try:
-            result = self.client.download_model(
-                model_id, archive, credentials=credentials, progress=on_progress
-            )
+            try:
+                result = self.client.download_model(
+                    model_id, archive, credentials=credentials, progress=progress, cancel=stop
+                )
+            except TransferCancelledError as exc:
+                raise DownloadCancelledError(str(exc), shutting_down=exc.shutting_down) from None
             self._count("download", result)
-            if stop.is_set():
-                raise DownloadCancelledError("the trainer cancelled the download")
+            check()
             if fmt == FORMAT_SAFETENSORS:
                 if on_converting is not None:
                     on_converting()
                 converted = self._spool_path(".safetensors")
                 try:
-                    size, sha256 = model_files.archive_to_safetensors(archive, converted)
+                    size, sha256 = model_files.archive_to_safetensors(
+                        archive, converted, should_stop=stop.is_set
+                    )
+                    check()
+                except ModelReadCancelledError:
+                    _unlink_quietly(converted)
+                    check()  # the reader stopped because ``stop`` is set: say why
+                    raise
                 except BaseException:
                     _unlink_quietly(converted)
                     raise
@@ -351,7 +434,12 @@ class TransferManager:
             if not self.trust_pickles:
                 if on_converting is not None:
                     on_converting()
-                self._vet(archive)
+                try:
+                    self._vet(archive, stop)
+                except ModelReadCancelledError:
+                    check()
+                    raise
+                check()
             return SpooledModel(
                 archive,
                 result.raw_bytes,
@@ -370,11 +458,12 @@ class TransferManager:
         finally:
             self._track_in_flight("download", -1)
 
-    def _vet(self, archive: Path) -> None:
+    def _vet(self, archive: Path, stop: Cancellation) -> None:
         try:
             # describe() runs the restricted unpickler over the pickle only, not
-            # the tensor data: memory stays small for big models.
-            model_files.describe(archive)
+            # the tensor data: memory stays small for big models. A trainer that
+            # leaves, or the drain, stops the walk within a few thousand steps.
+            model_files.describe(archive, should_stop=stop.is_set)
         except UnsafePickleError as exc:
             raise UnsafePickleError(
                 f"the FL server's model would run code when unpickled ({exc}); the sidecar "
@@ -396,6 +485,8 @@ class TransferManager:
         owner: Optional[str] = None,
         credentials: Optional[Credentials] = None,
         sha256: Optional[str] = None,
+        upload_id: Optional[str] = None,
+        cancel: Optional[Cancellation] = None,
     ) -> TransferResult:
         """Upload a spooled model (converting SAFETENSORS into the global model's archive).
 
@@ -407,6 +498,11 @@ class TransferManager:
             credentials: for this call; ``None`` uses the client's own.
             sha256: the source's verified SHA-256, if known (a TORCH upload is then
                 not hashed again).
+            upload_id: the trainer's name for the upload: recorded in the journal
+                durably before the first byte is sent, and its outcome after (the
+                caller has :meth:`UploadJournal.claim`-ed it).
+            cancel: cancelled when the trainer went away or the sidecar stops: the
+                upload stops at once, also mid-request (see ``FlServerClient.upload_model``).
 
         Returns:
             What the FL server answered and what was moved.
@@ -416,7 +512,41 @@ class TransferManager:
             that is not safetensors. TensorMismatchError: the weights do not match the
             global model. ServerError subclasses from the FL server. SpoolFullError: the
             spool's file system is full (the converted or packed files are removed).
+            TransferCancelledError: cancelled before the request was complete: the
+            server stored nothing. UploadOutcomeUnknownError: the whole request went
+            out and no answer came (cancelled, connection broken, 5xx).
+            SidecarError: UNAVAILABLE when the journal cannot be written (nothing was sent).
         """
+        with self.cancellable(cancel) as stop:
+            return self._upload(
+                model_id,
+                source,
+                fmt,
+                round=round,
+                sample_size=sample_size,
+                metrics=metrics,
+                owner=owner,
+                credentials=credentials,
+                sha256=sha256,
+                upload_id=upload_id,
+                stop=stop,
+            )
+
+    def _upload(
+        self,
+        model_id: str,
+        source: Path,
+        fmt: str,
+        *,
+        round: int,
+        sample_size: int,
+        metrics: Mapping[str, MetricValue],
+        owner: Optional[str],
+        credentials: Optional[Credentials],
+        sha256: Optional[str],
+        upload_id: Optional[str],
+        stop: Cancellation,
+    ) -> TransferResult:
         self._track_in_flight("upload", +1)
         converted: Optional[Path] = None
         try:
@@ -425,23 +555,52 @@ class TransferManager:
                 converted = self._spool_path(".pt")
                 # The converted archive's digest is counted while it is written.
                 known = self._write_into_template(
-                    model_id, round, source, converted, credentials
+                    model_id, round, source, converted, credentials, stop
                 ).sha256
                 to_send = converted
             else:
                 self._check_torch(source)
                 to_send = source
                 known = sha256
-            result = self.client.upload_model(
-                model_id,
-                to_send,
-                round=round,
-                sample_size=sample_size,
-                metrics=metrics,
-                owner=owner,
-                credentials=credentials,
-                sha256=known,
-            )
+            if stop.is_set():
+                raise TransferCancelledError(
+                    f"upload for model {model_id}: {stop.reason} before it was sent; nothing "
+                    "reached the FL server",
+                    shutting_down=stop.shutting_down,
+                )
+            journal = self.journal if upload_id is not None else None
+            on_body_complete: Optional[Callable[[], None]] = None
+            if journal is not None and upload_id is not None:
+                self._journal_sending(journal, upload_id, model_id, round)
+                on_body_complete = functools.partial(journal.body_complete, upload_id)
+            try:
+                result = self.client.upload_model(
+                    model_id,
+                    to_send,
+                    round=round,
+                    sample_size=sample_size,
+                    metrics=metrics,
+                    owner=owner,
+                    credentials=credentials,
+                    sha256=known,
+                    cancel=stop,
+                    on_body_complete=on_body_complete,
+                )
+            except BaseException as exc:
+                if journal is not None and upload_id is not None:
+                    record = journal.get(upload_id)
+                    body_complete = record is not None and record.body_complete
+                    journal.finish(
+                        upload_id,
+                        _upload_state_after(exc, body_complete),
+                        http_status=int(getattr(exc, "status", None) or 0),
+                        detail=str(exc),
+                    )
+                raise
+            if journal is not None and upload_id is not None:
+                journal.finish(
+                    upload_id, uploads.ACCEPTED, http_status=result.status, detail=result.detail
+                )
             self._count("upload", result)
             return result
         except OSError as exc:
@@ -451,6 +610,17 @@ class TransferManager:
             if converted is not None:
                 _unlink_quietly(converted)
             self._track_in_flight("upload", -1)
+
+    @staticmethod
+    def _journal_sending(journal: UploadJournal, upload_id: str, model_id: str, round: int) -> None:
+        try:
+            journal.sending(upload_id, model_id, round)
+        except OSError as exc:
+            raise SidecarError(
+                f"cannot record upload {upload_id} in the journal {journal.directory} "
+                f"({exc.strerror or exc}); nothing was sent",
+                code="UNAVAILABLE",
+            ) from None
 
     def _check_torch(self, source: Path) -> None:
         detected = model_files.detect_format(source)
@@ -467,22 +637,28 @@ class TransferManager:
         weights: Path,
         dest: Path,
         credentials: Optional[Credentials],
+        stop: Optional[Cancellation] = None,
     ) -> model_files.WrittenFile:
         if model_files.detect_format(weights) != model_files.ModelFormat.SAFETENSORS:
             raise ModelFormatError(
                 "the upload is declared SAFETENSORS but is not a safetensors file"
             )
         key = (model_id, round)
-        template = self._acquire_template(key, credentials)
+        template = self._acquire_template(key, credentials, stop)
         try:
             # Outside every lock: uploads for different models, or several trainers'
             # uploads for the same round, convert in parallel.
-            return model_files.safetensors_into_archive(template.path, weights, dest)
+            return model_files.safetensors_into_archive(
+                template.path, weights, dest, should_stop=stop.is_set if stop is not None else None
+            )
         finally:
             self._release_template(key, template)
 
     def _acquire_template(
-        self, key: Tuple[str, int], credentials: Optional[Credentials]
+        self,
+        key: Tuple[str, int],
+        credentials: Optional[Credentials],
+        stop: Optional[Cancellation] = None,
     ) -> _Template:
         """The fetched template for ``key``, pinned (never removed) until released.
 
@@ -499,7 +675,7 @@ class TransferManager:
         try:
             with template.fetch_lock:
                 if not template.fetched:
-                    self._fetch_template(key, template.path, credentials)
+                    self._fetch_template(key, template.path, credentials, stop)
                     template.fetched = True
         except BaseException:
             self._release_template(key, template)
@@ -521,12 +697,18 @@ class TransferManager:
                 _unlink_quietly(template.path)  # replaced while in use: nobody can reach it
 
     def _fetch_template(
-        self, key: Tuple[str, int], path: Path, credentials: Optional[Credentials]
+        self,
+        key: Tuple[str, int],
+        path: Path,
+        credentials: Optional[Credentials],
+        stop: Optional[Cancellation] = None,
     ) -> None:
         model_id, round = key
         started = time.monotonic()
         try:
-            result = self.client.download_model(model_id, path, credentials=credentials)
+            result = self.client.download_model(
+                model_id, path, credentials=credentials, cancel=stop
+            )
         except BaseException:
             _unlink_quietly(path)
             raise
@@ -672,6 +854,20 @@ def _remove_if_unlocked(directory: Path) -> bool:
         return True
     finally:
         os.close(lock_fd)
+
+
+def _upload_state_after(exc: BaseException, body_complete: bool) -> str:
+    """The journal state of an upload whose ``upload_model`` call raised ``exc``.
+
+    A 4xx answer says the server stored nothing. Otherwise no answer decided it,
+    and what was sent does: a request whose last byte never went out is no
+    request to the server; a complete one may have been stored.
+    """
+    if isinstance(exc, _REFUSALS):
+        return uploads.REJECTED
+    if isinstance(exc, UploadOutcomeUnknownError) or body_complete:
+        return uploads.UNKNOWN
+    return uploads.NOT_SENT
 
 
 def round_seconds(seconds: float) -> float:

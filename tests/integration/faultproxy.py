@@ -9,7 +9,15 @@ is empty):
 - ``"503"``: read the whole request, answer ``503 Service Unavailable``, close;
 - ``"stall"``: read and discard everything, never answer (until :meth:`stop`);
 - ``"truncate:N"``: relay the request, then only the first ``N`` bytes of the
-  answer, then close.
+  answer, then close;
+- ``"hold:N"``: relay the first ``N`` bytes the client sends, then read no more
+  from it (its writes block, like a stalled slow link) until :meth:`release`;
+- ``"hold-answer:N"``: relay the request whole, and the first ``N`` bytes of the
+  answer, then hold the rest back until :meth:`release` (``N=0``: the server
+  processed the request, the client hears nothing).
+
+:attr:`holding` is set when a hold begins; :meth:`wait_client_closed` waits
+until the client closed its side of a connection (seen while relaying).
 
 Every request seen is recorded (method, path, headers, the first 64 KiB of
 its body and its total size) so that tests can check what went over the wire:
@@ -118,6 +126,9 @@ class FaultProxy:
         self.requests: List[SeenRequest] = []
         self.connections = 0
         self._actions = list(actions)
+        self.holding = threading.Event()
+        self.client_closed = 0
+        self._released = threading.Event()
         self._lock = threading.Condition()
         self._stopping = threading.Event()
         self._threads: List[threading.Thread] = []
@@ -152,9 +163,19 @@ class FaultProxy:
             self._lock.wait_for(lambda: len(self.requests) >= count, timeout)
             return list(self.requests)
 
+    def release(self) -> None:
+        """End every hold: relay what was held back, and everything after it."""
+        self._released.set()
+
+    def wait_client_closed(self, count: int = 1, timeout: float = 10.0) -> bool:
+        """Wait until clients closed ``count`` relayed connections; True if they did."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self.client_closed >= count, timeout)
+
     def stop(self) -> None:
         """Close the listener and every connection (stalled ones included)."""
         self._stopping.set()
+        self._released.set()
         # shutdown() wakes the thread blocked in accept(); close() alone does not.
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
@@ -205,6 +226,13 @@ class FaultProxy:
             if action == "pass" or action.startswith("truncate:"):
                 limit = int(action.split(":", 1)[1]) if action.startswith("truncate:") else None
                 self._relay(client, parser, limit)
+            elif action.startswith("hold:"):
+                # A small receive buffer, so that the client's writes block soon after
+                # the hold begins however large the host's TCP buffers may grow.
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+                self._relay(client, parser, None, hold_request=int(action.split(":", 1)[1]))
+            elif action.startswith("hold-answer:"):
+                self._relay(client, parser, None, hold_answer=int(action.split(":", 1)[1]))
             elif action == "drop":
                 while not parser.head_seen:
                     data = client.recv(65536)
@@ -238,22 +266,46 @@ class FaultProxy:
             with contextlib.suppress(OSError):
                 client.close()
 
-    def _relay(self, client: socket.socket, parser: _RequestParser, limit: Optional[int]) -> None:
+    def _hold(self) -> None:
+        self.holding.set()
+        self._released.wait()
+
+    def _relay(
+        self,
+        client: socket.socket,
+        parser: _RequestParser,
+        limit: Optional[int],
+        *,
+        hold_request: Optional[int] = None,
+        hold_answer: Optional[int] = None,
+    ) -> None:
         upstream = socket.create_connection(self.upstream, timeout=30)
         with self._lock:
             self._socks.append(upstream)
 
         def up() -> None:
+            forwarded = 0
             try:
                 while True:
-                    data = client.recv(256 * 1024)
+                    size = 256 * 1024
+                    if hold_request is not None and not self._released.is_set():
+                        if forwarded >= hold_request:
+                            self._hold()
+                        else:
+                            size = min(size, hold_request - forwarded)
+                    data = client.recv(size)
                     if not data:
                         break
+                    forwarded += len(data)
                     parser.feed(data)
                     upstream.sendall(data)
                 upstream.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+            finally:
+                with self._lock:
+                    self.client_closed += 1
+                    self._lock.notify_all()
 
         pump = threading.Thread(target=up, daemon=True)
         pump.start()
@@ -265,6 +317,14 @@ class FaultProxy:
                     break
                 if limit is not None:
                     data = data[: limit - sent]
+                if hold_answer is not None and not self._released.is_set():
+                    if sent >= hold_answer:
+                        self._hold()
+                    elif sent + len(data) > hold_answer:
+                        client.sendall(data[: hold_answer - sent])
+                        data = data[hold_answer - sent :]
+                        sent = hold_answer
+                        self._hold()
                 # Recorded before it is sent, so a client that got the answer sees the record.
                 req = parser.current
                 if req is not None:

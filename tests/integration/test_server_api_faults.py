@@ -20,6 +20,7 @@ from conftest import DevServerHandle
 from faultproxy import FaultProxy
 
 from fl_sidecar import errors
+from fl_sidecar.cancel import REASON_SHUTDOWN, Cancellation
 from fl_sidecar.server_api import Credentials, FlServerClient
 
 Setup = Tuple[str, str, Dict[str, Any], bytes, Path]
@@ -243,3 +244,88 @@ def test_one_keep_alive_connection_for_many_calls(tmp_path: Path) -> None:
         thread.join(timeout=5)
     assert len(peers) == 9
     assert len(set(peers)) == 1
+
+
+# --- cancellation of requests in flight ---------------------------------------
+
+
+def _cancel_when_held(proxy: FaultProxy, cancel: Cancellation) -> threading.Thread:
+    def watch() -> None:
+        if proxy.holding.wait(60):
+            cancel.cancel(REASON_SHUTDOWN)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_cancelled_upload_stops_in_a_blocked_write_and_did_not_arrive(
+    setup: Setup, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    model_id, training_id, user, _, _ = setup
+    big = tmp_path / "big.pt"
+    big.write_bytes(b"\0" * (32 * 1024 * 1024))  # far more than the socket buffers hold
+    proxy.set_actions(["hold:65536"])
+    cancel, completed = Cancellation(), []
+    watcher = _cancel_when_held(proxy, cancel)
+    # The read timeout is long: only the cancellation can end the blocked write.
+    with _client(proxy.url, user["token"], compression="never", timeout=120) as client:
+        with pytest.raises(errors.TransferCancelledError) as info:
+            client.upload_model(
+                model_id,
+                big,
+                round=0,
+                sample_size=4,
+                cancel=cancel,
+                on_body_complete=lambda: completed.append(1),
+            )
+        watcher.join(timeout=10)
+        assert info.value.shutting_down and "stored nothing" in str(info.value)
+        assert completed == []
+        proxy.release()
+        assert proxy.wait_client_closed(1, timeout=30)
+        assert client.get_training(training_id)["local_models_arrived"] == 0
+    assert len(_uploads(proxy, model_id)) == 1 and not _uploads(proxy, model_id)[0].complete
+
+
+def test_a_cancelled_upload_whose_answer_is_awaited_is_outcome_unknown(
+    setup: Setup, proxy: FaultProxy, devserver: DevServerHandle
+) -> None:
+    model_id, training_id, user, _, local = setup
+    proxy.set_actions(["hold-answer:0"])
+    cancel, completed = Cancellation(), []
+    watcher = _cancel_when_held(proxy, cancel)
+    with _client(proxy.url, user["token"], compression="never", timeout=120) as client:
+        with pytest.raises(errors.UploadOutcomeUnknownError) as info:
+            client.upload_model(
+                model_id,
+                local,
+                round=0,
+                sample_size=4,
+                cancel=cancel,
+                on_body_complete=lambda: completed.append(1),
+            )
+        watcher.join(timeout=10)
+    assert "NOT resent" in str(info.value) and completed == [1]
+    # The server had processed it when the proxy held its answer back.
+    with _client(devserver.url, user["token"]) as direct:
+        assert direct.get_training(training_id)["local_models_arrived"] == 1
+    assert len(_uploads(proxy, model_id)) == 1
+
+
+def test_a_cancelled_download_stops_in_a_blocked_read_and_leaves_nothing(
+    setup: Setup, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    model_id, _, user, _, _ = setup
+    proxy.set_actions(["hold-answer:0"])
+    cancel = Cancellation()
+    watcher = _cancel_when_held(proxy, cancel)
+    dest = tmp_path / "model.pt"
+    with _client(proxy.url, user["token"], timeout=120) as client:
+        with pytest.raises(errors.TransferCancelledError):
+            client.download_model(model_id, dest, cancel=cancel)
+        watcher.join(timeout=10)
+        # Cancelled means no retry either: one request only.
+        assert len(proxy.seen("GET", f"/api/models/{model_id}/")) == 1
+        assert proxy.wait_client_closed(1, timeout=30)
+    assert not dest.exists() and not list(tmp_path.glob("*.part"))

@@ -359,3 +359,65 @@ def test_communication_from_user_password_builds_basic_auth() -> None:
 def test_is_torchscript_instance_without_torch_objects() -> None:
     assert not is_torchscript_instance(object())
     assert not is_torchscript_instance(3)
+
+
+class _UploadStub:
+    """UploadModel breaks as a killed sidecar's would; GetUpload answers from ``journal``."""
+
+    def __init__(self, journal: Any) -> None:
+        self.journal = journal
+        self.asked: List[str] = []
+
+    def UploadModel(self, requests: Iterator[Any], **kwargs: Any) -> Any:
+        for _ in requests:  # the whole stream goes out, then the connection breaks
+            pass
+        raise _Unavailable()
+
+    def GetUpload(self, request: Any, **kwargs: Any) -> Any:
+        self.asked.append(request.upload_id)
+        if isinstance(self.journal, BaseException):
+            raise self.journal
+        return self.journal
+
+
+def _upload_through(journal: Any) -> Any:
+    client = SidecarClient("unix:///nonexistent/sidecar.sock")
+    stub = _UploadStub(journal)
+    client._stub = stub  # type: ignore[assignment]
+    try:
+        return client.upload("m1", b"model", round=0, sample_size=1, upload_id="u-1")
+    finally:
+        assert stub.asked == ["u-1"]
+        client.close()
+
+
+def test_a_broken_upload_call_asks_the_journal_and_never_says_retry_blindly() -> None:
+    from fl_sidecar.errors import UploadFailedError
+
+    # The sidecar cannot be asked either: the outcome is unknown, not "retry".
+    with pytest.raises(UploadFailedError) as unknown:
+        _upload_through(_Unavailable())
+    assert (unknown.value.code, unknown.value.upload_state) == ("UNKNOWN", "unknown")
+    assert "get_upload('u-1')" in str(unknown.value)
+    # The journal never saw it: nothing was sent, retrying is safe.
+    with pytest.raises(UploadFailedError) as not_sent:
+        _upload_through(_NotFound())
+    assert (not_sent.value.code, not_sent.value.upload_state) == ("UNAVAILABLE", "not_sent")
+    # The server's 201 was recorded before the connection broke: it is a success.
+    accepted = pb.GetUploadResponse(
+        upload_id="u-1", state=pb.UPLOAD_STATE_ACCEPTED, http_status=201, model_id="m1"
+    )
+    result = _upload_through(accepted)
+    assert (result.http_status, result.upload_id) == (201, "u-1")
+    refused = pb.GetUploadResponse(upload_id="u-1", state=pb.UPLOAD_STATE_REJECTED, http_status=403)
+    with pytest.raises(UploadFailedError) as rejected:
+        _upload_through(refused)
+    assert (rejected.value.code, rejected.value.upload_state) == ("PERMISSION_DENIED", "rejected")
+
+
+class _NotFound(grpc.RpcError):  # type: ignore[misc]
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.NOT_FOUND
+
+    def details(self) -> str:
+        return "never began to send it"

@@ -28,9 +28,14 @@ Errors are gRPC status codes with a human-readable message:
   PERMISSION_DENIED   not a participant of the training
   FAILED_PRECONDITION the training is not in the round/state the upload is for,
                       or a duplicate upload
-  UNAVAILABLE         the FL server cannot be reached or keeps failing; safe to retry
+  UNAVAILABLE         the FL server cannot be reached or keeps failing, or the
+                      sidecar is shutting down; safe to retry. After UploadModel
+                      see "Uploads: the retry rule" below: your gRPC library also
+                      reports a broken connection to the sidecar as UNAVAILABLE
   UNKNOWN             an upload may or may not have reached the server: do not
-                      resend blindly, ask GetTraining first
+                      resend it; ask GetUpload (then GetTraining) first
+  ALREADY_EXISTS      UploadModel: the server already accepted this upload_id
+  ABORTED             UploadModel: this upload_id is being sent right now
   DATA_LOSS           corrupt, truncated or checksum-failing data
   RESOURCE_EXHAUSTED  a limit was reached (a size limit, e.g. a decompression bomb;
                       a model reader's budget; the sidecar's spool is full)
@@ -48,6 +53,30 @@ trainers that want the FL server's own answer (the drop-in Python
                                 JSON, credentials redacted, at most 4 KiB;
                                 binary metadata, base64 on the wire)
   fl-sidecar-http-content-type  the answer's Content-Type, when it had one
+
+Uploads: the retry rule (every language)
+  Give each upload an `upload_id` (UploadHeader.upload_id; a UUID you make,
+  or the sidecar makes one and returns it). The sidecar records the upload
+  durably, under its spool directory, before it sends the first byte to the FL
+  server, and records its outcome after; GetUpload answers for it, also after
+  the sidecar restarted. Every UploadModel status the sidecar sends carries the
+  trailing metadata `fl-sidecar-upload-id` and `fl-sidecar-upload-state`
+  (not_sent, accepted, rejected, unknown: the UploadState names in lower case
+  without the prefix).
+  - OK: accepted. Do not send it again.
+  - a status with `fl-sidecar-upload-state: not_sent` (UNAVAILABLE, CANCELLED,
+    INVALID_ARGUMENT, ...): nothing reached the server; fix the cause if the
+    code says so, then send it again (the same upload_id may be reused).
+  - `rejected` (FAILED_PRECONDITION, PERMISSION_DENIED, NOT_FOUND, ...): the
+    server refused it and stored nothing; do not resend it unchanged.
+  - UNKNOWN (`unknown`): the whole request went out and no answer came; the
+    server may have stored it. Never resend it blindly: the FL server counts a
+    duplicate. Compare GetTraining (round, local_models_arrived) and send it
+    under a NEW upload_id only if it did not arrive.
+  - any status WITHOUT `fl-sidecar-upload-state` (the connection to the
+    sidecar broke: it was killed, or restarted): the outcome is unknown to you.
+    Reconnect and call GetUpload(upload_id); NOT_FOUND there means this sidecar
+    never began to send it (safe to send).
 """
 
 from collections import abc as _abc
@@ -103,6 +132,50 @@ writes these weights into a copy of the global model's archive, so names,
 shapes and dtypes must match the global model's.
 """
 Global___ModelFormat: _TypeAlias = ModelFormat  # noqa: Y015
+
+class _UploadState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UploadStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UploadState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    UPLOAD_STATE_UNSPECIFIED: _UploadState.ValueType  # 0
+    UPLOAD_STATE_NOT_SENT: _UploadState.ValueType  # 1
+    """Nothing reached the FL server: never sent, or stopped before the request's
+    last byte went out (a crash mid-send included). Safe to send again.
+    """
+    UPLOAD_STATE_SENDING: _UploadState.ValueType  # 2
+    """Being sent right now."""
+    UPLOAD_STATE_ACCEPTED: _UploadState.ValueType  # 3
+    """The server answered 2xx (http_status): it has the upload."""
+    UPLOAD_STATE_REJECTED: _UploadState.ValueType  # 4
+    """The server answered 4xx (http_status, detail) and stored nothing."""
+    UPLOAD_STATE_UNKNOWN: _UploadState.ValueType  # 5
+    """The whole request went out and no answer came (the sidecar stopped, the
+    connection broke, or the server answered 5xx): the server may have it.
+    Check GetTraining before sending it again under a new upload_id.
+    """
+
+class UploadState(_UploadState, metaclass=_UploadStateEnumTypeWrapper):
+    """What became of an upload (GetUpload)."""
+
+UPLOAD_STATE_UNSPECIFIED: UploadState.ValueType  # 0
+UPLOAD_STATE_NOT_SENT: UploadState.ValueType  # 1
+"""Nothing reached the FL server: never sent, or stopped before the request's
+last byte went out (a crash mid-send included). Safe to send again.
+"""
+UPLOAD_STATE_SENDING: UploadState.ValueType  # 2
+"""Being sent right now."""
+UPLOAD_STATE_ACCEPTED: UploadState.ValueType  # 3
+"""The server answered 2xx (http_status): it has the upload."""
+UPLOAD_STATE_REJECTED: UploadState.ValueType  # 4
+"""The server answered 4xx (http_status, detail) and stored nothing."""
+UPLOAD_STATE_UNKNOWN: UploadState.ValueType  # 5
+"""The whole request went out and no answer came (the sidecar stopped, the
+connection broke, or the server answered 5xx): the server may have it.
+Check GetTraining before sending it again under a new upload_id.
+"""
+Global___UploadState: _TypeAlias = UploadState  # noqa: Y015
 
 class _EventKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -471,6 +544,7 @@ class UploadHeader(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     CREDENTIALS_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """the global model's UUID"""
     round: _builtins.int
@@ -484,6 +558,14 @@ class UploadHeader(_message.Message):
     """optional hex digest of those bytes, checked when set"""
     owner: _builtins.str
     """optional; the server records the authenticated user"""
+    upload_id: _builtins.str
+    """Optional: your name for this upload (1-128 printable ASCII characters, no
+    spaces; a UUID is a good choice), for GetUpload. Empty: the sidecar makes
+    one and returns it in UploadModelResponse.upload_id and the trailing
+    metadata. An id the server already accepted (ALREADY_EXISTS), one whose
+    outcome is unknown (FAILED_PRECONDITION) or one in progress (ABORTED) is
+    refused without sending anything.
+    """
     @_builtins.property
     def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___Metric]:
         """metrics of the local model, in order"""
@@ -504,10 +586,11 @@ class UploadHeader(_message.Message):
         sha256: _builtins.str = ...,
         credentials: Global___Credentials | None = ...,
         owner: _builtins.str = ...,
+        upload_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "format", b"format", "metrics", b"metrics", "model_id", b"model_id", "owner", b"owner", "round", b"round", "sample_size", b"sample_size", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "format", b"format", "metrics", b"metrics", "model_id", b"model_id", "owner", b"owner", "round", b"round", "sample_size", b"sample_size", "sha256", b"sha256", "size", b"size", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -548,6 +631,7 @@ class UploadModelResponse(_message.Message):
     WIRE_BYTES_FIELD_NUMBER: _builtins.int
     CONTENT_ENCODING_FIELD_NUMBER: _builtins.int
     SECONDS_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
     http_status: _builtins.int
     """the FL server's answer, e.g. 201"""
     detail: _builtins.str
@@ -560,6 +644,8 @@ class UploadModelResponse(_message.Message):
     """"zstd" or "identity" """
     seconds: _builtins.float
     """time spent sending to the FL server"""
+    upload_id: _builtins.str
+    """the header's, or the one the sidecar made"""
     def __init__(
         self,
         *,
@@ -569,14 +655,75 @@ class UploadModelResponse(_message.Message):
         wire_bytes: _builtins.int = ...,
         content_encoding: _builtins.str = ...,
         seconds: _builtins.float = ...,
+        upload_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_encoding", b"content_encoding", "detail", b"detail", "http_status", b"http_status", "raw_bytes", b"raw_bytes", "seconds", b"seconds", "wire_bytes", b"wire_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_encoding", b"content_encoding", "detail", b"detail", "http_status", b"http_status", "raw_bytes", b"raw_bytes", "seconds", b"seconds", "upload_id", b"upload_id", "wire_bytes", b"wire_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UploadModelResponse: _TypeAlias = UploadModelResponse  # noqa: Y015
+
+@_typing.final
+class GetUploadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    upload_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        upload_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUploadRequest: _TypeAlias = GetUploadRequest  # noqa: Y015
+
+@_typing.final
+class GetUploadResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    upload_id: _builtins.str
+    state: Global___UploadState.ValueType
+    http_status: _builtins.int
+    """the FL server's answer; 0 when none came"""
+    detail: _builtins.str
+    """the server's message, or why the state is what it is"""
+    model_id: _builtins.str
+    """what it was uploaded for"""
+    round: _builtins.int
+    updated_at: _builtins.float
+    """unix time of the last change, seconds"""
+    def __init__(
+        self,
+        *,
+        upload_id: _builtins.str = ...,
+        state: Global___UploadState.ValueType = ...,
+        http_status: _builtins.int = ...,
+        detail: _builtins.str = ...,
+        model_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        updated_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "http_status", b"http_status", "model_id", b"model_id", "round", b"round", "state", b"state", "updated_at", b"updated_at", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUploadResponse: _TypeAlias = GetUploadResponse  # noqa: Y015
 
 @_typing.final
 class UploadMetricsRequest(_message.Message):

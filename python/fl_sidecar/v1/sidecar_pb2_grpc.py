@@ -49,6 +49,11 @@ class SidecarStub:
                 request_serializer=fl__sidecar_dot_v1_dot_sidecar__pb2.UploadModelRequest.SerializeToString,
                 response_deserializer=fl__sidecar_dot_v1_dot_sidecar__pb2.UploadModelResponse.FromString,
                 _registered_method=True)
+        self.GetUpload = channel.unary_unary(
+                '/fl_sidecar.v1.Sidecar/GetUpload',
+                request_serializer=fl__sidecar_dot_v1_dot_sidecar__pb2.GetUploadRequest.SerializeToString,
+                response_deserializer=fl__sidecar_dot_v1_dot_sidecar__pb2.GetUploadResponse.FromString,
+                _registered_method=True)
         self.UploadMetrics = channel.unary_unary(
                 '/fl_sidecar.v1.Sidecar/UploadMetrics',
                 request_serializer=fl__sidecar_dot_v1_dot_sidecar__pb2.UploadMetricsRequest.SerializeToString,
@@ -101,7 +106,19 @@ class SidecarServicer:
         """Uploads a locally trained model. The first message must be the header;
         the model's bytes follow as `chunk` messages; then close the stream.
         Nothing reaches the FL server until the stream is complete, so a trainer
-        that disconnects mid-stream uploads nothing.
+        that disconnects mid-stream uploads nothing. A trainer that disconnects
+        while the sidecar sends stops the sending too (its outcome: GetUpload).
+        See "Uploads: the retry rule" above for what each status means.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUpload(self, request, context):
+        """What became of an upload, by its upload_id: from the sidecar's durable
+        journal, so it answers after a sidecar restart as well. NOT_FOUND: this
+        sidecar never began to send an upload with that id (or forgot it after 7
+        days).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,6 +188,11 @@ def add_SidecarServicer_to_server(servicer, server):
                     servicer.UploadModel,
                     request_deserializer=fl__sidecar_dot_v1_dot_sidecar__pb2.UploadModelRequest.FromString,
                     response_serializer=fl__sidecar_dot_v1_dot_sidecar__pb2.UploadModelResponse.SerializeToString,
+            ),
+            'GetUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUpload,
+                    request_deserializer=fl__sidecar_dot_v1_dot_sidecar__pb2.GetUploadRequest.FromString,
+                    response_serializer=fl__sidecar_dot_v1_dot_sidecar__pb2.GetUploadResponse.SerializeToString,
             ),
             'UploadMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.UploadMetrics,
@@ -279,6 +301,33 @@ class Sidecar:
             '/fl_sidecar.v1.Sidecar/UploadModel',
             fl__sidecar_dot_v1_dot_sidecar__pb2.UploadModelRequest.SerializeToString,
             fl__sidecar_dot_v1_dot_sidecar__pb2.UploadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fl_sidecar.v1.Sidecar/GetUpload',
+            fl__sidecar_dot_v1_dot_sidecar__pb2.GetUploadRequest.SerializeToString,
+            fl__sidecar_dot_v1_dot_sidecar__pb2.GetUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,9 +28,14 @@ Errors are gRPC status codes with a human-readable message:
   PERMISSION_DENIED   not a participant of the training
   FAILED_PRECONDITION the training is not in the round/state the upload is for,
                       or a duplicate upload
-  UNAVAILABLE         the FL server cannot be reached or keeps failing; safe to retry
+  UNAVAILABLE         the FL server cannot be reached or keeps failing, or the
+                      sidecar is shutting down; safe to retry. After UploadModel
+                      see "Uploads: the retry rule" below: your gRPC library also
+                      reports a broken connection to the sidecar as UNAVAILABLE
   UNKNOWN             an upload may or may not have reached the server: do not
-                      resend blindly, ask GetTraining first
+                      resend it; ask GetUpload (then GetTraining) first
+  ALREADY_EXISTS      UploadModel: the server already accepted this upload_id
+  ABORTED             UploadModel: this upload_id is being sent right now
   DATA_LOSS           corrupt, truncated or checksum-failing data
   RESOURCE_EXHAUSTED  a limit was reached (a size limit, e.g. a decompression bomb;
                       a model reader's budget; the sidecar's spool is full)
@@ -48,6 +53,30 @@ trainers that want the FL server's own answer (the drop-in Python
                                 JSON, credentials redacted, at most 4 KiB;
                                 binary metadata, base64 on the wire)
   fl-sidecar-http-content-type  the answer's Content-Type, when it had one
+
+Uploads: the retry rule (every language)
+  Give each upload an `upload_id` (UploadHeader.upload_id; a UUID you make,
+  or the sidecar makes one and returns it). The sidecar records the upload
+  durably, under its spool directory, before it sends the first byte to the FL
+  server, and records its outcome after; GetUpload answers for it, also after
+  the sidecar restarted. Every UploadModel status the sidecar sends carries the
+  trailing metadata `fl-sidecar-upload-id` and `fl-sidecar-upload-state`
+  (not_sent, accepted, rejected, unknown: the UploadState names in lower case
+  without the prefix).
+  - OK: accepted. Do not send it again.
+  - a status with `fl-sidecar-upload-state: not_sent` (UNAVAILABLE, CANCELLED,
+    INVALID_ARGUMENT, ...): nothing reached the server; fix the cause if the
+    code says so, then send it again (the same upload_id may be reused).
+  - `rejected` (FAILED_PRECONDITION, PERMISSION_DENIED, NOT_FOUND, ...): the
+    server refused it and stored nothing; do not resend it unchanged.
+  - UNKNOWN (`unknown`): the whole request went out and no answer came; the
+    server may have stored it. Never resend it blindly: the FL server counts a
+    duplicate. Compare GetTraining (round, local_models_arrived) and send it
+    under a NEW upload_id only if it did not arrive.
+  - any status WITHOUT `fl-sidecar-upload-state` (the connection to the
+    sidecar broke: it was killed, or restarted): the outcome is unknown to you.
+    Reconnect and call GetUpload(upload_id); NOT_FOUND there means this sidecar
+    never began to send it (safe to send).
 """
 
 from collections import abc as _abc
@@ -92,7 +121,15 @@ class SidecarStub:
     """Uploads a locally trained model. The first message must be the header;
     the model's bytes follow as `chunk` messages; then close the stream.
     Nothing reaches the FL server until the stream is complete, so a trainer
-    that disconnects mid-stream uploads nothing.
+    that disconnects mid-stream uploads nothing. A trainer that disconnects
+    while the sidecar sends stops the sending too (its outcome: GetUpload).
+    See "Uploads: the retry rule" above for what each status means.
+    """
+    GetUpload: _grpc.UnaryUnaryMultiCallable[_sidecar_pb2.GetUploadRequest, _sidecar_pb2.GetUploadResponse]
+    """What became of an upload, by its upload_id: from the sidecar's durable
+    journal, so it answers after a sidecar restart as well. NOT_FOUND: this
+    sidecar never began to send an upload with that id (or forgot it after 7
+    days).
     """
     UploadMetrics: _grpc.UnaryUnaryMultiCallable[_sidecar_pb2.UploadMetricsRequest, _sidecar_pb2.UploadMetricsResponse]
     """Uploads test metrics of the global model for a round."""
@@ -138,7 +175,15 @@ class SidecarAsyncStub(SidecarStub):
     """Uploads a locally trained model. The first message must be the header;
     the model's bytes follow as `chunk` messages; then close the stream.
     Nothing reaches the FL server until the stream is complete, so a trainer
-    that disconnects mid-stream uploads nothing.
+    that disconnects mid-stream uploads nothing. A trainer that disconnects
+    while the sidecar sends stops the sending too (its outcome: GetUpload).
+    See "Uploads: the retry rule" above for what each status means.
+    """
+    GetUpload: _aio.UnaryUnaryMultiCallable[_sidecar_pb2.GetUploadRequest, _sidecar_pb2.GetUploadResponse]  # type: ignore[assignment]
+    """What became of an upload, by its upload_id: from the sidecar's durable
+    journal, so it answers after a sidecar restart as well. NOT_FOUND: this
+    sidecar never began to send an upload with that id (or forgot it after 7
+    days).
     """
     UploadMetrics: _aio.UnaryUnaryMultiCallable[_sidecar_pb2.UploadMetricsRequest, _sidecar_pb2.UploadMetricsResponse]  # type: ignore[assignment]
     """Uploads test metrics of the global model for a round."""
@@ -199,7 +244,21 @@ class SidecarServicer(metaclass=_abc_1.ABCMeta):
         """Uploads a locally trained model. The first message must be the header;
         the model's bytes follow as `chunk` messages; then close the stream.
         Nothing reaches the FL server until the stream is complete, so a trainer
-        that disconnects mid-stream uploads nothing.
+        that disconnects mid-stream uploads nothing. A trainer that disconnects
+        while the sidecar sends stops the sending too (its outcome: GetUpload).
+        See "Uploads: the retry rule" above for what each status means.
+        """
+
+    @_abc_1.abstractmethod
+    def GetUpload(
+        self,
+        request: _sidecar_pb2.GetUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sidecar_pb2.GetUploadResponse, _abc.Awaitable[_sidecar_pb2.GetUploadResponse]]:
+        """What became of an upload, by its upload_id: from the sidecar's durable
+        journal, so it answers after a sidecar restart as well. NOT_FOUND: this
+        sidecar never began to send an upload with that id (or forgot it after 7
+        days).
         """
 
     @_abc_1.abstractmethod
