@@ -1014,7 +1014,18 @@ class SidecarClient:
         )
         self.last_upload_id = header.upload_id
         try:
-            r = self._stub.UploadModel(source, timeout=timeout, metadata=self._metadata)
+            metadata = self._metadata
+        except SidecarError as refused:
+            # No call was made (no socket, or one this client does not trust).
+            raise UploadFailedError(
+                f"upload {header.upload_id} for model {header.model_id}: {refused}; "
+                "nothing was sent",
+                code=refused.code,
+                upload_id=header.upload_id,
+                upload_state="not_sent",
+            ) from refused
+        try:
+            r = self._stub.UploadModel(source, timeout=timeout, metadata=metadata)
         except grpc.RpcError as exc:
             source.reraise()
             failure = self._upload_error(exc, header)
@@ -1074,7 +1085,14 @@ class SidecarClient:
                     f"ask get_upload({header.upload_id!r}) before sending it again"
                 )
         return UploadFailedError(
-            message, code=code, upload_id=header.upload_id, upload_state=str(state)
+            message,
+            code=code,
+            upload_id=header.upload_id,
+            upload_state=str(state),
+            error_class=mapped.error_class,
+            http_status=mapped.http_status,
+            http_body=mapped.http_body,
+            http_content_type=mapped.http_content_type,
         )
 
     def _header(

@@ -333,8 +333,26 @@ class UploadFailedError(SidecarError):
             ``"sending"`` (the sidecar is sending it right now).
     """
 
-    def __init__(self, message: str, *, code: str, upload_id: str, upload_state: str) -> None:
-        super().__init__(message, code=code)
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        upload_id: str,
+        upload_state: str,
+        error_class: Optional[str] = None,
+        http_status: Optional[int] = None,
+        http_body: Optional[str] = None,
+        http_content_type: Optional[str] = None,
+    ) -> None:
+        super().__init__(
+            message,
+            code=code,
+            error_class=error_class,
+            http_status=http_status,
+            http_body=http_body,
+            http_content_type=http_content_type,
+        )
         self.upload_id = upload_id
         self.upload_state = upload_state
 

@@ -20,7 +20,19 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Tuple, TypeVar, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Generator,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 import grpc
 
@@ -233,6 +245,10 @@ def error_trailers(exc: BaseException, message: str) -> List[Tuple[str, Union[st
     if not isinstance(exc, FlSidecarError):
         return []
     trailers: List[Tuple[str, Union[str, bytes]]] = [(ERROR_CLASS_KEY, type(exc).__name__)]
+    # A status the sidecar restated (an upload's outcome, say) still shows the
+    # server's answer that caused it.
+    if not isinstance(exc, ServerError) and isinstance(exc.__cause__, ServerError):
+        exc = exc.__cause__
     if isinstance(exc, ServerError) and exc.status is not None:
         trailers.append((HTTP_STATUS_KEY, str(int(exc.status))))
         content_type = exc.content_type or ""
@@ -292,6 +308,26 @@ class _OutputBuffer:
         yield from _split(joined)
 
 
+class _MergedTrailers:
+    """A call's context whose trailing metadata accumulates instead of being replaced.
+
+    grpc keeps only the last ``set_trailing_metadata``: without this, the error
+    trailers ``_fail`` sets would drop the upload id and state that UploadModel set
+    before it failed. A key set again keeps its latest value.
+    """
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        self._trailers: Dict[str, Union[str, bytes]] = {}
+
+    def set_trailing_metadata(self, pairs: Sequence[Tuple[str, Union[str, bytes]]]) -> None:
+        self._trailers.update(pairs)
+        self._context.set_trailing_metadata(tuple(self._trailers.items()))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
 def _unary(method: Callable[..., T]) -> Callable[..., T]:
     name = method.__name__
 
@@ -299,6 +335,7 @@ def _unary(method: Callable[..., T]) -> Callable[..., T]:
     def wrapper(self: SidecarService, request: Any, context: grpc.ServicerContext) -> T:
         started = time.monotonic()
         self._enter(name)
+        context = _MergedTrailers(context)
         try:
             return method(self, request, context)
         except Exception as exc:
@@ -319,6 +356,7 @@ def _streaming(
     def wrapper(self: SidecarService, request: Any, context: grpc.ServicerContext) -> Iterator[T]:
         started = time.monotonic()
         self._enter(name)
+        context = _MergedTrailers(context)
         try:
             yield from method(self, request, context)
         except Exception as exc:
