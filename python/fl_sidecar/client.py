@@ -58,17 +58,26 @@ from typing import (
 import grpc
 
 from fl_sidecar import socketdir
-from fl_sidecar.errors import (
-    ERROR_CLASS_KEY,
-    HTTP_BODY_KEY,
-    HTTP_CONTENT_TYPE_KEY,
-    HTTP_STATUS_KEY,
-    SidecarError,
-    UploadFailedError,
-)
+from fl_sidecar.errors import SidecarError, UploadFailedError
 from fl_sidecar.events import EventKind, ServerEvent
 from fl_sidecar.v1 import sidecar_pb2 as pb
 from fl_sidecar.v1 import sidecar_pb2_grpc as pb_grpc
+from fl_sidecar.wire import (
+    DEFAULT_CHUNK_SIZE,
+    ERROR_CLASS_KEY,
+    FORMATS,
+    HTTP_BODY_KEY,
+    HTTP_CONTENT_TYPE_KEY,
+    HTTP_STATUS_KEY,
+    MAX_CHUNK_SIZE,
+    MAX_MESSAGE_SIZE,
+    TOKEN_METADATA_KEY,
+    UPLOAD_STATE_METADATA_KEY,
+    event_from_proto,
+    format_name,
+    metric_to_proto,
+    upload_state_name,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -94,56 +103,23 @@ __all__ = [
     "unix_socket_path",
 ]
 
-DEFAULT_CHUNK_SIZE = 1024 * 1024
-"""Bytes per streamed message (the contract allows 1-4 MiB)."""
-
-MAX_MESSAGE_SIZE = 8 * 1024 * 1024
-"""Bytes: the largest gRPC message this client sends or accepts (the sidecar's limit)."""
-
-TOKEN_METADATA_KEY = "x-fl-sidecar-token"
-"""The metadata key carrying the sidecar's API token."""
-
 SOCKET_OWNER_VARIABLE = "FL_SIDECAR_SOCKET_OWNER"
 """Environment variable naming the uid or user the sidecar's socket may belong to."""
-
-FORMATS = {"torch": pb.MODEL_FORMAT_TORCH, "safetensors": pb.MODEL_FORMAT_SAFETENSORS}
-"""Model formats by their CLI/user-facing name."""
 
 Buffer = Union[bytes, bytearray, memoryview]
 PathLike = Union[str, "os.PathLike[str]"]
 ProgressCallback = Callable[[int, int], None]
 _T = TypeVar("_T")
 MetricsArg = Optional[Union[Mapping[str, Any], Sequence[Tuple[str, Any]]]]
-"""Metrics by name: numbers go as numbers, anything else as its ``str()`` (:func:`_metric`)."""
+"""Metrics by name: numbers go as numbers, anything else as its ``str()``.
 
-_FORMAT_NAMES = {
-    pb.MODEL_FORMAT_UNSPECIFIED: "torch",
-    pb.MODEL_FORMAT_TORCH: "torch",
-    pb.MODEL_FORMAT_SAFETENSORS: "safetensors",
-}
+(:func:`fl_sidecar.wire.metric_to_proto`)."""
 
-_UPLOAD_STATE_NAMES = {
-    pb.UPLOAD_STATE_NOT_SENT: "not_sent",
-    pb.UPLOAD_STATE_SENDING: "sending",
-    pb.UPLOAD_STATE_ACCEPTED: "accepted",
-    pb.UPLOAD_STATE_REJECTED: "rejected",
-    pb.UPLOAD_STATE_UNKNOWN: "unknown",
-}
-_UPLOAD_STATE_KEY = "fl-sidecar-upload-state"  # trailing metadata of UploadModel statuses
 # The gRPC code of a refusal the journal recorded (by HTTP status), as the sidecar maps them.
 _REJECTION_CODES = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND"}
 
 _CODEC_REQUESTS = {"Pack": pb.PackRequest, "Unpack": pb.UnpackRequest}
 """The request message of each codec RPC, by its name."""
-
-_EVENT_KINDS = {
-    pb.EVENT_KIND_TRAINING_START: EventKind.TRAINING_START,
-    pb.EVENT_KIND_UPDATE_ROUND_START: EventKind.UPDATE_ROUND_START,
-    pb.EVENT_KIND_MODEL_TEST_ROUND: EventKind.MODEL_TEST_ROUND,
-    pb.EVENT_KIND_TRAINING_FINISHED: EventKind.TRAINING_FINISHED,
-    pb.EVENT_KIND_SWAG_ROUND_START: EventKind.SWAG_ROUND_START,
-    pb.EVENT_KIND_CLIENT_REMOVED: EventKind.CLIENT_REMOVED,
-}
 
 
 def default_target() -> str:
@@ -398,58 +374,11 @@ def _text(value: Union[str, bytes, None]) -> Optional[str]:
     return value if isinstance(value, str) and value else None
 
 
-def _metric(name: Any, value: Any) -> pb.Metric:
-    """One metric: a number as ``value``, anything else as ``text`` (its ``str()``).
-
-    What the FL server receives then matches what the reference client posts
-    for the same value (it sends ``str()`` of every value as a form field):
-    a text verbatim, ``True``/``False`` for a bool, UTF-8 bytes decoded.
-    Numbers are whatever ``float()`` takes (ints, floats, numpy scalars,
-    one-element tensors) and go as numbers.
-
-    Raises:
-        ValueError: the value is ``None`` (the reference client drops it and its
-            names and values no longer pair up), or bytes that are not UTF-8.
-    """
-    key = str(name)
-    if value is None:
-        raise ValueError(f"metric {key!r} has no value (None)")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        try:
-            return pb.Metric(name=key, text=bytes(value).decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ValueError(f"metric {key!r}: bytes that are not UTF-8 text") from None
-    if isinstance(value, (str, bool)):
-        return pb.Metric(name=key, text=str(value))
-    try:
-        return pb.Metric(name=key, value=float(value))
-    except (TypeError, ValueError, ArithmeticError, RuntimeError):
-        # RuntimeError: a tensor of several elements; ArithmeticError: an int beyond a double.
-        return pb.Metric(name=key, text=str(value))
-
-
 def _metric_list(metrics: MetricsArg) -> List[pb.Metric]:
     if metrics is None:
         return []
     items = metrics.items() if isinstance(metrics, Mapping) else metrics
-    return [_metric(name, value) for name, value in items]
-
-
-def _event_from_proto(message: pb.Event) -> ServerEvent:
-    kind = _EVENT_KINDS.get(message.kind)
-    if kind is None:
-        kind = EventKind.from_notification_type(message.notification_type)
-    return ServerEvent(
-        seq=message.seq,
-        kind=kind,
-        notification_type=message.notification_type,
-        training_id=message.training_id,
-        model_id=message.model_id or None,
-        round=message.round if message.HasField("round") else None,
-        body_json=message.body_json,
-        raw_json=message.raw_json,
-        received_at=message.received_at,
-    )
+    return [metric_to_proto(name, value) for name, value in items]
 
 
 class EventStream:
@@ -472,7 +401,7 @@ class EventStream:
     def _pump(self) -> None:
         try:
             for message in self._call:
-                self._queue.put(_event_from_proto(message))
+                self._queue.put(event_from_proto(message))
         except grpc.RpcError as exc:
             if not self._closed:
                 self._queue.put(_map_rpc_error(exc, "WatchEvents"))
@@ -591,8 +520,8 @@ class SidecarClient:
         verify: bool = True,
         expected_owner: Optional[Union[int, str]] = None,
     ) -> None:
-        if not 1 <= chunk_size <= MAX_MESSAGE_SIZE // 2:
-            raise ValueError(f"chunk_size must be 1..{MAX_MESSAGE_SIZE // 2} bytes")
+        if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk_size must be 1..{MAX_CHUNK_SIZE} bytes")
         self.target = normalize_target(target)
         self.timeout = timeout
         self.chunk_size = chunk_size
@@ -775,7 +704,7 @@ class SidecarClient:
             raise _map_rpc_error(exc, f"GetUpload {upload_id}") from None
         return UploadStatus(
             upload_id=r.upload_id,
-            state=_UPLOAD_STATE_NAMES.get(r.state, "unknown"),
+            state=upload_state_name(r.state),
             http_status=r.http_status,
             detail=r.detail,
             model_id=r.model_id,
@@ -845,7 +774,7 @@ class SidecarClient:
                 raise SidecarError(f"{action}: sha256 mismatch", code="DATA_LOSS")
         return DownloadResult(
             model_id=info.model_id or str(model_id),
-            format=_FORMAT_NAMES.get(info.format, "torch"),
+            format=format_name(info.format),
             size=info.size,
             sha256=sha,
             content_encoding=info.content_encoding,
@@ -1063,7 +992,7 @@ class SidecarClient:
         """
         mapped = _map_rpc_error(exc, f"upload {header.upload_id} for model {header.model_id}")
         trailer = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
-        state = dict(trailer or ()).get(_UPLOAD_STATE_KEY)
+        state = dict(trailer or ()).get(UPLOAD_STATE_METADATA_KEY)
         code, message = mapped.code, str(mapped)
         if state is None:
             try:

@@ -36,7 +36,6 @@ from urllib.parse import urlsplit, urlunsplit
 from fl_sidecar.errors import ConfigurationError
 
 __all__ = [
-    "DEFAULT_CHUNK_SIZE",
     "DEFAULT_DRAIN_SECONDS",
     "DEFAULT_MAX_CONCURRENT_RPCS",
     "DEFAULT_MAX_CONCURRENT_SCRIPTS",
@@ -47,8 +46,6 @@ __all__ = [
     "DEFAULT_SCRIPT_PATH",
     "DEFAULT_SCRIPT_WORKING_DIRECTORY",
     "DEFAULT_SERVER_URL",
-    "MAX_CHUNK_SIZE",
-    "MAX_MESSAGE_SIZE",
     "REFERENCE_CLIENT_DEFAULTS",
     "Settings",
     "add_arguments",
@@ -60,14 +57,6 @@ __all__ = [
     "strip_userinfo",
 ]
 
-MAX_MESSAGE_SIZE = 8 * 1024 * 1024
-"""Bytes: the largest gRPC message the sidecar sends or accepts (the proto's promise)."""
-
-DEFAULT_CHUNK_SIZE = 1024 * 1024
-"""Bytes per chunk message the sidecar sends when the trainer does not choose."""
-
-MAX_CHUNK_SIZE = 4 * 1024 * 1024
-"""Bytes: the largest chunk message the sidecar sends."""
 
 DEFAULT_MAX_MODEL_SIZE = 4 * 1024**3
 """Bytes: the largest model downloaded, accepted for upload or produced by Unpack (4 GiB).

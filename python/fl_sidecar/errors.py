@@ -27,11 +27,6 @@ from typing import Optional
 from fl_sidecar.redaction import redact
 
 __all__ = [
-    "ERROR_CLASS_KEY",
-    "HTTP_BODY_KEY",
-    "HTTP_BODY_LIMIT",
-    "HTTP_CONTENT_TYPE_KEY",
-    "HTTP_STATUS_KEY",
     "AmbiguousArchiveError",
     "AuthenticationError",
     "ChecksumMismatchError",
@@ -262,7 +257,7 @@ class SidecarError(FlSidecarError):
     """The local sidecar refused or failed a call.
 
     When the call failed because the FL server refused it, the sidecar passes
-    the server's answer on (trailing metadata, see :data:`ERROR_CLASS_KEY`) and
+    the server's answer on (trailing metadata, see :data:`fl_sidecar.wire.ERROR_CLASS_KEY`) and
     it lands here.
 
     Attributes:
@@ -291,20 +286,6 @@ class SidecarError(FlSidecarError):
         self.http_status = http_status
         self.http_body = http_body
         self.http_content_type = http_content_type
-
-
-# Where a failed call's cause travels from the sidecar to its client: gRPC
-# trailing metadata (the proto's header comment documents the keys).
-ERROR_CLASS_KEY = "fl-sidecar-error"
-"""Trailing-metadata key: the sidecar's error class name, e.g. ``"NotFoundError"``."""
-HTTP_STATUS_KEY = "fl-sidecar-http-status"
-"""Trailing-metadata key: the FL server's HTTP status as decimal digits."""
-HTTP_BODY_KEY = "fl-sidecar-http-body-bin"
-"""Trailing-metadata key (binary): the FL server's answer body, UTF-8."""
-HTTP_CONTENT_TYPE_KEY = "fl-sidecar-http-content-type"
-"""Trailing-metadata key: the FL server's ``Content-Type``."""
-HTTP_BODY_LIMIT = 4096
-"""Bytes: the most of the server's body a failed call carries (metadata must stay small)."""
 
 
 class SpoolFullError(FlSidecarError):

@@ -32,7 +32,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from typing import FrozenSet, Iterable, Optional, Pattern, Set, Tuple
+from typing import FrozenSet, Iterable, List, Optional, Pattern, Set, Tuple
 from urllib.parse import quote, quote_plus
 
 __all__ = [
@@ -155,9 +155,7 @@ class _Registry:
         with self._lock:
             if self._pattern is None and self._secrets:
                 self._forms = frozenset().union(*self._secrets)
-                # Longest first: a form that contains another is replaced whole.
-                ordered = sorted(self._forms, key=len, reverse=True)
-                self._pattern = re.compile("|".join(re.escape(f) for f in ordered))
+                self._pattern = _pattern_of(self._forms)
             return self._pattern, self._forms
 
 
@@ -196,14 +194,43 @@ def redact(text: str, *, extra: Iterable[str] = (), truncated: bool = False) -> 
             more |= secret_forms(secret)
         if more - forms:
             forms = forms | more
-            ordered = sorted(forms, key=len, reverse=True)
-            pattern = re.compile("|".join(re.escape(f) for f in ordered))
+            pattern = _pattern_of(forms)
     if pattern is None:
         return text
-    text = pattern.sub(REDACTED, text)
+    text = _replace_spans(text, pattern)
     if truncated:
         text = _cut_partial_tail(text, forms)
     return text
+
+
+def _pattern_of(forms: Iterable[str]) -> Pattern[str]:
+    # A lookahead finds a form at EVERY position, also one that starts inside
+    # another match (secrets can overlap: "Token abc" and "abc-def" in
+    # "Token abc-def"); longest first, so each position yields its longest form.
+    ordered = sorted(forms, key=len, reverse=True)
+    return re.compile("(?=(" + "|".join(re.escape(f) for f in ordered) + "))")
+
+
+def _replace_spans(text: str, pattern: Pattern[str]) -> str:
+    """``text`` with the union of every form's occurrences replaced, each run by one ``***``."""
+    pieces: List[str] = []
+    end = 0  # end of the text copied or redacted so far
+    run_end = -1  # end of the redacted run being extended
+    for match in pattern.finditer(text):
+        start, stop = match.start(), match.start() + len(match.group(1))
+        if start <= run_end:
+            run_end = max(run_end, stop)
+            continue
+        if run_end >= 0:
+            pieces.append(REDACTED)
+            end = run_end
+        pieces.append(text[end:start])
+        run_end = stop
+    if run_end < 0:
+        return text
+    pieces.append(REDACTED)
+    pieces.append(text[run_end:])
+    return "".join(pieces)
 
 
 def _cut_partial_tail(text: str, forms: FrozenSet[str]) -> str:

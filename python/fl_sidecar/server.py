@@ -51,7 +51,7 @@ from grpc_reflection.v1alpha import reflection
 
 from fl_sidecar import __version__, socketdir
 from fl_sidecar.cancel import REASON_SHUTDOWN
-from fl_sidecar.config import MAX_MESSAGE_SIZE, Settings, add_arguments, strip_userinfo
+from fl_sidecar.config import Settings, add_arguments, strip_userinfo
 from fl_sidecar.errors import (
     ConfigurationError,
     ConflictError,
@@ -66,6 +66,7 @@ from fl_sidecar.telemetry import Metrics, configure_logging
 from fl_sidecar.transfers import TransferManager
 from fl_sidecar.uploads import UploadJournal
 from fl_sidecar.v1 import sidecar_pb2_grpc
+from fl_sidecar.wire import MAX_MESSAGE_SIZE, TOKEN_METADATA_KEY
 
 __all__ = [
     "TOKEN_METADATA_KEY",
@@ -75,8 +76,6 @@ __all__ = [
     "run_serve",
 ]
 
-TOKEN_METADATA_KEY = "x-fl-sidecar-token"
-"""The gRPC metadata key that carries the API token."""
 
 _log = logging.getLogger(__name__)
 

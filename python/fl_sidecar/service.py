@@ -39,13 +39,7 @@ import grpc
 from fl_sidecar import __version__
 from fl_sidecar import uploads as upload_journal
 from fl_sidecar.cancel import REASON_TRAINER_GONE, Cancellation
-from fl_sidecar.config import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_MESSAGE_SIZE
 from fl_sidecar.errors import (
-    ERROR_CLASS_KEY,
-    HTTP_BODY_KEY,
-    HTTP_BODY_LIMIT,
-    HTTP_CONTENT_TYPE_KEY,
-    HTTP_STATUS_KEY,
     AuthenticationError,
     CodecError,
     ConfigurationError,
@@ -70,12 +64,10 @@ from fl_sidecar.errors import (
     UnsafePickleError,
     UploadOutcomeUnknownError,
 )
-from fl_sidecar.events import EventBus, EventKind, ServerEvent
-from fl_sidecar.server_api import Credentials, MetricValue
+from fl_sidecar.events import EventBus
+from fl_sidecar.server_api import Credentials
 from fl_sidecar.telemetry import Metrics
 from fl_sidecar.transfers import (
-    FORMAT_SAFETENSORS,
-    FORMAT_TORCH,
     DownloadCancelledError,
     SpooledModel,
     TransferManager,
@@ -83,6 +75,25 @@ from fl_sidecar.transfers import (
 )
 from fl_sidecar.v1 import sidecar_pb2 as pb
 from fl_sidecar.v1 import sidecar_pb2_grpc as pb_grpc
+from fl_sidecar.wire import (
+    DEFAULT_CHUNK_SIZE,
+    ERROR_CLASS_KEY,
+    FORMAT_SAFETENSORS,
+    HTTP_BODY_KEY,
+    HTTP_BODY_LIMIT,
+    HTTP_CONTENT_TYPE_KEY,
+    HTTP_STATUS_KEY,
+    MAX_CHUNK_SIZE,
+    MAX_MESSAGE_SIZE,
+    UPLOAD_ID_METADATA_KEY,
+    UPLOAD_STATE_METADATA_KEY,
+    UPLOAD_STATES,
+    MetricValue,
+    credentials_from_proto,
+    event_to_proto,
+    format_name,
+    metrics_from_proto,
+)
 
 __all__ = [
     "SERVICE_NAME",
@@ -107,30 +118,6 @@ _EVENT_POLL = 1.0  # seconds
 # Calls the drain does not wait for: WatchEvents ends when the bus closes, GetInfo and
 # GetUpload are instant (and GetUpload is what a trainer asks while the sidecar stops).
 _NOT_DRAINED = frozenset({"WatchEvents", "GetInfo", "GetUpload"})
-
-UPLOAD_ID_METADATA_KEY = "fl-sidecar-upload-id"
-"""Trailing metadata of every UploadModel status the sidecar sends: the upload's id."""
-UPLOAD_STATE_METADATA_KEY = "fl-sidecar-upload-state"
-"""Trailing metadata of every UploadModel status the sidecar sends: ``not_sent``,
-``accepted``, ``rejected``, ``unknown`` or (refused as in progress) ``sending``."""
-
-_UPLOAD_STATES: Dict[str, int] = {
-    upload_journal.NOT_SENT: pb.UPLOAD_STATE_NOT_SENT,
-    upload_journal.SENDING: pb.UPLOAD_STATE_SENDING,
-    upload_journal.ACCEPTED: pb.UPLOAD_STATE_ACCEPTED,
-    upload_journal.REJECTED: pb.UPLOAD_STATE_REJECTED,
-    upload_journal.UNKNOWN: pb.UPLOAD_STATE_UNKNOWN,
-}
-
-_EVENT_KINDS: Dict[EventKind, int] = {
-    EventKind.TRAINING_START: pb.EVENT_KIND_TRAINING_START,
-    EventKind.UPDATE_ROUND_START: pb.EVENT_KIND_UPDATE_ROUND_START,
-    EventKind.MODEL_TEST_ROUND: pb.EVENT_KIND_MODEL_TEST_ROUND,
-    EventKind.TRAINING_FINISHED: pb.EVENT_KIND_TRAINING_FINISHED,
-    EventKind.SWAG_ROUND_START: pb.EVENT_KIND_SWAG_ROUND_START,
-    EventKind.CLIENT_REMOVED: pb.EVENT_KIND_CLIENT_REMOVED,
-    EventKind.UNKNOWN: pb.EVENT_KIND_UNKNOWN,
-}
 
 # Most specific first: the first matching class decides.
 _STATUS_BY_ERROR: List[Tuple[type, grpc.StatusCode]] = [
@@ -188,39 +175,24 @@ def _invalid(message: str) -> SidecarError:
 
 
 def _format_name(value: int) -> str:
-    if value in (pb.MODEL_FORMAT_UNSPECIFIED, pb.MODEL_FORMAT_TORCH):
-        return FORMAT_TORCH
-    if value == pb.MODEL_FORMAT_SAFETENSORS:
-        return FORMAT_SAFETENSORS
-    raise _invalid(f"unknown model format {value}; expected TORCH or SAFETENSORS")
+    try:
+        return format_name(value)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
 
 
 def _credentials(message: pb.Credentials) -> Optional[Credentials]:
-    kind = message.WhichOneof("kind")
     try:
-        if kind == "basic":
-            return Credentials.basic(message.basic.username, message.basic.password)
-        if kind == "token":
-            return Credentials.token(message.token)
-        if kind == "authorization_header":
-            return Credentials.from_header(message.authorization_header)
-    except (ValueError, ConfigurationError):
-        # The message of the original error might quote the secret.
-        raise _invalid(f"the call's {kind} credentials are malformed") from None
-    return None
+        return credentials_from_proto(message)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
 
 
 def _metrics_mapping(metrics: Any) -> Dict[str, MetricValue]:
-    result: Dict[str, MetricValue] = {}
-    for metric in metrics:
-        if not metric.name:
-            raise _invalid("a metric has no name")
-        if metric.name in result:
-            raise _invalid(f"the metric {metric.name!r} appears twice")
-        # Neither field set is a number 0: clients made before `text` omit a 0.0 value.
-        is_text = metric.WhichOneof("kind") == "text"
-        result[metric.name] = metric.text if is_text else metric.value
-    return result
+    try:
+        return metrics_from_proto(metrics)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
 
 
 # Room left for the status message (grpc-message) under the 8 KiB that gRPC
@@ -754,7 +726,7 @@ class SidecarService(pb_grpc.SidecarServicer):
             )
         return pb.GetUploadResponse(
             upload_id=record.upload_id,
-            state=_UPLOAD_STATES.get(record.state, pb.UPLOAD_STATE_UNKNOWN),  # type: ignore[arg-type]
+            state=UPLOAD_STATES.get(record.state, pb.UPLOAD_STATE_UNKNOWN),  # type: ignore[arg-type]
             http_status=record.http_status,
             detail=record.detail,
             model_id=record.model_id,
@@ -901,7 +873,7 @@ class SidecarService(pb_grpc.SidecarServicer):
                     if subscription.closed or not context.is_active():
                         return
                     continue
-                yield _event_message(event)
+                yield event_to_proto(event)
         finally:
             subscription.close()
 
@@ -981,19 +953,3 @@ def _new_packer(codec: Any, level: int, chunk_size: int) -> Any:
         return codec.Packer(level=level, chunk_size=chunk_size)
     except (ValueError, TypeError) as exc:
         raise _invalid(f"invalid pack options: {exc}") from None
-
-
-def _event_message(event: ServerEvent) -> pb.Event:
-    message = pb.Event(
-        seq=event.seq,
-        kind=_EVENT_KINDS.get(event.kind, pb.EVENT_KIND_UNKNOWN),  # type: ignore[arg-type]
-        notification_type=event.notification_type,
-        training_id=event.training_id,
-        model_id=event.model_id or "",
-        body_json=event.body_json,
-        raw_json=event.raw_json,
-        received_at=event.received_at,
-    )
-    if event.round is not None:
-        message.round = event.round
-    return message

@@ -69,6 +69,7 @@ from fl_sidecar.server_api import (
 )
 from fl_sidecar.telemetry import Metrics
 from fl_sidecar.uploads import UploadJournal
+from fl_sidecar.wire import FORMAT_SAFETENSORS, FORMAT_TORCH
 
 __all__ = [
     "FORMAT_SAFETENSORS",
@@ -81,8 +82,6 @@ __all__ = [
     "remove_stale_spools",
 ]
 
-FORMAT_TORCH = "torch"
-FORMAT_SAFETENSORS = "safetensors"
 
 _log = logging.getLogger(__name__)
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}\Z")

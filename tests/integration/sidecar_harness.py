@@ -37,6 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import fl_sidecar
 from fl_sidecar.v1 import sidecar_pb2_grpc
+from fl_sidecar.wire import MAX_MESSAGE_SIZE
 
 __all__ = [
     "GRPC_OPTIONS",
@@ -48,8 +49,8 @@ __all__ = [
 
 SERVICE_NAME = "fl_sidecar.v1.Sidecar"
 GRPC_OPTIONS: List[Tuple[str, int]] = [
-    ("grpc.max_send_message_length", 8 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
 ]
 """Client channel options matching the sidecar's 8 MiB message limit."""
 

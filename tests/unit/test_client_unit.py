@@ -16,6 +16,7 @@ import pytest
 
 from fl_sidecar import client as client_module
 from fl_sidecar import compat as compat_module
+from fl_sidecar import wire
 from fl_sidecar.client import CallCredentials, EventStream, SidecarClient, normalize_target
 from fl_sidecar.compat import (
     Communication,
@@ -174,14 +175,14 @@ def test_event_conversion_keeps_optional_round() -> None:
         round=0,
         body_json='{"round": 0}',
     )
-    event = client_module._event_from_proto(message)
+    event = wire.event_from_proto(message)
     assert (event.seq, event.kind, event.round, event.model_id) == (
         7,
         EventKind.UPDATE_ROUND_START,
         0,
         "m",
     )
-    bare = client_module._event_from_proto(pb.Event(seq=1, notification_type="SOMETHING_NEW"))
+    bare = wire.event_from_proto(pb.Event(seq=1, notification_type="SOMETHING_NEW"))
     assert bare.kind is EventKind.UNKNOWN
     assert bare.round is None and bare.model_id is None
 

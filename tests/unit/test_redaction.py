@@ -165,3 +165,14 @@ def test_log_redaction_uses_the_same_forms() -> None:
     assert text.count("***") >= 3
     assert RedactingFilter().redact(encoded) == "***"  # the credential alone makes it known
     assert redact is redaction.redact  # telemetry's public name is the same function
+
+
+def test_overlapping_secrets_are_redacted_whole() -> None:
+    """One secret's form may start inside another's: neither leaves a remainder."""
+    # Unique values: the registry is process-wide and other tests share it.
+    tail = uuid.uuid4().hex
+    redaction.register(f"ovl{tail[:6]}-{tail}")
+    redaction.register_header(f"Token ovl{tail[:6]}")  # overlaps the start of the first
+    text = redaction.redact(f"header Token ovl{tail[:6]}-{tail} end")
+    assert tail not in text and tail[:6] not in text
+    assert text == "header *** end"

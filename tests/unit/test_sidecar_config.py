@@ -217,7 +217,9 @@ def test_logs_redact_secrets_in_text_and_json() -> None:
         assert "***" in text
         if fmt == "json":
             first = json.loads(text.splitlines()[0])
-            assert first["msg"] == "header Token ***"
+            # "Token" stays unless another test registered a secret that overlaps it
+            # (the registry is process-wide): the secret itself never shows.
+            assert first["msg"] in ("header Token ***", "header ***")
             assert first["auth"] == "x ***"
 
 

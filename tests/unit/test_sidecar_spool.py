@@ -214,7 +214,7 @@ def test_conversion_into_a_full_spool_is_typed_and_leaves_nothing(
 ) -> None:
     from fl_sidecar import archive
 
-    def convert_until_full(archive: Path, dest: Path) -> Any:
+    def convert_until_full(archive: Path, dest: Path, **_: Any) -> Any:
         Path(dest).write_bytes(b"half a safetensors file")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
