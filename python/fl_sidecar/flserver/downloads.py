@@ -134,6 +134,11 @@ class ModelDownloads(Transport):
         started: float,
         cancel: Optional[Cancellation] = None,
     ) -> TransferResult:
+        """Stream an answer's body into ``dest`` (via a temp file beside it), decoding zstd.
+
+        Raises Retryable when the body broke off or ended short (the download may be
+        repeated from the start), SizeLimitExceededError over ``max_download_size``.
+        """
         coding = resp.headers.get("Content-Encoding", "identity").strip().lower() or "identity"
         if coding not in ("identity", "zstd"):
             raise ServerError(

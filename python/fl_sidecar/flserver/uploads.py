@@ -103,6 +103,11 @@ class ModelUploads(Transport):
         cancel: Optional[Cancellation] = None,
         on_body_complete: Optional[BodyCallback] = None,
     ) -> TransferResult:
+        """POST ``fields`` and the file ``source`` as ``multipart/form-data`` to ``path``.
+
+        Packed with zstd when the coding and the model allow it; a 415 sends the
+        same body again in identity (the only resend: a 415 stored nothing).
+        """
         started = time.monotonic()
         if not source.is_file():
             raise FileNotFoundError(f"no such model file: {source}")
