@@ -37,6 +37,10 @@ Wrap any WSGI application (the DLR FL Demonstrator is Django) and it will:
   bytes;
 - advertise ``Accept-Encoding: zstd`` on every answer.
 
+The header parsing is the client's own (:mod:`fl_sidecar.flserver.coding`,
+standard library only): installing fl-sidecar for this middleware needs
+neither requests nor grpc.
+
 The defaults suit a server that faces the internet: 4 GiB decoded at most, a
 ratio of 1024, 64 MiB for bodies without declared sizes. Django, in the
 project's ``wsgi.py``, one line after ``application`` is made::
@@ -67,6 +71,7 @@ from typing import (
 )
 
 from fl_sidecar.errors import CodecError, SizeLimitExceededError
+from fl_sidecar.flserver.coding import ZSTD, accepts, header_list
 
 __all__ = [
     "DEFAULT_MAX_RATIO",
@@ -107,30 +112,6 @@ def _codec() -> ModuleType:
     return codec
 
 
-def _codings(value: str) -> List[str]:
-    return [c.strip().lower() for c in value.split(",") if c.strip()]
-
-
-def _accepts_zstd(value: str) -> bool:
-    """Whether an ``Accept-Encoding`` request header admits zstd (with q > 0)."""
-    star: Optional[float] = None
-    for item in value.split(","):
-        parts = [p.strip() for p in item.split(";")]
-        name = parts[0].lower()
-        q = 1.0
-        for param in parts[1:]:
-            if param.lower().startswith("q="):
-                try:
-                    q = float(param[2:])
-                except ValueError:
-                    q = 0.0
-        if name == "zstd":
-            return q > 0
-        if name == "*":
-            star = q
-    return star is not None and star > 0
-
-
 def _header(headers: Sequence[Tuple[str, str]], name: str) -> Optional[str]:
     lname = name.lower()
     for key, value in headers:
@@ -149,7 +130,7 @@ def _merge_token(headers: Headers, name: str, token: str) -> Headers:
     current = _header(headers, name)
     if current is None:
         return [*headers, (name, token)]
-    if token.lower() in _codings(current):
+    if token.lower() in header_list(current):
         return headers
     return [*_without(headers, name), (name, f"{current}, {token}")]
 
@@ -238,7 +219,8 @@ class ZstdMiddleware:
 
     def __call__(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         """Handle one request (the WSGI entry point). Errors become 4xx answers, never 5xx."""
-        codings = [c for c in _codings(environ.get("HTTP_CONTENT_ENCODING", "")) if c != "identity"]
+        sent_codings = header_list(environ.get("HTTP_CONTENT_ENCODING", ""))
+        codings = [c for c in sent_codings if c != "identity"]
         body: Optional[_Body] = None
         if codings:
             if codings != ["zstd"]:
@@ -257,7 +239,7 @@ class ZstdMiddleware:
             environ["wsgi.input"] = body
             environ["CONTENT_LENGTH"] = str(size)
             environ[ENVIRON_WIRE_BYTES] = wire
-        wants_zstd = _accepts_zstd(environ.get("HTTP_ACCEPT_ENCODING", ""))
+        wants_zstd = accepts(environ.get("HTTP_ACCEPT_ENCODING", ""), ZSTD)
         return _Response(self, environ, start_response, wants_zstd, body)
 
     # -- requests --

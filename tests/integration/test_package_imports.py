@@ -27,3 +27,40 @@ def test_a_lazy_name_loads_its_module_on_first_use() -> None:
     loaded = _loaded_after("import fl_sidecar\nfl_sidecar.FlServerClient")
     assert "requests" in loaded
     assert "torch" not in loaded
+
+
+def test_the_wsgi_middleware_imports_without_requests_or_grpc() -> None:
+    """A server installs fl-sidecar only for the middleware: requests and grpc may be absent.
+
+    ``sys.modules[name] = None`` makes any import of them raise ImportError, as
+    on a machine without them. The middleware and the coding parser it shares
+    with the FL server client must import and work all the same.
+    """
+    code = "\n".join(
+        [
+            "import sys",
+            *(f"sys.modules[{name!r}] = None" for name in ("requests", "grpc", "urllib3")),
+            "from fl_sidecar.wsgi_zstd import ZstdMiddleware",
+            "from fl_sidecar.flserver.coding import accepts",
+            "import fl_sidecar.flserver",
+            "assert accepts('gzip, zstd;q=0.5', 'zstd')",
+            "ZstdMiddleware(lambda environ, start_response: [])",
+            "print('ok')",
+        ]
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+    # And the client itself, which needs requests, says so when it is missing.
+    blocked = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nsys.modules['requests'] = None\n"
+            "import fl_sidecar.flserver as f\nf.FlServerClient",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert blocked.returncode != 0 and "requests" in blocked.stderr

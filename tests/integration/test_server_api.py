@@ -11,7 +11,7 @@ import pytest
 from conftest import DevServerHandle
 
 from fl_sidecar import errors
-from fl_sidecar.server_api import Credentials, FlServerClient
+from fl_sidecar.flserver import Credentials, FlServerClient
 
 PASSWORD = "pw-Very-Secret-42"
 

@@ -21,7 +21,7 @@ from faultproxy import FaultProxy
 
 from fl_sidecar import errors
 from fl_sidecar.cancel import REASON_SHUTDOWN, Cancellation
-from fl_sidecar.server_api import Credentials, FlServerClient
+from fl_sidecar.flserver import Credentials, FlServerClient
 
 Setup = Tuple[str, str, Dict[str, Any], bytes, Path]
 
@@ -157,7 +157,7 @@ def test_upload_to_a_refusing_server_is_retried_then_unavailable(
     setup: Setup, caplog: pytest.LogCaptureFixture
 ) -> None:
     model_id, _, user, _, local = setup
-    caplog.set_level(logging.INFO, logger="fl_sidecar.server_api")
+    caplog.set_level(logging.INFO, logger="fl_sidecar.flserver")
     url = f"http://127.0.0.1:{_refused_port()}"
     with _client(url, user["token"], retries=2, compression="never") as client, pytest.raises(
         errors.ServerUnavailableError
@@ -186,7 +186,7 @@ def test_upload_succeeds_after_a_refused_first_connection(
                 started.append(FaultProxy((devserver.host, devserver.port), port=port))
 
     handler = ComesUp()
-    log = logging.getLogger("fl_sidecar.server_api")
+    log = logging.getLogger("fl_sidecar.flserver")
     log.addHandler(handler)
     old_level = log.level
     log.setLevel(logging.INFO)

@@ -31,7 +31,7 @@ from faultproxy import FaultProxy
 
 from fl_sidecar import codec, errors
 from fl_sidecar.devserver import DevServer
-from fl_sidecar.server_api import Credentials, FlServerClient
+from fl_sidecar.flserver import Credentials, FlServerClient
 from fl_sidecar.wsgi_zstd import ENVIRON_WIRE_BYTES, ZstdMiddleware
 
 MODEL_BYTES = b"\x00\x01\x02\x03torch-ish" * 40_000  # 520 KB, compressible

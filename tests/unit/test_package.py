@@ -69,7 +69,9 @@ def test_boundaries_torch_requests_grpc() -> None:
     allowed: Dict[str, Set[str]] = {
         # Model I/O; the demo's trainer program is a trainer, not library code.
         "torch": {"models.py", "demo_trainer.py"},
-        "requests": {"server_api.py"},
+        # The FL server client's transport and bodies; the rest of fl_sidecar.flserver
+        # only names requests' types (``if TYPE_CHECKING``).
+        "requests": {"flserver/transport.py", "flserver/bodies.py"},
         # The service, the server process and the trainer-side client.
         "grpc": {"service.py", "server.py", "client.py"},
         "grpc_health": {"service.py", "server.py", "client.py"},
@@ -78,7 +80,16 @@ def test_boundaries_torch_requests_grpc() -> None:
         assert _modules_importing(package) <= modules, package
     # The scan sees the imports that are allowed (so an empty result is not a pass).
     assert "models.py" in _modules_importing("torch")
-    assert _modules_importing("requests") == {"server_api.py"}
+    assert _modules_importing("requests") == {"flserver/transport.py", "flserver/bodies.py"}
     # The torch-free model files stay torch-free, and so does the sidecar's domain layer.
     for module in ("archive.py", "_pickle.py", "transfers.py", "service.py", "server.py"):
         assert not _runtime_imports(PACKAGE / module) & {"torch", "numpy", "safetensors"}
+
+
+def test_the_content_coding_parser_needs_only_the_standard_library() -> None:
+    """wsgi_zstd shares it: a server installing fl-sidecar for the middleware has no requests."""
+    stdlib = set(sys.stdlib_module_names)
+    for module in ("flserver/coding.py", "wsgi_zstd.py"):
+        third_party = _runtime_imports(PACKAGE / module) - stdlib - {"fl_sidecar"}
+        assert third_party == set(), (module, third_party)
+    assert "fl_sidecar" in _runtime_imports(PACKAGE / "wsgi_zstd.py")

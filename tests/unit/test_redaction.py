@@ -14,7 +14,9 @@ from urllib.parse import quote, quote_plus
 import pytest
 
 from fl_sidecar import errors, redaction
-from fl_sidecar.server_api import Credentials, _map_error, _parse_detail
+from fl_sidecar.flserver.bodies import parse_detail
+from fl_sidecar.flserver.credentials import Credentials
+from fl_sidecar.flserver.failures import map_error
 from fl_sidecar.telemetry import RedactingFilter, configure_logging, redact
 
 
@@ -123,7 +125,7 @@ def test_server_errors_are_redacted_when_they_are_made() -> None:
     assert header not in str(error) and password not in (error.detail or "")
     # The typed error of a server answer that echoes the header, through the real mapping.
     body = json.dumps({"detail": f"Invalid header: {header}"}).encode()
-    mapped = _map_error(400, _parse_detail(body, "application/json"), "download")
+    mapped = map_error(400, parse_detail(body, "application/json"), "download")
     assert header.split()[1] not in str(mapped) and "***" in str(mapped)
     assert header.split()[1] not in (mapped.detail or "")
 
@@ -132,7 +134,7 @@ def test_a_json_body_with_escaped_secrets_is_redacted_after_decoding() -> None:
     token = f"esc{uuid.uuid4().hex}"
     Credentials.token(token)
     escaped = "".join(f"\\u{ord(c):04x}" for c in token)  # JSON that hides the token's text
-    detail = _parse_detail(f'{{"detail": "Token {escaped}"}}'.encode(), "application/json")
+    detail = parse_detail(f'{{"detail": "Token {escaped}"}}'.encode(), "application/json")
     assert token not in detail and "***" in detail
 
 
@@ -140,7 +142,7 @@ def test_an_error_body_is_redacted_before_it_is_cut() -> None:
     token = f"long{uuid.uuid4().hex}"
     Credentials.token(token)
     text = ("x" * 490 + f"Token {token}").encode()  # the 500-character cut falls inside it
-    detail = _parse_detail(text, "text/plain")
+    detail = parse_detail(text, "text/plain")
     assert token[:8] not in detail
 
 
