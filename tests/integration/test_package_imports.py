@@ -27,3 +27,12 @@ def test_a_lazy_name_loads_its_module_on_first_use() -> None:
     loaded = _loaded_after("import fl_sidecar\nfl_sidecar.FlServerClient")
     assert "requests" in loaded
     assert "torch" not in loaded
+
+
+def test_the_torch_free_model_files_load_nothing_heavy() -> None:
+    loaded = _loaded_after(
+        "import fl_sidecar.modelfiles, fl_sidecar.archive, fl_sidecar._pickle\n"
+        "import fl_sidecar.modelfiles.convert, fl_sidecar.devserver.modelcheck"
+    )
+    assert "fl_sidecar" in loaded
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
