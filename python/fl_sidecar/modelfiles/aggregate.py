@@ -1,7 +1,8 @@
 """FedAvg with torch: weighted averages of state_dicts, and of archive files tensor by tensor.
 
-With :mod:`~fl_sidecar.modelfiles.torch_io`, the only module of the package that imports
-torch.
+This module and :mod:`~fl_sidecar.modelfiles.torch_io` are the only ones of the package
+that import torch. Every archive is read with the restricted reader: an upload's pickle
+never runs.
 """
 
 from __future__ import annotations

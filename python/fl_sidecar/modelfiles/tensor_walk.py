@@ -216,5 +216,5 @@ def collect_tensors(archive: WalkedArchive) -> Dict[str, TensorRef]:
         if out.setdefault(name, ref) is not ref:
             raise ModelFormatError(f"two different tensors are named {name!r}")
     for ref in out.values():
-        dtype_facts(ref.dtype)  # an allow-listed name this module has no facts for is refused
+        dtype_facts(ref.dtype)  # an allow-listed name without dtype facts is refused
     return out

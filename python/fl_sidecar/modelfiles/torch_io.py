@@ -202,6 +202,9 @@ def read_tensors(source: Source) -> Dict[str, torch.Tensor]:
         return out
 
 
+# --------------------------------------------------------------------------- writing
+
+
 class TensorValues(NewValues):
     """New values from torch tensors (any device), one CPU copy at a time."""
 
