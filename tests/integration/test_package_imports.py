@@ -64,3 +64,12 @@ def test_the_wsgi_middleware_imports_without_requests_or_grpc() -> None:
         timeout=120,
     )
     assert blocked.returncode != 0 and "requests" in blocked.stderr
+
+
+def test_the_torch_free_model_files_load_nothing_heavy() -> None:
+    loaded = _loaded_after(
+        "import fl_sidecar.modelfiles, fl_sidecar.archive, fl_sidecar._pickle\n"
+        "import fl_sidecar.modelfiles.convert, fl_sidecar.devserver.modelcheck"
+    )
+    assert "fl_sidecar" in loaded
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))

@@ -1,11 +1,37 @@
-"""Models and state dicts shared by the model I/O tests (test_models*, test_archive)."""
+"""Models, state dicts and archives shared by the model file tests (test_modelfiles_*)."""
 
 from __future__ import annotations
 
+import io
 import os
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+
+
+class Net(torch.nn.Module):
+    """A small model with parameters, persistent and non-persistent buffers, and no bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(4, 3)
+        self.bn = torch.nn.BatchNorm1d(3)
+        self.fc2 = torch.nn.Linear(3, 2, bias=False)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(2)])
+        self.register_buffer("scratch", torch.ones(2), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc2(self.bn(self.fc1(x)))
+        for layer in self.layers:
+            x = layer(x)
+        scratch = self.scratch
+        assert isinstance(scratch, torch.Tensor)
+        return x + scratch
+
+
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes, to compare dtypes that torch.equal does not support."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 class Tied(torch.nn.Module):
@@ -56,3 +82,15 @@ def changed(state: Dict[str, torch.Tensor], seed: int = 1) -> Dict[str, torch.Te
                 seen[key] = torch.randint(0, 100, value.shape, generator=gen).to(value.dtype)
         out[name] = seen[key]
     return out
+
+
+def archive_with_pickle(pkl: bytes, extra: Optional[Dict[str, bytes]] = None) -> bytes:
+    """A torch-style zip archive (torch's own writer) whose data.pkl is ``pkl``, plus ``extra``."""
+    out = io.BytesIO()
+    writer = torch._C.PyTorchFileWriter(out)
+    writer.write_record("data.pkl", pkl, len(pkl))
+    for name, data in (extra or {}).items():
+        writer.write_record(name, data, len(data))
+    writer.write_record("byteorder", b"little", 6)
+    writer.write_end_of_file()
+    return out.getvalue()

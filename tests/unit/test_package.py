@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import sys
 from pathlib import Path
-from typing import Dict, Set
+from typing import Dict, Set, Tuple
 
 import pytest
 
@@ -68,7 +68,7 @@ def test_every_public_name_resolves() -> None:
 def test_boundaries_torch_requests_grpc() -> None:
     allowed: Dict[str, Set[str]] = {
         # Model I/O; the demo's trainer program is a trainer, not library code.
-        "torch": {"models.py", "demo_trainer.py"},
+        "torch": {"modelfiles/torch_io.py", "modelfiles/aggregate.py", "demo_trainer.py"},
         # The FL server client's transport and bodies; the rest of fl_sidecar.flserver
         # only names requests' types (``if TYPE_CHECKING``).
         "requests": {"flserver/transport.py", "flserver/bodies.py"},
@@ -79,11 +79,41 @@ def test_boundaries_torch_requests_grpc() -> None:
     for package, modules in allowed.items():
         assert _modules_importing(package) <= modules, package
     # The scan sees the imports that are allowed (so an empty result is not a pass).
-    assert "models.py" in _modules_importing("torch")
+    assert {"modelfiles/torch_io.py", "modelfiles/aggregate.py"} <= _modules_importing("torch")
     assert _modules_importing("requests") == {"flserver/transport.py", "flserver/bodies.py"}
     # The torch-free model files stay torch-free, and so does the sidecar's domain layer.
     for module in ("archive.py", "_pickle.py", "transfers.py", "service.py", "server.py"):
         assert not _runtime_imports(PACKAGE / module) & {"torch", "numpy", "safetensors"}
+    # Every other module of the model files package is torch-free.
+    for path in (PACKAGE / "modelfiles").glob("*.py"):
+        if path.name not in ("torch_io.py", "aggregate.py"):
+            assert not _runtime_imports(path) & {"torch", "numpy", "safetensors"}, path.name
+
+
+def test_model_files_import_graph_has_no_cycles() -> None:
+    modules = {path.stem: path for path in (PACKAGE / "modelfiles").glob("*.py")}
+    edges: Dict[str, Set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        edges[name] = {
+            node.module.rsplit(".", 1)[1]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("fl_sidecar.modelfiles.")
+        }
+    assert edges["torch_io"] and edges["__init__"]  # the scan sees the imports
+    done: Set[str] = set()
+
+    def visit(name: str, path: Tuple[str, ...]) -> None:
+        assert name not in path, " -> ".join((*path, name))
+        if name not in done:
+            for target in edges[name]:
+                visit(target, (*path, name))
+            done.add(name)
+
+    for name in edges:
+        visit(name, ())
 
 
 def test_the_content_coding_parser_needs_only_the_standard_library() -> None:

@@ -2,7 +2,7 @@
 
 The real server ``torch.load``s every upload (running whatever the pickle
 says). The dev server reads the tensors with the restricted reader of
-:mod:`fl_sidecar.models`, and tells a pickled module from a bare state_dict
+:mod:`fl_sidecar.modelfiles`, and tells a pickled module from a bare state_dict
 by the class of the pickle's root object, which that reader records without
 importing or calling anything.
 """
@@ -24,7 +24,7 @@ Signature = Dict[str, Tuple[Tuple[int, ...], str]]
 def check_module_file(path: Union[str, os.PathLike[str]]) -> Signature:
     """Check that ``path`` holds an ``nn.Module`` (pickled or TorchScript); return its tensors.
 
-    Nothing in the file is executed: :func:`fl_sidecar.models.describe` reads
+    Nothing in the file is executed: :func:`fl_sidecar.modelfiles.torch_io.describe` reads
     the archive with the restricted unpickler, which rebuilds a module's
     class as an inert placeholder.
 
@@ -34,16 +34,15 @@ def check_module_file(path: Union[str, os.PathLike[str]]) -> Signature:
         AmbiguousArchiveError: another zip or torch reader could read the file
             differently (a ModelFormatError).
         ModelLimitExceededError: reading it would exceed the reader's budgets on work
-            and memory (a ModelFormatError; see ``fl_sidecar.archive.ReadLimits``).
+            and memory (a ModelFormatError; see ``fl_sidecar.modelfiles.ReadLimits``).
         UnsafePickleError: the pickle asks for anything but tensors and plain containers.
         OSError: the file cannot be read.
     """
-    from fl_sidecar import models
+    from fl_sidecar.modelfiles import ModelFormat, detect_format, torch_io
 
-    fmt = models.detect_format(path)
-    if fmt is models.ModelFormat.SAFETENSORS:
+    if detect_format(path) is ModelFormat.SAFETENSORS:
         raise ModelFormatError("a safetensors file holds weights only, not an nn.Module")
-    info = models.describe(path)
+    info = torch_io.describe(path)
     if not info.is_module:
         raise ModelFormatError(
             f"the file holds a {info.root_class}, not an nn.Module (a bare state_dict is refused)"

@@ -11,13 +11,13 @@ import io
 import struct
 import zipfile
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import pytest
 import torch
+from model_factories import archive_with_pickle
 
-from fl_sidecar import archive, models
-from fl_sidecar._pickle import ReadLimits, restricted_loads, scan_pickle
+from fl_sidecar import modelfiles
 from fl_sidecar.devserver import modelcheck
 from fl_sidecar.errors import (
     ModelError,
@@ -25,17 +25,10 @@ from fl_sidecar.errors import (
     ModelLimitExceededError,
     ModelReadCancelledError,
 )
-
-
-def _archive_with_pickle(pkl: bytes, extra: Dict[str, bytes] | None = None) -> bytes:
-    out = io.BytesIO()
-    writer = torch._C.PyTorchFileWriter(out)
-    writer.write_record("data.pkl", pkl, len(pkl))
-    for name, data in (extra or {}).items():
-        writer.write_record(name, data, len(data))
-    writer.write_record("byteorder", b"little", 6)
-    writer.write_end_of_file()
-    return out.getvalue()
+from fl_sidecar.modelfiles import torch_io
+from fl_sidecar.modelfiles.limits import ReadLimits
+from fl_sidecar.modelfiles.pickle_reader import restricted_loads
+from fl_sidecar.modelfiles.pickle_scan import scan_pickle
 
 
 def _storage_tensor(key: str = "0", numel: int = 2) -> bytes:
@@ -71,7 +64,7 @@ def test_dag_of_lists_is_walked_once_per_object() -> None:
     depth = 40
     pkl = _dag(depth, b"]")
     assert len(pkl) < 1024
-    with archive.open_archive(_archive_with_pickle(pkl)) as opened:
+    with modelfiles.open_archive(archive_with_pickle(pkl)) as opened:
         assert opened.tensors == {}
         # One step per object reached: 2 per level (both edges), not 2**40.
         assert opened.walk_steps <= 2 * depth + 2
@@ -80,18 +73,18 @@ def test_dag_of_lists_is_walked_once_per_object() -> None:
 @pytest.mark.timeout(120)
 def test_dag_with_a_tensor_at_the_leaf_is_a_limit_error() -> None:
     # 2**40 names for one tensor: the name budget stops it at about 2**19.
-    data = _archive_with_pickle(_dag(40, _storage_tensor()), {"data/0": b"\0" * 8})
+    data = archive_with_pickle(_dag(40, _storage_tensor()), {"data/0": b"\0" * 8})
     assert len(data) < 4096
     with pytest.raises(ModelLimitExceededError, match="300000 tensors"):
-        archive.describe(data)
+        modelfiles.describe(data)
     with pytest.raises(ModelLimitExceededError):
-        models.read_tensors(data)
+        torch_io.read_tensors(data)
 
 
 def test_small_dag_with_tensors_names_every_path() -> None:
     # Shared sub-objects still give one name per path, as state_dict() does.
-    data = _archive_with_pickle(_dag(3, _storage_tensor()), {"data/0": b"\0" * 8})
-    with archive.open_archive(data) as opened:
+    data = archive_with_pickle(_dag(3, _storage_tensor()), {"data/0": b"\0" * 8})
+    with modelfiles.open_archive(data) as opened:
         assert len(opened.tensors) == 8
         assert list(opened.tensors)[:2] == ["0.0.0", "0.0.1"]
         assert len({id(ref) for ref in opened.tensors.values()}) == 1
@@ -99,10 +92,10 @@ def test_small_dag_with_tensors_names_every_path() -> None:
 
 @pytest.mark.timeout(60)
 def test_walk_step_budget_is_enforced() -> None:
-    data = _archive_with_pickle(_dag(12, _storage_tensor()), {"data/0": b"\0" * 8})
+    data = archive_with_pickle(_dag(12, _storage_tensor()), {"data/0": b"\0" * 8})
     with pytest.raises(ModelLimitExceededError, match="walk steps"):
-        archive.describe(data, limits=ReadLimits(max_walk_steps=1000))
-    assert len(archive.describe(data).tensors) == 4096
+        modelfiles.describe(data, limits=ReadLimits(max_walk_steps=1000))
+    assert len(modelfiles.describe(data).tensors) == 4096
 
 
 class SharedNet(torch.nn.Module):
@@ -118,7 +111,7 @@ def test_tied_weights_and_a_shared_submodule_still_read(tmp_path: Path) -> None:
     net = SharedNet()
     path = tmp_path / "net.pt"
     torch.save(net, path)
-    got = models.read_tensors(path)
+    got = torch_io.read_tensors(path)
     assert list(got) == list(net.state_dict())
     assert got["a.weight"].data_ptr() == got["b.weight"].data_ptr() == got["c.weight"].data_ptr()
     assert list(modelcheck.check_module_file(path)) == list(net.state_dict())
@@ -127,7 +120,7 @@ def test_tied_weights_and_a_shared_submodule_still_read(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_dev_server_check_refuses_the_dag(tmp_path: Path) -> None:
     path = tmp_path / "dag.pt"
-    path.write_bytes(_archive_with_pickle(_dag(40, _storage_tensor()), {"data/0": b"\0" * 8}))
+    path.write_bytes(archive_with_pickle(_dag(40, _storage_tensor()), {"data/0": b"\0" * 8}))
     with pytest.raises(ModelLimitExceededError):
         modelcheck.check_module_file(path)
 
@@ -148,7 +141,7 @@ def test_real_models_stay_far_below_the_limits() -> None:
         assert stats.objects * 50 < limits.max_pickle_objects
         assert stats.max_marks * 50 < limits.max_marks
         assert stats.max_tuple_depth * 50 < limits.max_depth
-        with archive.open_archive(data) as opened:
+        with modelfiles.open_archive(data) as opened:
             assert len(opened.tensors) == len(encoder.state_dict())
             assert opened.walk_steps * 100 < limits.max_walk_steps
 
@@ -216,7 +209,7 @@ def test_deep_lists_are_a_limit_error() -> None:
     depth = 100_000
     pkl = b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."
     with pytest.raises(ModelLimitExceededError, match="deep"):
-        models.read_tensors(_archive_with_pickle(pkl))
+        torch_io.read_tensors(archive_with_pickle(pkl))
 
 
 def test_limit_errors_are_model_errors() -> None:
@@ -229,7 +222,7 @@ def test_storage_declared_beyond_its_record_is_refused() -> None:
     # exactly its size: declared bytes never exceed the file's.
     pkl = b"\x80\x02]" + _storage_tensor("0", 2**30) + b"a."
     with pytest.raises(ModelFormatError, match="holds 8 bytes"):
-        archive.describe(_archive_with_pickle(pkl, {"data/0": b"\0" * 8}))
+        modelfiles.describe(archive_with_pickle(pkl, {"data/0": b"\0" * 8}))
 
 
 def test_huge_tensor_sizes_are_refused() -> None:
@@ -240,7 +233,7 @@ def test_huge_tensor_sizes_are_refused() -> None:
         + b"K\x00\x86K\x01K\x01\x86\x89ccollections\nOrderedDict\n)RtR."
     )
     with pytest.raises(ModelFormatError, match="large"):
-        archive.describe(_archive_with_pickle(pkl, {"data/0": b"\0" * 8}))
+        modelfiles.describe(archive_with_pickle(pkl, {"data/0": b"\0" * 8}))
 
 
 # ---------------------------------------------------------------- cancellation
@@ -257,7 +250,7 @@ def test_should_stop_cancels_the_scan_and_the_walk() -> None:
     with pytest.raises(ModelReadCancelledError):
         restricted_loads(big, should_stop=stop)
     assert calls
-    data = _archive_with_pickle(_dag(14, _storage_tensor()), {"data/0": b"\0" * 8})
+    data = archive_with_pickle(_dag(14, _storage_tensor()), {"data/0": b"\0" * 8})
     seen: List[int] = []
 
     def stop_in_walk() -> bool:
@@ -265,8 +258,8 @@ def test_should_stop_cancels_the_scan_and_the_walk() -> None:
         return len(seen) > 1  # the scan's check passes (once); the walk's stops
 
     with pytest.raises(ModelReadCancelledError):
-        archive.describe(data, should_stop=stop_in_walk)
-    never = archive.describe(data, should_stop=lambda: False)
+        modelfiles.describe(data, should_stop=stop_in_walk)
+    never = modelfiles.describe(data, should_stop=lambda: False)
     assert len(never.tensors) == 2**14
 
 
@@ -280,8 +273,8 @@ def test_torchscript_code_is_parsed_once_however_many_objects() -> None:
         pkl += b"X" + struct.pack("<I", len(f"c{i}")) + f"c{i}".encode() + b"h\x00)\x81}b"
     pkl += b"ub."
     code = ("# filler\n" * (4 * 1024 * 1024 // 9)) + "class M(Module):\n  pass\nclass C(Module):\n"
-    data = _archive_with_pickle(pkl, {"code/__torch__.py": code.encode()})
-    with archive.open_archive(data) as opened:
-        assert opened.format is archive.ModelFormat.TORCHSCRIPT
+    data = archive_with_pickle(pkl, {"code/__torch__.py": code.encode()})
+    with modelfiles.open_archive(data) as opened:
+        assert opened.format is modelfiles.ModelFormat.TORCHSCRIPT
         assert opened.tensors == {}
         assert set(opened.script_classes["__torch__"]) == {"M", "C"}

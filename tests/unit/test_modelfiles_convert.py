@@ -17,8 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from model_factories import EvilModule, Tied, changed
 
-from fl_sidecar import archive, models
+from fl_sidecar import modelfiles
 from fl_sidecar.errors import ModelFormatError, TensorMismatchError, UnsafePickleError
+from fl_sidecar.modelfiles import convert, rewrite, torch_archive, torch_io, zipwriter
 
 jit_load: Callable[..., Any] = torch.jit.load
 jit_trace: Callable[..., Any] = torch.jit.trace
@@ -133,16 +134,16 @@ def test_describe_matches_what_torch_loads(case: str, tmp_path: Path) -> None:
     obj = CASES[case]()
     src = _save(obj, tmp_path / "m.pt")
     scripted = isinstance(obj, torch.jit.ScriptModule)
-    info = archive.describe(src)
+    info = modelfiles.describe(src)
     assert info.format is (
-        archive.ModelFormat.TORCHSCRIPT if scripted else archive.ModelFormat.TORCH_PICKLE
+        modelfiles.ModelFormat.TORCHSCRIPT if scripted else modelfiles.ModelFormat.TORCH_PICKLE
     )
-    assert archive.detect_format(src) is info.format
+    assert modelfiles.detect_format(src) is info.format
     assert info.is_module is isinstance(obj, torch.nn.Module)
     assert not info.big_endian
     loaded = _reference_state(_load(src, scripted))
     assert list(info.tensors) == list(loaded)
-    assert archive.list_tensors(src) == info.tensors
+    assert modelfiles.list_tensors(src) == info.tensors
     for name, tensor in loaded.items():
         spec = info.tensors[name]
         assert spec.dtype == str(tensor.dtype).replace("torch.", "")
@@ -153,7 +154,7 @@ def test_describe_matches_what_torch_loads(case: str, tmp_path: Path) -> None:
     if case == "tied-module":
         assert info.tensors["emb.weight"].storage_key == info.tensors["head.weight"].storage_key
     # The torch-typed face gives the same facts.
-    assert {n: (s.shape, s.dtype) for n, s in models.describe(src).tensors.items()} == {
+    assert {n: (s.shape, s.dtype) for n, s in torch_io.describe(src).tensors.items()} == {
         n: (t.shape, t.dtype) for n, t in loaded.items()
     }
 
@@ -163,10 +164,10 @@ def test_archive_to_safetensors_is_the_torch_result(case: str, tmp_path: Path) -
     obj = CASES[case]()
     src = _save(obj, tmp_path / "m.pt")
     dst = tmp_path / "m.safetensors"
-    archive.archive_to_safetensors(src, dst)
+    modelfiles.archive_to_safetensors(src, dst)
     reference = _reference_state(_load(src, isinstance(obj, torch.jit.ScriptModule)))
     # Byte for byte what the torch path writes from the tensors torch itself loads...
-    assert dst.read_bytes() == models.to_safetensors(reference)
+    assert dst.read_bytes() == torch_io.to_safetensors(reference)
     # ...and the safetensors library reads the values back.
     _assert_same(
         {n: t for n, t in safetensors.torch.load_file(str(dst)).items() if n in reference},
@@ -183,9 +184,9 @@ def test_safetensors_into_archive_loads_with_torch(case: str, tmp_path: Path) ->
     template = _save(obj, tmp_path / "global.pt")
     new = changed(_reference_state(obj))
     weights = tmp_path / "w.safetensors"
-    weights.write_bytes(models.to_safetensors(new))
+    weights.write_bytes(torch_io.to_safetensors(new))
     dest = tmp_path / "local.pt"
-    written = archive.safetensors_into_archive(template, weights, dest)
+    written = modelfiles.safetensors_into_archive(template, weights, dest)
     data = dest.read_bytes()
     assert written == (len(data), hashlib.sha256(data).hexdigest())
     loaded = _load(dest, scripted)
@@ -219,12 +220,13 @@ def test_small_copy_buffer_gives_the_same_bytes(
     src = _save(state, tmp_path / "m.pt")
     new = changed(state)
     weights = tmp_path / "w.safetensors"
-    weights.write_bytes(models.to_safetensors(dict(state, b=new["b"])))
-    expected = models.to_safetensors(state)
-    monkeypatch.setattr(archive, "CHUNK_BYTES", 48)  # many pieces, each a multiple of 16
-    archive.archive_to_safetensors(src, tmp_path / "out.safetensors")
+    weights.write_bytes(torch_io.to_safetensors(dict(state, b=new["b"])))
+    expected = torch_io.to_safetensors(state)
+    for module in (torch_archive, convert, rewrite):  # every reader and writer of pieces
+        monkeypatch.setattr(module, "CHUNK_BYTES", 48)  # many pieces, each a multiple of 16
+    modelfiles.archive_to_safetensors(src, tmp_path / "out.safetensors")
     assert (tmp_path / "out.safetensors").read_bytes() == expected
-    archive.safetensors_into_archive(src, weights, tmp_path / "out.pt")
+    modelfiles.safetensors_into_archive(src, weights, tmp_path / "out.pt")
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     assert torch.equal(got["b"], new["b"]) and torch.equal(got["w"], base)
 
@@ -254,11 +256,11 @@ def _views(step_start: int = 0, scalar: float = 1.5) -> Dict[str, torch.Tensor]:
 def test_non_contiguous_views_convert_like_torch(tmp_path: Path) -> None:
     state = _views()
     src = _save(state, tmp_path / "v.pt")
-    info = archive.describe(src)
+    info = modelfiles.describe(src)
     assert not info.tensors["t"].is_contiguous and info.tensors["tail"].is_contiguous
     dst = tmp_path / "v.safetensors"
-    archive.archive_to_safetensors(src, dst)
-    assert dst.read_bytes() == models.to_safetensors(state)
+    modelfiles.archive_to_safetensors(src, dst)
+    assert dst.read_bytes() == torch_io.to_safetensors(state)
     loaded = safetensors.torch.load_file(str(dst))
     for name, value in state.items():
         assert torch.equal(loaded[name], value), name
@@ -269,9 +271,9 @@ def test_views_take_consistent_new_values(tmp_path: Path) -> None:
     src = _save(state, tmp_path / "v.pt")
     new = _views(step_start=100, scalar=-2.0)
     weights = tmp_path / "w.safetensors"
-    weights.write_bytes(models.to_safetensors(new))
+    weights.write_bytes(torch_io.to_safetensors(new))
     dest = tmp_path / "out.pt"
-    archive.safetensors_into_archive(src, weights, dest)
+    modelfiles.safetensors_into_archive(src, weights, dest)
     loaded = torch.load(dest, weights_only=True)
     for name, value in new.items():
         assert torch.equal(loaded[name], value), name
@@ -288,10 +290,10 @@ def test_shared_memory_with_disagreeing_values_is_refused(which: str, tmp_path: 
     else:
         new[which] = new[which] + 1
     weights = tmp_path / "w.safetensors"
-    weights.write_bytes(models.to_safetensors(new))
+    weights.write_bytes(torch_io.to_safetensors(new))
     dest = tmp_path / "out.pt"
     with pytest.raises(TensorMismatchError, match="shares memory"):
-        archive.safetensors_into_archive(src, weights, dest)
+        modelfiles.safetensors_into_archive(src, weights, dest)
     assert not dest.exists()
     assert not list(tmp_path.glob(".fl-sidecar-*"))
 
@@ -300,16 +302,16 @@ def test_tied_weights_become_two_entries_and_must_agree(tmp_path: Path) -> None:
     model = Tied()
     src = _save(model, tmp_path / "t.pt")
     dst = tmp_path / "t.safetensors"
-    archive.archive_to_safetensors(src, dst)
-    header, _ = archive.read_safetensors_header(dst)
+    modelfiles.archive_to_safetensors(src, dst)
+    header, _ = modelfiles.read_safetensors_header(dst)
     assert header["emb.weight"].begin != header["head.weight"].begin  # copies, as the library
     new = changed(dict(model.state_dict()))
     new["head.weight"] = new["head.weight"].clone()
     new["head.weight"][0, 0] += 1
     weights = tmp_path / "w.safetensors"
-    weights.write_bytes(models.to_safetensors(new))
+    weights.write_bytes(torch_io.to_safetensors(new))
     with pytest.raises(TensorMismatchError, match="tied"):
-        archive.safetensors_into_archive(src, weights, tmp_path / "out.pt")
+        modelfiles.safetensors_into_archive(src, weights, tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()
 
 
@@ -325,16 +327,16 @@ def test_names_shapes_dtypes_are_checked(tmp_path: Path) -> None:
     ]
     for case in bad_cases:
         weights = tmp_path / "w.safetensors"
-        weights.write_bytes(models.to_safetensors(case))
+        weights.write_bytes(torch_io.to_safetensors(case))
         with pytest.raises(TensorMismatchError):
-            archive.safetensors_into_archive(src, weights, tmp_path / "out.pt")
+            modelfiles.safetensors_into_archive(src, weights, tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()
 
 
 def test_complex128_has_no_safetensors_name(tmp_path: Path) -> None:
     src = _save({"c": torch.ones(2, dtype=torch.complex128)}, tmp_path / "c.pt")
     with pytest.raises(TensorMismatchError, match="safetensors"):
-        archive.archive_to_safetensors(src, tmp_path / "c.safetensors")
+        modelfiles.archive_to_safetensors(src, tmp_path / "c.safetensors")
     assert not (tmp_path / "c.safetensors").exists()
 
 
@@ -345,7 +347,7 @@ def _as_big_endian(data: bytes) -> bytes:
     """The same archive as a big-endian machine writes it (numbers swapped per part)."""
     src = zipfile.ZipFile(io.BytesIO(data))
     units = {}
-    for spec in archive.describe(data).tensors.values():
+    for spec in modelfiles.describe(data).tensors.values():
         probe = torch.empty(0, dtype=getattr(torch, spec.dtype))
         units[spec.storage_key] = probe.element_size() // (2 if probe.is_complex() else 1)
     out = io.BytesIO()
@@ -374,17 +376,17 @@ def test_big_endian_archive_converts_both_ways(tmp_path: Path) -> None:
     }
     big = tmp_path / "big.pt"
     big.write_bytes(_as_big_endian(_buffer(state)))
-    assert archive.describe(big).big_endian
+    assert modelfiles.describe(big).big_endian
     _assert_same(dict(torch.load(big, weights_only=True)), state)  # torch agrees
     dst = tmp_path / "big.safetensors"
-    archive.archive_to_safetensors(big, dst)
-    assert dst.read_bytes() == models.to_safetensors(state)
-    _assert_same(models.read_tensors(big), state)
+    modelfiles.archive_to_safetensors(big, dst)
+    assert dst.read_bytes() == torch_io.to_safetensors(state)
+    _assert_same(torch_io.read_tensors(big), state)
     new = changed(state)
     weights = tmp_path / "w.safetensors"
-    weights.write_bytes(models.to_safetensors(new))
+    weights.write_bytes(torch_io.to_safetensors(new))
     dest = tmp_path / "out.pt"
-    archive.safetensors_into_archive(big, weights, dest)
+    modelfiles.safetensors_into_archive(big, weights, dest)
     assert zipfile.ZipFile(dest).read("archive/byteorder") == b"big"
     _assert_same(dict(torch.load(dest, weights_only=True)), new)
 
@@ -404,13 +406,13 @@ def test_deflated_renamed_archive_converts(tmp_path: Path) -> None:
         for info in src.infolist():
             out.writestr("model/" + info.filename.split("/", 1)[1], src.read(info))
     dst = tmp_path / "d.safetensors"
-    archive.archive_to_safetensors(deflated, dst)
-    assert dst.read_bytes() == models.to_safetensors(state)
+    modelfiles.archive_to_safetensors(deflated, dst)
+    assert dst.read_bytes() == torch_io.to_safetensors(state)
     new = {"w": base + 1, "tail": (base + 1).reshape(-1)[3:], "t": (base + 1).t(), "i": state["i"]}
     weights = tmp_path / "w.safetensors"
-    weights.write_bytes(models.to_safetensors(new))
+    weights.write_bytes(torch_io.to_safetensors(new))
     dest = tmp_path / "out.pt"
-    archive.safetensors_into_archive(deflated, weights, dest)
+    modelfiles.safetensors_into_archive(deflated, weights, dest)
     got = torch.load(dest, weights_only=True)
     assert all(torch.equal(got[n], v) for n, v in new.items())
     assert zipfile.ZipFile(dest).namelist()[0].startswith("model/")
@@ -422,22 +424,22 @@ def test_zip64_records_load_with_torch(tmp_path: Path, monkeypatch: pytest.Monke
     template = _save(model, tmp_path / "n.pt")
     new = changed(dict(model.state_dict()))
     weights = tmp_path / "w.safetensors"
-    weights.write_bytes(models.to_safetensors(new))
-    monkeypatch.setattr(archive, "_ZIP32_LIMIT", 40)
+    weights.write_bytes(torch_io.to_safetensors(new))
+    monkeypatch.setattr(zipwriter, "_ZIP32_LIMIT", 40)
     dest = tmp_path / "out.pt"
-    archive.safetensors_into_archive(template, weights, dest)
+    modelfiles.safetensors_into_archive(template, weights, dest)
     assert any(i.file_size >= 40 and i.extra for i in zipfile.ZipFile(dest).infolist())
     _assert_same(dict(torch.load(dest, weights_only=False).state_dict()), new)
     _assert_same(dict(torch.load(dest, weights_only=False, mmap=True).state_dict()), new)
     monkeypatch.undo()
-    _assert_same(models.read_tensors(dest), new)
+    _assert_same(torch_io.read_tensors(dest), new)
 
 
 def test_safetensors_header_reader_matches_the_library(tmp_path: Path) -> None:
     state = {"w": torch.randn(3, 4), "h": torch.randn(2).half(), "i": torch.arange(3)}
     path = tmp_path / "lib.safetensors"
     safetensors.torch.save_file(state, str(path))
-    header, start = archive.read_safetensors_header(path)
+    header, start = modelfiles.read_safetensors_header(path)
     data = path.read_bytes()
     for name, value in state.items():
         entry = header[name]
@@ -453,14 +455,14 @@ def test_code_running_pickle_is_refused_by_every_entry_point(tmp_path: Path) -> 
     marker = tmp_path / "ran"
     src = _save(EvilModule(f"touch {marker}"), tmp_path / "evil.pt")
     weights = tmp_path / "w.safetensors"
-    weights.write_bytes(models.to_safetensors({"fc.weight": torch.ones(2, 2)}))
-    assert archive.detect_format(src) is archive.ModelFormat.TORCH_PICKLE  # no pickle read
+    weights.write_bytes(torch_io.to_safetensors({"fc.weight": torch.ones(2, 2)}))
+    assert modelfiles.detect_format(src) is modelfiles.ModelFormat.TORCH_PICKLE  # no pickle read
     with pytest.raises(UnsafePickleError):
-        archive.describe(src)
+        modelfiles.describe(src)
     with pytest.raises(UnsafePickleError):
-        archive.archive_to_safetensors(src, tmp_path / "out.safetensors")
+        modelfiles.archive_to_safetensors(src, tmp_path / "out.safetensors")
     with pytest.raises(UnsafePickleError):
-        archive.safetensors_into_archive(src, weights, tmp_path / "out.pt")
+        modelfiles.safetensors_into_archive(src, weights, tmp_path / "out.pt")
     assert not marker.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt", "w.safetensors"]
 
@@ -475,26 +477,26 @@ def test_malformed_inputs_are_format_errors(tmp_path: Path) -> None:
         "short-storage": _patched_storage(good, b"\0" * 20),
     }
     weights = tmp_path / "w.safetensors"
-    weights.write_bytes(models.to_safetensors({"w": torch.zeros(6)}))
+    weights.write_bytes(torch_io.to_safetensors({"w": torch.zeros(6)}))
     for name, data in cases.items():
         src = tmp_path / f"{name}.pt"
         src.write_bytes(data)
         with pytest.raises(ModelFormatError):
-            archive.describe(src)
+            modelfiles.describe(src)
         with pytest.raises(ModelFormatError):
-            archive.archive_to_safetensors(src, tmp_path / "out.safetensors")
+            modelfiles.archive_to_safetensors(src, tmp_path / "out.safetensors")
         with pytest.raises(ModelFormatError):
-            archive.safetensors_into_archive(src, weights, tmp_path / "out.pt")
+            modelfiles.safetensors_into_archive(src, weights, tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()
     assert not (tmp_path / "out.safetensors").exists()
     for garbage in (b"", b"\x00" * 8 + b"{}", b"not safetensors at all"):
         weights.write_bytes(garbage)
         with pytest.raises(ModelFormatError):
-            archive.read_safetensors_header(weights)
+            modelfiles.read_safetensors_header(weights)
         src = tmp_path / "good.pt"
         src.write_bytes(good)
         with pytest.raises(ModelFormatError):
-            archive.safetensors_into_archive(src, weights, tmp_path / "out.pt")
+            modelfiles.safetensors_into_archive(src, weights, tmp_path / "out.pt")
 
 
 def test_storage_claiming_more_than_the_file_is_refused(tmp_path: Path) -> None:
@@ -508,7 +510,7 @@ def test_storage_claiming_more_than_the_file_is_refused(tmp_path: Path) -> None:
     src.write_bytes(lying)
     # The record would overlap the directory: refused while the layout is checked.
     with pytest.raises(ModelFormatError, match="overlaps"):
-        archive.archive_to_safetensors(src, tmp_path / "out.safetensors")
+        modelfiles.archive_to_safetensors(src, tmp_path / "out.safetensors")
 
 
 @pytest.mark.parametrize("kind", ["expanded", "many-names"])
@@ -522,11 +524,11 @@ def test_data_far_beyond_the_storages_is_refused(kind: str, tmp_path: Path) -> N
     src = _save(state, tmp_path / "m.pt")
     assert src.stat().st_size < 8 * 2**20
     with pytest.raises(ModelFormatError, match="refused"):
-        archive.archive_to_safetensors(src, tmp_path / "m.safetensors")
+        modelfiles.archive_to_safetensors(src, tmp_path / "m.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
     # Modest expansion, as real models have (tied embeddings), converts.
     ok = _save({"a": torch.ones(4), "b": torch.ones(1).expand(1000)}, tmp_path / "ok.pt")
-    archive.archive_to_safetensors(ok, tmp_path / "ok.safetensors")
+    modelfiles.archive_to_safetensors(ok, tmp_path / "ok.safetensors")
     assert torch.equal(
         safetensors.torch.load_file(str(tmp_path / "ok.safetensors"))["b"], torch.ones(1000)
     )
@@ -591,13 +593,13 @@ def test_property_mutated_pickles_convert_or_fail_typed(flips: List[Tuple[int, i
         dst = Path(tmp) / "m.safetensors"
         # Either a typed error with a message, or valid safetensors: never another exception.
         try:
-            archive.archive_to_safetensors(path, dst)
+            modelfiles.archive_to_safetensors(path, dst)
         except (ModelFormatError, UnsafePickleError, TensorMismatchError) as exc:
             assert str(exc)
             assert not dst.exists()
         else:
-            header, _ = archive.read_safetensors_header(dst)
-            assert set(header) == set(archive.list_tensors(path))
+            header, _ = modelfiles.read_safetensors_header(dst)
+            assert set(header) == set(modelfiles.list_tensors(path))
 
 
 _VIEW_KINDS = ["whole", "tail", "transpose", "row", "column", "step", "expand"]
@@ -648,11 +650,11 @@ def test_property_views_convert_like_torch_both_ways(
         src = Path(tmp) / "m.pt"
         torch.save(state, src)
         dst = Path(tmp) / "m.safetensors"
-        archive.archive_to_safetensors(src, dst)
-        assert dst.read_bytes() == models.to_safetensors(state)
+        modelfiles.archive_to_safetensors(src, dst)
+        assert dst.read_bytes() == torch_io.to_safetensors(state)
         # Back in, with the same values (consistent by construction): the same tensors.
         out = Path(tmp) / "out.pt"
-        archive.safetensors_into_archive(src, dst, out)
+        modelfiles.safetensors_into_archive(src, dst, out)
         loaded = torch.load(out, weights_only=True)
         for name, value in state.items():
             assert _raw(loaded[name]) == _raw(value), name

@@ -14,23 +14,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from model_factories import Evil, EvilModule
+from model_factories import Evil, EvilModule, archive_with_pickle
 
-from fl_sidecar import models
-from fl_sidecar._pickle import restricted_loads
+from fl_sidecar import modelfiles
 from fl_sidecar.errors import ModelFormatError, UnsafePickleError
-
-
-def _archive_with_pickle(pkl: bytes, *, extra: Dict[str, bytes] | None = None) -> bytes:
-    """A torch-style zip archive whose data.pkl is ``pkl`` (plus extra records)."""
-    out = io.BytesIO()
-    writer = torch._C.PyTorchFileWriter(out)
-    writer.write_record("data.pkl", pkl, len(pkl))
-    for name, data in (extra or {}).items():
-        writer.write_record(name, data, len(data))
-    writer.write_record("byteorder", b"little", 6)
-    writer.write_end_of_file()
-    return out.getvalue()
+from fl_sidecar.modelfiles import torch_io
+from fl_sidecar.modelfiles.pickle_reader import restricted_loads
 
 
 def _replace_record(archive: bytes, rel: str, data: bytes) -> bytes:
@@ -64,7 +53,7 @@ def test_reduce_to_os_system_in_torch_save_is_refused(tmp_path: Path) -> None:
     buf = io.BytesIO()
     torch.save({"weights": torch.ones(2), "x": Evil(f"touch {marker}")}, buf)
     with pytest.raises(UnsafePickleError):
-        models.read_tensors(buf.getvalue())
+        torch_io.read_tensors(buf.getvalue())
     assert not marker.exists()
 
 
@@ -74,13 +63,13 @@ def test_evil_attribute_of_a_pickled_module_is_refused(tmp_path: Path) -> None:
     torch.save(EvilModule(f"touch {marker}"), buf)
     path = tmp_path / "model.pt"
     path.write_bytes(buf.getvalue())
-    for reader in (models.read_tensors, models.describe, models.list_tensors):
+    for reader in (torch_io.read_tensors, torch_io.describe, torch_io.list_tensors):
         with pytest.raises(UnsafePickleError):
             reader(path)
     with pytest.raises(UnsafePickleError):
-        models.write_tensors(path, {"fc.weight": torch.zeros(2, 2), "fc.bias": torch.zeros(2)})
+        torch_io.write_tensors(path, {"fc.weight": torch.zeros(2, 2), "fc.bias": torch.zeros(2)})
     with pytest.raises(UnsafePickleError):
-        models.archive_to_safetensors(path, tmp_path / "out.safetensors")
+        modelfiles.archive_to_safetensors(path, tmp_path / "out.safetensors")
     assert not marker.exists()
     assert not (tmp_path / "out.safetensors").exists()
     # Sanity check of the test itself: a plain unpickler would have run it.
@@ -147,7 +136,7 @@ def test_hand_crafted_pickles_are_refused(kind: str, tmp_path: Path) -> None:
     with pytest.raises(UnsafePickleError):
         restricted_loads(pkl)
     with pytest.raises(UnsafePickleError):
-        models.read_tensors(_archive_with_pickle(pkl))
+        torch_io.read_tensors(archive_with_pickle(pkl))
     assert not marker.exists()
 
 
@@ -180,7 +169,7 @@ def test_pickle_cannot_change_the_allowed_functions() -> None:
         with pytest.raises((UnsafePickleError, ModelFormatError)):
             restricted_loads(b"\x80\x02" + builder + b"}X\x01\x00\x00\x00aK\x01sb.")
     # ...and reading a normal archive afterwards still works.
-    assert torch.equal(models.read_tensors(_plain_archive())["w"], torch.arange(6.0).view(2, 3))
+    assert torch.equal(torch_io.read_tensors(_plain_archive())["w"], torch.arange(6.0).view(2, 3))
 
 
 def test_placeholder_class_cannot_be_called() -> None:
@@ -194,14 +183,14 @@ def test_deep_nesting_is_a_format_error_not_a_crash() -> None:
     depth = 100_000
     pkl = b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."
     with pytest.raises(ModelFormatError, match="deep"):
-        models.read_tensors(_archive_with_pickle(pkl))
+        torch_io.read_tensors(archive_with_pickle(pkl))
 
 
 def test_self_containing_structure_is_a_format_error() -> None:
     # a list that contains itself: l = []; l.append(l)
     pkl = b"\x80\x02]q\x00h\x00a."
     with pytest.raises(ModelFormatError, match="itself"):
-        models.read_tensors(_archive_with_pickle(pkl))
+        torch_io.read_tensors(archive_with_pickle(pkl))
 
 
 # ---------------------------------------------------------------- malformed input
@@ -235,7 +224,7 @@ def test_property_mutated_pickles_fail_typed_or_read(
     archive = _replace_record(_TEMPLATE, "data.pkl", bytes(pkl[:cut]))
     # Either a typed error with a message, or tensors: never another exception or a crash.
     try:
-        got = models.read_tensors(archive)
+        got = torch_io.read_tensors(archive)
     except (ModelFormatError, UnsafePickleError) as exc:
         assert str(exc)
     else:
@@ -245,20 +234,20 @@ def test_property_mutated_pickles_fail_typed_or_read(
 def test_not_a_model_is_a_format_error(tmp_path: Path) -> None:
     for data in (b"", b"hello world", os.urandom(1000), b"PK\x03\x04garbage"):
         with pytest.raises(ModelFormatError):
-            models.read_tensors(data)
+            torch_io.read_tensors(data)
         with pytest.raises(ModelFormatError):
-            models.detect_format(data)
+            modelfiles.detect_format(data)
         path = tmp_path / "junk"
         path.write_bytes(data)
         with pytest.raises(ModelFormatError):
-            models.read_tensors(path)
+            torch_io.read_tensors(path)
 
 
 def test_truncated_archive_is_a_format_error() -> None:
     data = _plain_archive()
     for cut in (10, len(data) // 3, len(data) // 2, len(data) - 30, len(data) - 1):
         with pytest.raises(ModelFormatError):
-            models.read_tensors(data[:cut])
+            torch_io.read_tensors(data[:cut])
 
 
 def test_zip_without_data_pkl_is_a_format_error() -> None:
@@ -267,33 +256,33 @@ def test_zip_without_data_pkl_is_a_format_error() -> None:
         zf.writestr("archive/other.pkl", b"\x80\x02}.")
         zf.writestr("archive/data/0", b"\0" * 8)
     with pytest.raises(ModelFormatError, match=r"data\.pkl"):
-        models.read_tensors(buf.getvalue())
+        torch_io.read_tensors(buf.getvalue())
     with pytest.raises(ModelFormatError):
-        models.detect_format(buf.getvalue())
+        modelfiles.detect_format(buf.getvalue())
 
 
 def test_legacy_torch_format_is_a_format_error() -> None:
     buf = io.BytesIO()
     torch.save({"w": torch.ones(2)}, buf, _use_new_zipfile_serialization=False)
     with pytest.raises(ModelFormatError, match="legacy"):
-        models.detect_format(buf.getvalue())
+        modelfiles.detect_format(buf.getvalue())
     with pytest.raises(ModelFormatError):
-        models.read_tensors(buf.getvalue())
+        torch_io.read_tensors(buf.getvalue())
 
 
 def test_missing_or_wrong_sized_storage_is_a_format_error() -> None:
     data = _plain_archive()
     with pytest.raises(ModelFormatError, match="missing"):
-        models.read_tensors(_replace_record(data, "data/0", b""))
+        torch_io.read_tensors(_replace_record(data, "data/0", b""))
     with pytest.raises(ModelFormatError, match="bytes"):
-        models.read_tensors(_replace_record(data, "data/0", b"\0" * 20))
+        torch_io.read_tensors(_replace_record(data, "data/0", b"\0" * 20))
 
 
 def test_truncated_pickle_is_a_format_error() -> None:
     data = _plain_archive()
     pkl = zipfile.ZipFile(io.BytesIO(data)).read("archive/data.pkl")
     with pytest.raises(ModelFormatError):
-        models.read_tensors(_replace_record(data, "data.pkl", pkl[: len(pkl) // 2]))
+        torch_io.read_tensors(_replace_record(data, "data.pkl", pkl[: len(pkl) // 2]))
 
 
 def test_tensor_past_its_storage_is_a_format_error() -> None:
@@ -303,12 +292,12 @@ def test_tensor_past_its_storage_is_a_format_error() -> None:
         b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x02tQ"
         b"K\x00K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtRs."
     )
-    archive = _archive_with_pickle(pkl, extra={"data/0": b"\0" * 8})
+    archive = archive_with_pickle(pkl, extra={"data/0": b"\0" * 8})
     with pytest.raises(ModelFormatError, match="past the end"):
-        models.read_tensors(archive)
+        torch_io.read_tensors(archive)
     # The same with size (2,) is fine: the crafted pickle is otherwise valid.
-    ok = _archive_with_pickle(pkl.replace(b"K\x04\x85", b"K\x02\x85"), extra={"data/0": b"\0" * 8})
-    assert torch.equal(models.read_tensors(ok)["w"], torch.zeros(2))
+    ok = archive_with_pickle(pkl.replace(b"K\x04\x85", b"K\x02\x85"), extra={"data/0": b"\0" * 8})
+    assert torch.equal(torch_io.read_tensors(ok)["w"], torch.zeros(2))
 
 
 def _patch_declared_size(archive: bytes, name: str, size: int) -> bytes:
@@ -344,10 +333,10 @@ def test_zip_bomb_storage_is_refused() -> None:
         zf.writestr("archive/data/0", b"\0" * 4096)
     bomb = _patch_declared_size(buf.getvalue(), "archive/data/0", numel * 4)
     with pytest.raises(ModelFormatError, match="implausible"):
-        models.read_tensors(bomb)
+        torch_io.read_tensors(bomb)
     # Sanity check: with an honest size, the only complaint is the size mismatch.
     with pytest.raises(ModelFormatError, match="expected"):
-        models.read_tensors(buf.getvalue())
+        torch_io.read_tensors(buf.getvalue())
 
 
 def test_invalid_storage_key_is_refused() -> None:
@@ -360,7 +349,7 @@ def test_invalid_storage_key_is_refused() -> None:
 
 
 def test_safetensors_garbage_is_a_format_error(tmp_path: Path) -> None:
-    good = models.to_safetensors({"a": torch.ones(3)})
+    good = torch_io.to_safetensors({"a": torch.ones(3)})
     bad_cases = [
         b"",
         good[:7],
@@ -370,13 +359,13 @@ def test_safetensors_garbage_is_a_format_error(tmp_path: Path) -> None:
     ]
     for data in bad_cases:
         with pytest.raises(ModelFormatError):
-            models.from_safetensors(data)
+            torch_io.from_safetensors(data)
     lying = good.replace(b'"shape":[3]', b'"shape":[9]')
     with pytest.raises(ModelFormatError):
-        models.from_safetensors(lying)
+        torch_io.from_safetensors(lying)
 
 
-_GOOD_SAFETENSORS = models.to_safetensors(
+_GOOD_SAFETENSORS = torch_io.to_safetensors(
     {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, dtype=torch.bfloat16)}
 )
 
@@ -397,7 +386,7 @@ def test_property_mutated_safetensors_fail_typed_or_read(
     for pos, value in flips:
         data[pos] = value
     try:
-        got = models.from_safetensors(bytes(data[:cut]))
+        got = torch_io.from_safetensors(bytes(data[:cut]))
     except ModelFormatError as exc:
         assert str(exc)
     else:
@@ -406,11 +395,11 @@ def test_property_mutated_safetensors_fail_typed_or_read(
 
 def test_safetensors_given_as_an_archive_says_so() -> None:
     with pytest.raises(ModelFormatError, match="safetensors"):
-        models.read_tensors(models.to_safetensors({"a": torch.ones(2)}))
+        torch_io.read_tensors(torch_io.to_safetensors({"a": torch.ones(2)}))
 
 
 def test_load_trusted_refuses_what_is_not_a_torch_archive() -> None:
     with pytest.raises(ModelFormatError):
-        models.load_trusted(b"not a model")
+        torch_io.load_trusted(b"not a model")
     with pytest.raises(ModelFormatError):
-        models.load_trusted(models.to_safetensors({"a": torch.ones(1)}))
+        torch_io.load_trusted(torch_io.to_safetensors({"a": torch.ones(1)}))

@@ -21,8 +21,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_sidecar import archive, models
+from fl_sidecar import modelfiles
 from fl_sidecar.errors import AmbiguousArchiveError, ModelFormatError, UnsafePickleError
+from fl_sidecar.modelfiles import torch_io
 
 
 class _Evil:
@@ -242,11 +243,11 @@ def test_hostile_archive_is_refused_by_every_reader(kind: str, tmp_path: Path) -
     path.write_bytes(data)
     for source in (data, path):
         with pytest.raises(AmbiguousArchiveError, match="differently"):
-            archive.describe(source)
+            modelfiles.describe(source)
         with pytest.raises(AmbiguousArchiveError):
-            models.load_trusted(source)
+            torch_io.load_trusted(source)
     with pytest.raises(ModelFormatError):
-        archive.detect_format(data)
+        modelfiles.detect_format(data)
     assert not marker.exists()
 
 
@@ -273,7 +274,7 @@ def test_pickle_with_a_zip_appended_reads_as_the_zip_in_zipfile(tmp_path: Path) 
 
 def _our_writer(state: Dict[str, torch.Tensor]) -> bytes:
     template = _good()
-    return models.write_tensors(template, state) or b""
+    return torch_io.write_tensors(template, state) or b""
 
 
 @pytest.mark.parametrize(
@@ -290,12 +291,12 @@ def _our_writer(state: Dict[str, torch.Tensor]) -> bytes:
 )
 def test_honest_archives_still_load(make: Callable[[], bytes], tmp_path: Path) -> None:
     data = make()
-    info = archive.describe(data)
+    info = modelfiles.describe(data)
     assert info.tensors
     path = tmp_path / "m.pt"
     path.write_bytes(data)
     for source in (data, path):
-        loaded = models.load_trusted(source)
+        loaded = torch_io.load_trusted(source)
         assert loaded is not None
 
 
@@ -320,7 +321,7 @@ def test_load_trusted_loads_the_file_it_checked(tmp_path: Path, monkeypatch: Any
         return real_load(f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "load", swapping_load)
-    loaded = models.load_trusted(path)
+    loaded = torch_io.load_trusted(path)
     assert torch.equal(loaded["w"], torch.arange(4, dtype=torch.float32))
     assert not marker.exists()
 
@@ -333,9 +334,9 @@ def test_load_trusted_can_vet_the_bytes_it_loads(tmp_path: Path) -> None:
     path.write_bytes(buf.getvalue())
     for source in (buf.getvalue(), path):
         with pytest.raises(UnsafePickleError):
-            models.load_trusted(source, vet=True)
+            torch_io.load_trusted(source, vet=True)
     assert not marker.exists()
-    assert torch.equal(models.load_trusted(_good(), vet=True)["w"], torch.arange(4.0))
+    assert torch.equal(torch_io.load_trusted(_good(), vet=True)["w"], torch.arange(4.0))
 
 
 def _structure_offsets(data: bytes) -> List[int]:
@@ -388,7 +389,7 @@ def test_property_what_we_accept_torch_reads_alike(base: str, data: st.DataObjec
         archive_bytes[pos] = value
     mutated = bytes(archive_bytes)
     try:
-        with archive.open_archive(mutated, parse=False) as opened:
+        with modelfiles.open_archive(mutated, parse=False) as opened:
             ours = sorted(n.split("/", 1)[1] for n in opened.record_names)
             pkl = opened.read_record(opened.records["data.pkl"])
     except ModelFormatError as exc:

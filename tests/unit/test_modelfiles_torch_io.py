@@ -1,4 +1,4 @@
-"""Model I/O: reading and writing tensors of real torch archives, safetensors, FedAvg."""
+"""Model I/O with torch: tensors of real torch archives, safetensors, modules, trust."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import importlib.util
 import io
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 import pytest
@@ -15,39 +15,15 @@ import safetensors.torch
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from model_factories import Tied, changed
+from model_factories import Net, Tied, changed, raw_bytes
 
-from fl_sidecar import models
+from fl_sidecar import modelfiles
 from fl_sidecar.errors import ModelFormatError, TensorMismatchError
+from fl_sidecar.modelfiles import torch_io
 
 # torch.jit's functions have no annotations; typed handles for mypy --strict.
 jit_load: Callable[..., Any] = torch.jit.load
 jit_trace: Callable[..., Any] = torch.jit.trace
-
-
-class Net(torch.nn.Module):
-    """A small model with parameters, persistent and non-persistent buffers, and no bias."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = torch.nn.Linear(4, 3)
-        self.bn = torch.nn.BatchNorm1d(3)
-        self.fc2 = torch.nn.Linear(3, 2, bias=False)
-        self.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(2)])
-        self.register_buffer("scratch", torch.ones(2), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc2(self.bn(self.fc1(x)))
-        for layer in self.layers:
-            x = layer(x)
-        scratch = self.scratch
-        assert isinstance(scratch, torch.Tensor)
-        return x + scratch
-
-
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes, to compare dtypes that torch.equal does not support."""
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _assert_equal_state(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]) -> None:
@@ -82,26 +58,26 @@ def test_pickled_module_round_trip() -> None:
     net = Net()
     with torch.no_grad():
         net.bn.weight.add_(0.5)
-    data = models.dump_module(net)
-    assert models.detect_format(data) is models.ModelFormat.TORCH_PICKLE
-    info = models.describe(data)
+    data = torch_io.dump_module(net)
+    assert modelfiles.detect_format(data) is modelfiles.ModelFormat.TORCH_PICKLE
+    info = torch_io.describe(data)
     assert info.root_class.endswith(".Net")
     assert info.is_module
     assert "scratch" not in info.tensors  # non-persistent, as in state_dict
-    assert info.tensors["fc1.weight"] == models.TensorSpec("fc1.weight", (3, 4), torch.float32)
+    assert info.tensors["fc1.weight"] == torch_io.TensorSpec("fc1.weight", (3, 4), torch.float32)
     assert info.tensors["fc1.weight"].nbytes == 48
 
-    _assert_equal_state(models.read_tensors(data), net.state_dict())
+    _assert_equal_state(torch_io.read_tensors(data), net.state_dict())
 
     new = changed(net.state_dict())
-    out = models.write_tensors(data, new)
+    out = torch_io.write_tensors(data, new)
     assert out is not None
     loaded = torch.load(io.BytesIO(out), weights_only=False)
     assert type(loaded) is Net
     _assert_equal_state(loaded.state_dict(), new)
     assert torch.equal(loaded.get_buffer("scratch"), torch.ones(2))  # untouched
     # ...and the rewritten archive reads back the same through the restricted reader.
-    _assert_equal_state(models.read_tensors(out), new)
+    _assert_equal_state(torch_io.read_tensors(out), new)
     loaded(torch.randn(2, 4))
 
 
@@ -111,10 +87,10 @@ def test_every_pickle_protocol_torch_saves(protocol: int) -> None:
     buf = io.BytesIO()
     torch.save(net, buf, pickle_protocol=protocol)
     data = buf.getvalue()
-    assert models.describe(data).root_class.endswith(".Net")
-    _assert_equal_state(models.read_tensors(data), net.state_dict())
+    assert torch_io.describe(data).root_class.endswith(".Net")
+    _assert_equal_state(torch_io.read_tensors(data), net.state_dict())
     new = changed(net.state_dict())
-    out = models.write_tensors(data, new)
+    out = torch_io.write_tensors(data, new)
     assert out is not None
     _assert_equal_state(torch.load(io.BytesIO(out), weights_only=False).state_dict(), new)
 
@@ -128,30 +104,30 @@ def test_deflated_and_renamed_archive(tmp_path: Path) -> None:
         for info in src.infolist():
             dst.writestr("model/" + info.filename.split("/", 1)[1], src.read(info))
     data = buf.getvalue()
-    _assert_equal_state(models.read_tensors(data), state)
+    _assert_equal_state(torch_io.read_tensors(data), state)
     new = changed(state)
-    out = models.write_tensors(data, new)
+    out = torch_io.write_tensors(data, new)
     assert out is not None
     _assert_equal_state(dict(torch.load(io.BytesIO(out), weights_only=True)), new)
 
 
 def test_parameters_with_grad_are_accepted_as_new_weights() -> None:
     net = Net()
-    data = models.dump_module(net)
+    data = torch_io.dump_module(net)
     live = net.state_dict(keep_vars=True)
     assert any(v.requires_grad for v in live.values())
-    out = models.write_tensors(data, live)
+    out = torch_io.write_tensors(data, live)
     assert out is not None
-    _assert_equal_state(models.read_tensors(out), net.state_dict())
+    _assert_equal_state(torch_io.read_tensors(out), net.state_dict())
 
 
 def test_rewritten_archive_loads_with_mmap(tmp_path: Path) -> None:
     net = Net()
     template = tmp_path / "global.pt"
-    models.save_module(net, template)
+    torch_io.save_module(net, template)
     new = changed(net.state_dict())
     dest = tmp_path / "local.pt"
-    assert models.write_tensors(template, new, dest) is None
+    assert torch_io.write_tensors(template, new, dest) is None
     # mmap loading needs torch's record alignment.
     loaded = torch.load(dest, weights_only=False, mmap=True)
     _assert_equal_state(loaded.state_dict(), new)
@@ -161,12 +137,12 @@ def test_rewritten_archive_loads_with_mmap(tmp_path: Path) -> None:
 def test_state_dict_archive_round_trip() -> None:
     state = Net().state_dict()
     data = _saved(state)
-    info = models.describe(data)
+    info = torch_io.describe(data)
     assert info.root_class == "collections.OrderedDict"
     assert not info.is_module
-    _assert_equal_state(models.read_tensors(data), dict(state))
+    _assert_equal_state(torch_io.read_tensors(data), dict(state))
     new = changed(dict(state))
-    out = models.write_tensors(data, new)
+    out = torch_io.write_tensors(data, new)
     assert out is not None
     loaded = torch.load(io.BytesIO(out), weights_only=True)
     _assert_equal_state(dict(loaded), new)
@@ -185,10 +161,10 @@ class WithNumpy(torch.nn.Module):
 
 def test_numpy_attributes_are_inert() -> None:
     model = WithNumpy()
-    data = models.dump_module(model)
-    _assert_equal_state(models.read_tensors(data), model.state_dict())
+    data = torch_io.dump_module(model)
+    _assert_equal_state(torch_io.read_tensors(data), model.state_dict())
     new = changed(model.state_dict())
-    out = models.write_tensors(data, new)
+    out = torch_io.write_tensors(data, new)
     assert out is not None
     loaded = torch.load(io.BytesIO(out), weights_only=False)
     _assert_equal_state(loaded.state_dict(), new)
@@ -203,13 +179,13 @@ def test_recurrent_and_attention_layers(scripted: bool) -> None:
         torch.nn.GRU(8, 4),
     )
     model: torch.nn.Module = torch.jit.script(torch_model) if scripted else torch_model
-    data = models.dump_module(model)
+    data = torch_io.dump_module(model)
     reference = dict(model.state_dict())
-    _assert_equal_state(models.read_tensors(data), reference)
+    _assert_equal_state(torch_io.read_tensors(data), reference)
     new = changed(reference)
-    out = models.write_tensors(data, new)
+    out = torch_io.write_tensors(data, new)
     assert out is not None
-    loaded = models.load_trusted(out)
+    loaded = torch_io.load_trusted(out)
     _assert_equal_state(dict(loaded.state_dict()), new)
     if not scripted:
         # the GRU's cached flat weights are the new parameters, not stale copies
@@ -219,7 +195,7 @@ def test_recurrent_and_attention_layers(scripted: bool) -> None:
 
 def test_nested_checkpoint_dict_names_are_dotted() -> None:
     data = _saved({"model": Net(), "epoch": 3, "extra": [torch.zeros(2)]})
-    names = list(models.read_tensors(data))
+    names = list(torch_io.read_tensors(data))
     assert "model.fc1.weight" in names
     assert "extra.0" in names
 
@@ -227,12 +203,12 @@ def test_nested_checkpoint_dict_names_are_dotted() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_low_and_high_precision_modules(dtype: torch.dtype) -> None:
     net = Net().to(dtype)
-    data = models.dump_module(net)
-    got = models.read_tensors(data)
+    data = torch_io.dump_module(net)
+    got = torch_io.read_tensors(data)
     _assert_equal_state(got, net.state_dict())
     assert got["fc1.weight"].dtype == dtype
     new = changed(net.state_dict())
-    out = models.write_tensors(data, new)
+    out = torch_io.write_tensors(data, new)
     assert out is not None
     _assert_equal_state(torch.load(io.BytesIO(out), weights_only=False).state_dict(), new)
 
@@ -251,18 +227,18 @@ def test_many_dtypes_in_one_state_dict() -> None:
         "f8": torch.tensor([0.5], dtype=torch.float8_e4m3fn),
     }
     data = _saved(state)
-    got = models.read_tensors(data)
+    got = torch_io.read_tensors(data)
     assert list(got) == list(state)
     for name, value in state.items():
         assert got[name].dtype == value.dtype
-        assert torch.equal(_raw(got[name]), _raw(value)), name
+        assert torch.equal(raw_bytes(got[name]), raw_bytes(value)), name
     new = changed({k: v for k, v in state.items() if k != "f8"})
     new["f8"] = torch.tensor([1.0], dtype=torch.float8_e4m3fn)
-    out = models.write_tensors(data, new)
+    out = torch_io.write_tensors(data, new)
     assert out is not None
     loaded = torch.load(io.BytesIO(out), weights_only=True)
     for name, value in new.items():
-        assert torch.equal(_raw(loaded[name]), _raw(value)), name
+        assert torch.equal(raw_bytes(loaded[name]), raw_bytes(value)), name
 
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8]
@@ -311,15 +287,15 @@ def test_property_state_dicts_with_shared_views_round_trip(
     state = {name: _apply_view(old_bases[i], kind) for name, i, kind in entries}
     new = {name: _apply_view(new_bases[i], kind).clone() for name, i, kind in entries}
     data = _saved(state)
-    got = models.read_tensors(data)
+    got = torch_io.read_tensors(data)
     for name, value in state.items():
         assert got[name].shape == value.shape and got[name].dtype == value.dtype
-        assert torch.equal(_raw(got[name]), _raw(value)), name
-    out = models.write_tensors(data, new)
+        assert torch.equal(raw_bytes(got[name]), raw_bytes(value)), name
+    out = torch_io.write_tensors(data, new)
     assert out is not None
     loaded = torch.load(io.BytesIO(out), weights_only=True)
     for name, value in new.items():
-        assert torch.equal(_raw(loaded[name]), _raw(value)), name
+        assert torch.equal(raw_bytes(loaded[name]), raw_bytes(value)), name
 
 
 # ---------------------------------------------------------------- TorchScript
@@ -330,17 +306,17 @@ def test_torchscript_round_trip(how: str) -> None:
     net = Net().eval()
     example = torch.randn(2, 4)
     module = torch.jit.script(net) if how == "script" else jit_trace(net, example)
-    data = models.dump_module(module)
-    assert models.detect_format(data) is models.ModelFormat.TORCHSCRIPT
-    info = models.describe(data)
+    data = torch_io.dump_module(module)
+    assert modelfiles.detect_format(data) is modelfiles.ModelFormat.TORCHSCRIPT
+    info = torch_io.describe(data)
     assert info.is_module
     assert info.root_class.startswith("__torch__.") and info.root_class.endswith(".Net")
     expected = jit_load(io.BytesIO(data)).state_dict()
-    got = models.read_tensors(data)
+    got = torch_io.read_tensors(data)
     _assert_equal_state(got, dict(expected))  # names and order as TorchScript's state_dict
 
     new = changed(dict(expected))
-    out = models.write_tensors(data, new)
+    out = torch_io.write_tensors(data, new)
     assert out is not None
     loaded = jit_load(io.BytesIO(out))
     assert isinstance(loaded, torch.jit.ScriptModule)
@@ -371,11 +347,11 @@ class Attributes(torch.nn.Module):
 
 def test_torchscript_typed_attributes() -> None:
     module = torch.jit.script(Attributes())
-    data = models.dump_module(module)
+    data = torch_io.dump_module(module)
     expected = dict(jit_load(io.BytesIO(data)).state_dict())
-    _assert_equal_state(models.read_tensors(data), expected)
+    _assert_equal_state(torch_io.read_tensors(data), expected)
     new = changed(expected)
-    out = models.write_tensors(data, new)
+    out = torch_io.write_tensors(data, new)
     assert out is not None
     loaded = jit_load(io.BytesIO(out))
     _assert_equal_state(dict(loaded.state_dict()), new)
@@ -395,13 +371,13 @@ def test_torchscript_with_tied_weights_and_attribute_tensors() -> None:
             return out
 
     module = torch.jit.script(WithPlain())
-    data = models.dump_module(module)
+    data = torch_io.dump_module(module)
     expected = dict(jit_load(io.BytesIO(data)).state_dict())
     assert "plain" not in expected
-    _assert_equal_state(models.read_tensors(data), expected)
+    _assert_equal_state(torch_io.read_tensors(data), expected)
     new = changed(expected)
     assert new["inner.head.weight"] is new["inner.emb.weight"]
-    out = models.write_tensors(data, new)
+    out = torch_io.write_tensors(data, new)
     assert out is not None
     loaded = jit_load(io.BytesIO(out))
     _assert_equal_state(dict(loaded.state_dict()), new)
@@ -412,12 +388,12 @@ def test_torchscript_with_tied_weights_and_attribute_tensors() -> None:
 
 def test_tied_weights_round_trip_and_stay_tied() -> None:
     model = Tied()
-    data = models.dump_module(model)
-    got = models.read_tensors(data)
+    data = torch_io.dump_module(model)
+    got = torch_io.read_tensors(data)
     assert list(got) == list(model.state_dict())
     assert got["head.weight"].data_ptr() == got["emb.weight"].data_ptr()
     new = changed(model.state_dict())
-    out = models.write_tensors(data, new)
+    out = torch_io.write_tensors(data, new)
     assert out is not None
     loaded = torch.load(io.BytesIO(out), weights_only=False)
     assert loaded.head.weight is loaded.emb.weight
@@ -427,12 +403,12 @@ def test_tied_weights_round_trip_and_stay_tied() -> None:
 def test_tied_weights_with_different_values_are_refused(tmp_path: Path) -> None:
     model = Tied()
     template = tmp_path / "tied.pt"
-    models.save_module(model, template)
+    torch_io.save_module(model, template)
     new = changed(model.state_dict())
     new["head.weight"] = new["emb.weight"] + 1
     dest = tmp_path / "out.pt"
     with pytest.raises(TensorMismatchError, match="tied"):
-        models.write_tensors(template, new, dest)
+        torch_io.write_tensors(template, new, dest)
     assert not dest.exists()
     assert not list(tmp_path.glob(".fl-sidecar-*"))
 
@@ -446,7 +422,7 @@ def test_views_with_offsets_strides_and_overlap() -> None:
         "row": torch.arange(3.0).expand(2, 3),  # stride 0
     }
     data = _saved(state)
-    got = models.read_tensors(data)
+    got = torch_io.read_tensors(data)
     for name, value in state.items():
         assert torch.equal(got[name], value), name
         assert got[name].stride() == value.stride(), name
@@ -457,17 +433,17 @@ def test_views_with_offsets_strides_and_overlap() -> None:
         "grid_t": new_base.view(3, 4).t().clone(),
         "row": torch.tensor([7.0, 8.0, 9.0]).expand(2, 3).clone(),
     }
-    out = models.write_tensors(data, new)
+    out = torch_io.write_tensors(data, new)
     assert out is not None
     loaded = torch.load(io.BytesIO(out), weights_only=True)
     for name, value in new.items():
         assert torch.equal(loaded[name], value), name
     conflicting = dict(new, tail=new["tail"] + 1)
     with pytest.raises(TensorMismatchError):
-        models.write_tensors(data, conflicting)
+        torch_io.write_tensors(data, conflicting)
     uneven = dict(new, row=torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
     with pytest.raises(TensorMismatchError):
-        models.write_tensors(data, uneven)
+        torch_io.write_tensors(data, uneven)
 
 
 # ---------------------------------------------------------------- mismatches
@@ -476,7 +452,7 @@ def test_views_with_offsets_strides_and_overlap() -> None:
 def test_mismatched_names_shapes_dtypes_are_refused(tmp_path: Path) -> None:
     net = Net()
     template = tmp_path / "t.pt"
-    models.save_module(net, template)
+    torch_io.save_module(net, template)
     good = dict(net.state_dict())
     cases: List[Dict[str, torch.Tensor]] = [
         {k: v for k, v in good.items() if k != "fc1.bias"},
@@ -488,15 +464,15 @@ def test_mismatched_names_shapes_dtypes_are_refused(tmp_path: Path) -> None:
     dest = tmp_path / "out.pt"
     for case in cases:
         with pytest.raises(TensorMismatchError):
-            models.write_tensors(template, case, dest)
+            torch_io.write_tensors(template, case, dest)
         weights = tmp_path / "w.safetensors"
-        weights.write_bytes(models.to_safetensors(case))
+        weights.write_bytes(torch_io.to_safetensors(case))
         with pytest.raises(TensorMismatchError):
-            models.safetensors_into_archive(template, weights, dest)
+            modelfiles.safetensors_into_archive(template, weights, dest)
     assert not dest.exists()
     with pytest.raises(TensorMismatchError):
         bad: Dict[str, Any] = dict(good, **{"fc1.bias": [1.0, 2.0, 3.0]})
-        models.write_tensors(template, bad)
+        torch_io.write_tensors(template, bad)
 
 
 # ---------------------------------------------------------------- byte order
@@ -534,9 +510,9 @@ def test_big_endian_archive_is_read_and_written() -> None:
     reference = torch.load(io.BytesIO(big), weights_only=True)
     _assert_equal_state(dict(reference), state)
     # ...and so does the restricted reader.
-    _assert_equal_state(models.read_tensors(big), state)
+    _assert_equal_state(torch_io.read_tensors(big), state)
     new = changed(state)
-    out = models.write_tensors(big, new)
+    out = torch_io.write_tensors(big, new)
     assert out is not None
     assert zipfile.ZipFile(io.BytesIO(out)).read("archive/byteorder") == b"big"
     _assert_equal_state(dict(torch.load(io.BytesIO(out), weights_only=True)), new)
@@ -556,9 +532,9 @@ def test_safetensors_round_trip_matches_the_library() -> None:
         "scalar": torch.tensor(2.5),
     }
     state["alias"] = state["w"]  # shared: the library's own save refuses this
-    data = models.to_safetensors(state)
-    assert models.detect_format(data) is models.ModelFormat.SAFETENSORS
-    ours = models.from_safetensors(data)
+    data = torch_io.to_safetensors(state)
+    assert modelfiles.detect_format(data) is modelfiles.ModelFormat.SAFETENSORS
+    ours = torch_io.from_safetensors(data)
     theirs = safetensors.torch.load(data)
     for name, value in state.items():
         assert torch.equal(ours[name], value), name
@@ -567,22 +543,22 @@ def test_safetensors_round_trip_matches_the_library() -> None:
     library_bytes = safetensors.torch.save(
         {k: v.contiguous() for k, v in state.items() if k != "alias"}
     )
-    for name, value in models.from_safetensors(library_bytes).items():
+    for name, value in torch_io.from_safetensors(library_bytes).items():
         assert torch.equal(value, state[name])
 
 
 def test_empty_safetensors() -> None:
-    data = models.to_safetensors({})
-    assert models.from_safetensors(data) == {}
+    data = torch_io.to_safetensors({})
+    assert torch_io.from_safetensors(data) == {}
     assert safetensors.torch.load(data) == {}
 
 
 def test_archive_to_safetensors_and_back(tmp_path: Path) -> None:
     model = Tied()
     template = tmp_path / "global.pt"
-    models.save_module(model, template)
+    torch_io.save_module(model, template)
     weights = tmp_path / "global.safetensors"
-    written = models.archive_to_safetensors(template, weights)
+    written = modelfiles.archive_to_safetensors(template, weights)
     # The size and digest are counted as written: they are the file's.
     data = weights.read_bytes()
     assert written == (len(data), hashlib.sha256(data).hexdigest())
@@ -593,9 +569,9 @@ def test_archive_to_safetensors_and_back(tmp_path: Path) -> None:
         assert torch.equal(converted[name], state[name])
     new = changed(dict(state))
     updated = tmp_path / "local.safetensors"
-    updated.write_bytes(models.to_safetensors(new))
+    updated.write_bytes(torch_io.to_safetensors(new))
     dest = tmp_path / "local.pt"
-    models.safetensors_into_archive(template, updated, dest)
+    modelfiles.safetensors_into_archive(template, updated, dest)
     loaded = torch.load(dest, weights_only=False)
     assert type(loaded) is Tied
     _assert_equal_state(loaded.state_dict(), new)
@@ -605,12 +581,12 @@ def test_archive_to_safetensors_and_back(tmp_path: Path) -> None:
 def test_safetensors_into_torchscript(tmp_path: Path) -> None:
     module = torch.jit.script(Net())
     template = tmp_path / "global.pt"
-    models.save_module(module, template)
+    torch_io.save_module(module, template)
     new = changed(dict(module.state_dict()))
     weights = tmp_path / "w.safetensors"
-    weights.write_bytes(models.to_safetensors(new))
+    weights.write_bytes(torch_io.to_safetensors(new))
     dest = tmp_path / "out.pt"
-    models.safetensors_into_archive(template, weights, dest)
+    modelfiles.safetensors_into_archive(template, weights, dest)
     _assert_equal_state(dict(jit_load(str(dest)).state_dict()), new)
 
 
@@ -621,7 +597,7 @@ def test_dump_module_leaves_the_trainer_model_untouched() -> None:
     model = Tied()
     params_before = {name: p for name, p in model.named_parameters()}
     values_before = {name: p.detach().clone() for name, p in params_before.items()}
-    data = models.dump_module(model)
+    data = torch_io.dump_module(model)
     for name, p in model.named_parameters():
         assert p is params_before[name]
         assert torch.equal(p, values_before[name])
@@ -631,7 +607,7 @@ def test_dump_module_leaves_the_trainer_model_untouched() -> None:
 def test_cpu_copy_copies_without_touching_the_original() -> None:
     model = Tied()
     original = {name: p for name, p in model.named_parameters()}
-    copied = models._cpu_copy(model)
+    copied = torch_io._cpu_copy(model)
     assert isinstance(copied, Tied)
     assert copied is not model
     assert copied.head.weight is copied.emb.weight  # still tied
@@ -650,14 +626,14 @@ def test_dump_module_copy_path_on_cpu(scripted: bool, monkeypatch: pytest.Monkey
     module: torch.nn.Module = torch.jit.script(Tied()) if scripted else Tied()
     before = dict(module.named_parameters())
     values = {name: p.detach().clone() for name, p in before.items()}
-    monkeypatch.setattr(models, "_all_on_cpu", lambda m: False)
-    data = models.dump_module(module)
+    monkeypatch.setattr(torch_io, "_all_on_cpu", lambda m: False)
+    data = torch_io.dump_module(module)
     assert dict(module.named_parameters()) == before
     for name, p in module.named_parameters():
         assert p is before[name]
         assert torch.equal(p, values[name])
-    _assert_equal_state(models.read_tensors(data), dict(module.state_dict()))
-    loaded = models.load_trusted(data)
+    _assert_equal_state(torch_io.read_tensors(data), dict(module.state_dict()))
+    loaded = torch_io.load_trusted(data)
     if scripted:
         assert isinstance(loaded, torch.jit.ScriptModule)
     else:
@@ -669,7 +645,7 @@ def test_dump_module_of_a_meta_module_is_a_typed_error() -> None:
     module = Tied().to("meta")
     before = dict(module.named_parameters())
     with pytest.raises(ModelFormatError):
-        models.dump_module(module)
+        torch_io.dump_module(module)
     assert dict(module.named_parameters()) == before
     assert all(p.device.type == "meta" for p in module.parameters())
 
@@ -678,27 +654,27 @@ def test_dump_module_of_a_meta_module_is_a_typed_error() -> None:
 def test_dump_module_moves_gpu_tensors_to_cpu_without_moving_the_model() -> None:
     for module in (Tied().cuda(), torch.jit.script(Net().cuda())):
         before = {name: p for name, p in module.named_parameters()}
-        data = models.dump_module(module)
+        data = torch_io.dump_module(module)
         assert all(p.device.type == "cuda" for p in module.parameters())
         assert {name: p for name, p in module.named_parameters()} == before
-        state = models.read_tensors(data)
+        state = torch_io.read_tensors(data)
         for name, p in module.state_dict().items():
             assert torch.equal(state[name], p.cpu()), name
         zf = zipfile.ZipFile(io.BytesIO(data))
         pkl = zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
         assert b"cuda" not in pkl
-        loaded = models.load_trusted(data, map_location="cpu")
+        loaded = torch_io.load_trusted(data, map_location="cpu")
         assert all(p.device.type == "cpu" for p in loaded.parameters())
 
 
 def test_load_trusted_loads_both_kinds(tmp_path: Path) -> None:
     net = Net()
-    loaded = models.load_trusted(models.dump_module(net), map_location="cpu")
+    loaded = torch_io.load_trusted(torch_io.dump_module(net), map_location="cpu")
     assert type(loaded) is Net
     _assert_equal_state(loaded.state_dict(), net.state_dict())
     path = tmp_path / "s.pt"
-    models.save_module(torch.jit.script(net), path)
-    scripted = models.load_trusted(path, map_location="cpu")
+    torch_io.save_module(torch.jit.script(net), path)
+    scripted = torch_io.load_trusted(path, map_location="cpu")
     assert isinstance(scripted, torch.jit.ScriptModule)
     scripted_state = {k: v for k, v in scripted.state_dict().items() if k != "scratch"}
     _assert_equal_state(scripted_state, dict(net.state_dict()))
@@ -706,122 +682,7 @@ def test_load_trusted_loads_both_kinds(tmp_path: Path) -> None:
 
 def test_dump_module_refuses_what_is_not_a_module() -> None:
     with pytest.raises(TypeError):
-        models.dump_module({"w": torch.ones(1)})  # type: ignore[arg-type]
-
-
-# ---------------------------------------------------------------- FedAvg
-
-
-def test_weighted_average_is_fedavg() -> None:
-    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(10), "h": torch.tensor([1.0]).bfloat16()}
-    b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(20), "h": torch.tensor([3.0]).bfloat16()}
-    avg = models.weighted_average([a, b], [1, 3])
-    assert torch.equal(avg["w"], torch.tensor([2.5, 5.0]))
-    assert avg["n"].dtype == torch.int64 and int(avg["n"]) == 18  # 17.5 rounds to even
-    assert avg["h"].dtype == torch.bfloat16 and float(avg["h"]) == 2.5
-    assert list(avg) == ["w", "n", "h"]
-
-
-def test_weighted_average_accumulates_in_float64() -> None:
-    gen = torch.Generator().manual_seed(3)
-    dicts = [{"w": torch.randn(1000, generator=gen)} for _ in range(7)]
-    weights = [13, 1, 700, 2, 9, 40, 5]
-    avg = models.weighted_average(dicts, weights)["w"]
-    exact = sum(d["w"].double() * w for d, w in zip(dicts, weights)) / sum(weights)
-    assert isinstance(exact, torch.Tensor)
-    assert torch.equal(avg, exact.float())
-
-
-def test_weighted_average_refuses_bad_input() -> None:
-    a = {"w": torch.ones(2)}
-    cases: List[Tuple[List[Dict[str, torch.Tensor]], Sequence[float]]] = [
-        ([], []),
-        ([a], [1, 2]),
-        ([a, a], [1, -1]),
-        ([a, a], [0, 0]),
-        ([a, a], [1, float("nan")]),
-        ([a, {"w": torch.ones(3)}], [1, 1]),
-        ([a, {"v": torch.ones(2)}], [1, 1]),
-        ([a, {"w": torch.ones(2, dtype=torch.float64)}], [1, 1]),
-    ]
-    for sds, weights in cases:
-        with pytest.raises(TensorMismatchError):
-            models.weighted_average(sds, weights)
-
-
-@pytest.mark.parametrize("kind", ["module", "tied", "torchscript"])
-def test_average_archives_equals_reading_averaging_and_writing(kind: str, tmp_path: Path) -> None:
-    def make() -> torch.nn.Module:
-        return Tied() if kind == "tied" else Net()
-
-    template = tmp_path / "global.pt"
-    base = make()
-    if kind == "torchscript":
-        models.save_module(torch.jit.script(base), template)
-    else:
-        models.save_module(base, template)
-    sources, states = [], []
-    for i in range(3):
-        trained = make()
-        with torch.no_grad():  # different weights and integer buffers per client
-            for tensor in trained.state_dict().values():
-                tensor.add_(
-                    torch.randint_like(tensor, 0, 9)
-                    if not tensor.is_floating_point()
-                    else torch.randn_like(tensor)
-                )
-        path = tmp_path / f"client{i}.pt"
-        models.save_module(torch.jit.script(trained) if kind == "torchscript" else trained, path)
-        sources.append(path)
-        states.append(models.read_tensors(path))
-    weights = [30, 10, 5]
-    streamed = tmp_path / "streamed.pt"
-    models.average_archives(template, sources, weights, streamed)
-    whole = tmp_path / "whole.pt"
-    models.write_tensors(template, models.weighted_average(states, weights), whole)
-    got, want = models.read_tensors(streamed), models.read_tensors(whole)
-    assert list(got) == list(want)
-    for name in want:
-        assert got[name].dtype == want[name].dtype
-        assert torch.equal(_raw(got[name]), _raw(want[name])), name
-    # It is still the template's module type, with the new weights.
-    loaded: Any = models.load_trusted(streamed)
-    if kind == "torchscript":
-        assert isinstance(loaded, torch.jit.ScriptModule)
-    else:
-        assert type(loaded) is type(base)
-    for name, tensor in loaded.state_dict().items():
-        if name in want:
-            assert torch.equal(tensor, want[name]), name
-
-
-def test_average_archives_refuses_mismatches_and_writes_nothing(tmp_path: Path) -> None:
-    template = tmp_path / "global.pt"
-    models.save_module(Net(), template)
-    good = tmp_path / "good.pt"
-    models.save_module(Net(), good)
-    other = tmp_path / "other.pt"
-    models.save_module(torch.nn.Linear(4, 3), other)
-    dest = tmp_path / "out.pt"
-    cases: List[Tuple[List[Path], List[float]]] = [
-        ([], []),
-        ([good, other], [1, 1]),
-        ([good], [1, 2]),
-        ([good, good], [0, 0]),
-        ([good], [float("inf")]),
-    ]
-    for sources, weights in cases:
-        with pytest.raises(TensorMismatchError):
-            models.average_archives(template, sources, weights, dest)
-        assert not dest.exists()
-    not_torch = tmp_path / "not.pt"
-    not_torch.write_bytes(b"PK\x03\x04 not really")
-    with pytest.raises(ModelFormatError):
-        models.average_archives(template, [good, not_torch], [1, 1], dest)
-    assert not dest.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["global.pt", "good.pt", "other.pt", "not.pt"]
-    )
+        torch_io.dump_module({"w": torch.ones(1)})  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- real weights
@@ -836,28 +697,28 @@ def _minilm_path() -> Path:
 
 def test_minilm_module_round_trip(tmp_path: Path) -> None:
     path = _minilm_path()
-    state = models.from_safetensors(path)
+    state = torch_io.from_safetensors(path)
     reference = safetensors.torch.load_file(str(path))
     assert set(state) == set(reference)
     assert all(torch.equal(state[n], reference[n]) for n in reference)
-    module = models.module_from_state_dict(state)
+    module = torch_io.module_from_state_dict(state)
     template = tmp_path / "minilm.pt"
-    models.save_module(module, template)
-    got = models.read_tensors(template)
+    torch_io.save_module(module, template)
+    got = torch_io.read_tensors(template)
     _assert_equal_state(got, dict(module.state_dict()))
     assert len(got) == len(reference) > 50
     # bf16 weights back in through safetensors, file to file.
     bf16 = tmp_path / "minilm-bf16.pt"
-    models.save_module(
-        models.module_from_state_dict({n: t.to(torch.bfloat16) for n, t in state.items()}), bf16
+    torch_io.save_module(
+        torch_io.module_from_state_dict({n: t.to(torch.bfloat16) for n, t in state.items()}), bf16
     )
     converted = tmp_path / "minilm.safetensors"
-    models.archive_to_safetensors(bf16, converted)
+    modelfiles.archive_to_safetensors(bf16, converted)
     back = safetensors.torch.load_file(str(converted))
     for name, value in state.items():
         assert torch.equal(back[name], value.to(torch.bfloat16)), name
     dest = tmp_path / "out.pt"
-    models.safetensors_into_archive(bf16, converted, dest)
+    modelfiles.safetensors_into_archive(bf16, converted, dest)
     loaded = torch.load(dest, weights_only=False)
     assert type(loaded) is torch.nn.Module
     for name, value in loaded.state_dict().items():
@@ -866,12 +727,12 @@ def test_minilm_module_round_trip(tmp_path: Path) -> None:
 
 def test_format_detection_of_files(tmp_path: Path) -> None:
     path = tmp_path / "m.bin"
-    path.write_bytes(models.to_safetensors({"a": torch.ones(1)}))
-    assert models.detect_format(path) is models.ModelFormat.SAFETENSORS
+    path.write_bytes(torch_io.to_safetensors({"a": torch.ones(1)}))
+    assert modelfiles.detect_format(path) is modelfiles.ModelFormat.SAFETENSORS
     path.write_bytes(_saved(Net()))
-    assert models.detect_format(path) is models.ModelFormat.TORCH_PICKLE
+    assert modelfiles.detect_format(path) is modelfiles.ModelFormat.TORCH_PICKLE
     with pytest.raises(ModelFormatError):
-        models.detect_format(b"\x00" * 8 + b"{}")
+        modelfiles.detect_format(b"\x00" * 8 + b"{}")
 
 
 def test_module_from_state_dict_holds_the_names_in_plain_modules(tmp_path: Path) -> None:
@@ -880,14 +741,14 @@ def test_module_from_state_dict_holds_the_names_in_plain_modules(tmp_path: Path)
         "encoder.bias": torch.ones(3),
         "head": torch.arange(4),
     }
-    module = models.module_from_state_dict(state)
+    module = torch_io.module_from_state_dict(state)
     assert set(module.state_dict()) == set(state)
     assert all(type(m) is torch.nn.Module for m in module.modules())
     assert module.state_dict()["encoder.bias"].data_ptr() == state["encoder.bias"].data_ptr()
     path = tmp_path / "m.pt"
-    models.save_module(module, path)
-    assert models.describe(path).is_module
-    got = models.read_tensors(path)
+    torch_io.save_module(module, path)
+    assert torch_io.describe(path).is_module
+    got = torch_io.read_tensors(path)
     _assert_equal_state(got, dict(module.state_dict()))  # nn.Module's order: own tensors first
     assert all(torch.equal(got[name], value) for name, value in state.items())
     loaded = torch.load(path, weights_only=False)
@@ -906,4 +767,4 @@ def test_module_from_state_dict_refuses_names_a_module_cannot_hold(
     state: Dict[str, torch.Tensor],
 ) -> None:
     with pytest.raises(TensorMismatchError):
-        models.module_from_state_dict(state)
+        torch_io.module_from_state_dict(state)
