@@ -27,3 +27,13 @@ def test_a_lazy_name_loads_its_module_on_first_use() -> None:
     loaded = _loaded_after("import fl_sidecar\nfl_sidecar.FlServerClient")
     assert "requests" in loaded
     assert "torch" not in loaded
+
+
+def test_the_dev_server_and_the_cli_tools_load_nothing_heavy() -> None:
+    # torch only once an aggregation runs; the dev server speaks HTTP with the stdlib.
+    loaded = _loaded_after(
+        "import fl_sidecar.devserver, fl_sidecar.devserver.app, fl_sidecar.tools, "
+        "fl_sidecar.formatting, fl_sidecar.command"
+    )
+    assert {"fl_sidecar"} <= loaded
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
