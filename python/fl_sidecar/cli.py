@@ -12,12 +12,13 @@ import importlib
 import sys
 from typing import List, Optional, Sequence
 
-# (module, description) for each group of subcommands; each module's
+# The modules that add subcommands, in the order of the help; each module's
 # ``register(subparsers)`` adds its own parsers with ``func`` set.
 _COMMAND_MODULES: Sequence[str] = (
     "fl_sidecar.server",  # serve
     "fl_sidecar.devserver.cli",  # devserver
-    "fl_sidecar.tools",  # download, upload, pack, unpack, info, events, demo
+    "fl_sidecar.tools",  # download, upload, pack, unpack, info, events
+    "fl_sidecar.demo",  # demo
 )
 
 

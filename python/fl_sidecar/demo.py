@@ -25,6 +25,7 @@ The exit status is 0 when the training completed, 1 when it failed, stalled
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -42,10 +43,11 @@ from types import TracebackType
 from typing import IO, Any, Dict, List, Optional, Sequence, TextIO, Type
 
 from fl_sidecar.client import SidecarClient, SidecarInfo
+from fl_sidecar.command import guarded
 from fl_sidecar.errors import FlSidecarError
-from fl_sidecar.tools import _human
+from fl_sidecar.formatting import human_bytes
 
-__all__ = ["DemoError", "SidecarProcess", "run_demo"]
+__all__ = ["DemoError", "SidecarProcess", "register", "run_demo"]
 
 
 class DemoError(FlSidecarError):
@@ -279,8 +281,8 @@ def _print_table(
         loss = sum(x["loss"] for x in tests) / len(tests) if tests else float("nan")
         accuracy = sum(x["accuracy"] for x in tests) / len(tests) if tests else float("nan")
         print(
-            f"{r:>5} {len(records):>7} {_human(down_raw):>10} {_human(down_wire):>10} "
-            f"{_human(up_raw):>10} {_human(up_wire):>10} {'/'.join(encodings) or '-':>9} "
+            f"{r:>5} {len(records):>7} {human_bytes(down_raw):>10} {human_bytes(down_wire):>10} "
+            f"{human_bytes(up_raw):>10} {human_bytes(up_wire):>10} {'/'.join(encodings) or '-':>9} "
             f"{round_seconds.get(r, float('nan')):>8.2f} {train_loss:>10.4f} {loss:>9.4f} "
             f"{accuracy:>8.1%}",
             file=out,
@@ -462,3 +464,28 @@ def _next_record(records: queue.Queue[Dict[str, Any]], deadline: float) -> Dict[
         return records.get(timeout=left)
     except queue.Empty:
         raise DemoError("the training stalled: no progress before the timeout") from None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    return run_demo(
+        clients=args.clients,
+        rounds=args.rounds,
+        epochs=args.epochs,
+        timeout=args.timeout,
+        keep=args.keep,
+    )
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``demo`` subcommand."""
+    p = subparsers.add_parser(
+        "demo", help="a federated training on the embedded dev server through sidecars"
+    )
+    p.add_argument("--clients", type=int, default=2, help="number of clients (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="training rounds (default 3)")
+    p.add_argument("--epochs", type=int, default=2, help="local epochs per round (default 2)")
+    p.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds before the training counts as stalled"
+    )
+    p.add_argument("--keep", action="store_true", help="keep every process's log")
+    p.set_defaults(func=guarded("demo", _demo))

@@ -1,12 +1,13 @@
-"""Command-line tools for people: download, upload, pack, unpack, info, demo.
+"""Command-line tools for people: download, upload, pack, unpack, info, events.
 
 ``download``/``upload``/``info`` talk to a running sidecar (``--target``;
 default: the settings module's). ``pack``/``unpack`` run locally with the
 codec (no sidecar), or through one with ``--via-sidecar``. ``info FILE``
 describes a local file. Progress bars go to stderr, only on a terminal.
 
-Exit statuses: 0 success, 1 the operation failed (the reason on stderr),
-2 bad usage, 130 interrupted.
+Exit statuses (see :mod:`fl_sidecar.command`): 0 success, 1 the operation
+failed (the reason on stderr), 2 bad usage, 130 interrupted. ``demo``
+registers its own command (:mod:`fl_sidecar.demo`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable, Optional, TextIO, Tuple
+from typing import Any, Optional, TextIO, Tuple
 
-from fl_sidecar.errors import FlSidecarError, SidecarError, SizeLimitExceededError
+from fl_sidecar.command import fail as _fail
+from fl_sidecar.command import guarded as _guarded
+from fl_sidecar.errors import SizeLimitExceededError
+from fl_sidecar.formatting import human_bytes
 
 __all__ = ["ProgressBar", "parse_metric", "register"]
 
@@ -58,11 +62,11 @@ class ProgressBar:
             filled = int(fraction * self.width)
             bar = "#" * filled + "-" * (self.width - filled)
             text = (
-                f"\r{self.label} [{bar}] {fraction:6.1%} {_human(done)}/{_human(total)} "
-                f"{_human(rate)}/s"
+                f"\r{self.label} [{bar}] {fraction:6.1%} {human_bytes(done)}/{human_bytes(total)} "
+                f"{human_bytes(rate)}/s"
             )
         else:
-            text = f"\r{self.label} {_human(done)} {_human(rate)}/s"
+            text = f"\r{self.label} {human_bytes(done)} {human_bytes(rate)}/s"
         self.stream.write(text)
         self.stream.flush()
         self._drawn = True
@@ -72,14 +76,6 @@ class ProgressBar:
         if self.enabled and self._drawn:
             self.stream.write("\n")
             self.stream.flush()
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def parse_metric(text: str) -> Tuple[str, float]:
@@ -120,28 +116,6 @@ def _client(args: argparse.Namespace) -> Any:
         with open(args.api_token_file, encoding="utf-8") as f:
             token = f.read().strip() or None
     return SidecarClient(args.target, api_token=token)
-
-
-def _fail(command: str, message: str, status: int = 1) -> int:
-    print(f"fl-sidecar {command}: error: {message}", file=sys.stderr)
-    return status
-
-
-def _guarded(command: str, body: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return body(args)
-        except KeyboardInterrupt:
-            print(f"\nfl-sidecar {command}: interrupted", file=sys.stderr)
-            return 130
-        except SidecarError as exc:
-            return _fail(command, f"{exc}")
-        except FlSidecarError as exc:
-            return _fail(command, f"{type(exc).__name__}: {exc}")
-        except OSError as exc:
-            return _fail(command, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
-
-    return run
 
 
 # --- commands ------------------------------------------------------------------
@@ -382,18 +356,6 @@ def _event_line(event: Any, *, as_json: bool) -> str:
     return f"{event.seq} {when} {event.notification_type} {' '.join(fields)}"
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from fl_sidecar import demo
-
-    return demo.run_demo(
-        clients=args.clients,
-        rounds=args.rounds,
-        epochs=args.epochs,
-        timeout=args.timeout,
-        keep=args.keep,
-    )
-
-
 def _add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
@@ -407,7 +369,7 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``download``, ``upload``, ``pack``, ``unpack``, ``info``, ``events`` and ``demo``."""
+    """Add ``download``, ``upload``, ``pack``, ``unpack``, ``info`` and ``events``."""
     p = subparsers.add_parser("download", help="download a global model through the sidecar")
     p.add_argument("model_id", help="the global model's id")
     p.add_argument("-o", "--output", required=True, help="file to write")
@@ -482,15 +444,3 @@ def register(subparsers: Any) -> None:
     )
     _add_target(p)
     p.set_defaults(func=_guarded("events", _events))
-
-    p = subparsers.add_parser(
-        "demo", help="a federated training on the embedded dev server through sidecars"
-    )
-    p.add_argument("--clients", type=int, default=2, help="number of clients (default 2)")
-    p.add_argument("--rounds", type=int, default=3, help="training rounds (default 3)")
-    p.add_argument("--epochs", type=int, default=2, help="local epochs per round (default 2)")
-    p.add_argument(
-        "--timeout", type=float, default=120.0, help="seconds before the training counts as stalled"
-    )
-    p.add_argument("--keep", action="store_true", help="keep every process's log")
-    p.set_defaults(func=_guarded("demo", _demo))

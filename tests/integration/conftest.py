@@ -339,19 +339,39 @@ class NotificationSink:
 
 
 @pytest.fixture
-def devserver(tmp_path: Any) -> Iterator[DevServerHandle]:
-    """A started dev FL server (fast password hashing, short notification retries)."""
-    server = DevServer(
-        data_dir=tmp_path / "devserver-data",
-        notify_timeout=5.0,
-        notify_retry_delays=(0.05, 0.1, 0.2),
-        password_iterations=1000,
-    )
-    server.start()
+def make_devserver(tmp_path: Any) -> Iterator[Callable[..., DevServerHandle]]:
+    """Factory ``make_devserver(**options)`` of started dev FL servers, all stopped after the test.
+
+    The suite's defaults (fast password hashing, short notification retries,
+    a data directory under ``tmp_path``) apply unless ``options`` (any of
+    :class:`DevServer`'s) say otherwise.
+    """
+    servers: List[DevServer] = []
+
+    def make(**options: Any) -> DevServerHandle:
+        settings: Dict[str, Any] = {
+            "data_dir": tmp_path / ("devserver-data" + (f"-{len(servers)}" if servers else "")),
+            "notify_timeout": 5.0,
+            "notify_retry_delays": (0.05, 0.1, 0.2),
+            "password_iterations": 1000,
+        }
+        settings.update(options)
+        server = DevServer(**settings)
+        server.start()
+        servers.append(server)
+        return DevServerHandle(server)
+
     try:
-        yield DevServerHandle(server)
+        yield make
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+def devserver(make_devserver: Callable[..., DevServerHandle]) -> DevServerHandle:
+    """A started dev FL server with the suite's defaults (see ``make_devserver``)."""
+    return make_devserver()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import pytest
 import torch
 from conftest import DevServerHandle, NotificationSink, User
 
-from fl_sidecar.devserver import DevServer
 from fl_sidecar.errors import ConflictError
 from fl_sidecar.server_api import Credentials, FlServerClient
 
@@ -236,7 +235,9 @@ def test_slow_endpoint_does_not_delay_another_training(
 
 
 def test_refused_notifications_are_retried_in_order(
-    notification_sink: SinkFactory, tiny_model: ModelFactory, tmp_path: Path
+    notification_sink: SinkFactory,
+    tiny_model: ModelFactory,
+    make_devserver: Callable[..., DevServerHandle],
 ) -> None:
     # A bound socket that does not listen refuses connections on this port.
     blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -244,15 +245,10 @@ def test_refused_notifications_are_retried_in_order(
     blocker.bind(("127.0.0.1", 0))
     port = blocker.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}/"
-    with DevServer(
-        data_dir=tmp_path / "data",
-        notify_retry_delays=(0.2, 0.5, 1.0, 2.0, 5.0),
-        password_iterations=1000,
-    ) as server:
-        handle = DevServerHandle(server)
-        handle.setup_training(tiny_model(0), [endpoint])
-        assert server.wait_notifier(lambda n: n.retried >= 1, timeout=10)
-        blocker.close()
-        sink = notification_sink(port=port)
-        bodies = sink.wait_for(2)
-        assert [b["notification_type"] for b in bodies] == ["TRAINING_START", "UPDATE_ROUND_START"]
+    handle = make_devserver(notify_retry_delays=(0.2, 0.5, 1.0, 2.0, 5.0))
+    handle.setup_training(tiny_model(0), [endpoint])
+    assert handle.server.wait_notifier(lambda n: n.retried >= 1, timeout=10)
+    blocker.close()
+    sink = notification_sink(port=port)
+    bodies = sink.wait_for(2)
+    assert [b["notification_type"] for b in bodies] == ["TRAINING_START", "UPDATE_ROUND_START"]

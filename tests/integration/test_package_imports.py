@@ -72,4 +72,13 @@ def test_the_torch_free_model_files_load_nothing_heavy() -> None:
         "import fl_sidecar.modelfiles.convert, fl_sidecar.devserver.modelcheck"
     )
     assert "fl_sidecar" in loaded
+
+
+def test_the_dev_server_and_the_cli_tools_load_nothing_heavy() -> None:
+    # torch only once an aggregation runs; the dev server speaks HTTP with the stdlib.
+    loaded = _loaded_after(
+        "import fl_sidecar.devserver, fl_sidecar.devserver.app, fl_sidecar.tools, "
+        "fl_sidecar.formatting, fl_sidecar.command"
+    )
+    assert {"fl_sidecar"} <= loaded
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
