@@ -34,11 +34,11 @@ CONTRACT_NAMES = [
 
 
 # Same names, other meanings: the codec's frame sizes (not messages), the zip
-# reader's struct formats.
+# model files' struct formats for strided views.
 UNRELATED = {
     ("MAX_CHUNK_SIZE", "codec.py"),
     ("DEFAULT_CHUNK_SIZE", "codec.py"),
-    ("FORMATS", "archive.py"),
+    ("FORMATS", "modelfiles/strided.py"),
 }
 
 
