@@ -33,8 +33,8 @@ CONTRACT_NAMES = [
 ]
 
 
-# Same names, other meanings: the codec's frame sizes (not messages), the zip
-# model files' struct formats for strided views.
+# Same names, other meanings: the codec's frame sizes (not messages), the model
+# files' struct formats for strided views.
 UNRELATED = {
     ("MAX_CHUNK_SIZE", "codec.py"),
     ("DEFAULT_CHUNK_SIZE", "codec.py"),
