@@ -1,30 +1,51 @@
 #!/usr/bin/env bash
 # Sets up everything the project needs on a fresh Debian machine, idempotently:
-# system packages (Rust crates from Debian, zstd, iproute2), ./.venv with the
+# system packages (Rust crates from Debian, zstd, iproute2, and whatever of a C
+# compiler, cargo, python3-venv and Node.js is missing), ./.venv with the
 # pinned CPU torch first, the Python tools, and the Node.js example's packages.
 # The native extension is built by `make build`, not here.
+#
+#   bash scripts/bootstrap.sh              everything above
+#   bash scripts/bootstrap.sh image-tools  only the container tools `make image`
+#                                          uses (mmdebstrap, podman, buildah,
+#                                          slirp4netns, runc), then exit
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 APT_PACKAGES=(librust-pyo3-dev librust-zstd-dev librust-rayon-dev librust-xxhash-rust-dev
               libzstd-dev zstd pkg-config iproute2 time)
+# runc, not crun: Debian 12's crun cannot start containers on a hybrid cgroup
+# hierarchy (cgroup v1 controllers plus v2), which some machines of this kind have.
+IMAGE_TOOLS=(mmdebstrap podman buildah slirp4netns runc)
 
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ ${#missing[@]} -gt 0 ]; then
+apt_install_missing() {
+  local missing=() pkg
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -gt 0 ] || return 0
   echo "bootstrap: installing system packages: ${missing[*]}"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+if [ "${1:-}" = "image-tools" ]; then
+  apt_install_missing "${IMAGE_TOOLS[@]}"
+  exit 0
 fi
 
-if ! command -v cargo >/dev/null; then
-  echo "bootstrap: cargo not found; install a Rust toolchain (rustup or Debian's cargo)" >&2
-  exit 1
-fi
+# What a machine with only git, make and python3 lacks, from Debian too: the C
+# compiler (linking, build-libzstd.sh), cargo and rustc, the venv module
+# (Debian splits ensurepip out of python3), Node.js for the example trainer.
+command -v cc >/dev/null || APT_PACKAGES+=(gcc libc6-dev)
+command -v cargo >/dev/null || APT_PACKAGES+=(cargo)
+"$PYTHON" -c 'import ensurepip' 2>/dev/null || APT_PACKAGES+=(python3-venv)
+command -v node >/dev/null || APT_PACKAGES+=(nodejs)
+command -v npm >/dev/null || APT_PACKAGES+=(npm)
+apt_install_missing "${APT_PACKAGES[@]}"
+
 
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
