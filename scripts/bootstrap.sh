@@ -19,6 +19,12 @@ APT_PACKAGES=(librust-pyo3-dev librust-zstd-dev librust-rayon-dev librust-xxhash
 # hierarchy (cgroup v1 controllers plus v2), which some machines of this kind have.
 IMAGE_TOOLS=(mmdebstrap podman buildah slirp4netns runc)
 
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+apt_updated=""
+apt_update() {
+  [ -n "$apt_updated" ] || $SUDO apt-get update -qq
+  apt_updated=1
+}
 apt_install_missing() {
   local missing=() pkg
   for pkg in "$@"; do
@@ -26,9 +32,8 @@ apt_install_missing() {
   done
   [ ${#missing[@]} -gt 0 ] || return 0
   echo "bootstrap: installing system packages: ${missing[*]}"
-  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  apt_update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
 if [ "${1:-}" = "image-tools" ]; then
@@ -40,12 +45,26 @@ fi
 # compiler (linking, build-libzstd.sh), cargo and rustc, the venv module
 # (Debian splits ensurepip out of python3), Node.js for the example trainer.
 command -v cc >/dev/null || APT_PACKAGES+=(gcc libc6-dev)
-command -v cargo >/dev/null || APT_PACKAGES+=(cargo)
+# The crates need rustc >= Cargo.toml's rust-version; Debian 12's rustc is 1.63,
+# its rustc-web/cargo-web (from bookworm-updates and -security) are current.
+RUST_VERSION=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
+rustc_recent_enough() {
+  command -v cargo >/dev/null && command -v rustc >/dev/null \
+    && dpkg --compare-versions "$(rustc --version | awk '{print $2}')" ge "$RUST_VERSION"
+}
+if ! rustc_recent_enough; then
+  apt_update  # a fresh machine may have no package lists yet
+  if apt-cache show cargo-web >/dev/null 2>&1; then APT_PACKAGES+=(cargo-web); else APT_PACKAGES+=(cargo); fi
+fi
 "$PYTHON" -c 'import ensurepip' 2>/dev/null || APT_PACKAGES+=(python3-venv)
 command -v node >/dev/null || APT_PACKAGES+=(nodejs)
 command -v npm >/dev/null || APT_PACKAGES+=(npm)
 apt_install_missing "${APT_PACKAGES[@]}"
-
+if ! rustc_recent_enough; then
+  echo "bootstrap: the crates need rustc >= $RUST_VERSION; found $(rustc --version 2>/dev/null || echo none)." >&2
+  echo "bootstrap: install Debian's cargo-web, or a toolchain with rustup" >&2
+  exit 1
+fi
 
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
