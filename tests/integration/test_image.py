@@ -261,12 +261,20 @@ def test_image_is_small_non_root_and_has_no_build_tools(podman: Podman) -> None:
             '  command -v "$tool" && exit 1; done;'
             " test ! -e /tmp/wheels || exit 2;"
             ' python -c "import importlib.util as u, sys;'
-            " sys.exit(3 if u.find_spec('torch') else 0)\" || exit $?;"
+            " sys.exit(3 if u.find_spec('torch') or u.find_spec('pip') else 0)\" || exit $?;"
             " id -u",
         ],
     )
-    assert probe.returncode == 0, f"found a build tool, the wheels or torch:\n{probe.stdout}"
+    assert probe.returncode == 0, f"found a build tool, the wheels, pip or torch:\n{probe.stdout}"
     assert probe.stdout.strip().splitlines()[-1] == str(SIDECAR_UID)
+    # No certificate of the build machine's own (its local CAs) is in the image.
+    bundle = _run_in(
+        podman, image.name, SIDECAR_UID, ["cat", "/etc/ssl/certs/ca-certificates.crt"]
+    ).stdout
+    assert "BEGIN CERTIFICATE" in bundle
+    for local_ca in Path("/usr/local/share/ca-certificates").glob("**/*.crt"):
+        body = [line for line in local_ca.read_text().splitlines() if "-----" not in line]
+        assert body and body[0] not in bundle, f"{local_ca} was put into the image"
 
 
 def test_sidecar_runs_read_only_without_capabilities(
