@@ -66,6 +66,7 @@ default_ulimits = []
 runtime = "runc"
 CONF
 export CONTAINERS_CONF=$PWD/$OUT/containers.conf
+info=$(podman info 2>&1) || unavailable "podman does not work here: $(echo "$info" | tail -n 1)"
 
 # base NAME PACKAGE...: a local image made from a cached Debian root filesystem;
 # prints its name.
@@ -91,19 +92,19 @@ base() {
       --dpkgopt='path-include=/usr/share/doc/*/copyright' \
       --format=tar "$SUITE" "$tar.partial" "${MIRRORS[@]}" > "$OUT/mmdebstrap-$name.log" 2>&1 \
       || { tail -n 20 "$OUT/mmdebstrap-$name.log" >&2; rm -f "$tar.partial"; return 1; }
-    mv "$tar.partial" "$tar"
+    mv "$tar.partial" "$tar" || return 1
     podman rmi --force "$image" >/dev/null 2>&1 || true
   fi
   if ! podman image exists "$image"; then
-    podman import --quiet "$tar" "$image" >/dev/null
+    podman import --quiet "$tar" "$image" >/dev/null || return 1
   fi
   echo "$image"
 }
 
 sidecar_base=$(base sidecar "${SIDECAR_BASE_PACKAGES[@]}") \
-  || unavailable "mmdebstrap could not make the sidecar's base root filesystem (see above)"
+  || unavailable "could not make or import the sidecar's base image (see above)"
 trainer_base=$(base trainer "${TRAINER_BASE_PACKAGES[@]}") \
-  || unavailable "mmdebstrap could not make the trainer's base root filesystem (see above)"
+  || unavailable "could not make or import the trainer's base image (see above)"
 
 probe=$(podman run --rm --network none "$sidecar_base" true 2>&1) \
   || unavailable "podman cannot start a container: $(echo "$probe" | tail -n 1)"
