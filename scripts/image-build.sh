@@ -112,10 +112,15 @@ probe=$(podman run --rm --network none "$sidecar_base" true 2>&1) \
 bash scripts/image-wheels.sh >/dev/null
 
 echo "image: building $IMAGE from $sidecar_base" >&2
+previous=$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 started=$(date +%s.%N)
-buildah bud --quiet --isolation chroot --format docker --layers \
+buildah bud --quiet --isolation chroot --format docker \
   --build-arg "BASE_IMAGE=$sidecar_base" -f deploy/Dockerfile -t "$IMAGE" . >/dev/null
 built=$(date +%s.%N)
+# The image this one replaces would stay behind untagged, one per build.
+if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect --format '{{.Id}}' "$IMAGE")" ]; then
+  podman rmi "$previous" >/dev/null 2>&1 || true
+fi
 rm -f "$ARCHIVE"
 podman save --quiet --format oci-archive -o "$ARCHIVE" "$IMAGE"
 

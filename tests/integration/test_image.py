@@ -130,9 +130,20 @@ class SidecarContainer:
         self.podman = podman
         self.name = f"fls-sidecar-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.workdir = Path(tempfile.mkdtemp(prefix="fls-img-", dir="/tmp"))
+        self.shared = self.workdir / "shared"
+        self.socket_path = self.shared / "grpc" / "sidecar.sock"
+        self.username = f"img-client-{uuid.uuid4().hex[:8]}"
+        self.password = f"pw-{uuid.uuid4().hex}"
+        self.client: Optional[SidecarClient] = None
+        try:
+            self._start(devserver)
+        except BaseException:
+            self.close()  # a sidecar that did not come up leaves nothing behind
+            raise
+
+    def _start(self, devserver: DevServerHandle) -> None:
         # World-writable without the sticky bit, as a Kubernetes emptyDir: the
         # sidecar makes its own 0700 directory for the socket inside.
-        self.shared = self.workdir / "shared"
         self.shared.mkdir()
         self.shared.chmod(0o777)
         spool = self.workdir / "spool"  # likewise
@@ -140,8 +151,6 @@ class SidecarContainer:
         spool.chmod(0o777)
         secrets = self.workdir / "secrets"
         secrets.mkdir(mode=0o750)
-        self.username = f"img-client-{uuid.uuid4().hex[:8]}"
-        self.password = f"pw-{uuid.uuid4().hex}"
         password_file = secrets / "password"
         password_file.write_text(self.password + "\n")
         password_file.chmod(0o400)
@@ -162,22 +171,28 @@ class SidecarContainer:
             f"--env=FL_DEMONSTRATOR_BASE_URL=http://{HOST_LOOPBACK}:{devserver.port}",
             f"--env=FL_SIDECAR_USERNAME={self.username}",
             f"--env=FL_SIDECAR_PASSWORD_FILE={SECRETS}/password",
-            podman.image.name,
+            self.podman.image.name,
         )
         mapped = self.podman("port", self.name, "8101/tcp").stdout.strip().splitlines()[0]
         self.notification_url = f"http://{mapped}/"
-        self.socket_path = self.shared / "grpc" / "sidecar.sock"
         self.client = SidecarClient("unix:" + str(self.socket_path), timeout=30.0)
         try:
             self.client.wait_ready(timeout=60.0)
         except Exception:
             raise AssertionError(f"the sidecar did not come up:\n{self.logs()}") from None
 
+    @property
+    def sidecar(self) -> SidecarClient:
+        """The gRPC client to this sidecar, through the shared socket."""
+        assert self.client is not None
+        return self.client
+
     def logs(self) -> str:
         return self.podman.logs(self.name)
 
     def close(self) -> None:
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
         self.podman("rm", "--force", "--time=5", self.name, check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -401,7 +416,7 @@ def test_node_trainer_in_a_second_container_trains_two_rounds(
     state = devserver.training(actor, training_id)
     assert state["state"] == "C"
     # One client: each round's global model is its upload, (w * 0.5 + 0.125) twice.
-    final = sidecar.client.download_state_dict(model_id)
+    final = sidecar.sidecar.download_state_dict(model_id)
     for name, tensor in tiny_module().state_dict().items():
         expected = (tensor * 0.5 + 0.125) * 0.5 + 0.125
         assert torch.allclose(final[name], expected, atol=1e-6), name
@@ -420,7 +435,7 @@ def test_sigterm_drains_exits_zero_and_removes_the_socket(
         }
         # A notification through the published port, a live event stream from the host.
         assert 200 <= post_notification(container.notification_url, round_start) < 300
-        with container.client.watch_events(training_ids=[training_id]) as events:
+        with container.sidecar.watch_events(training_ids=[training_id]) as events:
             assert events.get(timeout=EVENT_TIMEOUT).kind is EventKind.UPDATE_ROUND_START
             podman("kill", "--signal=TERM", container.name)
             with pytest.raises(EOFError):
