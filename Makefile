@@ -13,7 +13,7 @@ STAMPS := .stamps
 PROTO_FILES := $(wildcard proto/fl_sidecar/v1/*.proto)
 NATIVE_SOURCES := $(shell find rust -name '*.rs' -o -name 'Cargo.toml' 2>/dev/null) Cargo.toml Cargo.lock
 
-.PHONY: help install build proto proto-check lint test test-unit test-integration test-rust test-node bench demo clean
+.PHONY: help install build proto proto-check lint test test-unit test-integration test-rust test-node bench demo clean image image-test
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -54,10 +54,20 @@ test-unit: install ## unit tests (no sockets, no processes)
 test-integration: install ## integration tests (real servers, real clients)
 	$(PY) -m pytest tests/integration
 
-test: install ## everything CI runs: generated-code check, Rust tests, Python and Node tests
+test: install ## everything CI runs: generated-code check, Rust tests, Python and Node tests, the image's smoke test
 	bash scripts/gen-proto.sh --check
 	bash scripts/cargo.sh test -p fl-sidecar-core --release
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --ignore=tests/integration/test_image.py
+	@$(MAKE) --no-print-directory image-test
+
+# The container image (docs/deploy.md). Where this machine cannot run
+# containers, `image` says why and the smoke test is reported as skipped
+# (FL_SIDECAR_REQUIRE_IMAGE=1 makes that a failure).
+image: $(STAMPS)/bootstrap ## build the container image offline from Debian packages into build/image/
+	bash scripts/image-build.sh
+
+image-test: install image ## the image's smoke test: sidecar and Node.js trainer in containers, dev server on the host
+	$(PY) -m pytest tests/integration/test_image.py --durations=0
 
 bench: install ## benchmarks against named baselines (not part of the tests)
 	$(PY) -m benchmarks $(BENCH)
@@ -66,5 +76,5 @@ demo: install ## the main job: a federated training on the embedded dev server t
 	$(PY) -m fl_sidecar demo
 
 clean: ## remove build outputs and the venv
-	rm -rf $(VENV) $(STAMPS) target dist
+	rm -rf $(VENV) $(STAMPS) target dist build
 	find python -name '_codec*.so' -delete

@@ -1,8 +1,9 @@
 """The container's entry point, run for real against a real sidecar process.
 
-The image cannot be built here (no container engine), but its entry point is a
-plain script: its ``healthcheck`` must say healthy exactly while the sidecar
-serves, and anything else must reach the ``fl-sidecar`` command line.
+The entry point is a plain script, tested here without a container engine
+(tests/integration/test_image.py runs it inside the built image): its
+``healthcheck`` must say healthy exactly while the sidecar serves, and
+anything else must reach the ``fl-sidecar`` command line.
 """
 
 from __future__ import annotations
