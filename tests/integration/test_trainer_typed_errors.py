@@ -110,3 +110,15 @@ def test_a_bad_upload_id_is_refused_before_anything_is_sent(side: ClientSide) ->
         side.client.upload("m", tiny_module_bytes(), round=0, sample_size=1, upload_id="has space")
     assert caught.value.code == "INVALID_ARGUMENT"
     assert caught.value.upload_state == "not_sent"
+
+
+def test_compression_never_changes_downloads_too(stack: TrainerStack, side: ClientSide) -> None:
+    # What docs/trainers.md says of --compression never: identity both ways.
+    never = stack.add_client(extra_args=["--compression", "never"])
+    model_id = stack.devserver.upload_model(stack.actor, tiny_module_bytes(seed=5))
+    data, coded = side.client.download_with_info(model_id)
+    same, plain = never.client.download_with_info(model_id)
+    assert same == data
+    assert coded.content_encoding == "zstd"  # the dev server offers zstd: auto takes it
+    assert (plain.content_encoding, plain.wire_bytes) == ("identity", len(data))
+    assert never.client.get_info().negotiated_coding == "identity"
