@@ -403,3 +403,15 @@ def test_no_socket_means_an_upload_was_not_sent(tmp_path: Any) -> None:
     assert (caught.value.code, caught.value.upload_state) == ("UNAVAILABLE", "not_sent")
     assert "nothing was sent" in str(caught.value)
     assert client.last_upload_id == "u-3"
+
+
+def test_a_subscription_to_a_missing_socket_fails_when_made(tmp_path: Any) -> None:
+    client = SidecarClient(str(tmp_path / "none.sock"))
+    try:
+        with pytest.raises(SidecarError, match="no sidecar is listening") as caught:
+            client.watch_events()
+        assert caught.value.code == "UNAVAILABLE"
+        with pytest.raises(SidecarError, match="no sidecar is listening"):
+            client.download("m1")  # a server stream refused the same way, when read
+    finally:
+        client.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from fl_sidecar import errors
@@ -119,3 +121,27 @@ def test_a_cancelled_transfer_says_whether_the_sidecar_was_shutting_down() -> No
     left = remote_error(SidecarError, "m", code="CANCELLED", error_class="TransferCancelledError")
     assert isinstance(stopping, TransferCancelledError) and stopping.shutting_down
     assert isinstance(left, TransferCancelledError) and not left.shutting_down
+
+
+def test_a_typed_error_survives_pickling() -> None:
+    error = remote_error(
+        UploadFailedError,
+        "upload u failed",
+        code="FAILED_PRECONDITION",
+        error_class="ConflictError",
+        http_status=400,
+        http_body='["not in round 5"]',
+        method="UploadModel",
+        upload_id="u",
+        upload_state="rejected",
+    )
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert isinstance(copy, ConflictError) and isinstance(copy, UploadFailedError)
+    assert str(copy) == "upload u failed"
+    assert (copy.code, copy.upload_state, copy.status, copy.detail) == (
+        "FAILED_PRECONDITION",
+        "rejected",
+        400,
+        "not in round 5",
+    )

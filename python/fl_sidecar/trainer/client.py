@@ -199,7 +199,8 @@ class SidecarClient(ModelDownloads, ModelUploads, CodecCalls):
         events this stream showed).
 
         Raises:
-            SidecarError: when reading from the stream, if the subscription fails.
+            UnsafeSocketError, SidecarError: at once, when the socket is refused (as
+                every call); a failed subscription raises when reading the stream.
         """
         request = pb.WatchEventsRequest(
             training_ids=[str(t) for t in training_ids], observe=observe

@@ -85,10 +85,30 @@ def remote_error_type(base: Type[_S], error_class: Optional[str]) -> Type[_S]:
                     "__qualname__": domain.__name__,
                     "__doc__": f"A {domain.__name__} the sidecar reported, raised as a "
                     f"{base.__name__}.",
+                    "__reduce__": _reduce,
                 },
             )
             _types[key] = made
     return made
+
+
+def _reduce(error: SidecarError) -> Tuple[Any, ...]:
+    # A made type is no module attribute, so pickle (multiprocessing, say) rebuilds it.
+    base = type(error).__bases__[0]
+    return (_rebuild, (base, error.error_class, error.args, dict(error.__dict__)))
+
+
+def _rebuild(
+    base: Type[SidecarError],
+    error_class: Optional[str],
+    args: Tuple[Any, ...],
+    state: Dict[str, Any],
+) -> SidecarError:
+    made = remote_error_type(base, error_class)
+    error = made.__new__(made, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 def remote_error(
