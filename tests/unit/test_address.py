@@ -57,8 +57,9 @@ def test_default_socket_path_reads_the_process_environment(monkeypatch: pytest.M
     assert address.default_socket_path({}) == f"/tmp/fl-sidecar-{os.getuid()}/sidecar.sock"
 
 
+@pytest.mark.parametrize("given_socket", [True, False])
 def test_a_trainers_client_reads_no_sidecar_setting_and_no_secret_file(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, given_socket: bool
 ) -> None:
     # Settings of the sidecar a trainer inherits: invalid for a trainer's purposes
     # (the sidecar's log level) or secret files the trainer must never read.
@@ -66,7 +67,14 @@ def test_a_trainers_client_reads_no_sidecar_setting_and_no_secret_file(
     monkeypatch.setenv("FL_SIDECAR_TOKEN_FILE", "/nonexistent/token")
     monkeypatch.setenv("FL_DEMONSTRATOR_PASSWORD_FILE", "/nonexistent/password")
     monkeypatch.setenv("FL_SIDECAR_MAX_MODEL_SIZE", "lots")
-    monkeypatch.setenv("FL_SIDECAR_SOCKET", str(tmp_path / "s.sock"))
+    if given_socket:
+        monkeypatch.setenv("FL_SIDECAR_SOCKET", str(tmp_path / "s.sock"))
+        expected = "unix:" + str(tmp_path / "s.sock")
+    else:  # the default socket
+        monkeypatch.delenv("FL_SIDECAR_SOCKET", raising=False)
+        monkeypatch.delenv("FL_SIDECAR_LISTEN", raising=False)
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+        expected = "unix:" + str(tmp_path / "fl-sidecar" / "sidecar.sock")
     opened: List[Any] = []
     real_open, real_io_open = builtins.open, io.open
 
@@ -88,7 +96,7 @@ def test_a_trainers_client_reads_no_sidecar_setting_and_no_secret_file(
     monkeypatch.setattr(pathlib.Path, "read_text", recording_read_text)
     client = SidecarClient()
     try:
-        assert client.target == "unix:" + str(tmp_path / "s.sock")
+        assert client.target == expected
     finally:
         client.close()
     assert not [f for f in opened if "nonexistent" in str(f)], opened
