@@ -258,7 +258,8 @@ class SidecarError(FlSidecarError):
 
     When the call failed because the FL server refused it, the sidecar passes
     the server's answer on (trailing metadata, see :data:`fl_sidecar.wire.ERROR_CLASS_KEY`) and
-    it lands here.
+    it lands here. The Python client raises it as an instance of the domain class the
+    sidecar named too (``except NotFoundError`` works; :mod:`fl_sidecar.trainer.remote_errors`).
 
     Attributes:
         code: the gRPC status code name (e.g. ``"NOT_FOUND"``).

@@ -65,6 +65,10 @@ def test_every_public_name_resolves() -> None:
         fl_sidecar.no_such_name  # noqa: B018
 
 
+# The trainer's side: only its channel and its interceptor touch grpc.
+TRAINER_GRPC = {"trainer/connection.py", "trainer/interceptor.py"}
+
+
 def test_boundaries_torch_requests_grpc() -> None:
     allowed: Dict[str, Set[str]] = {
         # Model I/O; the demo's trainer program is a trainer, not library code.
@@ -73,14 +77,15 @@ def test_boundaries_torch_requests_grpc() -> None:
         # only names requests' types (``if TYPE_CHECKING``).
         "requests": {"flserver/transport.py", "flserver/bodies.py"},
         # The service, the server process and the trainer-side client.
-        "grpc": {"service.py", "server.py", "client.py"},
-        "grpc_health": {"service.py", "server.py", "client.py"},
+        "grpc": {"service.py", "server.py", *TRAINER_GRPC},
+        "grpc_health": {"service.py", "server.py", *TRAINER_GRPC},
     }
     for package, modules in allowed.items():
         assert _modules_importing(package) <= modules, package
     # The scan sees the imports that are allowed (so an empty result is not a pass).
     assert {"modelfiles/torch_io.py", "modelfiles/aggregate.py"} <= _modules_importing("torch")
     assert _modules_importing("requests") == {"flserver/transport.py", "flserver/bodies.py"}
+    assert _modules_importing("grpc") >= TRAINER_GRPC
     # The torch-free model files stay torch-free, and so does the sidecar's domain layer.
     for module in ("archive.py", "_pickle.py", "transfers.py", "service.py", "server.py"):
         assert not _runtime_imports(PACKAGE / module) & {"torch", "numpy", "safetensors"}
@@ -123,3 +128,45 @@ def test_the_content_coding_parser_needs_only_the_standard_library() -> None:
         third_party = _runtime_imports(PACKAGE / module) - stdlib - {"fl_sidecar"}
         assert third_party == set(), (module, third_party)
     assert "fl_sidecar" in _runtime_imports(PACKAGE / "wsgi_zstd.py")
+
+
+def _package_imports(path: Path) -> Set[str]:
+    """The ``fl_sidecar`` modules a module imports at run time (absolute imports)."""
+    tree = ast.parse(path.read_text(), str(path))
+    found: Set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "fl_sidecar":
+                found |= {f"fl_sidecar.{alias.name}" for alias in node.names}
+            elif node.module.startswith("fl_sidecar."):
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("fl_sidecar.")}
+    return found
+
+
+def test_the_trainer_package_has_no_import_cycle_and_needs_no_sidecar_settings() -> None:
+    modules = {
+        "fl_sidecar.trainer." + path.stem: path
+        for path in (PACKAGE / "trainer").glob("*.py")
+        if path.stem != "__init__"
+    }
+    graph = {name: _package_imports(path) & set(modules) for name, path in modules.items()}
+    assert graph, "the scan found the trainer's modules"
+    done: Set[str] = set()
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        assert name not in trail, f"import cycle: {' -> '.join((*trail, name))}"
+        if name in done:
+            return
+        for imported in graph[name]:
+            visit(imported, (*trail, name))
+        done.add(name)
+
+    for name in graph:
+        visit(name, ())
+    # Where the sidecar is comes from fl_sidecar.address; its settings are the sidecar's own.
+    for name, path in modules.items():
+        if name != "fl_sidecar.trainer.compat":  # the reference client's variables (compat)
+            assert "fl_sidecar.config" not in _package_imports(path), name
+    assert _runtime_imports(PACKAGE / "address.py") <= {"__future__", "os", "typing", "fl_sidecar"}

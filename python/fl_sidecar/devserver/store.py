@@ -557,9 +557,13 @@ class Store:
     # --- aggregation ---------------------------------------------------------
 
     def local_models_of_round(self, training_id: str, upload_round: int) -> List[Row]:
-        """The local models uploaded for a round, oldest first (in upload order when two share a timestamp)."""
+        """The local models uploaded for a round, oldest first.
+
+        Two uploads with the same timestamp come in upload order (rowid).
+        """
         return self.all(
-            "SELECT * FROM local_models WHERE training_id = ? AND round = ? ORDER BY created, rowid",
+            "SELECT * FROM local_models WHERE training_id = ? AND round = ? "
+            "ORDER BY created, rowid",
             (training_id, upload_round),
         )
 
