@@ -175,7 +175,11 @@ class SidecarContainer:
         )
         mapped = self.podman("port", self.name, "8101/tcp").stdout.strip().splitlines()[0]
         self.notification_url = f"http://{mapped}/"
-        self.client = SidecarClient("unix:" + str(self.socket_path), timeout=30.0)
+        # The host's client runs as root, the container's sidecar as SIDECAR_UID:
+        # the client trusts that uid's socket only because it is told to.
+        self.client = SidecarClient(
+            "unix:" + str(self.socket_path), timeout=30.0, expected_owner=SIDECAR_UID
+        )
         try:
             self.client.wait_ready(timeout=60.0)
         except Exception:
