@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 # (module, description) for each group of subcommands; each module's
 # ``register(subparsers)`` adds its own parsers with ``func`` set.
 _COMMAND_MODULES: Sequence[str] = (
-    "fl_sidecar.server",  # serve
+    "fl_sidecar.sidecar.process",  # serve
     "fl_sidecar.devserver.cli",  # devserver
     "fl_sidecar.tools",  # download, upload, pack, unpack, info, events, demo
 )

@@ -70,9 +70,9 @@ def test_boundaries_torch_requests_grpc() -> None:
         # Model I/O; the demo's trainer program is a trainer, not library code.
         "torch": {"models.py", "demo_trainer.py"},
         "requests": {"server_api.py"},
-        # The service, the server process and the trainer-side client.
-        "grpc": {"service.py", "server.py", "client.py"},
-        "grpc_health": {"service.py", "server.py", "client.py"},
+        # The sidecar's servicer, its status table and process, and the trainer-side client.
+        "grpc": {"sidecar/servicer.py", "sidecar/status.py", "sidecar/process.py", "client.py"},
+        "grpc_health": {"sidecar/servicer.py", "sidecar/process.py", "client.py"},
     }
     for package, modules in allowed.items():
         assert _modules_importing(package) <= modules, package
@@ -80,5 +80,7 @@ def test_boundaries_torch_requests_grpc() -> None:
     assert "models.py" in _modules_importing("torch")
     assert _modules_importing("requests") == {"server_api.py"}
     # The torch-free model files stay torch-free, and so does the sidecar's domain layer.
-    for module in ("archive.py", "_pickle.py", "transfers.py", "service.py", "server.py"):
+    sidecar_side = sorted(str(p.relative_to(PACKAGE)) for p in (PACKAGE / "sidecar").glob("*.py"))
+    assert "sidecar/transfers.py" in sidecar_side
+    for module in ("archive.py", "_pickle.py", *sidecar_side):
         assert not _runtime_imports(PACKAGE / module) & {"torch", "numpy", "safetensors"}

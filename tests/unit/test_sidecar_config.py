@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from fl_sidecar import errors
-from fl_sidecar.config import (
+from fl_sidecar.sidecar.settings import (
     DEFAULT_MAX_MODEL_SIZE,
     DEFAULT_NOTIFICATION_PORT,
     Settings,
@@ -23,8 +23,8 @@ from fl_sidecar.config import (
     parse_size,
     strip_userinfo,
 )
-from fl_sidecar.service import status_for
-from fl_sidecar.telemetry import RedactingFilter, configure_logging
+from fl_sidecar.sidecar.status import status_for
+from fl_sidecar.sidecar.telemetry import RedactingFilter, configure_logging
 
 
 def settings(argv: List[str], env: Optional[Dict[str, str]] = None) -> Settings:
@@ -285,7 +285,7 @@ def test_training_script_environment_has_no_userinfo_in_the_server_url() -> None
 
 
 def test_socket_directory_writable_by_others_is_refused(tmp_path: Path) -> None:
-    from fl_sidecar.server import check_socket_directory
+    from fl_sidecar.sidecar.process import check_socket_directory
 
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
@@ -309,7 +309,7 @@ def test_trusting_the_socket_parent_is_off_unless_asked(tmp_path: Path) -> None:
 
 
 def test_socket_refusals_are_configuration_errors_that_name_the_path(tmp_path: Path) -> None:
-    from fl_sidecar.server import check_socket_directory
+    from fl_sidecar.sidecar.process import check_socket_directory
 
     shared = tmp_path / "shared"
     shared.mkdir()

@@ -15,7 +15,7 @@ import pytest
 
 from fl_sidecar.errors import ServerUnavailableError
 from fl_sidecar.server_api import TransferResult
-from fl_sidecar.transfers import _TEMPLATE_CACHE_SIZE, TransferManager
+from fl_sidecar.sidecar.transfers import _TEMPLATE_CACHE_SIZE, TransferManager
 
 
 class RecordingClient:

@@ -55,16 +55,15 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
-from fl_sidecar.config import DEFAULT_NOTIFICATION_PORT
 from fl_sidecar.errors import MalformedNotificationError
 from fl_sidecar.events import (
     DEFAULT_MAX_NOTIFICATION_SIZE,
-    EventBus,
     EventKind,
     ServerEvent,
-    Verdict,
     parse_notification,
 )
+from fl_sidecar.sidecar.eventbus import EventBus, Verdict
+from fl_sidecar.sidecar.settings import DEFAULT_NOTIFICATION_PORT
 
 __all__ = [
     "DEFAULT_EVICT_AFTER",

@@ -1,18 +1,16 @@
-"""Model transfers of the sidecar: spooling, vetting, conversion, and the FL server calls.
+"""The transfer layer: everything the servicer asks of the FL server goes through here.
 
-The domain layer between the gRPC servicer (:mod:`fl_sidecar.service`, which
-only converts messages) and the building blocks: :mod:`fl_sidecar.server_api`
-(HTTP) and :mod:`fl_sidecar.archive` (torch-free model files: vetting and
+The domain layer between the gRPC servicer (:mod:`fl_sidecar.sidecar.servicer`,
+which only converts messages) and the building blocks: :mod:`fl_sidecar.server_api`
+(HTTP), :mod:`fl_sidecar.archive` (torch-free model files: vetting and
 conversion copy raw tensor bytes, so the sidecar never imports torch and its
-memory stays at a few buffers whatever the model's size).
+memory stays at a few buffers whatever the model's size) and
+:mod:`fl_sidecar.sidecar.spool` (the private spool directory the models pass
+through, never whole in memory). :class:`TransferManager` owns the FL server
+client: downloads (also handed to a streaming call by
+:meth:`TransferManager.start_download`), uploads, metrics, a training's state
+and the request coding negotiated with the server.
 
-Memory stays bounded: models live in spool files in a private directory
-(mode 0700) that is removed when the manager closes, never whole in memory.
-A spool directory left behind by a sidecar that died (SIGKILL, power loss) is
-removed by the next sidecar that starts with the same parent; a live
-sidecar's is never touched (see :func:`remove_stale_spools`). A full spool
-(no space, a quota, a file size limit) is a :class:`SpoolFullError` naming
-the directory, and leaves no partial files.
 The sidecar never executes a pickle: a TORCH download is vetted with the
 restricted reader unless ``trust_pickles`` is set, conversions use the
 restricted reader, and a SAFETENSORS upload is written into a copy of the
@@ -23,10 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
-import fcntl
 import functools
-import hashlib
 import logging
 import os
 import re
@@ -35,28 +30,21 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterator, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Set, Tuple
 
 from fl_sidecar import archive as model_files
-from fl_sidecar import uploads
-from fl_sidecar.cancel import REASON_SHUTDOWN, Cancellation
 from fl_sidecar.errors import (
     AuthenticationError,
-    ChecksumMismatchError,
     ConflictError,
-    CorruptDataError,
     ModelFormatError,
     ModelReadCancelledError,
     NotFoundError,
     PermissionDeniedError,
     RequestRejectedError,
+    ServerError,
     SidecarError,
-    SizeLimitExceededError,
-    SpoolFullError,
     TransferCancelledError,
-    TruncatedDataError,
     UnsafePickleError,
     UploadOutcomeUnknownError,
 )
@@ -67,8 +55,21 @@ from fl_sidecar.server_api import (
     ProgressCallback,
     TransferResult,
 )
-from fl_sidecar.telemetry import Metrics
-from fl_sidecar.uploads import UploadJournal
+from fl_sidecar.sidecar import uploads
+from fl_sidecar.sidecar.cancel import REASON_SHUTDOWN, Cancellation
+from fl_sidecar.sidecar.downloads import DownloadCancelledError, DownloadHandoff
+from fl_sidecar.sidecar.spool import (
+    SPOOL_PREFIX,
+    SpooledModel,
+    UploadSpool,
+    create_spool_dir,
+    raise_if_spool_full,
+    remove_stale_spools,
+    spool_space,
+    unlink_quietly,
+)
+from fl_sidecar.sidecar.telemetry import Metrics
+from fl_sidecar.sidecar.uploads import UploadJournal
 from fl_sidecar.wire import FORMAT_SAFETENSORS, FORMAT_TORCH
 
 __all__ = [
@@ -76,33 +77,21 @@ __all__ = [
     "FORMAT_TORCH",
     "SPOOL_PREFIX",
     "DownloadCancelledError",
+    "DownloadHandoff",
     "SpooledModel",
     "TransferManager",
     "UploadSpool",
+    "is_sha256_hex",
+    "raise_if_spool_full",
     "remove_stale_spools",
+    "round_seconds",
+    "spool_space",
 ]
 
 
 _log = logging.getLogger(__name__)
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}\Z")
 _TEMPLATE_CACHE_SIZE = 2
-SPOOL_PREFIX = "fl-sidecar-spool-"
-"""Name prefix of each sidecar's spool directory under ``--spool-dir``."""
-# Held with flock(LOCK_EX) for the sidecar's lifetime: a spool directory whose
-# lock anyone can take belongs to no live process (the kernel drops the lock
-# when its holder dies, even by SIGKILL), and is removed at the next start-up.
-_LOCK_NAME = ".lock"
-_FULL_ERRNOS = frozenset(
-    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG) if code
-)
-
-
-class DownloadCancelledError(TransferCancelledError):
-    """The trainer went away (or the sidecar shut down) while the model was being fetched.
-
-    The partial file is gone.
-    """
-
 
 # The FL server's answers that say it stored nothing (4xx).
 _REFUSALS = (
@@ -112,118 +101,6 @@ _REFUSALS = (
     ConflictError,
     RequestRejectedError,
 )
-
-
-@dataclass
-class SpooledModel:
-    """A model in a spool file, ready to be streamed to the trainer.
-
-    Attributes:
-        path: the spool file (deleted by :meth:`discard`).
-        size: bytes of the file.
-        sha256: hex digest of the file.
-        format: ``"torch"`` or ``"safetensors"``.
-        content_encoding: how it crossed the network from the FL server.
-        wire_bytes: bytes it took on the network.
-    """
-
-    path: Path
-    size: int
-    sha256: str
-    format: str
-    content_encoding: str
-    wire_bytes: int
-
-    def discard(self) -> None:
-        """Delete the spool file (idempotent)."""
-        _unlink_quietly(self.path)
-
-
-class UploadSpool:
-    """Collects an upload's chunks in a spool file, counting and hashing them.
-
-    Memory stays at one chunk; the file is deleted by :meth:`discard`.
-    """
-
-    def __init__(self, path: Path, max_size: int, *, hashed: bool = True) -> None:
-        """Create the spool file at ``path`` (mode 0600); ``max_size`` is in bytes.
-
-        ``hashed=False`` skips the SHA-256 (about a third of the per-chunk work)
-        when no digest will be checked.
-        """
-        self.path = path
-        self.max_size = max_size
-        self.size = 0
-        self._hash = hashlib.sha256() if hashed else None
-        with spool_space(path.parent):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file: Optional[IO[bytes]] = os.fdopen(fd, "wb")
-
-    def write(self, data: bytes) -> None:
-        """Append a chunk.
-
-        Raises:
-            SizeLimitExceededError: the upload grew beyond ``max_size`` bytes.
-            SpoolFullError: the spool's file system is full.
-        """
-        if self._file is None:
-            raise ValueError("the spool is closed")
-        if self.size + len(data) > self.max_size:
-            raise SizeLimitExceededError(
-                f"the model exceeds the sidecar's limit of {self.max_size} bytes"
-            )
-        with spool_space(self.path.parent):
-            self._file.write(data)
-        if self._hash is not None:
-            self._hash.update(data)
-        self.size += len(data)
-
-    def finish(self, expected_size: Optional[int], expected_sha256: Optional[str]) -> Path:
-        """Close the file and check it against the header's promises.
-
-        Args:
-            expected_size: bytes announced (``None``: not checked).
-            expected_sha256: hex digest announced (``None``: not checked).
-
-        Returns:
-            The spool file's path.
-
-        Raises:
-            TruncatedDataError: fewer bytes arrived than announced.
-            CorruptDataError: more bytes arrived than announced.
-            ChecksumMismatchError: the SHA-256 differs from the announced one.
-            SpoolFullError: the last buffered bytes did not fit.
-        """
-        if self._file is not None:
-            file, self._file = self._file, None
-            with spool_space(self.path.parent):
-                file.close()
-        if expected_size is not None and self.size < expected_size:
-            raise TruncatedDataError(
-                f"the upload ended after {self.size} of the {expected_size} bytes announced"
-            )
-        if expected_size is not None and self.size > expected_size:
-            raise CorruptDataError(
-                f"the upload carried {self.size} bytes, more than the {expected_size} announced"
-            )
-        if expected_sha256 is None:
-            return self.path
-        if self._hash is None:
-            raise ValueError("this spool was created without hashing")
-        digest = self._hash.hexdigest()
-        if digest != expected_sha256.lower():
-            raise ChecksumMismatchError(
-                f"the upload's SHA-256 is {digest}, not the {expected_sha256} announced"
-            )
-        return self.path
-
-    def discard(self) -> None:
-        """Close and delete the spool file (idempotent; a full disk does not stop it)."""
-        if self._file is not None:
-            file, self._file = self._file, None
-            with contextlib.suppress(OSError):  # flushing into a full spool: the file goes anyway
-                file.close()
-        _unlink_quietly(self.path)
 
 
 def is_sha256_hex(text: str) -> bool:
@@ -282,7 +159,7 @@ class TransferManager:
         self._cancellations_lock = threading.Lock()
         self._shutting_down = False
         parent = Path(spool_dir) if spool_dir is not None else Path(tempfile.gettempdir())
-        self.spool_dir, lock_fd = _create_spool_dir(parent)
+        self.spool_dir, lock_fd = create_spool_dir(parent)
         self._lock_fd: Optional[int] = lock_fd
         removed = remove_stale_spools(parent)
         if removed:
@@ -340,7 +217,79 @@ class TransferManager:
         """A fresh :class:`UploadSpool` limited to ``max_model_size`` bytes."""
         return UploadSpool(self._spool_path(".upload"), self.max_model_size, hashed=hashed)
 
+    # -- the FL server's other calls --
+
+    def upload_metrics(
+        self,
+        model_id: str,
+        metrics: Mapping[str, MetricValue],
+        *,
+        owner: Optional[str] = None,
+        credentials: Optional[Credentials] = None,
+    ) -> TransferResult:
+        """Post test metrics of the global model ``model_id``.
+
+        Args:
+            credentials: for this call; ``None`` uses the client's own.
+
+        Raises:
+            ServerError subclasses from the FL server (UploadOutcomeUnknownError when
+            the request went out and no answer came: it is never resent).
+        """
+        return self.client.upload_metrics(model_id, metrics, owner=owner, credentials=credentials)
+
+    def get_training(
+        self, training_id: str, *, credentials: Optional[Credentials] = None
+    ) -> Dict[str, Any]:
+        """The training's state as the FL server reports it (its JSON object).
+
+        Raises:
+            NotFoundError: no such training. ServerError subclasses otherwise.
+        """
+        return self.client.get_training(training_id, credentials=credentials)
+
+    def training_known(self, training_id: str) -> bool:
+        """Whether the FL server answers for ``training_id`` with the sidecar's own credentials.
+
+        Raises:
+            ServerError: the server could not be asked (unavailable, bad credentials).
+        """
+        try:
+            self.client.get_training(training_id)
+        except (NotFoundError, PermissionDeniedError, ConflictError, RequestRejectedError):
+            return False
+        return True
+
+    def request_coding(self) -> str:
+        """The content coding uploads use: ``"zstd"``, ``"identity"``, or ``""`` (not learnt yet).
+
+        ``--compression never`` makes it ``"identity"`` (and downloads are then
+        not offered zstd either).
+        """
+        if self.client.compression == "never":
+            return "identity"
+        return self.client.negotiated_coding or ""
+
     # -- download --
+
+    def start_download(
+        self, model_id: str, fmt: str, *, credentials: Optional[Credentials] = None
+    ) -> DownloadHandoff:
+        """Start :meth:`download` on its own thread, for a call that streams the model.
+
+        The handoff reports progress, hands over the spooled model and deletes it
+        when closed; see :class:`~fl_sidecar.sidecar.downloads.DownloadHandoff`.
+        """
+        return DownloadHandoff(
+            lambda progress, on_converting, cancel: self.download(
+                model_id,
+                fmt,
+                credentials=credentials,
+                progress=progress,
+                on_converting=on_converting,
+                cancel=cancel,
+            )
+        )
 
     def download(
         self,
@@ -415,13 +364,13 @@ class TransferManager:
                     )
                     check()
                 except ModelReadCancelledError:
-                    _unlink_quietly(converted)
+                    unlink_quietly(converted)
                     check()  # the reader stopped because ``stop`` is set: say why
                     raise
                 except BaseException:
-                    _unlink_quietly(converted)
+                    unlink_quietly(converted)
                     raise
-                _unlink_quietly(archive)
+                unlink_quietly(archive)
                 return SpooledModel(
                     converted,
                     size,
@@ -448,11 +397,11 @@ class TransferManager:
                 result.wire_bytes,
             )
         except OSError as exc:
-            _unlink_quietly(archive)
+            unlink_quietly(archive)
             raise_if_spool_full(exc, self.spool_dir)
             raise
         except BaseException:
-            _unlink_quietly(archive)
+            unlink_quietly(archive)
             raise
         finally:
             self._track_in_flight("download", -1)
@@ -607,7 +556,7 @@ class TransferManager:
             raise
         finally:
             if converted is not None:
-                _unlink_quietly(converted)
+                unlink_quietly(converted)
             self._track_in_flight("upload", -1)
 
     @staticmethod
@@ -691,9 +640,9 @@ class TransferManager:
             excess = len(self._templates) - _TEMPLATE_CACHE_SIZE
             idle = [k for k, t in self._templates.items() if t.users == 0][: max(excess, 0)]
             for old_key in idle:
-                _unlink_quietly(self._templates.pop(old_key).path)
+                unlink_quietly(self._templates.pop(old_key).path)
             if template.users == 0 and current is not template:
-                _unlink_quietly(template.path)  # replaced while in use: nobody can reach it
+                unlink_quietly(template.path)  # replaced while in use: nobody can reach it
 
     def _fetch_template(
         self,
@@ -708,8 +657,13 @@ class TransferManager:
             result = self.client.download_model(
                 model_id, path, credentials=credentials, cancel=stop
             )
+        except ServerError as exc:
+            unlink_quietly(path)
+            # The trainer asked for an upload: the global model is fetched only to
+            # convert it, so the answer is told as the upload's, with the same class.
+            raise _as_upload_error(exc, model_id) from exc
         except BaseException:
-            _unlink_quietly(path)
+            unlink_quietly(path)
             raise
         self._count("download", result)
         _log.info(
@@ -736,125 +690,6 @@ class TransferManager:
             self.metrics.in_flight.labels(direction).inc(delta)
 
 
-def raise_if_spool_full(exc: OSError, spool_dir: Path) -> None:
-    """Raise :class:`SpoolFullError` naming ``spool_dir`` when ``exc`` says the disk is full.
-
-    ENOSPC (no space or no inodes), EDQUOT (a quota) and EFBIG (a file size
-    limit) count; any other error returns, for the caller to re-raise.
-
-    Raises:
-        SpoolFullError: ``exc`` is one of those, chained to it.
-    """
-    if exc.errno not in _FULL_ERRNOS:
-        return
-    reason = os.strerror(exc.errno) if exc.errno is not None else str(exc)
-    raise SpoolFullError(
-        f"the spool directory {spool_dir} has no room for the model ({reason}); free space "
-        "there, or point --spool-dir (FL_SIDECAR_SPOOL_DIR) at a larger file system; "
-        "nothing was kept",
-        spool_dir=str(spool_dir),
-    ) from exc
-
-
-@contextlib.contextmanager
-def spool_space(spool_dir: Path) -> Iterator[None]:
-    """Turn a full-disk :class:`OSError` inside the block into :class:`SpoolFullError`.
-
-    Raises:
-        SpoolFullError: see :func:`raise_if_spool_full`; other errors pass unchanged.
-    """
-    try:
-        yield
-    except OSError as exc:
-        raise_if_spool_full(exc, spool_dir)
-        raise
-
-
-def _create_spool_dir(parent: Path) -> Tuple[Path, int]:
-    """A fresh ``fl-sidecar-spool-*`` directory (0700) under ``parent`` and its held lock's fd.
-
-    The lock file is created and locked under a temporary name, then renamed
-    to ``.lock``: whoever finds a ``.lock`` finds it already held.
-    """
-    with spool_space(parent):
-        directory = Path(tempfile.mkdtemp(prefix=SPOOL_PREFIX, dir=parent))
-    pending = directory / f"{_LOCK_NAME}.{os.getpid()}"
-    try:
-        fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.write(fd, f"{os.getpid()}\n".encode("ascii"))  # for people: who holds it
-            os.rename(pending, directory / _LOCK_NAME)
-        except BaseException:
-            os.close(fd)
-            raise
-    except BaseException:
-        shutil.rmtree(directory, ignore_errors=True)
-        raise
-    return directory, fd
-
-
-def remove_stale_spools(parent: Path) -> Tuple[Path, ...]:
-    """Remove the spool directories under ``parent`` that no live sidecar holds.
-
-    Only directories named ``fl-sidecar-spool-*``, owned by this user, that are
-    not symlinks and whose ``.lock`` nobody holds (its holder died: the kernel
-    released the lock) are removed. A live sidecar's directory (its lock is
-    held, on this host or, on a shared file system with working locks, any)
-    and directories without a lock file (made by an older version, or one that
-    is starting this instant) are left alone.
-
-    Returns:
-        The directories removed.
-    """
-    removed = []
-    try:
-        entries = list(os.scandir(parent))
-    except OSError as exc:
-        _log.warning(
-            "cannot look for stale spool directories",
-            extra={"spool_parent": str(parent), "error": str(exc)},
-        )
-        return ()
-    for entry in entries:
-        if not entry.name.startswith(SPOOL_PREFIX):
-            continue
-        try:
-            if not entry.is_dir(follow_symlinks=False):
-                continue
-            if entry.stat(follow_symlinks=False).st_uid != os.geteuid():
-                continue
-            if _remove_if_unlocked(Path(entry.path)):
-                removed.append(Path(entry.path))
-        except OSError as exc:
-            _log.warning(
-                "could not check or remove a stale spool directory",
-                extra={"path": entry.path, "error": str(exc)},
-            )
-    return tuple(removed)
-
-
-def _remove_if_unlocked(directory: Path) -> bool:
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        try:
-            lock_fd = os.open(_LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
-        except FileNotFoundError:
-            return False
-    finally:
-        os.close(dir_fd)
-    try:
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # a live sidecar holds it
-        # Held by us now: no sidecar can be using it. rmtree does not follow symlinks.
-        shutil.rmtree(directory)
-        return True
-    finally:
-        os.close(lock_fd)
-
-
 def _upload_state_after(exc: BaseException, body_complete: bool) -> str:
     """The journal state of an upload whose ``upload_model`` call raised ``exc``.
 
@@ -874,10 +709,17 @@ def round_seconds(seconds: float) -> float:
     return round(seconds, 3)
 
 
-def _unlink_quietly(path: Path) -> None:
+def _as_upload_error(exc: ServerError, model_id: str) -> ServerError:
+    """``exc`` (from fetching the global model for a SAFETENSORS upload) told as the upload's."""
+    detail = exc.detail or str(exc)
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        _log.warning("could not remove a spool file", extra={"path": str(path), "error": str(exc)})
+        return type(exc)(
+            f"upload for model {model_id} failed: {detail}",
+            status=exc.status,
+            detail=exc.detail,
+            operation="upload",
+            body=exc.body,
+            content_type=exc.content_type,
+        )
+    except TypeError:  # a subclass with another constructor: keep the original
+        return exc

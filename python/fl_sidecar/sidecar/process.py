@@ -49,22 +49,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fl_sidecar import __version__, socketdir
-from fl_sidecar.cancel import REASON_SHUTDOWN
-from fl_sidecar.config import Settings, add_arguments, strip_userinfo
-from fl_sidecar.errors import (
-    ConfigurationError,
-    ConflictError,
-    NotFoundError,
-    PermissionDeniedError,
-    RequestRejectedError,
-)
-from fl_sidecar.events import EventBus, EventKind, ServerEvent, clock_first_seq
+from fl_sidecar import __version__
+from fl_sidecar.errors import ConfigurationError
+from fl_sidecar.events import EventKind, ServerEvent, clock_first_seq
 from fl_sidecar.server_api import Credentials, FlServerClient
-from fl_sidecar.service import SERVICE_NAME, SidecarService
-from fl_sidecar.telemetry import Metrics, configure_logging
-from fl_sidecar.transfers import TransferManager
-from fl_sidecar.uploads import UploadJournal
+from fl_sidecar.sidecar import socketdir
+from fl_sidecar.sidecar.cancel import REASON_SHUTDOWN
+from fl_sidecar.sidecar.eventbus import EventBus
+from fl_sidecar.sidecar.servicer import SERVICE_NAME, SidecarService
+from fl_sidecar.sidecar.settings import Settings, add_arguments, strip_userinfo
+from fl_sidecar.sidecar.telemetry import Metrics, configure_logging
+from fl_sidecar.sidecar.transfers import TransferManager
+from fl_sidecar.sidecar.uploads import UploadJournal
 from fl_sidecar.v1 import sidecar_pb2_grpc
 from fl_sidecar.wire import MAX_MESSAGE_SIZE, TOKEN_METADATA_KEY
 
@@ -163,7 +159,7 @@ def server_credentials(settings: Settings) -> Optional[Credentials]:
 def check_socket_directory(directory: str, *, trust_parents: bool = False) -> None:
     """Refuse a socket directory that someone other than this process's user could change.
 
-    See :func:`fl_sidecar.socketdir.check_socket_directory`: ours, writable by
+    See :func:`fl_sidecar.sidecar.socketdir.check_socket_directory`: ours, writable by
     others only with the sticky bit, and parents owned by root or us.
 
     Raises:
@@ -238,14 +234,8 @@ class SidecarServer:
         # Packed upload bodies go into the locked spool directory too, so a crash
         # leaves nothing outside what the next start-up cleans.
         self.client.spool_dir = self.transfers.spool_dir
-        self.service = SidecarService(
-            self.transfers,
-            self.bus,
-            server_url=settings.public_server_url,
-            trust_pickles=settings.trust_pickles,
-            max_unpack_size=settings.max_model_size,
-            metrics=self.metrics,
-        )
+        # Made by start(), once the notification endpoint's URL is known.
+        self.service: Optional[SidecarService] = None
         self.health = health.HealthServicer()
         self.notifications: Any = None
         self.script_runner: Any = None
@@ -269,8 +259,17 @@ class SidecarServer:
             _log.warning(warning)
         if settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(settings.metrics_host, settings.metrics_port)
-        self._start_notifications()
-        self._start_grpc()
+        notification_url = self._start_notifications()
+        self.service = SidecarService(
+            self.transfers,
+            self.bus,
+            server_url=settings.public_server_url,
+            trust_pickles=settings.trust_pickles,
+            max_unpack_size=settings.max_model_size,
+            notification_url=notification_url,
+            metrics=self.metrics,
+        )
+        self._start_grpc(self.service)
         # No request to the FL server here: the request coding is learnt from the
         # answers to the transfers themselves (a start-up probe made the real server
         # log a 500 on every start).
@@ -286,17 +285,18 @@ class SidecarServer:
                 if settings.listen is not None
                 else None
             ),
-            "notification_url": self.service.notification_url or None,
+            "notification_url": notification_url or None,
             "metrics_port": self.metrics_port,
         }
         _log.info("sidecar serving", extra={k: v for k, v in ready.items() if k != "event"})
         return ready
 
-    def _start_notifications(self) -> None:
+    def _start_notifications(self) -> str:
+        """Start the notification endpoint (unless disabled); returns its URL or ``""``."""
         settings = self.settings
         if settings.notification_port is None:
-            return
-        from fl_sidecar.notifications import NotificationServer
+            return ""
+        from fl_sidecar.sidecar.notifications import NotificationServer
 
         on_event = self._event_handler()
         self.notifications = NotificationServer(
@@ -306,13 +306,14 @@ class SidecarServer:
             on_event=on_event,
         )
         self.notifications.start()
-        self.service.notification_url = self.notifications.url
+        url: str = self.notifications.url
+        return url
 
     def _event_handler(self) -> Callable[[ServerEvent], None]:
         runner: Any = None
         settings = self.settings
         if settings.compatibility_mode:
-            from fl_sidecar.scripts import ScriptRunner
+            from fl_sidecar.sidecar.scripts import ScriptRunner
 
             assert settings.script_path is not None  # compatibility mode sets all three
             runner = ScriptRunner(
@@ -323,7 +324,7 @@ class SidecarServer:
                 max_concurrent=settings.max_concurrent_scripts,
                 max_queued=settings.max_queued_scripts,
                 allowed_training_ids=settings.script_training_ids,
-                confirm_training=self._training_known,
+                confirm_training=self.transfers.training_known,
             )
             self.script_runner = runner
             if not runner.executor_found():
@@ -374,19 +375,7 @@ class SidecarServer:
 
         return on_event
 
-    def _training_known(self, training_id: str) -> bool:
-        """Whether the FL server answers for ``training_id`` (compatibility mode's check).
-
-        Raises:
-            ServerError: the server could not be asked (unavailable, bad credentials).
-        """
-        try:
-            self.client.get_training(training_id)
-        except (NotFoundError, PermissionDeniedError, ConflictError, RequestRejectedError):
-            return False
-        return True
-
-    def _start_grpc(self) -> None:
+    def _start_grpc(self, service: SidecarService) -> None:
         settings = self.settings
         workers = settings.max_concurrent_rpcs
         interceptors: List[Any] = []
@@ -403,7 +392,7 @@ class SidecarServer:
             ],
             maximum_concurrent_rpcs=workers,
         )
-        sidecar_pb2_grpc.add_SidecarServicer_to_server(self.service, server)
+        sidecar_pb2_grpc.add_SidecarServicer_to_server(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -457,21 +446,25 @@ class SidecarServer:
         settings = self.settings
         _log.info("draining", extra={"drain_seconds": settings.drain_seconds})
         self.health.enter_graceful_shutdown()
-        self.service.begin_drain()
+        service = self.service
+        if service is not None:
+            service.begin_drain()
+        else:
+            self.bus.close()  # start() failed before the servicer existed
         if self.notifications is not None:
             self.notifications.stop()
-        finished = self.service.wait_idle(settings.drain_seconds)
-        if not finished:
+        finished = service is None or service.wait_idle(settings.drain_seconds)
+        if service is not None and not finished:
             transfers = self.transfers.cancel_all(REASON_SHUTDOWN)
             _log.warning(
                 "cancelling calls still running after the drain",
-                extra={"left": self.service.active_calls(), "transfers": transfers},
+                extra={"left": service.active_calls(), "transfers": transfers},
             )
-            finished = self.service.wait_idle(_CANCEL_GRACE)
+            finished = service.wait_idle(_CANCEL_GRACE)
             if not finished:
                 _log.warning(
                     "calls still running after their cancellation; not waiting for them",
-                    extra={"left": self.service.active_calls()},
+                    extra={"left": service.active_calls()},
                 )
         if self.script_runner is not None:
             # After the drain, so a script's last upload could still finish.

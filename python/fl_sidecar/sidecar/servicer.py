@@ -1,88 +1,43 @@
-"""The gRPC servicer of ``fl_sidecar.v1.Sidecar``: converts messages, calls domain code.
+"""The gRPC servicer of ``fl_sidecar.v1.Sidecar``: converts messages, calls the transfer layer.
 
-It holds no transfer logic of its own (that is :mod:`fl_sidecar.transfers`,
-:mod:`fl_sidecar.server_api`, :mod:`fl_sidecar.codec` and
-:mod:`fl_sidecar.events`); it validates requests, turns messages into calls
-and results into messages, and maps domain errors to gRPC status codes as the
-proto's header comment documents (:func:`status_for`). Unexpected exceptions
-become INTERNAL and are logged with their traceback.
+It holds no transfer logic of its own and reaches the FL server only through
+:class:`~fl_sidecar.sidecar.transfers.TransferManager` (the codec and the event
+bus serve Pack, Unpack and WatchEvents); it validates requests, turns messages
+into calls and results into messages, and maps domain errors to gRPC status
+codes as the proto's header comment documents
+(:func:`~fl_sidecar.sidecar.status.status_for`). Unexpected exceptions become
+INTERNAL and are logged with their traceback.
 """
 
 from __future__ import annotations
 
-import errno
 import functools
-import importlib
 import json
 import logging
-import queue
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import (
-    Any,
-    Callable,
-    Dict,
-    Generator,
-    Iterator,
-    List,
-    Optional,
-    Sequence,
-    Tuple,
-    TypeVar,
-    Union,
-)
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, TypeVar, Union
 
 import grpc
 
 from fl_sidecar import __version__
-from fl_sidecar import uploads as upload_journal
-from fl_sidecar.cancel import REASON_TRAINER_GONE, Cancellation
-from fl_sidecar.errors import (
-    AuthenticationError,
-    CodecError,
-    ConfigurationError,
-    ConflictError,
-    CorruptDataError,
-    FlSidecarError,
-    MalformedNotificationError,
-    ModelError,
-    ModelFormatError,
-    ModelLimitExceededError,
-    ModelReadCancelledError,
-    NotFoundError,
-    PermissionDeniedError,
-    RequestRejectedError,
-    ServerError,
-    ServerUnavailableError,
-    SidecarError,
-    SizeLimitExceededError,
-    SpoolFullError,
-    TensorMismatchError,
-    TransferCancelledError,
-    UnsafePickleError,
-    UploadOutcomeUnknownError,
-)
-from fl_sidecar.events import EventBus
+from fl_sidecar.errors import SidecarError, SizeLimitExceededError, UploadOutcomeUnknownError
 from fl_sidecar.server_api import Credentials
-from fl_sidecar.telemetry import Metrics
-from fl_sidecar.transfers import (
-    DownloadCancelledError,
-    SpooledModel,
-    TransferManager,
-    is_sha256_hex,
-)
+from fl_sidecar.sidecar import uploads as upload_journal
+from fl_sidecar.sidecar.cancel import REASON_TRAINER_GONE, Cancellation
+from fl_sidecar.sidecar.codecstreams import codec_defaults, pack_stream, unpack_stream
+from fl_sidecar.sidecar.downloads import PHASE_CONVERTING, PHASE_FETCHING, DownloadProgress
+from fl_sidecar.sidecar.eventbus import EventBus
+from fl_sidecar.sidecar.status import error_trailers, status_for, upload_failure
+from fl_sidecar.sidecar.telemetry import Metrics
+from fl_sidecar.sidecar.transfers import SpooledModel, TransferManager, is_sha256_hex
 from fl_sidecar.v1 import sidecar_pb2 as pb
 from fl_sidecar.v1 import sidecar_pb2_grpc as pb_grpc
 from fl_sidecar.wire import (
     DEFAULT_CHUNK_SIZE,
-    ERROR_CLASS_KEY,
     FORMAT_SAFETENSORS,
-    HTTP_BODY_KEY,
-    HTTP_BODY_LIMIT,
-    HTTP_CONTENT_TYPE_KEY,
-    HTTP_STATUS_KEY,
     MAX_CHUNK_SIZE,
     MAX_MESSAGE_SIZE,
     UPLOAD_ID_METADATA_KEY,
@@ -109,65 +64,12 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Sidecar"].full_name
 
 _log = logging.getLogger(__name__)
 
-# Pack/Unpack output is gathered to at least this many bytes per message
-# (fewer, larger messages are cheaper) and cut at MAX_CHUNK_SIZE.
-_MIN_OUTPUT_MESSAGE = 1024 * 1024
-_MAX_PACK_CHUNK_SIZE = 8 * 1024 * 1024
-_PROGRESS_POLL = 0.25  # seconds between checks that the trainer is still there
 _EVENT_POLL = 1.0  # seconds
 # Calls the drain does not wait for: WatchEvents ends when the bus closes, GetInfo and
 # GetUpload are instant (and GetUpload is what a trainer asks while the sidecar stops).
 _NOT_DRAINED = frozenset({"WatchEvents", "GetInfo", "GetUpload"})
 
-# Most specific first: the first matching class decides.
-_STATUS_BY_ERROR: List[Tuple[type, grpc.StatusCode]] = [
-    (SizeLimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    # The codec raises it when zstd cannot allocate a frame's window: a limit, not damage.
-    (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (SpoolFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    # A model reader's budget (pickle opcodes, depth, walk steps...) is a limit too.
-    (ModelLimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ModelReadCancelledError, grpc.StatusCode.CANCELLED),
-    (CorruptDataError, grpc.StatusCode.DATA_LOSS),
-    (CodecError, grpc.StatusCode.DATA_LOSS),
-    (UnsafePickleError, grpc.StatusCode.FAILED_PRECONDITION),
-    (ModelFormatError, grpc.StatusCode.INVALID_ARGUMENT),
-    (TensorMismatchError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ModelError, grpc.StatusCode.INVALID_ARGUMENT),
-    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
-    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
-    (NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
-    (RequestRejectedError, grpc.StatusCode.INVALID_ARGUMENT),
-    (UploadOutcomeUnknownError, grpc.StatusCode.UNKNOWN),
-    (ServerUnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (ServerError, grpc.StatusCode.UNKNOWN),
-    (DownloadCancelledError, grpc.StatusCode.CANCELLED),
-    (ConfigurationError, grpc.StatusCode.INVALID_ARGUMENT),
-    (MalformedNotificationError, grpc.StatusCode.INVALID_ARGUMENT),
-]
-
-_DISK_FULL_ERRNOS = frozenset(
-    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG) if code
-)
-
 T = TypeVar("T")
-
-
-def status_for(exc: BaseException) -> grpc.StatusCode:
-    """The gRPC status code for a domain error, as the proto documents; INTERNAL otherwise."""
-    if isinstance(exc, SidecarError):
-        return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
-    if isinstance(exc, TransferCancelledError):
-        # Stopped by the shutdown: nothing arrived, and another sidecar (or this one
-        # restarted) can do it. Stopped because the trainer left: nobody listens.
-        return grpc.StatusCode.UNAVAILABLE if exc.shutting_down else grpc.StatusCode.CANCELLED
-    for error_class, code in _STATUS_BY_ERROR:
-        if isinstance(exc, error_class):
-            return code
-    if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
-        return grpc.StatusCode.RESOURCE_EXHAUSTED  # a full disk is no bug, wherever it shows
-    return grpc.StatusCode.INTERNAL
 
 
 def _invalid(message: str) -> SidecarError:
@@ -195,89 +97,12 @@ def _metrics_mapping(metrics: Any) -> Dict[str, MetricValue]:
         raise _invalid(str(exc)) from None
 
 
-# Room left for the status message (grpc-message) under the 8 KiB that gRPC
-# clients accept for trailing metadata by default.
-_TRAILER_BUDGET = 7 * 1024
-
-
-def _grpc_message_length(message: str) -> int:
-    """Bytes of ``message`` as grpc-message sends it (percent-encoding all but printable ASCII)."""
-    return sum(1 if 0x20 <= byte <= 0x7E and byte != 0x25 else 3 for byte in message.encode())
-
-
-def error_trailers(exc: BaseException, message: str) -> List[Tuple[str, Union[str, bytes]]]:
-    """The trailing metadata that tells a client what caused a failed call.
-
-    The error's class name for every domain error; for an FL server's refusal
-    also its HTTP status, Content-Type and body (UTF-8, cut to
-    :data:`~fl_sidecar.errors.HTTP_BODY_LIMIT` bytes and to what fits beside
-    ``message`` in the 8 KiB of metadata a client accepts by default). Nothing
-    for a bug (INTERNAL): its class says nothing a trainer can act on.
-    """
-    if not isinstance(exc, FlSidecarError):
-        return []
-    trailers: List[Tuple[str, Union[str, bytes]]] = [(ERROR_CLASS_KEY, type(exc).__name__)]
-    # A status the sidecar restated (an upload's outcome, say) still shows the
-    # server's answer that caused it.
-    if not isinstance(exc, ServerError) and isinstance(exc.__cause__, ServerError):
-        exc = exc.__cause__
-    if isinstance(exc, ServerError) and exc.status is not None:
-        trailers.append((HTTP_STATUS_KEY, str(int(exc.status))))
-        content_type = exc.content_type or ""
-        if content_type and content_type.isascii() and content_type.isprintable():
-            trailers.append((HTTP_CONTENT_TYPE_KEY, content_type[:200]))
-        if exc.body:
-            # Binary metadata is base64 on the wire (4 bytes per 3).
-            room = (_TRAILER_BUDGET - _grpc_message_length(message)) * 3 // 4
-            limit = max(0, min(HTTP_BODY_LIMIT, room))
-            # Cut on a character boundary, so the client decodes no broken character.
-            body = exc.body.encode("utf-8")[:limit].decode("utf-8", "ignore").encode("utf-8")
-            if body:
-                trailers.append((HTTP_BODY_KEY, body))
-    return trailers
-
-
 def _require_id(value: str, what: str) -> str:
     if not value:
         raise _invalid(f"{what} is required")
     if len(value) > 200 or any(c.isspace() or c in "/?#" for c in value):
         raise _invalid(f"{what} {value[:64]!r} is not a valid id")
     return value
-
-
-def _codec_module() -> Any:
-    return importlib.import_module("fl_sidecar.codec")
-
-
-def _split(data: bytes) -> Iterator[bytes]:
-    view = memoryview(data)
-    for start in range(0, len(view), MAX_CHUNK_SIZE):
-        yield bytes(view[start : start + MAX_CHUNK_SIZE])
-
-
-class _OutputBuffer:
-    """Gathers produced bytes into messages of 1-4 MiB."""
-
-    def __init__(self) -> None:
-        self._parts: List[bytes] = []
-        self._size = 0
-        self.total = 0
-
-    def add(self, data: bytes) -> Iterator[bytes]:
-        if not data:
-            return
-        self._parts.append(data)
-        self._size += len(data)
-        self.total += len(data)
-        if self._size >= _MIN_OUTPUT_MESSAGE:
-            yield from self.flush()
-
-    def flush(self) -> Iterator[bytes]:
-        if not self._parts:
-            return
-        joined = b"".join(self._parts)
-        self._parts, self._size = [], 0
-        yield from _split(joined)
 
 
 class _MergedTrailers:
@@ -444,20 +269,15 @@ class SidecarService(pb_grpc.SidecarServicer):
     @_unary
     def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> Any:
         """Facts about this sidecar; never credentials."""
-        try:
-            codec = _codec_module()
-            level, chunk_size = int(codec.DEFAULT_LEVEL), int(codec.DEFAULT_CHUNK_SIZE)
-        except ImportError:
-            level, chunk_size = 0, 0
-        client = self.transfers.client
-        coding = "identity" if client.compression == "never" else client.negotiated_coding
+        level, chunk_size = codec_defaults()
+        coding = self.transfers.request_coding()
         return pb.GetInfoResponse(
             version=__version__,
             codec="zstd-seekable",
             codec_level=level,
             codec_chunk_size=chunk_size,
             server_url=self.server_url,
-            negotiated_coding=coding or "",
+            negotiated_coding=coding,
             notification_url=self.notification_url,
             max_message_size=MAX_MESSAGE_SIZE,
             trusts_pickles=self.trust_pickles,
@@ -476,39 +296,19 @@ class SidecarService(pb_grpc.SidecarServicer):
             raise _invalid(f"chunk_size {chunk_size} exceeds the maximum of {MAX_CHUNK_SIZE} bytes")
         credentials = _credentials(request.credentials)
 
-        updates: queue.Queue[Tuple[str, Any]] = queue.Queue()
-        cancel = Cancellation()
-        handoff = threading.Lock()
+        handoff = self.transfers.start_download(model_id, fmt, credentials=credentials)
         # The trainer cancelled or disconnected: the HTTP download, vetting and
         # conversion stop (the worker thread's spool files go with them).
-        context.add_callback(functools.partial(cancel.cancel, REASON_TRAINER_GONE))
-
-        def fetch() -> None:
-            try:
-                model = self.transfers.download(
-                    model_id,
-                    fmt,
-                    credentials=credentials,
-                    progress=lambda done, total: updates.put(("progress", (done, total))),
-                    on_converting=lambda: updates.put(("converting", None)),
-                    cancel=cancel,
-                )
-            except BaseException as exc:
-                updates.put(("error", exc))
-            else:
-                # Under the lock: either the reader still takes the model, or
-                # it is gone and the model is deleted here; never neither.
-                with handoff:
-                    if cancel.is_set():
-                        model.discard()
-                    else:
-                        updates.put(("done", model))
-
-        worker = threading.Thread(target=fetch, name="fl-sidecar-download", daemon=True)
-        worker.start()
-        model: Optional[SpooledModel] = None
+        context.add_callback(handoff.trainer_gone)
         try:
-            model = yield from self._await_download(updates, context)
+            fetching = handoff.progress(context.is_active)
+            while True:
+                try:
+                    update = next(fetching)
+                except StopIteration as done:
+                    model: SpooledModel = done.value
+                    break
+                yield pb.DownloadModelResponse(progress=_progress_message(update))
             yield pb.DownloadModelResponse(
                 info=pb.ModelInfo(
                     model_id=model_id,
@@ -538,47 +338,7 @@ class SidecarService(pb_grpc.SidecarServicer):
                 },
             )
         finally:
-            with handoff:
-                cancel.cancel(REASON_TRAINER_GONE)
-            if model is not None:
-                model.discard()
-            _discard_unclaimed(updates)
-
-    def _await_download(
-        self, updates: queue.Queue[Tuple[str, Any]], context: grpc.ServicerContext
-    ) -> Generator[pb.DownloadModelResponse, None, SpooledModel]:
-        # A generator that yields progress messages and returns the spooled model.
-        while True:
-            try:
-                kind, value = updates.get(timeout=_PROGRESS_POLL)
-            except queue.Empty:
-                if not context.is_active():
-                    raise DownloadCancelledError("the trainer cancelled the download") from None
-                continue
-            latest_progress = None
-            # Coalesce progress: only the newest count is worth a message.
-            while kind == "progress":
-                latest_progress = value
-                try:
-                    kind, value = updates.get_nowait()
-                except queue.Empty:
-                    kind = ""
-            if latest_progress is not None:
-                done, total = latest_progress
-                yield pb.DownloadModelResponse(
-                    progress=pb.Progress(
-                        phase=pb.Progress.PHASE_FETCHING, done=done, total=total or 0
-                    )
-                )
-            if kind == "converting":
-                yield pb.DownloadModelResponse(
-                    progress=pb.Progress(phase=pb.Progress.PHASE_CONVERTING)
-                )
-            elif kind == "error":
-                raise value
-            elif kind == "done":
-                spooled: SpooledModel = value
-                return spooled
+            handoff.close()
 
     @_unary
     def UploadModel(self, request_iterator: Iterator[pb.UploadModelRequest], context: Any) -> Any:
@@ -641,7 +401,7 @@ class SidecarService(pb_grpc.SidecarServicer):
             elif isinstance(exc, UploadOutcomeUnknownError):
                 state = upload_journal.UNKNOWN
             _set_upload_trailer(context, upload_id, state)
-            failure = _upload_failure(exc, upload_id, state)
+            failure = upload_failure(exc, upload_id, state)
             if failure is exc:
                 raise
             raise failure from exc
@@ -742,7 +502,7 @@ class SidecarService(pb_grpc.SidecarServicer):
         metrics = _metrics_mapping(request.metrics)
         if not metrics:
             raise _invalid("UploadMetrics needs at least one metric")
-        result = self.transfers.client.upload_metrics(
+        result = self.transfers.upload_metrics(
             model_id,
             metrics,
             owner=request.owner or None,
@@ -755,7 +515,7 @@ class SidecarService(pb_grpc.SidecarServicer):
         """The training's state as the FL server reports it."""
         self._check_open()
         training_id = _require_id(request.training_id, "training_id")
-        answer = self.transfers.client.get_training(
+        answer = self.transfers.get_training(
             training_id, credentials=_credentials(request.credentials)
         )
         return pb.GetTrainingResponse(
@@ -768,43 +528,7 @@ class SidecarService(pb_grpc.SidecarServicer):
     ) -> Iterator[pb.PackResponse]:
         """Pack the streamed bytes; emit packed bytes as they are produced, then a summary."""
         self._check_open()
-        codec = _codec_module()
-        level, chunk_size = int(codec.DEFAULT_LEVEL), int(codec.DEFAULT_CHUNK_SIZE)
-        packer: Any = None
-        raw = 0
-        output = _OutputBuffer()
-        for index, message in enumerate(_requests(request_iterator)):
-            kind = message.WhichOneof("kind")
-            if kind == "options":
-                if index != 0:
-                    raise _invalid("Pack options must be the first message")
-                if message.options.level:
-                    level = message.options.level
-                if message.options.chunk_size:
-                    chunk_size = message.options.chunk_size
-                if chunk_size > _MAX_PACK_CHUNK_SIZE:
-                    raise _invalid(
-                        f"chunk_size {chunk_size} exceeds the maximum of "
-                        f"{_MAX_PACK_CHUNK_SIZE} bytes"
-                    )
-                continue
-            if kind != "chunk":
-                continue
-            if packer is None:
-                packer = _new_packer(codec, level, chunk_size)
-            raw += len(message.chunk)
-            for block in output.add(packer.write(message.chunk)):
-                yield pb.PackResponse(chunk=block)
-        if packer is None:
-            packer = _new_packer(codec, level, chunk_size)
-        for block in output.add(packer.finish()):
-            yield pb.PackResponse(chunk=block)
-        for block in output.flush():
-            yield pb.PackResponse(chunk=block)
-        stats = packer.stats
-        yield pb.PackResponse(
-            summary=pb.PackSummary(raw_bytes=raw, packed_bytes=output.total, frames=stats.frames)
-        )
+        yield from pack_stream(_requests(request_iterator))
 
     @_streaming
     def Unpack(
@@ -812,36 +536,7 @@ class SidecarService(pb_grpc.SidecarServicer):
     ) -> Iterator[pb.UnpackResponse]:
         """Unpack any zstd stream; emit the original bytes as they are produced, then a summary."""
         self._check_open()
-        limit = self.max_unpack_size
-        unpacker: Any = None
-        packed = 0
-        output = _OutputBuffer()
-        for index, message in enumerate(_requests(request_iterator)):
-            kind = message.WhichOneof("kind")
-            if kind == "options":
-                if index != 0:
-                    raise _invalid("Unpack options must be the first message")
-                if message.options.max_output_size:
-                    # The sidecar's --max-model-size is the ceiling: a trainer may only
-                    # ask for less, never lift it.
-                    limit = min(limit, message.options.max_output_size)
-                continue
-            if kind != "chunk":
-                continue
-            if unpacker is None:
-                unpacker = _bounded_unpacker(limit)
-            packed += len(message.chunk)
-            for produced in unpacker.write_iter(message.chunk):
-                for block in output.add(produced):
-                    yield pb.UnpackResponse(chunk=block)
-        if unpacker is None:
-            unpacker = _bounded_unpacker(limit)
-        unpacker.finish()
-        for block in output.flush():
-            yield pb.UnpackResponse(chunk=block)
-        yield pb.UnpackResponse(
-            summary=pb.UnpackSummary(packed_bytes=packed, raw_bytes=output.total)
-        )
+        yield from unpack_stream(_requests(request_iterator), self.max_unpack_size)
 
     @_streaming
     def WatchEvents(
@@ -878,62 +573,10 @@ class SidecarService(pb_grpc.SidecarServicer):
             subscription.close()
 
 
-_UNPACK_PIECE = 4 * 1024 * 1024
-"""Most bytes one Unpack decoding step may produce (bytes).
-
-A decompression bomb turns a few bytes into gigabytes (zstd RLE blocks reach
-about 32000:1), even hidden behind ordinary data; the codec's bounded decoder
-stops at this many bytes per step and decodes on only as the stream is read,
-so one Unpack call holds about one piece, one frame window and one message.
-"""
-
-
-def _bounded_unpacker(limit: int) -> Any:
-    """A streaming decoder that refuses more than ``limit`` bytes in all, 4 MiB per step."""
-    return _codec_module().Unpacker(max_output_size=limit, max_piece_size=_UNPACK_PIECE)
-
-
 def _set_upload_trailer(context: Any, upload_id: str, state: str) -> None:
     context.set_trailing_metadata(
         ((UPLOAD_ID_METADATA_KEY, upload_id), (UPLOAD_STATE_METADATA_KEY, state))
     )
-
-
-def _upload_failure(exc: Exception, upload_id: str, state: str) -> Exception:
-    """The error the trainer gets for a failed upload, true to what reached the server.
-
-    "Retry" (UNAVAILABLE) only ever goes with ``not_sent``; whenever the whole
-    request may have reached the server, the code is UNKNOWN.
-    """
-    if state == upload_journal.UNKNOWN and status_for(exc) != grpc.StatusCode.UNKNOWN:
-        return SidecarError(
-            f"{exc} (upload {upload_id}: the whole request was sent and no answer came, so the "
-            "FL server may have it; do not resend it blindly: ask GetUpload / GetTraining)",
-            code="UNKNOWN",
-        )
-    if state == upload_journal.UNKNOWN:
-        return SidecarError(f"{exc} (upload {upload_id}; ask GetUpload)", code="UNKNOWN")
-    code = status_for(exc)
-    if state != upload_journal.NOT_SENT and code == grpc.StatusCode.UNAVAILABLE:
-        code = grpc.StatusCode.UNKNOWN  # never "retry" for what may have arrived
-    if state == upload_journal.NOT_SENT and isinstance(exc, TransferCancelledError):
-        return SidecarError(
-            f"{exc} (upload {upload_id}: it did not arrive; safe to send again)", code=code.name
-        )
-    if code == status_for(exc):
-        return exc
-    return SidecarError(str(exc), code=code.name)
-
-
-def _discard_unclaimed(updates: queue.Queue[Tuple[str, Any]]) -> None:
-    # A model the worker finished after the reader stopped waiting for it.
-    while True:
-        try:
-            kind, value = updates.get_nowait()
-        except queue.Empty:
-            return
-        if kind == "done":
-            value.discard()
 
 
 def _requests(request_iterator: Iterator[T]) -> Iterator[T]:
@@ -948,8 +591,11 @@ def _requests(request_iterator: Iterator[T]) -> Iterator[T]:
         yield message
 
 
-def _new_packer(codec: Any, level: int, chunk_size: int) -> Any:
-    try:
-        return codec.Packer(level=level, chunk_size=chunk_size)
-    except (ValueError, TypeError) as exc:
-        raise _invalid(f"invalid pack options: {exc}") from None
+_PHASES = {
+    PHASE_FETCHING: pb.Progress.PHASE_FETCHING,
+    PHASE_CONVERTING: pb.Progress.PHASE_CONVERTING,
+}
+
+
+def _progress_message(update: DownloadProgress) -> pb.Progress:
+    return pb.Progress(phase=_PHASES[update.phase], done=update.done, total=update.total)
