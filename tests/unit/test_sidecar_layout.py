@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 from pathlib import Path
 from typing import Dict, List, Set
 
@@ -104,3 +105,11 @@ def test_the_event_bus_is_still_importable_from_events() -> None:
         assert getattr(events, name) is getattr(eventbus, name), name
     with pytest.raises(AttributeError):
         events.NoSuchName  # noqa: B018
+
+
+def test_the_docs_name_every_module_of_the_sidecar_package() -> None:
+    docs = (ROOT / "docs" / "sidecar.md").read_text()
+    section = docs.split("## Where the code lives", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(\w+)` \|", section, flags=re.MULTILINE))
+    modules = {p.stem for p in (PACKAGE / "sidecar").glob("*.py")} - {"__init__"}
+    assert listed == modules

@@ -10,7 +10,8 @@
 - :mod:`~fl_sidecar.sidecar.notifications`: the endpoint the FL server POSTs to,
   :mod:`~fl_sidecar.sidecar.eventbus`: the numbered events with replay and resume,
   :mod:`~fl_sidecar.sidecar.scripts`: compatibility mode (a training script per round);
-- :mod:`~fl_sidecar.sidecar.settings`: the settings table, flags and environment;
+- :mod:`~fl_sidecar.sidecar.settings`: the settings table, flags and environment (the
+  parsers of their values: :mod:`~fl_sidecar.sidecar.values`);
   :mod:`~fl_sidecar.sidecar.socketdir`: who may own the unix socket and its directories;
   :mod:`~fl_sidecar.sidecar.telemetry`: Prometheus metrics and structured logs.
 

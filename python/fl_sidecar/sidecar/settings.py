@@ -3,6 +3,11 @@
 This is the only module of the package that reads ``os.environ``. Every other
 class takes its settings as constructor arguments.
 
+Each setting is declared once, as an entry of :data:`SETTINGS` (its flag,
+variables, parser, default and help); :func:`add_arguments` makes the flags
+from it, :meth:`Settings.from_args` the lookup and the typed :class:`Settings`,
+and :func:`_validate` holds the rules between settings.
+
 Precedence, per setting: the command-line flag, then the environment
 variable, then the default. Secrets (the FL server password or token, a full
 ``Authorization`` header, the sidecar's API token) may also come from a file
@@ -25,15 +30,28 @@ on, what is not set takes the reference client's defaults: executor
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from urllib.parse import urlsplit
 
 from fl_sidecar.errors import ConfigurationError
+from fl_sidecar.sidecar.values import (
+    choice,
+    is_loopback_host,
+    non_negative_float,
+    non_negative_int,
+    parse_bool,
+    parse_listen,
+    parse_port,
+    parse_server_url,
+    parse_size,
+    parse_training_ids,
+    positive_float,
+    positive_int,
+    strip_userinfo,
+)
 
 __all__ = [
     "DEFAULT_DRAIN_SECONDS",
@@ -47,11 +65,15 @@ __all__ = [
     "DEFAULT_SCRIPT_WORKING_DIRECTORY",
     "DEFAULT_SERVER_URL",
     "REFERENCE_CLIENT_DEFAULTS",
+    "SETTINGS",
+    "Setting",
     "Settings",
     "add_arguments",
     "default_socket_path",
     "is_loopback_host",
+    "parse_bool",
     "parse_listen",
+    "parse_port",
     "parse_size",
     "reference_client_environment",
     "strip_userinfo",
@@ -102,24 +124,6 @@ DEFAULT_MAX_CONCURRENT_RPCS = 64
 # Unix socket paths longer than this do not fit sockaddr_un.sun_path (108 bytes with the NUL).
 _MAX_SOCKET_PATH = 107
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
-_SIZE_UNITS: Dict[str, int] = {
-    "": 1,
-    "B": 1,
-    "K": 1024,
-    "KB": 1000,
-    "KIB": 1024,
-    "M": 1024**2,
-    "MB": 1000**2,
-    "MIB": 1024**2,
-    "G": 1024**3,
-    "GB": 1000**3,
-    "GIB": 1024**3,
-    "T": 1024**4,
-    "TB": 1000**4,
-    "TIB": 1024**4,
-}
 # Environment variables holding the FL server's credentials: never passed on to a training script.
 _SERVER_SECRET_VARIABLES = frozenset(
     {
@@ -134,50 +138,524 @@ _SERVER_SECRET_VARIABLES = frozenset(
 )
 # Environment variables holding the FL server's URL: passed on without their userinfo.
 _SERVER_URL_VARIABLES = ("FL_SIDECAR_SERVER_URL", "FL_DEMONSTRATOR_BASE_URL")
-_SIZE_PATTERN = re.compile(r"\s*(\d+)\s*([A-Za-z]*)\s*\Z")
 
-T = TypeVar("T")
+
+def default_socket_path(environ: Mapping[str, str]) -> str:
+    """The default unix socket: ``$XDG_RUNTIME_DIR/fl-sidecar/sidecar.sock``, else under /tmp.
+
+    The /tmp fallback is a per-user directory (``/tmp/fl-sidecar-<uid>``) that
+    the server creates with mode 0700; one that another user made first is
+    refused, never used.
+    """
+    runtime_dir = environ.get("XDG_RUNTIME_DIR")
+    if runtime_dir:
+        return os.path.join(runtime_dir, "fl-sidecar", "sidecar.sock")
+    return os.path.join("/tmp", f"fl-sidecar-{os.getuid()}", "sidecar.sock")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of ``fl-sidecar serve``: its flag, environment variables, parser, default.
+
+    Attributes:
+        flag: the command-line flag, e.g. ``"--spool-dir"``; its argparse dest is
+            the flag's name with ``_`` for ``-``.
+        env: the environment variables read, in order (the first set one wins).
+        field: the :class:`Settings` attribute it fills (``None``: it only steers
+            others, e.g. ``--no-notifications``).
+        help: what it does, for ``--help`` (the ``[VARIABLE; default ...]`` part is added).
+        group: the ``--help`` section.
+        parse: turns the text of a flag or variable into the value (raises
+            ``ValueError`` or ``ConfigurationError`` for a bad one).
+        what: what the value is, for error messages ("port", "size"...).
+        default: the value when neither flag nor variable is set.
+        default_text: the default as ``--help`` and the docs say it (``None``: ``str(default)``,
+            or no default shown when ``default`` is ``None``).
+        metavar: the flag's value name in ``--help``; ``None`` for a switch.
+        switch: a flag without a value (``--allow-remote``); its variable is a boolean.
+        choices: the accepted values, checked by argparse for the flag and by ``parse``.
+        typed_flag: argparse applies ``parse`` to the flag (a bad value exits with usage).
+        secret_file: also ``<flag>-file PATH`` and ``<VARIABLE>_FILE``: read the value
+            from a file (the file wins over the variable, the flag over both).
+        deprecated_env: older names still read, after ``env``, with a warning.
+        env_note: said after the variables in ``--help``, e.g. "(sic)".
+        applies_default: ``False`` when the cross-field check decides the value of
+            an unset setting (e.g. the script settings outside compatibility mode).
+    """
+
+    flag: str
+    env: Tuple[str, ...]
+    field: Optional[str]
+    help: str
+    group: str
+    parse: Callable[[str], Any] = str
+    what: str = "value"
+    default: Any = None
+    default_text: Optional[str] = None
+    metavar: Optional[str] = None
+    switch: bool = False
+    choices: Optional[Tuple[str, ...]] = None
+    typed_flag: bool = False
+    secret_file: bool = False
+    deprecated_env: Tuple[str, ...] = ()
+    env_note: str = ""
+    applies_default: bool = True
+
+    @property
+    def dest(self) -> str:
+        """The argparse attribute of the flag."""
+        return self.flag[2:].replace("-", "_")
+
+    @property
+    def file_flag(self) -> str:
+        """``<flag>-file`` (only meaningful with ``secret_file``)."""
+        return f"{self.flag}-file"
+
+    def help_text(self) -> str:
+        """The ``--help`` line: what it does, then ``[VARIABLE...; default ...]``."""
+        names = ", then ".join(self.env)
+        if self.env_note:
+            names = f"{names} {self.env_note}"
+        if self.deprecated_env:
+            names += ", or the deprecated " + ", ".join(self.deprecated_env)
+        shown = self.shown_default()
+        return f"{self.help} [{names}; default {shown}]" if shown else f"{self.help} [{names}]"
+
+    def shown_default(self) -> Optional[str]:
+        """The default as ``--help`` and docs/sidecar.md state it; ``None`` when there is none."""
+        if self.default_text is not None:
+            return self.default_text
+        if self.default is None or self.switch:
+            return None
+        if isinstance(self.default, float):
+            return f"{self.default:g}"
+        return str(self.default)
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LISTENING = "listening"
+_FL_SERVER = "FL server"
+_NOTIFICATIONS = "notifications and compatibility mode"
+_DATA = "models and data"
+_OPERATIONS = "operations"
+
+SETTINGS: Tuple[Setting, ...] = (
+    Setting(
+        "--socket",
+        ("FL_SIDECAR_SOCKET",),
+        "socket_path",
+        "unix socket to serve gRPC on, created with mode 0600",
+        _LISTENING,
+        metavar="PATH",
+        default_text="$XDG_RUNTIME_DIR/fl-sidecar/sidecar.sock or "
+        "/tmp/fl-sidecar-UID/sidecar.sock when --listen is not given",
+        applies_default=False,
+    ),
+    Setting(
+        "--trust-socket-parent",
+        ("FL_SIDECAR_TRUST_SOCKET_PARENT",),
+        "trust_socket_parent",
+        "serve even if a directory above the socket's directory is writable by others "
+        "without the sticky bit, e.g. a Kubernetes emptyDir that only the pod's containers "
+        "mount; the socket's own directory must still be private",
+        _LISTENING,
+        parse=parse_bool,
+        what="boolean",
+        default=False,
+        switch=True,
+    ),
+    Setting(
+        "--listen",
+        ("FL_SIDECAR_LISTEN",),
+        "listen",
+        "also (or only) serve gRPC on TCP, e.g. 127.0.0.1:50051; port 0 picks a free port",
+        _LISTENING,
+        parse=parse_listen,
+        what="listen address",
+        metavar="HOST:PORT",
+    ),
+    Setting(
+        "--allow-remote",
+        ("FL_SIDECAR_ALLOW_REMOTE",),
+        "allow_remote",
+        "allow non-loopback addresses for --listen, the notification endpoint and metrics",
+        _LISTENING,
+        parse=parse_bool,
+        what="boolean",
+        default=False,
+        switch=True,
+    ),
+    Setting(
+        "--api-token",
+        ("FL_SIDECAR_API_TOKEN",),
+        "api_token",
+        "require the gRPC metadata x-fl-sidecar-token: TOKEN on every call",
+        _LISTENING,
+        metavar="TOKEN",
+        secret_file=True,
+    ),
+    Setting(
+        "--max-concurrent-rpcs",
+        ("FL_SIDECAR_MAX_CONCURRENT_RPCS",),
+        "max_concurrent_rpcs",
+        "concurrent calls; each holds a worker thread, a WatchEvents stream for its whole "
+        "life; more are refused with RESOURCE_EXHAUSTED",
+        _LISTENING,
+        parse=positive_int,
+        what="count",
+        default=DEFAULT_MAX_CONCURRENT_RPCS,
+        metavar="N",
+        typed_flag=True,
+    ),
+    Setting(
+        "--ready-file",
+        ("FL_SIDECAR_READY_FILE",),
+        "ready_file",
+        "write a JSON line with the actual addresses and ports here once serving",
+        _LISTENING,
+        metavar="PATH",
+    ),
+    Setting(
+        "--server-url",
+        ("FL_SIDECAR_SERVER_URL", "FL_DEMONSTRATOR_BASE_URL"),
+        "server_url",
+        "the FL server's base URL",
+        _FL_SERVER,
+        parse=parse_server_url,
+        what="FL server URL",
+        default=DEFAULT_SERVER_URL,
+        metavar="URL",
+    ),
+    Setting(
+        "--username",
+        ("FL_SIDECAR_USERNAME",),
+        "username",
+        "FL server user (Basic auth)",
+        _FL_SERVER,
+        metavar="USERNAME",
+    ),
+    Setting(
+        "--password",
+        ("FL_SIDECAR_PASSWORD",),
+        "password",
+        "FL server password; prefer --password-file",
+        _FL_SERVER,
+        metavar="PASSWORD",
+        secret_file=True,
+    ),
+    Setting(
+        "--token",
+        ("FL_SIDECAR_TOKEN",),
+        "server_token",
+        "FL server API token, sent as 'Authorization: Token ...'; preferred over Basic",
+        _FL_SERVER,
+        metavar="TOKEN",
+        secret_file=True,
+    ),
+    Setting(
+        "--authorization",
+        ("FL_SIDECAR_AUTHORIZATION",),
+        "authorization",
+        "a complete HTTP Authorization header value",
+        _FL_SERVER,
+        metavar="HEADER",
+        secret_file=True,
+    ),
+    Setting(
+        "--compression",
+        ("FL_SIDECAR_COMPRESSION",),
+        "compression",
+        "zstd for uploads: auto negotiates with the server; never also stops downloads "
+        "from being offered zstd",
+        _FL_SERVER,
+        parse=choice(("auto", "never", "always"), str.lower),
+        what="compression",
+        default="auto",
+        metavar="{auto,never,always}",
+        choices=("auto", "never", "always"),
+    ),
+    Setting(
+        "--http-timeout",
+        ("FL_SIDECAR_HTTP_TIMEOUT",),
+        "http_timeout",
+        "seconds to wait for each read of an FL server answer (between bytes; connecting "
+        "has its own 5 s limit)",
+        _FL_SERVER,
+        parse=positive_float,
+        what="seconds",
+        default=60.0,
+        metavar="SECONDS",
+        typed_flag=True,
+    ),
+    Setting(
+        "--http-retries",
+        ("FL_SIDECAR_HTTP_RETRIES",),
+        "http_retries",
+        "retries of idempotent requests",
+        _FL_SERVER,
+        parse=non_negative_int,
+        what="count",
+        default=3,
+        metavar="N",
+        typed_flag=True,
+    ),
+    Setting(
+        "--notification-host",
+        ("FL_CLIENT_SERVER_HOST",),
+        "notification_host",
+        "address of the endpoint the FL server POSTs notifications to",
+        _NOTIFICATIONS,
+        default="127.0.0.1",
+        default_text="127.0.0.1, loopback unlike the reference client",
+        metavar="HOST",
+    ),
+    Setting(
+        "--notification-port",
+        ("FL_CLIENT_SERVER_PORT",),
+        "notification_port",
+        "its port; 0 picks a free one",
+        _NOTIFICATIONS,
+        parse=parse_port,
+        what="port",
+        default=DEFAULT_NOTIFICATION_PORT,
+        metavar="PORT",
+        typed_flag=True,
+    ),
+    Setting(
+        "--no-notifications",
+        ("FL_SIDECAR_NO_NOTIFICATIONS",),
+        None,
+        "do not start the notification endpoint",
+        _NOTIFICATIONS,
+        parse=parse_bool,
+        what="boolean",
+        default=False,
+        switch=True,
+    ),
+    Setting(
+        "--run-scripts",
+        ("FL_SIDECAR_RUN_SCRIPTS",),
+        None,
+        "compatibility mode: start the training script for each round and test "
+        "notification, like the reference client; also on when any --script-* flag or "
+        "reference script variable is set, off with FL_SIDECAR_RUN_SCRIPTS=0",
+        _NOTIFICATIONS,
+        parse=parse_bool,
+        what="boolean",
+        switch=True,
+    ),
+    Setting(
+        "--script-executor",
+        (_SCRIPT_EXECUTOR_VARIABLE,),
+        "script_executor",
+        "compatibility mode: the program that runs the training script",
+        _NOTIFICATIONS,
+        default=DEFAULT_SCRIPT_EXECUTOR,
+        metavar="PROGRAM",
+        applies_default=False,
+    ),
+    Setting(
+        "--script-path",
+        (_SCRIPT_PATH_VARIABLE,),
+        "script_path",
+        "compatibility mode: the training script, started with train|test --training-id "
+        "--round --model-id per event",
+        _NOTIFICATIONS,
+        default=DEFAULT_SCRIPT_PATH,
+        metavar="PATH",
+        applies_default=False,
+    ),
+    Setting(
+        "--script-working-directory",
+        (_WORKING_DIRECTORY_VARIABLE,),
+        "script_working_directory",
+        "compatibility mode: its working directory",
+        _NOTIFICATIONS,
+        default=DEFAULT_SCRIPT_WORKING_DIRECTORY,
+        default_text="the current directory",
+        metavar="DIR",
+        deprecated_env=(_DEPRECATED_WORKING_DIRECTORY_VARIABLE,),
+        env_note="(sic)",
+        applies_default=False,
+    ),
+    Setting(
+        "--max-concurrent-scripts",
+        ("FL_SIDECAR_MAX_CONCURRENT_SCRIPTS",),
+        "max_concurrent_scripts",
+        "compatibility mode: training scripts running at once",
+        _NOTIFICATIONS,
+        parse=positive_int,
+        what="count",
+        default=DEFAULT_MAX_CONCURRENT_SCRIPTS,
+        metavar="N",
+        typed_flag=True,
+    ),
+    Setting(
+        "--max-queued-scripts",
+        ("FL_SIDECAR_MAX_QUEUED_SCRIPTS",),
+        "max_queued_scripts",
+        "compatibility mode: script runs waiting at most; more are dropped and logged",
+        _NOTIFICATIONS,
+        parse=positive_int,
+        what="count",
+        default=DEFAULT_MAX_QUEUED_SCRIPTS,
+        metavar="N",
+        typed_flag=True,
+    ),
+    Setting(
+        "--script-training-ids",
+        ("FL_SIDECAR_SCRIPT_TRAINING_IDS",),
+        "script_training_ids",
+        "compatibility mode: run scripts only for these trainings; unset: only for "
+        "trainings the FL server confirms",
+        _NOTIFICATIONS,
+        parse=parse_training_ids,
+        what="training id list",
+        metavar="ID[,ID...]",
+    ),
+    Setting(
+        "--spool-dir",
+        ("FL_SIDECAR_SPOOL_DIR",),
+        "spool_dir",
+        "where models in transit are spooled",
+        _DATA,
+        default_text="the system temp dir",
+        metavar="DIR",
+    ),
+    Setting(
+        "--max-model-size",
+        ("FL_SIDECAR_MAX_MODEL_SIZE",),
+        "max_model_size",
+        "largest model accepted for upload and output of Unpack, e.g. 4G",
+        _DATA,
+        parse=parse_size,
+        what="size",
+        default=DEFAULT_MAX_MODEL_SIZE,
+        default_text="4G",
+        metavar="SIZE",
+    ),
+    Setting(
+        "--trust-pickles",
+        ("FL_SIDECAR_TRUST_PICKLES",),
+        "trust_pickles",
+        "pass TORCH downloads through without vetting them with the restricted reader",
+        _DATA,
+        parse=parse_bool,
+        what="boolean",
+        default=False,
+        switch=True,
+    ),
+    Setting(
+        "--metrics-port",
+        ("FL_SIDECAR_METRICS_PORT",),
+        "metrics_port",
+        "serve Prometheus metrics on this port, 0 = any free one; off when unset",
+        _OPERATIONS,
+        parse=parse_port,
+        what="port",
+        metavar="PORT",
+        typed_flag=True,
+    ),
+    Setting(
+        "--metrics-host",
+        ("FL_SIDECAR_METRICS_HOST",),
+        "metrics_host",
+        "address of the metrics endpoint",
+        _OPERATIONS,
+        default="127.0.0.1",
+        metavar="HOST",
+    ),
+    Setting(
+        "--log-level",
+        ("FL_SIDECAR_LOG_LEVEL",),
+        "log_level",
+        "DEBUG, INFO, WARNING or ERROR",
+        _OPERATIONS,
+        parse=choice(_LOG_LEVELS, str.upper),
+        what="log level",
+        default="INFO",
+        metavar="LEVEL",
+    ),
+    Setting(
+        "--log-format",
+        ("FL_SIDECAR_LOG_FORMAT",),
+        "log_format",
+        "key=value text or JSON lines on stderr",
+        _OPERATIONS,
+        parse=choice(("text", "json"), str.lower),
+        what="log format",
+        default="text",
+        metavar="{text,json}",
+        choices=("text", "json"),
+    ),
+    Setting(
+        "--drain-seconds",
+        ("FL_SIDECAR_DRAIN_SECONDS",),
+        "drain_seconds",
+        "on SIGTERM/SIGINT, how long in-flight transfers may finish before they are cancelled",
+        _OPERATIONS,
+        parse=non_negative_float,
+        what="seconds",
+        default=DEFAULT_DRAIN_SECONDS,
+        metavar="SECONDS",
+        typed_flag=True,
+    ),
+)
+"""Every setting of ``fl-sidecar serve``, declared once: flags, variables, parsers, defaults.
+
+:func:`add_arguments`, :meth:`Settings.from_args` and docs/sidecar.md's table
+follow it (a test checks the docs and ``--help``).
+"""
+
+_BY_FIELD: Dict[str, Setting] = {s.field: s for s in SETTINGS if s.field is not None}
+
+
+def _default(field_name: str) -> Any:
+    return _BY_FIELD[field_name].default
 
 
 @dataclass(frozen=True)
 class Settings:
     """Everything ``fl-sidecar serve`` needs to know, resolved and validated.
 
+    Each field is one entry of :data:`SETTINGS` (its default comes from there),
+    except ``script_env`` and ``warnings``, which the resolution derives.
     Secret fields are excluded from ``repr`` so that logging a ``Settings``
     never leaks them. Sizes are bytes, durations seconds.
     """
 
-    socket_path: Optional[str] = None
-    trust_socket_parent: bool = False
-    listen: Optional[Tuple[str, int]] = None
-    allow_remote: bool = False
-    api_token: Optional[str] = field(default=None, repr=False)
-    server_url: str = DEFAULT_SERVER_URL
-    username: Optional[str] = None
-    password: Optional[str] = field(default=None, repr=False)
-    server_token: Optional[str] = field(default=None, repr=False)
-    authorization: Optional[str] = field(default=None, repr=False)
-    notification_host: str = "127.0.0.1"
-    notification_port: Optional[int] = DEFAULT_NOTIFICATION_PORT
+    socket_path: Optional[str] = _default("socket_path")
+    trust_socket_parent: bool = _default("trust_socket_parent")
+    listen: Optional[Tuple[str, int]] = _default("listen")
+    allow_remote: bool = _default("allow_remote")
+    api_token: Optional[str] = field(default=_default("api_token"), repr=False)
+    server_url: str = _default("server_url")
+    username: Optional[str] = _default("username")
+    password: Optional[str] = field(default=_default("password"), repr=False)
+    server_token: Optional[str] = field(default=_default("server_token"), repr=False)
+    authorization: Optional[str] = field(default=_default("authorization"), repr=False)
+    notification_host: str = _default("notification_host")
+    notification_port: Optional[int] = _default("notification_port")
+    # Compatibility mode's three: None when it is off (their defaults apply when on).
     script_executor: Optional[str] = None
     script_path: Optional[str] = None
     script_working_directory: Optional[str] = None
-    max_concurrent_scripts: int = DEFAULT_MAX_CONCURRENT_SCRIPTS
-    max_queued_scripts: int = DEFAULT_MAX_QUEUED_SCRIPTS
-    script_training_ids: Optional[Tuple[str, ...]] = None
-    metrics_host: str = "127.0.0.1"
-    metrics_port: Optional[int] = None
-    spool_dir: Optional[str] = None
-    max_model_size: int = DEFAULT_MAX_MODEL_SIZE
-    trust_pickles: bool = False
-    compression: str = "auto"
-    http_timeout: float = 60.0
-    http_retries: int = 3
-    log_level: str = "INFO"
-    log_format: str = "text"
-    drain_seconds: float = DEFAULT_DRAIN_SECONDS
-    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
-    ready_file: Optional[str] = None
+    max_concurrent_scripts: int = _default("max_concurrent_scripts")
+    max_queued_scripts: int = _default("max_queued_scripts")
+    script_training_ids: Optional[Tuple[str, ...]] = _default("script_training_ids")
+    metrics_host: str = _default("metrics_host")
+    metrics_port: Optional[int] = _default("metrics_port")
+    spool_dir: Optional[str] = _default("spool_dir")
+    max_model_size: int = _default("max_model_size")
+    trust_pickles: bool = _default("trust_pickles")
+    compression: str = _default("compression")
+    http_timeout: float = _default("http_timeout")
+    http_retries: int = _default("http_retries")
+    log_level: str = _default("log_level")
+    log_format: str = _default("log_format")
+    drain_seconds: float = _default("drain_seconds")
+    max_concurrent_rpcs: int = _default("max_concurrent_rpcs")
+    ready_file: Optional[str] = _default("ready_file")
     script_env: Optional[Dict[str, str]] = field(default=None, repr=False, compare=False)
     warnings: Tuple[str, ...] = field(default=(), compare=False)
     """Deprecations met while reading the settings, for the log once logging is set up."""
@@ -206,6 +684,9 @@ class Settings:
     ) -> Settings:
         """Resolve the settings from parsed flags (see :func:`add_arguments`) and the environment.
 
+        Per setting of :data:`SETTINGS`: the flag, then its variables in order,
+        then its default; then :func:`_validate` checks the settings together.
+
         Args:
             args: the namespace argparse produced with :func:`add_arguments`.
             environ: the environment to read; ``None`` reads ``os.environ``.
@@ -214,626 +695,164 @@ class Settings:
             ConfigurationError: a value is invalid or settings contradict each other.
         """
         env: Mapping[str, str] = os.environ if environ is None else environ
-        resolver = _Resolver(args, env)
-        return resolver.settings()
-
-
-class _Resolver:
-    def __init__(self, args: argparse.Namespace, env: Mapping[str, str]) -> None:
-        self._args = args
-        self._env = env
-
-    def _raw(self, dest: str, *names: str) -> Optional[str]:
-        value = getattr(self._args, dest, None)
-        if value is not None:
-            return str(value)
-        for name in names:
-            if self._env.get(name, "") != "":
-                return self._env[name]
-        return None
-
-    def _typed(self, dest: str, names: Tuple[str, ...], parse: Callable[[str], T], what: str) -> T:
-        flag_value = getattr(self._args, dest, None)
-        if flag_value is not None and not isinstance(flag_value, str):
-            return flag_value  # type: ignore[no-any-return]
-        raw = self._raw(dest, *names)
-        if raw is None:
-            raise LookupError(dest)
-        try:
-            return parse(raw)
-        except (ValueError, ConfigurationError) as exc:
-            source = f"--{dest.replace('_', '-')} / {names[0]}" if names else dest
-            raise ConfigurationError(f"invalid {what} for {source}: {exc}") from None
-
-    def _optional(
-        self, dest: str, names: Tuple[str, ...], parse: Callable[[str], T], what: str
-    ) -> Optional[T]:
-        try:
-            return self._typed(dest, names, parse, what)
-        except LookupError:
-            return None
-
-    def _default(
-        self, dest: str, names: Tuple[str, ...], parse: Callable[[str], T], what: str, default: T
-    ) -> T:
-        value = self._optional(dest, names, parse, what)
-        return default if value is None else value
-
-    def _secret(self, dest: str, file_dest: str, *names: str) -> Optional[str]:
-        file_path = getattr(self._args, file_dest, None)
-        if file_path is None:
-            for name in names:
-                file_name = name + "_FILE"
-                if self._env.get(file_name):
-                    file_path = self._env[file_name]
-                    break
-        direct = self._raw(dest, *names)
-        if file_path is not None and getattr(self._args, dest, None) is None:
-            try:
-                text = Path(file_path).read_text(encoding="utf-8")
-            except OSError as exc:
-                raise ConfigurationError(
-                    f"cannot read the secret file for --{dest.replace('_', '-')}: "
-                    f"{exc.strerror or exc}"
-                ) from None
-            # Only the trailing newline an editor adds is dropped; the rest is the secret.
-            return text.rstrip("\r\n") or None
-        return direct
-
-    def settings(self) -> Settings:
-        listen = self._optional("listen", ("FL_SIDECAR_LISTEN",), parse_listen, "listen address")
-        allow_remote = self._default(
-            "allow_remote", ("FL_SIDECAR_ALLOW_REMOTE",), parse_bool, "boolean", False
-        )
-        socket_path = self._raw("socket", "FL_SIDECAR_SOCKET")
-        if socket_path is None and listen is None:
-            socket_path = default_socket_path(self._env)
-        if socket_path is not None and len(os.fsencode(socket_path)) > _MAX_SOCKET_PATH:
-            raise ConfigurationError(
-                f"the unix socket path is longer than {_MAX_SOCKET_PATH} bytes: {socket_path}"
-            )
-        if listen is not None and not allow_remote and not is_loopback_host(listen[0]):
-            raise ConfigurationError(
-                f"refusing to listen on the non-loopback address {listen[0]!r} without "
-                "--allow-remote (FL_SIDECAR_ALLOW_REMOTE=1)"
-            )
-        notification_host = self._raw("notification_host", "FL_CLIENT_SERVER_HOST") or "127.0.0.1"
-        if not allow_remote and not is_loopback_host(notification_host):
-            raise ConfigurationError(
-                f"refusing to serve notifications on the non-loopback address "
-                f"{notification_host!r} without --allow-remote (FL_SIDECAR_ALLOW_REMOTE=1)"
-            )
-        disabled = self._default(
-            "no_notifications", ("FL_SIDECAR_NO_NOTIFICATIONS",), parse_bool, "boolean", False
-        )
-        notification_port: Optional[int] = self._default(
-            "notification_port",
-            ("FL_CLIENT_SERVER_PORT",),
-            parse_port,
-            "port",
-            DEFAULT_NOTIFICATION_PORT,
-        )
-        if disabled:
-            notification_port = None
-        metrics_port = self._optional(
-            "metrics_port", ("FL_SIDECAR_METRICS_PORT",), parse_port, "port"
-        )
-        metrics_host = self._raw("metrics_host", "FL_SIDECAR_METRICS_HOST") or "127.0.0.1"
-        if not allow_remote and not is_loopback_host(metrics_host):
-            raise ConfigurationError(
-                f"refusing to serve metrics on the non-loopback address {metrics_host!r} "
-                "without --allow-remote"
-            )
-        compression = (self._raw("compression", "FL_SIDECAR_COMPRESSION") or "auto").lower()
-        if compression not in ("auto", "never", "always"):
-            raise ConfigurationError(
-                f"invalid compression {compression!r}: expected auto, never or always"
-            )
-        log_format = (self._raw("log_format", "FL_SIDECAR_LOG_FORMAT") or "text").lower()
-        if log_format not in ("text", "json"):
-            raise ConfigurationError(f"invalid log format {log_format!r}: expected text or json")
-        log_level = (self._raw("log_level", "FL_SIDECAR_LOG_LEVEL") or "INFO").upper()
-        if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise ConfigurationError(
-                f"invalid log level {log_level!r}: expected DEBUG, INFO, WARNING or ERROR"
-            )
-        server_url = (
-            self._raw("server_url", "FL_SIDECAR_SERVER_URL", "FL_DEMONSTRATOR_BASE_URL")
-            or DEFAULT_SERVER_URL
-        )
-        parts = urlsplit(server_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigurationError(
-                f"invalid FL server URL {strip_userinfo(server_url)!r}: expected http(s)://host[:port]"
-            )
-        username = self._raw("username", "FL_SIDECAR_USERNAME")
-        password = self._secret("password", "password_file", "FL_SIDECAR_PASSWORD")
-        if (username is None) != (password is None):
-            raise ConfigurationError("a username needs a password and a password a username")
         warnings: List[str] = []
-        script_executor = self._raw("script_executor", _SCRIPT_EXECUTOR_VARIABLE)
-        script_path = self._raw("script_path", _SCRIPT_PATH_VARIABLE)
-        script_working_directory = self._raw(
-            "script_working_directory", _WORKING_DIRECTORY_VARIABLE
-        )
-        if script_working_directory is None:
-            script_working_directory = self._env.get(_DEPRECATED_WORKING_DIRECTORY_VARIABLE) or None
-            if script_working_directory is not None:
+        given = {s.dest: _resolve(s, args, env, warnings) for s in SETTINGS}
+        return _validate(given, env, warnings)
+
+
+def _resolve(
+    setting: Setting, args: argparse.Namespace, env: Mapping[str, str], warnings: List[str]
+) -> Any:
+    """One setting's value from its flag, file, variables or deprecated variables; ``None``: unset.
+
+    Raises:
+        ConfigurationError: the value does not parse, or its secret file cannot be read.
+    """
+    flag_value = getattr(args, setting.dest, None)
+    if flag_value is not None and not isinstance(flag_value, str):
+        return flag_value  # a switch, or a flag argparse has parsed already
+    if flag_value is None and setting.secret_file:
+        secret = _secret_from_file(setting, args, env)
+        if secret is not _NO_FILE:
+            return secret
+    raw = flag_value
+    if raw is None:
+        raw = next((env[name] for name in setting.env if env.get(name, "") != ""), None)
+    if raw is None:
+        for name in setting.deprecated_env:
+            if env.get(name):
+                raw = env[name]
                 warnings.append(
-                    f"{_DEPRECATED_WORKING_DIRECTORY_VARIABLE} is deprecated: the reference "
-                    f"client's name is {_WORKING_DIRECTORY_VARIABLE} (sic)"
+                    f"{name} is deprecated: the reference client's name is "
+                    f"{setting.env[0]} {setting.env_note}".rstrip()
                 )
-        run_scripts = self._optional(
-            "run_scripts", ("FL_SIDECAR_RUN_SCRIPTS",), parse_bool, "boolean"
-        )
-        if run_scripts is None:
-            run_scripts = any(
-                value is not None
-                for value in (script_executor, script_path, script_working_directory)
-            )
-        if run_scripts:
-            script_executor = script_executor or DEFAULT_SCRIPT_EXECUTOR
-            script_path = script_path or DEFAULT_SCRIPT_PATH
-            script_working_directory = script_working_directory or DEFAULT_SCRIPT_WORKING_DIRECTORY
-        else:
-            script_executor = script_path = script_working_directory = None
-        training_ids_text = self._raw("script_training_ids", "FL_SIDECAR_SCRIPT_TRAINING_IDS")
-        script_training_ids: Optional[Tuple[str, ...]] = None
-        if training_ids_text is not None:
-            script_training_ids = tuple(
-                part.strip() for part in training_ids_text.split(",") if part.strip()
-            )
-            if not script_training_ids:
-                raise ConfigurationError(
-                    "--script-training-ids / FL_SIDECAR_SCRIPT_TRAINING_IDS names no training id"
-                )
-        # The training script inherits the environment without the FL server's
-        # credentials (it talks to the sidecar, which keeps them), plus where
-        # the sidecar listens.
-        script_env = {k: v for k, v in self._env.items() if k not in _SERVER_SECRET_VARIABLES}
-        for name in _SERVER_URL_VARIABLES:
-            if name in script_env:
-                # A user:password@ in the URL is a credential too.
-                script_env[name] = strip_userinfo(script_env[name])
-        if socket_path is not None:
-            script_env["FL_SIDECAR_SOCKET"] = socket_path
-        return Settings(
-            socket_path=socket_path,
-            trust_socket_parent=self._default(
-                "trust_socket_parent",
-                ("FL_SIDECAR_TRUST_SOCKET_PARENT",),
-                parse_bool,
-                "boolean",
-                False,
-            ),
-            listen=listen,
-            allow_remote=allow_remote,
-            api_token=self._secret("api_token", "api_token_file", "FL_SIDECAR_API_TOKEN"),
-            server_url=server_url,
-            username=username,
-            password=password,
-            server_token=self._secret("token", "token_file", "FL_SIDECAR_TOKEN"),
-            authorization=self._secret(
-                "authorization", "authorization_file", "FL_SIDECAR_AUTHORIZATION"
-            ),
-            notification_host=notification_host,
-            notification_port=notification_port,
-            script_executor=script_executor,
-            script_path=script_path,
-            script_working_directory=script_working_directory,
-            max_concurrent_scripts=self._default(
-                "max_concurrent_scripts",
-                ("FL_SIDECAR_MAX_CONCURRENT_SCRIPTS",),
-                _positive_int,
-                "count",
-                DEFAULT_MAX_CONCURRENT_SCRIPTS,
-            ),
-            max_queued_scripts=self._default(
-                "max_queued_scripts",
-                ("FL_SIDECAR_MAX_QUEUED_SCRIPTS",),
-                _positive_int,
-                "count",
-                DEFAULT_MAX_QUEUED_SCRIPTS,
-            ),
-            script_training_ids=script_training_ids,
-            metrics_host=metrics_host,
-            metrics_port=metrics_port,
-            spool_dir=self._raw("spool_dir", "FL_SIDECAR_SPOOL_DIR"),
-            max_model_size=self._default(
-                "max_model_size",
-                ("FL_SIDECAR_MAX_MODEL_SIZE",),
-                parse_size,
-                "size",
-                DEFAULT_MAX_MODEL_SIZE,
-            ),
-            trust_pickles=self._default(
-                "trust_pickles", ("FL_SIDECAR_TRUST_PICKLES",), parse_bool, "boolean", False
-            ),
-            compression=compression,
-            http_timeout=self._default(
-                "http_timeout", ("FL_SIDECAR_HTTP_TIMEOUT",), _positive_float, "seconds", 60.0
-            ),
-            http_retries=self._default(
-                "http_retries", ("FL_SIDECAR_HTTP_RETRIES",), _non_negative_int, "count", 3
-            ),
-            log_level=log_level,
-            log_format=log_format,
-            drain_seconds=self._default(
-                "drain_seconds",
-                ("FL_SIDECAR_DRAIN_SECONDS",),
-                _non_negative_float,
-                "seconds",
-                DEFAULT_DRAIN_SECONDS,
-            ),
-            max_concurrent_rpcs=self._default(
-                "max_concurrent_rpcs",
-                ("FL_SIDECAR_MAX_CONCURRENT_RPCS",),
-                _positive_int,
-                "count",
-                DEFAULT_MAX_CONCURRENT_RPCS,
-            ),
-            ready_file=self._raw("ready_file", "FL_SIDECAR_READY_FILE"),
-            script_env=script_env,
-            warnings=tuple(warnings),
-        )
-
-
-def parse_bool(text: str) -> bool:
-    """Parse ``1/true/yes/on`` or ``0/false/no/off`` (any case).
-
-    Raises:
-        ValueError: anything else.
-    """
-    lowered = text.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ValueError(f"expected true/false, got {text!r}")
-
-
-def parse_size(text: str) -> int:
-    """Parse a byte size: ``1048576``, ``512M``/``512MiB`` (binary), ``500MB`` (decimal).
-
-    Returns:
-        The size in bytes (at least 1).
-
-    Raises:
-        ValueError: not a size, an unknown unit, or zero.
-    """
-    match = _SIZE_PATTERN.match(text)
-    if match is None or match.group(2).upper() not in _SIZE_UNITS:
-        raise ValueError(f"expected a size such as 4G or 500MB, got {text!r}")
-    value = int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
-    if value < 1:
-        raise ValueError("the size must be at least 1 byte")
-    return value
-
-
-def parse_port(text: str) -> int:
-    """Parse a TCP port, 0 (any free port) to 65535.
-
-    Raises:
-        ValueError: not an integer in that range.
-    """
-    port = int(text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} is outside 0..65535")
-    return port
-
-
-def parse_listen(text: str) -> Tuple[str, int]:
-    """Parse ``host:port`` (``[::1]:port`` for IPv6) into ``(host, port)``.
-
-    Raises:
-        ValueError: no port, or the port is invalid.
-    """
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, parse_port(port_text)
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether ``host`` names only this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
-    if host.lower() == "localhost":
-        return True
+                break
+    if raw is None:
+        return None
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        return setting.parse(raw)
+    except (ValueError, ConfigurationError) as exc:
+        raise ConfigurationError(
+            f"invalid {setting.what} for {setting.flag} / {setting.env[0]}: {exc}"
+        ) from None
 
 
-def strip_userinfo(url: str) -> str:
-    """``url`` without its ``user:password@`` part (safe to log and to return to trainers)."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None and "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+_NO_FILE: Any = object()
 
 
-def default_socket_path(environ: Mapping[str, str]) -> str:
-    """The default unix socket: ``$XDG_RUNTIME_DIR/fl-sidecar/sidecar.sock``, else under /tmp.
+def _secret_from_file(setting: Setting, args: argparse.Namespace, env: Mapping[str, str]) -> Any:
+    """The secret read from ``<flag>-file`` or ``<VARIABLE>_FILE``; :data:`_NO_FILE` if neither."""
+    file_path = getattr(args, setting.file_flag[2:].replace("-", "_"), None)
+    if file_path is None:
+        file_path = next(
+            (env[name + "_FILE"] for name in setting.env if env.get(name + "_FILE")), None
+        )
+    if file_path is None:
+        return _NO_FILE
+    try:
+        text = Path(file_path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read the secret file for {setting.flag}: {exc.strerror or exc}"
+        ) from None
+    # Only the trailing newline an editor adds is dropped; the rest is the secret.
+    return text.rstrip("\r\n") or None
 
-    The /tmp fallback is a per-user directory (``/tmp/fl-sidecar-<uid>``) that
-    the server creates with mode 0700; one that another user made first is
-    refused, never used.
+
+def _validate(given: Mapping[str, Any], env: Mapping[str, str], warnings: List[str]) -> Settings:
+    """The cross-field rules, then the typed :class:`Settings`.
+
+    ``given`` maps each setting's dest to its resolved value (``None``: unset).
+
+    Raises:
+        ConfigurationError: the settings contradict each other.
     """
-    runtime_dir = environ.get("XDG_RUNTIME_DIR")
-    if runtime_dir:
-        return os.path.join(runtime_dir, "fl-sidecar", "sidecar.sock")
-    return os.path.join("/tmp", f"fl-sidecar-{os.getuid()}", "sidecar.sock")
+    values: Dict[str, Any] = {}
+    for setting in SETTINGS:
+        if setting.field is None:
+            continue
+        value = given[setting.dest]
+        if value is None and setting.applies_default:
+            value = setting.default
+        values[setting.field] = value
+    listen, allow_remote = values["listen"], values["allow_remote"]
+    socket_path = values["socket_path"]
+    if socket_path is None and listen is None:
+        socket_path = default_socket_path(env)
+    if socket_path is not None and len(os.fsencode(socket_path)) > _MAX_SOCKET_PATH:
+        raise ConfigurationError(
+            f"the unix socket path is longer than {_MAX_SOCKET_PATH} bytes: {socket_path}"
+        )
+    values["socket_path"] = socket_path
+    if not allow_remote:
+        for what, host in (
+            ("listen", listen[0] if listen is not None else None),
+            ("serve notifications", values["notification_host"]),
+            ("serve metrics", values["metrics_host"]),
+        ):
+            if host is not None and not is_loopback_host(host):
+                raise ConfigurationError(
+                    f"refusing to {what} on the non-loopback address {host!r} without "
+                    "--allow-remote (FL_SIDECAR_ALLOW_REMOTE=1)"
+                )
+    if given["no_notifications"]:
+        values["notification_port"] = None
+    if (values["username"] is None) != (values["password"] is None):
+        raise ConfigurationError("a username needs a password and a password a username")
+    scripts = ("script_executor", "script_path", "script_working_directory")
+    run_scripts = given["run_scripts"]
+    if run_scripts is None:
+        run_scripts = any(values[name] is not None for name in scripts)
+    for name in scripts:
+        values[name] = (values[name] or _BY_FIELD[name].default) if run_scripts else None
+    values["script_env"] = _script_environment(env, socket_path)
+    return Settings(**values, warnings=tuple(warnings))
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise ValueError(f"expected a non-negative number, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"expected a non-negative integer, got {text!r}")
-    return value
+def _script_environment(env: Mapping[str, str], socket_path: Optional[str]) -> Dict[str, str]:
+    # The training script inherits the environment without the FL server's
+    # credentials (it talks to the sidecar, which keeps them), plus where
+    # the sidecar listens.
+    script_env = {k: v for k, v in env.items() if k not in _SERVER_SECRET_VARIABLES}
+    for name in _SERVER_URL_VARIABLES:
+        if name in script_env:
+            # A user:password@ in the URL is a credential too.
+            script_env[name] = strip_userinfo(script_env[name])
+    if socket_path is not None:
+        script_env["FL_SIDECAR_SOCKET"] = socket_path
+    return script_env
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add every ``serve`` flag to ``parser``; each help text names its environment variable.
+    """Add every ``serve`` flag of :data:`SETTINGS` to ``parser``, in its ``--help`` group.
 
-    Every flag defaults to ``None`` so that :meth:`Settings.from_args` can tell
-    "not given" from a value and fall back to the environment.
+    Each help text names its environment variables and default. Every flag
+    defaults to ``None`` so that :meth:`Settings.from_args` can tell "not given"
+    from a value and fall back to the environment.
     """
-    net = parser.add_argument_group("listening")
-    net.add_argument(
-        "--socket",
-        metavar="PATH",
-        help="unix socket to serve gRPC on, created with mode 0600 [FL_SIDECAR_SOCKET; default "
-        "$XDG_RUNTIME_DIR/fl-sidecar/sidecar.sock or /tmp/fl-sidecar-UID/sidecar.sock when "
-        "--listen is not given]",
-    )
-    net.add_argument(
-        "--trust-socket-parent",
-        action="store_const",
-        const=True,
-        help="serve even if a directory above the socket's directory is writable by others "
-        "without the sticky bit, e.g. a Kubernetes emptyDir that only the pod's containers "
-        "mount; the socket's own directory must still be private "
-        "[FL_SIDECAR_TRUST_SOCKET_PARENT]",
-    )
-    net.add_argument(
-        "--listen",
-        metavar="HOST:PORT",
-        help="also (or only) serve gRPC on TCP, e.g. 127.0.0.1:50051; port 0 picks a free "
-        "port [FL_SIDECAR_LISTEN]",
-    )
-    net.add_argument(
-        "--allow-remote",
-        action="store_const",
-        const=True,
-        help="allow non-loopback addresses for --listen, the notification endpoint and "
-        "metrics [FL_SIDECAR_ALLOW_REMOTE]",
-    )
-    net.add_argument(
-        "--api-token",
-        metavar="TOKEN",
-        help="require the gRPC metadata x-fl-sidecar-token: TOKEN on every call "
-        "[FL_SIDECAR_API_TOKEN]",
-    )
-    net.add_argument(
-        "--api-token-file",
-        metavar="PATH",
-        help="read the API token from a file [FL_SIDECAR_API_TOKEN_FILE]",
-    )
-    net.add_argument(
-        "--max-concurrent-rpcs",
-        metavar="N",
-        type=_positive_int,
-        help="concurrent calls; each holds a worker thread, a WatchEvents stream for its "
-        "whole life; more are refused with RESOURCE_EXHAUSTED [FL_SIDECAR_MAX_CONCURRENT_RPCS; "
-        f"default {DEFAULT_MAX_CONCURRENT_RPCS}]",
-    )
-    net.add_argument(
-        "--ready-file",
-        metavar="PATH",
-        help="write a JSON line with the actual addresses and ports here once serving "
-        "[FL_SIDECAR_READY_FILE]",
-    )
-
-    fl = parser.add_argument_group("FL server")
-    fl.add_argument(
-        "--server-url",
-        metavar="URL",
-        help="the FL server's base URL [FL_SIDECAR_SERVER_URL, then FL_DEMONSTRATOR_BASE_URL; "
-        f"default {DEFAULT_SERVER_URL}]",
-    )
-    fl.add_argument("--username", help="FL server user (Basic auth) [FL_SIDECAR_USERNAME]")
-    fl.add_argument(
-        "--password", help="FL server password; prefer --password-file [FL_SIDECAR_PASSWORD]"
-    )
-    fl.add_argument(
-        "--password-file",
-        metavar="PATH",
-        help="read the FL server password from a file [FL_SIDECAR_PASSWORD_FILE]",
-    )
-    fl.add_argument(
-        "--token",
-        help="FL server API token, sent as 'Authorization: Token ...'; preferred over Basic "
-        "[FL_SIDECAR_TOKEN]",
-    )
-    fl.add_argument(
-        "--token-file",
-        metavar="PATH",
-        help="read the FL server token from a file [FL_SIDECAR_TOKEN_FILE]",
-    )
-    fl.add_argument(
-        "--authorization",
-        metavar="HEADER",
-        help="a complete HTTP Authorization header value [FL_SIDECAR_AUTHORIZATION]",
-    )
-    fl.add_argument(
-        "--authorization-file",
-        metavar="PATH",
-        help="read the Authorization header value from a file [FL_SIDECAR_AUTHORIZATION_FILE]",
-    )
-    fl.add_argument(
-        "--compression",
-        choices=("auto", "never", "always"),
-        help="zstd for uploads: auto negotiates with the server [FL_SIDECAR_COMPRESSION; "
-        "default auto]",
-    )
-    fl.add_argument(
-        "--http-timeout",
-        metavar="SECONDS",
-        type=_positive_float,
-        help="seconds to wait for each read of an FL server answer (between bytes; connecting "
-        "has its own 5 s limit) [FL_SIDECAR_HTTP_TIMEOUT; default 60]",
-    )
-    fl.add_argument(
-        "--http-retries",
-        metavar="N",
-        type=_non_negative_int,
-        help="retries of idempotent requests [FL_SIDECAR_HTTP_RETRIES; default 3]",
-    )
-
-    notes = parser.add_argument_group("notifications and compatibility mode")
-    notes.add_argument(
-        "--notification-host",
-        metavar="HOST",
-        help="address of the endpoint the FL server POSTs notifications to "
-        "[FL_CLIENT_SERVER_HOST; default 127.0.0.1, loopback unlike the reference client]",
-    )
-    notes.add_argument(
-        "--notification-port",
-        metavar="PORT",
-        type=parse_port,
-        help="its port; 0 picks a free one [FL_CLIENT_SERVER_PORT; default "
-        f"{DEFAULT_NOTIFICATION_PORT}]",
-    )
-    notes.add_argument(
-        "--no-notifications",
-        action="store_const",
-        const=True,
-        help="do not start the notification endpoint [FL_SIDECAR_NO_NOTIFICATIONS]",
-    )
-    notes.add_argument(
-        "--run-scripts",
-        action="store_const",
-        const=True,
-        help="compatibility mode: start the training script for each round and test "
-        "notification, like the reference client; also on when any --script-* flag or "
-        "reference script variable is set, off with FL_SIDECAR_RUN_SCRIPTS=0 "
-        "[FL_SIDECAR_RUN_SCRIPTS]",
-    )
-    notes.add_argument(
-        "--script-executor",
-        metavar="PROGRAM",
-        help="compatibility mode: the program that runs the training script "
-        f"[{_SCRIPT_EXECUTOR_VARIABLE}; default {DEFAULT_SCRIPT_EXECUTOR}]",
-    )
-    notes.add_argument(
-        "--script-path",
-        metavar="PATH",
-        help="compatibility mode: the training script, started with train|test --training-id "
-        f"--round --model-id per event [{_SCRIPT_PATH_VARIABLE}; default {DEFAULT_SCRIPT_PATH}]",
-    )
-    notes.add_argument(
-        "--script-working-directory",
-        metavar="DIR",
-        help="compatibility mode: its working directory "
-        f"[{_WORKING_DIRECTORY_VARIABLE} (sic), or the deprecated "
-        f"{_DEPRECATED_WORKING_DIRECTORY_VARIABLE}; default the current directory]",
-    )
-    notes.add_argument(
-        "--max-concurrent-scripts",
-        metavar="N",
-        type=_positive_int,
-        help="compatibility mode: training scripts running at once "
-        f"[FL_SIDECAR_MAX_CONCURRENT_SCRIPTS; default {DEFAULT_MAX_CONCURRENT_SCRIPTS}]",
-    )
-    notes.add_argument(
-        "--max-queued-scripts",
-        metavar="N",
-        type=_positive_int,
-        help="compatibility mode: script runs waiting at most; more are dropped and logged "
-        f"[FL_SIDECAR_MAX_QUEUED_SCRIPTS; default {DEFAULT_MAX_QUEUED_SCRIPTS}]",
-    )
-    notes.add_argument(
-        "--script-training-ids",
-        metavar="ID[,ID...]",
-        help="compatibility mode: run scripts only for these trainings; unset: only for "
-        "trainings the FL server confirms [FL_SIDECAR_SCRIPT_TRAINING_IDS]",
-    )
-
-    data = parser.add_argument_group("models and data")
-    data.add_argument(
-        "--spool-dir",
-        metavar="DIR",
-        help="where models in transit are spooled [FL_SIDECAR_SPOOL_DIR; default the system "
-        "temp dir]",
-    )
-    data.add_argument(
-        "--max-model-size",
-        metavar="SIZE",
-        help="largest model accepted for upload and output of Unpack, e.g. 4G "
-        "[FL_SIDECAR_MAX_MODEL_SIZE; default 4G]",
-    )
-    data.add_argument(
-        "--trust-pickles",
-        action="store_const",
-        const=True,
-        help="pass TORCH downloads through without vetting them with the restricted reader "
-        "[FL_SIDECAR_TRUST_PICKLES]",
-    )
-
-    ops = parser.add_argument_group("operations")
-    ops.add_argument(
-        "--metrics-port",
-        metavar="PORT",
-        type=parse_port,
-        help="serve Prometheus metrics on this port, 0 = any free one; off when unset "
-        "[FL_SIDECAR_METRICS_PORT]",
-    )
-    ops.add_argument(
-        "--metrics-host",
-        metavar="HOST",
-        help="address of the metrics endpoint [FL_SIDECAR_METRICS_HOST; default 127.0.0.1]",
-    )
-    ops.add_argument(
-        "--log-level",
-        metavar="LEVEL",
-        help="DEBUG, INFO, WARNING or ERROR [FL_SIDECAR_LOG_LEVEL; default INFO]",
-    )
-    ops.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        help="key=value text or JSON lines on stderr [FL_SIDECAR_LOG_FORMAT; default text]",
-    )
-    ops.add_argument(
-        "--drain-seconds",
-        metavar="SECONDS",
-        type=_non_negative_float,
-        help="on SIGTERM/SIGINT, how long in-flight transfers may finish before they are "
-        f"cancelled [FL_SIDECAR_DRAIN_SECONDS; default {DEFAULT_DRAIN_SECONDS:g}]",
-    )
+    groups: Dict[str, Any] = {}
+    for setting in SETTINGS:
+        group = groups.get(setting.group)
+        if group is None:
+            group = groups[setting.group] = parser.add_argument_group(setting.group)
+        if setting.switch:
+            group.add_argument(
+                setting.flag, action="store_const", const=True, help=setting.help_text()
+            )
+            continue
+        options: Dict[str, Any] = {"metavar": setting.metavar, "help": setting.help_text()}
+        if setting.choices is not None:
+            options["choices"] = setting.choices
+        if setting.typed_flag:
+            options["type"] = setting.parse
+        group.add_argument(setting.flag, **options)
+        if setting.secret_file:
+            variables = ", ".join(name + "_FILE" for name in setting.env)
+            group.add_argument(
+                setting.file_flag,
+                metavar="PATH",
+                help=f"read the value of {setting.flag} from a file [{variables}]",
+            )
 
 
 REFERENCE_CLIENT_DEFAULTS: Dict[str, str] = {
