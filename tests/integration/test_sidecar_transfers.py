@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import grpc
 import pytest
 from conftest import DevServerHandle, User
-from sidecar_harness import _PACKAGE_ROOT, SidecarProcess, running_sidecar
+from sidecar_harness import _PACKAGE_ROOT, SidecarProcess, running_sidecar, spool_model_files
 
 from fl_sidecar import models
 from fl_sidecar.client import SidecarClient
@@ -751,12 +751,6 @@ def test_zz_metrics_count_bytes_both_ways(world: World) -> None:
     assert 'fl_sidecar_rpc_errors_total{code="NOT_FOUND",method="DownloadModel"}' in text
 
 
-def _spool_files(sidecar: SidecarProcess) -> List[Path]:
-    """Model files in the sidecar's spool (its ``.lock``, held while it lives, is none)."""
-    spool = sidecar.workdir / "spool"
-    return [path for path in spool.rglob("*") if path.is_file() and path.name != ".lock"]
-
-
 def test_cancelled_download_leaves_no_spool_file(world: World) -> None:
     torch.manual_seed(1)
     buffer = io.BytesIO()
@@ -775,14 +769,16 @@ def test_cancelled_download_leaves_no_spool_file(world: World) -> None:
                 chunks += message.WhichOneof("kind") == "chunk"
                 if chunks == 3:
                     break
-            assert len(_spool_files(sidecar)) == 1  # the model being streamed
+            assert (
+                len(spool_model_files(sidecar.workdir / "spool")) == 1
+            )  # the model being streamed
             stream.cancel()
             # The sidecar notices the cancellation asynchronously: wait for its
             # effect (bounded), there is no event to wait on from outside.
             deadline = time.monotonic() + 20
-            while _spool_files(sidecar) and time.monotonic() < deadline:
+            while spool_model_files(sidecar.workdir / "spool") and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert _spool_files(sidecar) == []
+            assert spool_model_files(sidecar.workdir / "spool") == []
 
 
 def test_without_torch_models_are_vetted_converted_and_moved(world: World, tmp_path: Path) -> None:

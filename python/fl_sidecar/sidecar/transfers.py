@@ -19,7 +19,6 @@ global model's archive.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import logging
@@ -69,6 +68,7 @@ from fl_sidecar.sidecar.spool import (
     unlink_quietly,
 )
 from fl_sidecar.sidecar.telemetry import Metrics
+from fl_sidecar.sidecar.templates import TemplateCache
 from fl_sidecar.sidecar.uploads import UploadJournal
 from fl_sidecar.wire import FORMAT_SAFETENSORS, FORMAT_TORCH
 
@@ -91,7 +91,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}\Z")
-_TEMPLATE_CACHE_SIZE = 2
 
 # The FL server's answers that say it stored nothing (4xx).
 _REFUSALS = (
@@ -106,16 +105,6 @@ _REFUSALS = (
 def is_sha256_hex(text: str) -> bool:
     """Whether ``text`` is a 64-character hex SHA-256 digest (either case)."""
     return _SHA256_PATTERN.match(text.lower()) is not None
-
-
-class _Template:
-    """A global model fetched as the template for one round's SAFETENSORS uploads."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fetched = False
-        self.users = 0  # callers fetching or reading it: while > 0 it is never removed
-        self.fetch_lock = threading.Lock()
 
 
 class TransferManager:
@@ -167,12 +156,10 @@ class TransferManager:
                 "removed spool directories left behind by sidecars that died",
                 extra={"spool_parent": str(parent), "removed": [str(p) for p in removed]},
             )
-        # (model id, round) -> the global model fetched as a SAFETENSORS upload's
-        # template, least recently used first.
-        self._templates: collections.OrderedDict[Tuple[str, int], _Template] = (
-            collections.OrderedDict()
+        # The global models fetched as SAFETENSORS uploads' templates.
+        self.templates = TemplateCache(
+            lambda: self._spool_path(".template.pt"), self._fetch_template
         )
-        self._templates_lock = threading.Lock()
 
     def close(self) -> None:
         """Remove the spool directory with every file still in it, then drop its lock."""
@@ -592,7 +579,7 @@ class TransferManager:
                 "the upload is declared SAFETENSORS but is not a safetensors file"
             )
         key = (model_id, round)
-        template = self._acquire_template(key, credentials, stop)
+        template = self.templates.acquire(key, credentials, stop)
         try:
             # Outside every lock: uploads for different models, or several trainers'
             # uploads for the same round, convert in parallel.
@@ -600,49 +587,7 @@ class TransferManager:
                 template.path, weights, dest, should_stop=stop.is_set if stop is not None else None
             )
         finally:
-            self._release_template(key, template)
-
-    def _acquire_template(
-        self,
-        key: Tuple[str, int],
-        credentials: Optional[Credentials],
-        stop: Optional[Cancellation] = None,
-    ) -> _Template:
-        """The fetched template for ``key``, pinned (never removed) until released.
-
-        Concurrent callers for one key share one fetch; callers for other keys do not
-        wait for it. A failed fetch is retried by the next caller.
-        """
-        with self._templates_lock:
-            template = self._templates.get(key)
-            if template is None or (template.fetched and not template.path.exists()):
-                template = _Template(self._spool_path(".template.pt"))
-                self._templates[key] = template
-            self._templates.move_to_end(key)
-            template.users += 1
-        try:
-            with template.fetch_lock:
-                if not template.fetched:
-                    self._fetch_template(key, template.path, credentials, stop)
-                    template.fetched = True
-        except BaseException:
-            self._release_template(key, template)
-            raise
-        return template
-
-    def _release_template(self, key: Tuple[str, int], template: _Template) -> None:
-        with self._templates_lock:
-            template.users -= 1
-            current = self._templates.get(key)
-            if current is template and not template.fetched and template.users == 0:
-                del self._templates[key]  # its fetch failed: the next caller starts afresh
-            # Evict the least recently used templates that nobody is reading.
-            excess = len(self._templates) - _TEMPLATE_CACHE_SIZE
-            idle = [k for k, t in self._templates.items() if t.users == 0][: max(excess, 0)]
-            for old_key in idle:
-                unlink_quietly(self._templates.pop(old_key).path)
-            if template.users == 0 and current is not template:
-                unlink_quietly(template.path)  # replaced while in use: nobody can reach it
+            self.templates.release(key, template)
 
     def _fetch_template(
         self,
