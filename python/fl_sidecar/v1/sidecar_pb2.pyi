@@ -571,9 +571,11 @@ class UploadHeader(_message.Message):
     model_id: _builtins.str
     """the global model's UUID"""
     round: _builtins.int
-    """the training round this update is for"""
+    """the training round this update is for (from 0: the"""
     sample_size: _builtins.int
-    """number of training samples (FedAvg weight)"""
+    """round of the UPDATE_ROUND_START being answered)
+    number of training samples (FedAvg weight)
+    """
     format: Global___ModelFormat.ValueType
     size: _builtins.int
     """bytes that will follow; 0 = unknown (not checked)"""
@@ -1116,7 +1118,11 @@ class Event(_message.Message):
     model_id: _builtins.str
     """body.global_model_uuid; "" when absent"""
     round: _builtins.int
-    """body.round, when present"""
+    """body.round, when present. Rounds count from 0: UPDATE_ROUND_START carries
+    the round to train (the first is 0; upload with UploadHeader.round equal to
+    it); MODEL_TEST_ROUND carries the round after the one just aggregated
+    (round + 1: the global model's new round), as the FL server sends it.
+    """
     body_json: _builtins.str
     """the notification's body as JSON"""
     raw_json: _builtins.str
