@@ -27,7 +27,7 @@ request for over a second (a slow or stalled peer; a real notification takes
 milliseconds); when none qualifies it waits for a free slot, never refused.
 So slow peers cannot hold every slot while the FL server's notifications wait.
 
-Repeats are dropped (see :meth:`fl_sidecar.events.EventBus.publish_once`): the
+Repeats are dropped (see :meth:`fl_sidecar.sidecar.eventbus.EventBus.publish_once`): the
 real server POSTs one round start several times, and each (training, type,
 round) is published, and handed to ``on_event``, once. A repeat is answered
 like the original (200 or 202).
@@ -35,8 +35,8 @@ like the original (200 or 202).
 Bad input never gets a 500 (the reference client answers 500 to unknown types
 and malformed JSON). The real server's POST has no timeout and its worker pool
 is small, so the endpoint answers at once: it publishes on the
-:class:`~fl_sidecar.events.EventBus` (quick) and answers; ``on_event`` (e.g.
-:meth:`fl_sidecar.scripts.ScriptRunner.handle`) is called afterwards on one
+:class:`~fl_sidecar.sidecar.eventbus.EventBus` (quick) and answers; ``on_event`` (e.g.
+:meth:`fl_sidecar.sidecar.scripts.ScriptRunner.handle`) is called afterwards on one
 dispatcher thread, in sequence-number order, so a slow handler never delays an
 answer. Events are published in the order they arrive; the real server
 sometimes sends a round start before the training start, and both are
