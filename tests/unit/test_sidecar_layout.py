@@ -113,3 +113,19 @@ def test_the_docs_name_every_module_of_the_sidecar_package() -> None:
     listed = set(re.findall(r"^\| `(\w+)` \|", section, flags=re.MULTILINE))
     modules = {p.stem for p in (PACKAGE / "sidecar").glob("*.py")} - {"__init__"}
     assert listed == modules
+
+
+def test_the_servicer_reaches_the_fl_server_only_through_the_transfer_layer() -> None:
+    tree = ast.parse((PACKAGE / "sidecar" / "servicer.py").read_text())
+    attributes = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    assert "client" not in attributes  # never transfers.client.<call>
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "fl_sidecar.server_api"
+        for alias in node.names
+    }
+    assert imported <= {"Credentials"}  # a type for the requests' credentials, no calls
+    # ... and the notification URL comes through the constructor, not patched on later.
+    process = (PACKAGE / "sidecar" / "process.py").read_text()
+    assert ".notification_url =" not in process
