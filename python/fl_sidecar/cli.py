@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 # The modules that add subcommands, in the order of the help; each module's
 # ``register(subparsers)`` adds its own parsers with ``func`` set.
 _COMMAND_MODULES: Sequence[str] = (
-    "fl_sidecar.server",  # serve
+    "fl_sidecar.sidecar.process",  # serve
     "fl_sidecar.devserver.cli",  # devserver
     "fl_sidecar.tools",  # download, upload, pack, unpack, info, events
     "fl_sidecar.demo",  # demo

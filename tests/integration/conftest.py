@@ -9,6 +9,8 @@ Fixtures (stable interface, other test modules rely on them):
   ``start_training``, ``training``, ``request``, ``wait_idle``).
 - ``notification_sink``: a factory of :class:`NotificationSink` HTTP servers
   (port 0) that record the notification bodies they receive.
+- ``workdir``: a fresh short-path directory for a sidecar's socket and
+  spool (``sidecar_harness.short_tempdir``), removed after the test.
 - ``tiny_model``: a factory ``tiny_model(seed=0) -> bytes`` of a small pickled
   ``nn.Sequential`` (torch.save).
 """
@@ -20,10 +22,12 @@ import http.client
 import http.server
 import io
 import json
+import shutil
 import threading
 import urllib.parse
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -372,6 +376,18 @@ def make_devserver(tmp_path: Any) -> Iterator[Callable[..., DevServerHandle]]:
 def devserver(make_devserver: Callable[..., DevServerHandle]) -> DevServerHandle:
     """A started dev FL server with the suite's defaults (see ``make_devserver``)."""
     return make_devserver()
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A fresh short-path directory for a sidecar's socket and spool, removed afterwards."""
+    from sidecar_harness import short_tempdir
+
+    path = short_tempdir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -44,6 +44,8 @@ __all__ = [
     "SERVICE_NAME",
     "SidecarProcess",
     "running_sidecar",
+    "short_tempdir",
+    "spool_model_files",
     "start_sidecar",
 ]
 
@@ -150,12 +152,31 @@ class SidecarProcess:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _short_tempdir() -> Path:
-    # sockaddr_un holds at most 107 bytes: keep the socket path short.
+def short_tempdir() -> Path:
+    """A fresh directory with a short path: a unix socket inside fits sockaddr_un (107 bytes)."""
     base = tempfile.gettempdir()
     if len(base) > 40:
         base = "/tmp"
     return Path(tempfile.mkdtemp(prefix="fls-", dir=base))
+
+
+_short_tempdir = short_tempdir  # the name the test modules imported first
+
+
+def spool_model_files(spool: Path) -> List[Path]:
+    """The model files under a sidecar's ``--spool-dir``: what a transfer may leave behind.
+
+    The spool's ``.lock`` (held while the sidecar lives) and the upload journal
+    beside the spool (``fl-sidecar-uploads-<uid>``, kept across restarts) are meant
+    to stay and are not counted.
+    """
+    return [
+        path
+        for path in spool.rglob("*")
+        if path.is_file()
+        and path.name != ".lock"
+        and not path.parent.name.startswith("fl-sidecar-uploads-")
+    ]
 
 
 def _child_env(extra: Optional[Mapping[str, str]]) -> Dict[str, str]:

@@ -16,8 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_sidecar.events import EventBus, EventKind, ServerEvent
-from fl_sidecar.notifications import DEFAULT_PORT, NotificationServer
+from fl_sidecar.events import EventKind, ServerEvent
+from fl_sidecar.sidecar.eventbus import EventBus
+from fl_sidecar.sidecar.notifications import DEFAULT_PORT, NotificationServer
 
 TRAINING = "6e3a4c1e-8f5b-4d43-9b43-0d8f3f0b7a11"
 MODEL = "0b7c9d2a-1e4f-4a5b-8c6d-7e8f9a0b1c2d"

@@ -14,9 +14,10 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from fl_sidecar.errors import ConfigurationError
-from fl_sidecar.events import EventBus, ServerEvent
-from fl_sidecar.notifications import NotificationServer
-from fl_sidecar.scripts import ScriptRun, ScriptRunner
+from fl_sidecar.events import ServerEvent
+from fl_sidecar.sidecar.eventbus import EventBus
+from fl_sidecar.sidecar.notifications import NotificationServer
+from fl_sidecar.sidecar.scripts import ScriptRun, ScriptRunner
 
 TRAINING = "6e3a4c1e-8f5b-4d43-9b43-0d8f3f0b7a11"
 OTHER_TRAINING = "a1b2c3d4-0000-4000-8000-000000000002"

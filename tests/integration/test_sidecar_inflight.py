@@ -24,7 +24,7 @@ import grpc
 import pytest
 from conftest import DevServerHandle, User
 from faultproxy import FaultProxy
-from sidecar_harness import SidecarProcess, _short_tempdir, start_sidecar
+from sidecar_harness import SidecarProcess, spool_model_files, start_sidecar
 
 from fl_sidecar.client import SidecarClient
 from fl_sidecar.errors import SidecarError, UploadFailedError
@@ -85,15 +85,6 @@ def small_round(devserver: DevServerHandle) -> Round:
     return _round(devserver, _module_bytes(8))
 
 
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    import shutil
-
-    path = _short_tempdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def _sidecar(workdir: Path, proxy: FaultProxy, user: User) -> SidecarProcess:
     return start_sidecar(
         server_url=proxy.url,
@@ -146,24 +137,12 @@ def _exit_status_after(sidecar: SidecarProcess, signum: int) -> Tuple[int, float
     return rc, time.monotonic() - started
 
 
-def _spool_files(workdir: Path) -> List[Path]:
-    """Model files in the sidecar's spool (the upload journal beside it, and the
-    spool's ``.lock`` held while the sidecar lives, are meant to stay)."""
-    return [
-        path
-        for path in (workdir / "spool").rglob("*")
-        if path.is_file()
-        and path.name != ".lock"
-        and not path.parent.name.startswith("fl-sidecar-uploads-")
-    ]
-
-
 def _wait_spool_empty(workdir: Path) -> List[Path]:
     # The sidecar removes the partial file right after its request ended; bounded wait.
     deadline = time.monotonic() + 20
-    while _spool_files(workdir) and time.monotonic() < deadline:
+    while spool_model_files(workdir / "spool") and time.monotonic() < deadline:
         time.sleep(0.02)
-    return _spool_files(workdir)
+    return spool_model_files(workdir / "spool")
 
 
 def _posts(proxy: FaultProxy, game: Round) -> Sequence[Any]:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import grpc
 import pytest
 from conftest import DevServerHandle, User
-from sidecar_harness import _PACKAGE_ROOT, SidecarProcess, running_sidecar
+from sidecar_harness import _PACKAGE_ROOT, SidecarProcess, running_sidecar, spool_model_files
 
 from fl_sidecar import models
 from fl_sidecar.client import SidecarClient
@@ -529,6 +529,48 @@ def test_upload_for_the_wrong_round_or_by_a_stranger(world: World) -> None:
     assert world.arrived(training_id) == 0
 
 
+@pytest.mark.parametrize("fmt", [pb.MODEL_FORMAT_TORCH, pb.MODEL_FORMAT_SAFETENSORS])
+def test_upload_to_a_model_that_no_training_uses_is_failed_precondition(
+    world: World, fmt: int
+) -> None:
+    """The model exists but no training uses it: the upload's precondition, not its bytes."""
+    data = _module_bytes(7)
+    model_id = world.devserver.upload_model(world.actor, data)
+    if fmt == pb.MODEL_FORMAT_SAFETENSORS:
+        state = torch.load(io.BytesIO(data), weights_only=False).state_dict()
+        data = safetensors_torch.save(state)
+    header = pb.UploadHeader(model_id=model_id, round=0, sample_size=1, format=fmt)  # type: ignore[arg-type]
+    with pytest.raises(grpc.RpcError) as caught:
+        world.stub.UploadModel(upload_messages(header, data), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = caught.value.details() or ""
+    # The message is about the upload the trainer asked for, never an internal step.
+    assert "upload" in details.lower() and model_id in details
+    assert "template" not in details.lower() and "download" not in details.lower()
+    assert "not used by any training" in details
+    trailers = dict(caught.value.trailing_metadata() or ())
+    assert trailers["fl-sidecar-upload-state"] == "rejected"
+    assert trailers["fl-sidecar-error"] == "ConflictError"
+
+
+def test_safetensors_upload_to_an_unknown_model_names_the_upload(world: World) -> None:
+    """The global model is fetched only to convert the upload: its refusal is the upload's."""
+    state = torch.load(io.BytesIO(_module_bytes(8)), weights_only=False).state_dict()
+    model_id = str(uuid.uuid4())
+    header = pb.UploadHeader(
+        model_id=model_id, round=0, sample_size=1, format=pb.MODEL_FORMAT_SAFETENSORS
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        world.stub.UploadModel(upload_messages(header, safetensors_torch.save(state)), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    details = caught.value.details() or ""
+    assert details.startswith(f"upload for model {model_id} failed: ")
+    assert "download" not in details.lower() and "not found" in details.lower()
+    trailers = dict(caught.value.trailing_metadata() or ())
+    assert trailers["fl-sidecar-upload-state"] == "not_sent"
+    assert trailers["fl-sidecar-http-status"] == "400"
+
+
 def test_trainer_that_disconnects_mid_upload_uploads_nothing(world: World) -> None:
     model_id, training_id, data = world.new_training()
     sent = threading.Event()
@@ -709,12 +751,6 @@ def test_zz_metrics_count_bytes_both_ways(world: World) -> None:
     assert 'fl_sidecar_rpc_errors_total{code="NOT_FOUND",method="DownloadModel"}' in text
 
 
-def _spool_files(sidecar: SidecarProcess) -> List[Path]:
-    """Model files in the sidecar's spool (its ``.lock``, held while it lives, is none)."""
-    spool = sidecar.workdir / "spool"
-    return [path for path in spool.rglob("*") if path.is_file() and path.name != ".lock"]
-
-
 def test_cancelled_download_leaves_no_spool_file(world: World) -> None:
     torch.manual_seed(1)
     buffer = io.BytesIO()
@@ -733,14 +769,16 @@ def test_cancelled_download_leaves_no_spool_file(world: World) -> None:
                 chunks += message.WhichOneof("kind") == "chunk"
                 if chunks == 3:
                     break
-            assert len(_spool_files(sidecar)) == 1  # the model being streamed
+            assert (
+                len(spool_model_files(sidecar.workdir / "spool")) == 1
+            )  # the model being streamed
             stream.cancel()
             # The sidecar notices the cancellation asynchronously: wait for its
             # effect (bounded), there is no event to wait on from outside.
             deadline = time.monotonic() + 20
-            while _spool_files(sidecar) and time.monotonic() < deadline:
+            while spool_model_files(sidecar.workdir / "spool") and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert _spool_files(sidecar) == []
+            assert spool_model_files(sidecar.workdir / "spool") == []
 
 
 def test_without_torch_models_are_vetted_converted_and_moved(world: World, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ owned by ``nobody`` (65534). As root, ``chown`` plays the other user.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -21,7 +20,7 @@ from typing import Any, Iterator, List, Tuple
 
 import grpc
 import pytest
-from sidecar_harness import _child_env, _read_ready_line, _short_tempdir, running_sidecar
+from sidecar_harness import _child_env, _read_ready_line, running_sidecar
 
 from fl_sidecar import errors
 from fl_sidecar.client import CallCredentials, SidecarClient
@@ -36,15 +35,6 @@ pytestmark = [
 OTHER_UID = 65534  # nobody
 TOKEN = "tok-Secret-" + "t" * 20
 PASSWORD = "pw-Secret-5678"
-
-
-@pytest.fixture()
-def workdir() -> Iterator[Path]:
-    path = _short_tempdir()
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _serve(*flags: str, env: Any = None) -> subprocess.CompletedProcess:  # type: ignore[type-arg]

@@ -23,6 +23,7 @@ import yaml
 
 from fl_sidecar import config
 from fl_sidecar.errors import ConfigurationError
+from fl_sidecar.sidecar import settings as settings_module
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
@@ -36,7 +37,7 @@ HEALTHCHECK = ["fl-sidecar-entrypoint", "healthcheck"]
 def _known_variables() -> set[str]:
     # The settings module is the one place that reads the environment: every
     # variable it understands is named in its source.
-    source = Path(config.__file__).read_text()
+    source = Path(settings_module.__file__ or "").read_text()
     return set(re.findall(r"\b(FL_[A-Z_]+[A-Z])\b", source))
 
 

@@ -12,15 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fl_sidecar.errors import FlSidecarError, MalformedNotificationError
-from fl_sidecar.events import (
-    MAX_ROUND,
-    EventBus,
-    EventKind,
-    ServerEvent,
-    Subscription,
-    clock_first_seq,
-    parse_notification,
-)
+from fl_sidecar.events import MAX_ROUND, EventKind, ServerEvent, clock_first_seq, parse_notification
+from fl_sidecar.sidecar.eventbus import EventBus, Subscription
 
 TRAINING = "6e3a4c1e-8f5b-4d43-9b43-0d8f3f0b7a11"
 MODEL = "0b7c9d2a-1e4f-4a5b-8c6d-7e8f9a0b1c2d"

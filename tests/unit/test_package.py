@@ -76,9 +76,9 @@ def test_boundaries_torch_requests_grpc() -> None:
         # The FL server client's transport and bodies; the rest of fl_sidecar.flserver
         # only names requests' types (``if TYPE_CHECKING``).
         "requests": {"flserver/transport.py", "flserver/bodies.py"},
-        # The service, the server process and the trainer-side client.
-        "grpc": {"service.py", "server.py", *TRAINER_GRPC},
-        "grpc_health": {"service.py", "server.py", *TRAINER_GRPC},
+        # The sidecar's servicer, its status table and process, and the trainer-side client.
+        "grpc": {"sidecar/servicer.py", "sidecar/status.py", "sidecar/process.py", *TRAINER_GRPC},
+        "grpc_health": {"sidecar/servicer.py", "sidecar/process.py", *TRAINER_GRPC},
     }
     for package, modules in allowed.items():
         assert _modules_importing(package) <= modules, package
@@ -87,7 +87,9 @@ def test_boundaries_torch_requests_grpc() -> None:
     assert _modules_importing("requests") == {"flserver/transport.py", "flserver/bodies.py"}
     assert _modules_importing("grpc") >= TRAINER_GRPC
     # The torch-free model files stay torch-free, and so does the sidecar's domain layer.
-    for module in ("archive.py", "_pickle.py", "transfers.py", "service.py", "server.py"):
+    sidecar_side = sorted(str(p.relative_to(PACKAGE)) for p in (PACKAGE / "sidecar").glob("*.py"))
+    assert "sidecar/transfers.py" in sidecar_side
+    for module in ("archive.py", "_pickle.py", *sidecar_side):
         assert not _runtime_imports(PACKAGE / module) & {"torch", "numpy", "safetensors"}
     # Every other module of the model files package is torch-free.
     for path in (PACKAGE / "modelfiles").glob("*.py"):

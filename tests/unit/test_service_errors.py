@@ -16,7 +16,7 @@ import pytest
 import requests
 import urllib3
 
-from fl_sidecar import server_api, service
+from fl_sidecar import server_api
 from fl_sidecar.errors import (
     ConflictError,
     NotFoundError,
@@ -24,6 +24,7 @@ from fl_sidecar.errors import (
     SidecarError,
     UploadOutcomeUnknownError,
 )
+from fl_sidecar.sidecar import servicer, status
 from fl_sidecar.v1 import sidecar_pb2 as pb
 
 
@@ -48,7 +49,7 @@ class _RecordingContext:
 
 
 def _fail(exc: BaseException) -> _RecordingContext:
-    servicer = service.SidecarService(
+    service = servicer.SidecarService(
         cast(Any, None),
         cast(Any, None),
         server_url="http://fl.example",
@@ -57,7 +58,7 @@ def _fail(exc: BaseException) -> _RecordingContext:
     )
     context = _RecordingContext()
     with pytest.raises(_Aborted):
-        servicer._fail("UploadModel", cast(Any, context), exc)
+        service._fail("UploadModel", cast(Any, context), exc)
     return context
 
 
@@ -104,7 +105,7 @@ def test_a_bug_says_nothing_beyond_internal() -> None:
 def test_a_long_body_is_cut_to_fit_the_metadata_limit() -> None:
     body = '{"detail": "' + "\u00e9" * 6000 + '"}'
     trailers = dict(
-        service.error_trailers(NotFoundError("x", status=400, body=body), "download failed")
+        status.error_trailers(NotFoundError("x", status=400, body=body), "download failed")
     )
     sent = trailers["fl-sidecar-http-body-bin"]
     assert isinstance(sent, bytes)
@@ -112,7 +113,7 @@ def test_a_long_body_is_cut_to_fit_the_metadata_limit() -> None:
     assert sent.decode("utf-8").startswith('{"detail": "\u00e9')  # cut between characters
     # A long message leaves less room: all the trailers stay below gRPC's 8 KiB default.
     message = "m" * 6000
-    long_trailers = service.error_trailers(NotFoundError(message, status=400, body=body), message)
+    long_trailers = status.error_trailers(NotFoundError(message, status=400, body=body), message)
     wire = len(message) + sum(
         len(key) + len(base64.b64encode(v) if isinstance(v, bytes) else v)
         for key, v in long_trailers
@@ -122,7 +123,7 @@ def test_a_long_body_is_cut_to_fit_the_metadata_limit() -> None:
 
 def test_an_odd_content_type_is_not_sent() -> None:
     trailers = dict(
-        service.error_trailers(NotFoundError("x", status=400, content_type="text/\x00html"), "x")
+        status.error_trailers(NotFoundError("x", status=400, content_type="text/\x00html"), "x")
     )
     assert "fl-sidecar-http-content-type" not in trailers
 
@@ -135,14 +136,14 @@ def test_metrics_keep_numbers_and_text_and_old_clients_zero() -> None:
         pb.Metric(name="empty", text=""),
         old_client_zero,
     ]
-    assert service._metrics_mapping(metrics) == {
+    assert servicer._metrics_mapping(metrics) == {
         "accuracy": 0.5,
         "note": "abc",
         "empty": "",
         "zero": 0.0,
     }
     with pytest.raises(SidecarError, match="twice"):
-        service._metrics_mapping([pb.Metric(name="a", value=1), pb.Metric(name="a", text="b")])
+        servicer._metrics_mapping([pb.Metric(name="a", value=1), pb.Metric(name="a", text="b")])
 
 
 def _answer(status: int, body: bytes, authorization: str) -> requests.Response:

@@ -19,7 +19,7 @@ import pytest
 
 from fl_sidecar import errors
 from fl_sidecar.server_api import TransferResult
-from fl_sidecar.transfers import (
+from fl_sidecar.sidecar.transfers import (
     SPOOL_PREFIX,
     TransferManager,
     UploadSpool,
@@ -92,7 +92,7 @@ def test_sha256_hex_check() -> None:
 def test_unpack_decoder_bounds_each_output_of_a_bomb_behind_ordinary_data() -> None:
     codec = pytest.importorskip("fl_sidecar.codec")
     zstandard = pytest.importorskip("zstandard")
-    from fl_sidecar.service import _UNPACK_PIECE, _bounded_unpacker
+    from fl_sidecar.sidecar.codecstreams import _UNPACK_PIECE, _bounded_unpacker
 
     ordinary = codec.pack(bytes(range(256)) * 4096)  # 1 MiB of plain data first
     compressor = zstandard.ZstdCompressor(level=19).compressobj()  # no content size
@@ -256,7 +256,7 @@ def test_upload_into_a_full_spool_is_typed_and_leaves_nothing(tmp_path: Path) ->
 
 def test_a_full_spool_is_resource_exhausted_not_internal() -> None:
     grpc = pytest.importorskip("grpc")
-    from fl_sidecar.service import status_for
+    from fl_sidecar.sidecar.status import status_for
 
     full = errors.SpoolFullError("full", spool_dir="/spool")
     assert status_for(full) == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fl_sidecar import errors, socketdir
+from fl_sidecar import errors
 from fl_sidecar.client import SidecarClient, unix_socket_path
+from fl_sidecar.sidecar import socketdir
 
 OTHER_UID = 65534  # nobody
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")

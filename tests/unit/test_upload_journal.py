@@ -12,12 +12,13 @@ from typing import List
 import grpc
 import pytest
 
-from fl_sidecar import errors, uploads
-from fl_sidecar.cancel import REASON_SHUTDOWN, REASON_TRAINER_GONE, Cancellation
+from fl_sidecar import errors
 from fl_sidecar.server_api import _multipart_parts, _StreamBody
-from fl_sidecar.service import _upload_failure, status_for
-from fl_sidecar.transfers import _upload_state_after
-from fl_sidecar.uploads import UploadJournal
+from fl_sidecar.sidecar import uploads
+from fl_sidecar.sidecar.cancel import REASON_SHUTDOWN, REASON_TRAINER_GONE, Cancellation
+from fl_sidecar.sidecar.status import status_for, upload_failure
+from fl_sidecar.sidecar.transfers import _upload_state_after
+from fl_sidecar.sidecar.uploads import UploadJournal
 
 
 def _journal(tmp_path: Path) -> UploadJournal:
@@ -186,7 +187,7 @@ def test_retry_is_said_only_when_nothing_arrived() -> None:
     assert _upload_state_after(shrank, body_complete=False) == "not_sent"
 
     def code(exc: Exception, state: str) -> str:
-        return str(status_for(_upload_failure(exc, "u1", state)).name)
+        return str(status_for(upload_failure(exc, "u1", state)).name)
 
     assert code(unavailable, "not_sent") == "UNAVAILABLE"
     assert code(unavailable, "unknown") == "UNKNOWN"
@@ -195,7 +196,7 @@ def test_retry_is_said_only_when_nothing_arrived() -> None:
     )
     assert code(errors.TransferCancelledError("x"), "not_sent") == "CANCELLED"
     assert code(errors.SidecarError("drain", code="UNAVAILABLE"), "rejected") == "UNKNOWN"
-    kept = _upload_failure(conflict, "u1", "rejected")
+    kept = upload_failure(conflict, "u1", "rejected")
     assert kept is conflict  # its own code (FAILED_PRECONDITION) stands
     assert code(errors.ModelError("shrank?"), "unknown") == grpc.StatusCode.UNKNOWN.name
     assert code(errors.ModelError("not a model"), "not_sent") == "INVALID_ARGUMENT"

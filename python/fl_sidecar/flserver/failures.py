@@ -88,6 +88,8 @@ def map_error(
             or "is in state" in lowered
             or "is testing round" in lowered
             or "not in state" in lowered
+            # The model exists, but no training uses it: the upload's precondition.
+            or "not used by any training" in lowered
         )
     ):
         cls = ConflictError

@@ -15,30 +15,44 @@ Connecting
     the metadata entry `x-fl-sidecar-token: <token>`; otherwise it fails
     with UNAUTHENTICATED. Health checks (`grpc.health.v1.Health`) need no
     token, so that orchestrators' probes work.
-  - Bulk data moves in chunks of 1-4 MiB. The sidecar accepts and sends
-    messages up to 8 MiB; set your client's limits at least that high.
+  - Bulk data moves in chunks of 1-4 MiB: the sidecar's chunks are 1 MiB
+    by default (DownloadModelRequest.chunk_size picks another size, at most
+    4 MiB; more is refused with INVALID_ARGUMENT), and Pack/Unpack output
+    comes in messages of 1-4 MiB. The sidecar accepts and sends messages up
+    to 8 MiB (a chunk plus its envelope); set your client's limits at least
+    that high. GetInfo.max_message_size says the same at run time.
   - Standard services are also served: `grpc.health.v1.Health` (service
     name "fl_sidecar.v1.Sidecar"; NOT_SERVING while the sidecar drains on
     shutdown) and server reflection.
 
-Errors are gRPC status codes with a human-readable message:
-  INVALID_ARGUMENT    a malformed request: missing header, wrong format, bad id
+Errors are gRPC status codes with a human-readable message (docs/sidecar.md,
+"Status codes", says which error gives which code, and when):
+  INVALID_ARGUMENT    a malformed request: missing header, wrong format, an id
+                      that is empty or holds whitespace, "/", "?" or "#" (an id
+                      the server does not know, e.g. "not-a-uuid", is NOT_FOUND);
+                      a model file that is not what its format says; another
+                      refusal of the FL server (a 4xx not listed here)
   NOT_FOUND           the server does not know the model or training
   UNAUTHENTICATED     wrong API token, or the FL server refused the credentials
   PERMISSION_DENIED   not a participant of the training
   FAILED_PRECONDITION the training is not in the round/state the upload is for,
-                      or a duplicate upload
+                      no training uses the model, or a duplicate upload; a
+                      downloaded model whose pickle would run code (the sidecar
+                      does not trust pickles)
   UNAVAILABLE         the FL server cannot be reached or keeps failing, or the
                       sidecar is shutting down; safe to retry. After UploadModel
                       see "Uploads: the retry rule" below: your gRPC library also
                       reports a broken connection to the sidecar as UNAVAILABLE
   UNKNOWN             an upload may or may not have reached the server: do not
-                      resend it; ask GetUpload (then GetTraining) first
+                      resend it; ask GetUpload (then GetTraining) first. Also an
+                      FL server failure of another kind
   ALREADY_EXISTS      UploadModel: the server already accepted this upload_id
   ABORTED             UploadModel: this upload_id is being sent right now
   DATA_LOSS           corrupt, truncated or checksum-failing data
   RESOURCE_EXHAUSTED  a limit was reached (a size limit, e.g. a decompression bomb;
-                      a model reader's budget; the sidecar's spool is full)
+                      a model reader's budget; the sidecar's spool or disk is
+                      full; more concurrent calls than --max-concurrent-rpcs)
+  OUT_OF_RANGE        WatchEvents: after_seq is beyond this sidecar's newest event
   CANCELLED           the trainer went away mid-stream; nothing was uploaded
   INTERNAL            a bug in the sidecar
 
@@ -351,7 +365,8 @@ class GetInfoResponse(_message.Message):
     yet learnt. The sidecar sends no request of its own to learn it: it reads
     the server's Accept-Encoding from the answers to its transfers (the first
     download or upload), and an upload made while it is "" goes in identity.
-    "identity" at once with --compression never.
+    "identity" at once with --compression never, which also stops downloads
+    from being offered zstd (they arrive in identity).
     """
     notification_url: _builtins.str
     """where the FL server should POST notifications"""
@@ -392,7 +407,7 @@ class DownloadModelRequest(_message.Message):
     """the global model's UUID"""
     format: Global___ModelFormat.ValueType
     chunk_size: _builtins.int
-    """bytes per chunk message; 0 = the sidecar's default (1 MiB)"""
+    """Bytes per chunk message; 0 = the sidecar's default (1 MiB); at most 4 MiB."""
     @_builtins.property
     def credentials(self) -> Global___Credentials:
         """optional; the sidecar's own when unset"""
@@ -454,6 +469,10 @@ Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
 
 @_typing.final
 class Progress(_message.Message):
+    """How far a download is, before its ModelInfo. Only the newest count is sent
+    (counts are coalesced), so messages may skip numbers.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     class _Phase:
@@ -466,27 +485,31 @@ class Progress(_message.Message):
         PHASE_FETCHING: Progress._Phase.ValueType  # 1
         """sidecar <- FL server"""
         PHASE_CONVERTING: Progress._Phase.ValueType  # 2
-        """format conversion in the sidecar"""
+        """vetting or format conversion in the sidecar; done and total are 0"""
         PHASE_SENDING: Progress._Phase.ValueType  # 3
-        """sidecar -> FL server"""
+        """sidecar -> FL server (not sent by this version)"""
 
     class Phase(_Phase, metaclass=_PhaseEnumTypeWrapper): ...
     PHASE_UNSPECIFIED: Progress.Phase.ValueType  # 0
     PHASE_FETCHING: Progress.Phase.ValueType  # 1
     """sidecar <- FL server"""
     PHASE_CONVERTING: Progress.Phase.ValueType  # 2
-    """format conversion in the sidecar"""
+    """vetting or format conversion in the sidecar; done and total are 0"""
     PHASE_SENDING: Progress.Phase.ValueType  # 3
-    """sidecar -> FL server"""
+    """sidecar -> FL server (not sent by this version)"""
 
     PHASE_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
     phase: Global___Progress.Phase.ValueType
     done: _builtins.int
-    """bytes"""
+    """Wire bytes received so far: the bytes as they crossed the network, i.e. the
+    zstd-coded bytes when ModelInfo.content_encoding is "zstd", not the model's size.
+    """
     total: _builtins.int
-    """bytes; 0 when unknown"""
+    """Wire bytes the FL server announced (its Content-Length); 0 when it announced
+    none, as for a zstd-coded answer coded while it streams (the dev server's).
+    """
     def __init__(
         self,
         *,
@@ -548,9 +571,11 @@ class UploadHeader(_message.Message):
     model_id: _builtins.str
     """the global model's UUID"""
     round: _builtins.int
-    """the training round this update is for"""
+    """the training round this update is for (from 0: the"""
     sample_size: _builtins.int
-    """number of training samples (FedAvg weight)"""
+    """round of the UPDATE_ROUND_START being answered)
+    number of training samples (FedAvg weight)
+    """
     format: Global___ModelFormat.ValueType
     size: _builtins.int
     """bytes that will follow; 0 = unknown (not checked)"""
@@ -1093,7 +1118,11 @@ class Event(_message.Message):
     model_id: _builtins.str
     """body.global_model_uuid; "" when absent"""
     round: _builtins.int
-    """body.round, when present"""
+    """body.round, when present. Rounds count from 0: UPDATE_ROUND_START carries
+    the round to train (the first is 0; upload with UploadHeader.round equal to
+    it); MODEL_TEST_ROUND carries the round after the one just aggregated
+    (round + 1: the global model's new round), as the FL server sends it.
+    """
     body_json: _builtins.str
     """the notification's body as JSON"""
     raw_json: _builtins.str

@@ -15,30 +15,44 @@ Connecting
     the metadata entry `x-fl-sidecar-token: <token>`; otherwise it fails
     with UNAUTHENTICATED. Health checks (`grpc.health.v1.Health`) need no
     token, so that orchestrators' probes work.
-  - Bulk data moves in chunks of 1-4 MiB. The sidecar accepts and sends
-    messages up to 8 MiB; set your client's limits at least that high.
+  - Bulk data moves in chunks of 1-4 MiB: the sidecar's chunks are 1 MiB
+    by default (DownloadModelRequest.chunk_size picks another size, at most
+    4 MiB; more is refused with INVALID_ARGUMENT), and Pack/Unpack output
+    comes in messages of 1-4 MiB. The sidecar accepts and sends messages up
+    to 8 MiB (a chunk plus its envelope); set your client's limits at least
+    that high. GetInfo.max_message_size says the same at run time.
   - Standard services are also served: `grpc.health.v1.Health` (service
     name "fl_sidecar.v1.Sidecar"; NOT_SERVING while the sidecar drains on
     shutdown) and server reflection.
 
-Errors are gRPC status codes with a human-readable message:
-  INVALID_ARGUMENT    a malformed request: missing header, wrong format, bad id
+Errors are gRPC status codes with a human-readable message (docs/sidecar.md,
+"Status codes", says which error gives which code, and when):
+  INVALID_ARGUMENT    a malformed request: missing header, wrong format, an id
+                      that is empty or holds whitespace, "/", "?" or "#" (an id
+                      the server does not know, e.g. "not-a-uuid", is NOT_FOUND);
+                      a model file that is not what its format says; another
+                      refusal of the FL server (a 4xx not listed here)
   NOT_FOUND           the server does not know the model or training
   UNAUTHENTICATED     wrong API token, or the FL server refused the credentials
   PERMISSION_DENIED   not a participant of the training
   FAILED_PRECONDITION the training is not in the round/state the upload is for,
-                      or a duplicate upload
+                      no training uses the model, or a duplicate upload; a
+                      downloaded model whose pickle would run code (the sidecar
+                      does not trust pickles)
   UNAVAILABLE         the FL server cannot be reached or keeps failing, or the
                       sidecar is shutting down; safe to retry. After UploadModel
                       see "Uploads: the retry rule" below: your gRPC library also
                       reports a broken connection to the sidecar as UNAVAILABLE
   UNKNOWN             an upload may or may not have reached the server: do not
-                      resend it; ask GetUpload (then GetTraining) first
+                      resend it; ask GetUpload (then GetTraining) first. Also an
+                      FL server failure of another kind
   ALREADY_EXISTS      UploadModel: the server already accepted this upload_id
   ABORTED             UploadModel: this upload_id is being sent right now
   DATA_LOSS           corrupt, truncated or checksum-failing data
   RESOURCE_EXHAUSTED  a limit was reached (a size limit, e.g. a decompression bomb;
-                      a model reader's budget; the sidecar's spool is full)
+                      a model reader's budget; the sidecar's spool or disk is
+                      full; more concurrent calls than --max-concurrent-rpcs)
+  OUT_OF_RANGE        WatchEvents: after_seq is beyond this sidecar's newest event
   CANCELLED           the trainer went away mid-stream; nothing was uploaded
   INTERNAL            a bug in the sidecar
 

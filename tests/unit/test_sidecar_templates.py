@@ -15,7 +15,8 @@ import pytest
 
 from fl_sidecar.errors import ServerUnavailableError
 from fl_sidecar.server_api import TransferResult
-from fl_sidecar.transfers import _TEMPLATE_CACHE_SIZE, TransferManager
+from fl_sidecar.sidecar.templates import TEMPLATE_CACHE_SIZE
+from fl_sidecar.sidecar.transfers import TransferManager
 
 
 class RecordingClient:
@@ -57,25 +58,23 @@ def manager(tmp_path: Path) -> Any:
 
 def test_one_fetch_per_round_and_lru_eviction_spares_templates_in_use(manager: Any) -> None:
     transfers, client = manager
-    held = [
-        transfers._acquire_template((f"m{i}", 0), None) for i in range(_TEMPLATE_CACHE_SIZE + 2)
-    ]
+    held = [transfers.templates.acquire((f"m{i}", 0), None) for i in range(TEMPLATE_CACHE_SIZE + 2)]
     # All are being read: none may be removed, whatever the cache size.
     assert all(t.path.read_bytes() == f"m{i}".encode() for i, t in enumerate(held))
-    again = transfers._acquire_template(("m0", 0), None)
+    again = transfers.templates.acquire(("m0", 0), None)
     assert again is held[0]
-    assert client.fetches == [f"m{i}" for i in range(_TEMPLATE_CACHE_SIZE + 2)]
+    assert client.fetches == [f"m{i}" for i in range(TEMPLATE_CACHE_SIZE + 2)]
     # Use order now: m1, m2, m3, m0. Released templates over the limit go, least
     # recently used first; m0 stays pinned by 'again' throughout.
     for i, template in enumerate(held):
-        transfers._release_template((f"m{i}", 0), template)
+        transfers.templates.release((f"m{i}", 0), template)
         assert held[0].path.exists()
-    transfers._release_template(("m0", 0), again)
+    transfers.templates.release(("m0", 0), again)
     alive = [f"m{i}" for i, t in enumerate(held) if t.path.exists()]
-    assert len(alive) == _TEMPLATE_CACHE_SIZE
+    assert len(alive) == TEMPLATE_CACHE_SIZE
     assert alive == ["m0", "m3"]
     # A cached template is not fetched again.
-    transfers._release_template(("m3", 0), transfers._acquire_template(("m3", 0), None))
+    transfers.templates.release(("m3", 0), transfers.templates.acquire(("m3", 0), None))
     assert client.fetches.count("m3") == 1
 
 
@@ -83,12 +82,12 @@ def test_a_failed_fetch_is_retried_and_leaves_no_file(manager: Any, tmp_path: Pa
     transfers, client = manager
     client.fail_next = True
     with pytest.raises(ServerUnavailableError):
-        transfers._acquire_template(("m", 3), None)
+        transfers.templates.acquire(("m", 3), None)
     assert not any(p.name.endswith(".template.pt") for p in transfers.spool_dir.iterdir())
-    template = transfers._acquire_template(("m", 3), None)
+    template = transfers.templates.acquire(("m", 3), None)
     assert template.path.read_bytes() == b"m"
     assert client.fetches == ["m", "m"]
-    transfers._release_template(("m", 3), template)
+    transfers.templates.release(("m", 3), template)
 
 
 def test_concurrent_callers_share_one_fetch_and_other_rounds_do_not_wait(manager: Any) -> None:
@@ -101,7 +100,7 @@ def test_concurrent_callers_share_one_fetch_and_other_rounds_do_not_wait(manager
     keys = [("m", 1), ("m", 1), ("m", 1), ("other", 1)]
 
     def take(index: int) -> None:
-        got[index] = transfers._acquire_template(keys[index], None)
+        got[index] = transfers.templates.acquire(keys[index], None)
 
     threads = [threading.Thread(target=take, args=(i,)) for i in range(4)]
     for thread in threads[:3]:
@@ -118,4 +117,4 @@ def test_concurrent_callers_share_one_fetch_and_other_rounds_do_not_wait(manager
     assert first.path.read_bytes() == b"m"
     assert sorted(client.fetches) == ["m", "other"]
     for key, template in zip(keys, got):
-        transfers._release_template(key, template)
+        transfers.templates.release(key, template)

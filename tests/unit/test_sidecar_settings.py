@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -13,18 +15,20 @@ import grpc
 import pytest
 
 from fl_sidecar import errors
-from fl_sidecar.config import (
+from fl_sidecar.sidecar.settings import (
     DEFAULT_MAX_MODEL_SIZE,
     DEFAULT_NOTIFICATION_PORT,
+    SETTINGS,
     Settings,
     add_arguments,
+    default_socket_path,
     is_loopback_host,
     parse_listen,
     parse_size,
     strip_userinfo,
 )
-from fl_sidecar.service import status_for
-from fl_sidecar.telemetry import RedactingFilter, configure_logging
+from fl_sidecar.sidecar.status import status_for
+from fl_sidecar.sidecar.telemetry import RedactingFilter, configure_logging
 
 
 def settings(argv: List[str], env: Optional[Dict[str, str]] = None) -> Settings:
@@ -285,7 +289,7 @@ def test_training_script_environment_has_no_userinfo_in_the_server_url() -> None
 
 
 def test_socket_directory_writable_by_others_is_refused(tmp_path: Path) -> None:
-    from fl_sidecar.server import check_socket_directory
+    from fl_sidecar.sidecar.process import check_socket_directory
 
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
@@ -309,7 +313,7 @@ def test_trusting_the_socket_parent_is_off_unless_asked(tmp_path: Path) -> None:
 
 
 def test_socket_refusals_are_configuration_errors_that_name_the_path(tmp_path: Path) -> None:
-    from fl_sidecar.server import check_socket_directory
+    from fl_sidecar.sidecar.process import check_socket_directory
 
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -393,3 +397,84 @@ def test_script_caps_and_training_ids() -> None:
         settings([], {"FL_SIDECAR_MAX_CONCURRENT_SCRIPTS": "0"})
     with pytest.raises(SystemExit):
         settings(["--max-queued-scripts", "0"])
+
+
+# --- the settings table: one declaration per setting ---------------------------------
+
+
+def _serve_help() -> str:
+    parser = argparse.ArgumentParser(prog="serve")
+    add_arguments(parser)
+    # argparse wraps lines (also after hyphens): compare without whitespace.
+    return "".join(parser.format_help().split())
+
+
+def test_every_setting_is_in_the_help_with_its_variables_and_default() -> None:
+    text = _serve_help()
+    for setting in SETTINGS:
+        folded = "".join(setting.help_text().split())
+        assert folded in text, setting.flag
+        for name in setting.env + setting.deprecated_env:
+            assert name in folded, (setting.flag, name)
+        shown = setting.shown_default()
+        if shown is not None:
+            assert "".join(f"; default {shown}]".split()) in folded, setting.flag
+        flag = setting.flag if setting.switch else f"{setting.flag}{setting.metavar}"
+        assert flag in text, setting.flag
+        if setting.secret_file:
+            assert f"{setting.file_flag}PATH" in text
+            assert all(f"{name}_FILE" in text for name in setting.env)
+
+
+def test_every_settings_field_is_one_table_entry_with_its_default() -> None:
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    derived = {"script_env", "warnings"}
+    entries = [s.field for s in SETTINGS if s.field is not None]
+    assert len(entries) == len(set(entries))
+    assert set(entries) == set(fields) - derived
+    for setting in SETTINGS:
+        if setting.field is not None and setting.applies_default:
+            assert fields[setting.field].default == setting.default, setting.field
+    assert len({s.flag for s in SETTINGS}) == len(SETTINGS)
+
+
+def test_docs_settings_table_lists_every_setting() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "sidecar.md").read_text()
+    table = docs.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `--")]
+    for setting in SETTINGS:
+        (row,) = [
+            r
+            for r in rows
+            if any(
+                flag.strip("`").split(" ")[0] == setting.flag
+                for flag in r.split("|")[1].strip().split(", ")
+            )
+        ]
+        for name in setting.env + setting.deprecated_env:
+            assert f"`{name}`" in row, (setting.flag, name)
+        if setting.secret_file:
+            assert f"`{setting.file_flag}`" in row
+            assert all(f"`{name}_FILE`" in row for name in setting.env)
+        if setting.default_text is None and setting.default is not None and not setting.switch:
+            assert str(setting.shown_default()) in row, setting.flag
+
+
+def test_a_value_that_does_not_parse_names_its_flag_and_variable() -> None:
+    for setting in SETTINGS:
+        if setting.parse is str:
+            continue
+        bad = " , " if setting.field == "script_training_ids" else "\x00not a value\x00"
+        env = {setting.env[0]: bad}
+        with pytest.raises(errors.ConfigurationError) as caught:
+            settings(["--socket", "/tmp/x.sock"], env)
+        assert f"{setting.flag} / {setting.env[0]}" in str(caught.value), setting.flag
+        assert setting.what in str(caught.value)
+
+
+def test_the_default_socket_is_one_function_of_the_environment() -> None:
+    assert settings([], {"XDG_RUNTIME_DIR": "/run/user/7"}).socket_path == default_socket_path(
+        {"XDG_RUNTIME_DIR": "/run/user/7"}
+    )
+    assert default_socket_path({}) == f"/tmp/fl-sidecar-{os.getuid()}/sidecar.sock"
+    assert settings(["--listen", "127.0.0.1:0"], {}).socket_path is None
