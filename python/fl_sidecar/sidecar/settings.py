@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
+from fl_sidecar.address import default_socket_path
 from fl_sidecar.errors import ConfigurationError
 from fl_sidecar.sidecar.values import (
     choice,
@@ -138,19 +139,6 @@ _SERVER_SECRET_VARIABLES = frozenset(
 )
 # Environment variables holding the FL server's URL: passed on without their userinfo.
 _SERVER_URL_VARIABLES = ("FL_SIDECAR_SERVER_URL", "FL_DEMONSTRATOR_BASE_URL")
-
-
-def default_socket_path(environ: Mapping[str, str]) -> str:
-    """The default unix socket: ``$XDG_RUNTIME_DIR/fl-sidecar/sidecar.sock``, else under /tmp.
-
-    The /tmp fallback is a per-user directory (``/tmp/fl-sidecar-<uid>``) that
-    the server creates with mode 0700; one that another user made first is
-    refused, never used.
-    """
-    runtime_dir = environ.get("XDG_RUNTIME_DIR")
-    if runtime_dir:
-        return os.path.join(runtime_dir, "fl-sidecar", "sidecar.sock")
-    return os.path.join("/tmp", f"fl-sidecar-{os.getuid()}", "sidecar.sock")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ import re
 from typing import Callable, Dict, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
+from fl_sidecar.address import parse_listen
+
 __all__ = [
     "choice",
     "is_loopback_host",
@@ -91,20 +93,6 @@ def parse_port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise ValueError(f"port {port} is outside 0..65535")
     return port
-
-
-def parse_listen(text: str) -> Tuple[str, int]:
-    """Parse ``host:port`` (``[::1]:port`` for IPv6) into ``(host, port)``.
-
-    Raises:
-        ValueError: no port, or the port is invalid.
-    """
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, parse_port(port_text)
 
 
 def is_loopback_host(host: str) -> bool:
