@@ -23,7 +23,7 @@ from fl_sidecar.events import EventKind, ServerEvent
 from fl_sidecar.v1 import sidecar_pb2 as pb
 
 if TYPE_CHECKING:
-    from fl_sidecar.server_api import Credentials
+    from fl_sidecar.flserver import Credentials
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -257,7 +257,7 @@ def credentials_from_proto(message: pb.Credentials) -> Optional[Credentials]:
     if kind is None:
         return None
     # The FL server client is imported only here: a trainer's client never needs it.
-    credentials_type = importlib.import_module("fl_sidecar.server_api").Credentials
+    credentials_type = importlib.import_module("fl_sidecar.flserver.credentials").Credentials
     try:
         if kind == "basic":
             made = credentials_type.basic(message.basic.username, message.basic.password)

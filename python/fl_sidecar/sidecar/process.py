@@ -52,7 +52,7 @@ from grpc_reflection.v1alpha import reflection
 from fl_sidecar import __version__
 from fl_sidecar.errors import ConfigurationError
 from fl_sidecar.events import EventKind, ServerEvent, clock_first_seq
-from fl_sidecar.server_api import Credentials, FlServerClient
+from fl_sidecar.flserver import Credentials, FlServerClient
 from fl_sidecar.sidecar import socketdir
 from fl_sidecar.sidecar.cancel import REASON_SHUTDOWN
 from fl_sidecar.sidecar.eventbus import EventBus

@@ -24,7 +24,7 @@ import grpc
 
 from fl_sidecar import __version__
 from fl_sidecar.errors import SidecarError, SizeLimitExceededError, UploadOutcomeUnknownError
-from fl_sidecar.server_api import Credentials
+from fl_sidecar.flserver import Credentials
 from fl_sidecar.sidecar import uploads as upload_journal
 from fl_sidecar.sidecar.cancel import REASON_TRAINER_GONE, Cancellation
 from fl_sidecar.sidecar.codecstreams import codec_defaults, pack_stream, unpack_stream

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
-from fl_sidecar.server_api import Credentials
+from fl_sidecar.flserver import Credentials
 from fl_sidecar.sidecar.cancel import Cancellation
 from fl_sidecar.sidecar.spool import unlink_quietly
 

@@ -47,7 +47,7 @@ from fl_sidecar.errors import (
     UnsafePickleError,
     UploadOutcomeUnknownError,
 )
-from fl_sidecar.server_api import (
+from fl_sidecar.flserver import (
     Credentials,
     FlServerClient,
     MetricValue,
