@@ -111,3 +111,17 @@ def test_the_dev_server_has_no_import_cycle() -> None:
     assert "fl_sidecar.devserver.handlers.models" in devserver
     for name in devserver:
         assert _cycle_through(graph, name) == [], name
+
+
+def test_the_whole_package_has_no_import_cycle() -> None:
+    """Every module, lazy imports included: the layers of docs/ and README hold."""
+    graph = _graph()
+    assert {"fl_sidecar.sidecar.servicer", "fl_sidecar.trainer.client"} <= set(graph)
+    # The one allowed back edge: ``fl_sidecar.events.EventBus`` (its old path) is
+    # named for the type checker only and looked up on first use by the module's
+    # PEP 562 ``__getattr__``, never when ``fl_sidecar.events`` is imported; the
+    # bus itself builds on the events' types.
+    assert "fl_sidecar.events" in graph["fl_sidecar.sidecar.eventbus"]
+    graph["fl_sidecar.events"].discard("fl_sidecar.sidecar.eventbus")
+    cycles = {name: _cycle_through(graph, name) for name in sorted(graph)}
+    assert {name: cycle for name, cycle in cycles.items() if cycle} == {}
