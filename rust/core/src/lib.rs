@@ -6,6 +6,7 @@
 pub mod decode;
 pub mod encode;
 pub mod error;
+mod fileio;
 pub mod format;
 pub mod pool;
 
