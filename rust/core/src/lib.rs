@@ -9,6 +9,7 @@ pub mod error;
 mod fileio;
 pub mod format;
 pub mod pool;
+pub mod tensor;
 
 pub use decode::{
     plan, unpack, unpack_file, unpack_stream, DecodePlan, Unpacker, DECODE_STEP,
@@ -22,6 +23,12 @@ pub use encode::{
 pub use encode::{zstd_version, zstd_version_number};
 pub use error::{CodecError, Result};
 pub use format::{scan, Layout, MAX_FRAMES};
+pub use tensor::{
+    is_tensor_blob, pack_tensors, plan_tensors, read_tensor_header, unpack_tensors,
+    unpack_tensors_into, Segment, SegmentKind, TensorHeader, TensorPackOptions, TensorPlan,
+    DEFAULT_TENSOR_BLOCK_SIZE, DEFAULT_TENSOR_LEVEL, MAX_TENSOR_BLOCK_SIZE, MIN_TENSOR_BLOCK_SIZE,
+    TENSOR_FORMAT_VERSION,
+};
 
 /// What a blob says about itself, read without decompressing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,3 +86,6 @@ pub fn level_range() -> (i32, i32) {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod tensor_tests;
