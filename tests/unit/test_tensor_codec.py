@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import torch
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -293,6 +294,76 @@ def test_tensors_of_another_dtype_or_shape_are_coded_without_the_reference(
     renamed = [t._replace(shape=(300, 256)) if t.name == "fc.weight" else t for t in layout]
     blob = codec.pack_tensors(update, renamed, reference=reference, reference_layout=ref_layout)
     assert codec.unpack_tensors(blob, reference=reference) == update
+
+
+# --------------------------------------------------------------------------- the spec
+
+
+def _decode_from_the_spec(blob: bytes, reference: Optional[bytes] = None) -> bytes:
+    """A decoder written from docs/tensor-codec.md alone (python-zstandard for planes)."""
+    magic, version, flags, total, _block_size, nseg, nblk, _, ref_size, total_sum = (
+        struct.unpack_from("<4sHHQIIIIQQ", blob, 0)
+    )
+    assert (magic, version) == (b"FLTC", 1)
+    segments = [
+        struct.unpack_from("<QQQBBB", blob, HEADER + SEGMENT_RECORD * i) for i in range(nseg)
+    ]
+    index_end = HEADER + SEGMENT_RECORD * nseg + BLOCK_RECORD * nblk
+    assert struct.unpack_from("<Q", blob, index_end)[0] == xxh64(blob[:index_end])
+    at = index_end + 8
+    out = bytearray()
+    for b in range(nblk):
+        rec = HEADER + SEGMENT_RECORD * nseg + BLOCK_RECORD * b
+        seg, planes, _, _, raw_length, methods, checksum, _ref_sum = struct.unpack_from(
+            "<IBBHIIQQ", blob, rec
+        )
+        sizes = struct.unpack_from("<8I", blob, rec + 32)
+        n = raw_length // planes
+        decoded = []
+        for p in range(planes):
+            stored = blob[at : at + sizes[p]]
+            at += sizes[p]
+            method = (methods >> (4 * p)) & 0xF
+            decoded.append(
+                stored if method == 1 else zstandard.ZstdDecompressor().decompress(stored)
+            )
+            assert len(decoded[-1]) == n
+        if planes == 1:
+            block = bytearray(decoded[0])
+        else:
+            bits = 8 * planes
+            block = bytearray()
+            for i in range(n):
+                r = sum(decoded[p][i] << (8 * p) for p in range(planes))
+                v = (r >> 1) | ((r & 1) << (bits - 1))
+                block += v.to_bytes(planes, "little")
+        offset, _length, ref_offset, _kind, _width, seg_flags = segments[seg]
+        if seg_flags & 1:
+            assert reference is not None and len(reference) == ref_size and flags & 1
+            start = ref_offset + len(out) - offset
+            block = bytearray(x ^ y for x, y in zip(block, reference[start : start + len(block)]))
+        assert xxh64(bytes(block)) == checksum
+        out += block
+    assert at == len(blob) and len(out) == total and xxh64(bytes(out)) == total_sum
+    return bytes(out)
+
+
+def test_a_decoder_written_from_the_spec_reads_our_blobs() -> None:
+    values = (np.arange(3000, dtype=np.float32) - 1500) / 777
+    data = b"head" + values.tobytes() + values.astype(np.float64).tobytes() + _bf16(values) + b"t"
+    layout = [
+        TensorSegment(4, 12000, "float32", "a"),
+        TensorSegment(12004, 24000, "float64", "b"),
+        TensorSegment(36004, 6000, "bfloat16", "c"),
+    ]
+    blob = codec.pack_tensors(data, layout, block_size=codec.MIN_TENSOR_BLOCK_SIZE)
+    assert _decode_from_the_spec(blob) == data
+    reference = b"head" + (values * 1.001).astype(np.float32).tobytes() + bytes(len(data) - 12004)
+    delta = codec.pack_tensors(data, layout, reference=reference, reference_layout=layout)
+    assert codec.tensor_info(delta).uses_reference
+    assert _decode_from_the_spec(delta, reference) == data
+    noise = np.random.default_rng(1).bytes(70_000)
+    assert _decode_from_the_spec(codec.pack_tensors(noise, [])) == noise
 
 
 # --------------------------------------------------------------------------- hostile
