@@ -349,7 +349,7 @@ def _decode_from_the_spec(blob: bytes, reference: Optional[bytes] = None) -> byt
 
 
 def test_a_decoder_written_from_the_spec_reads_our_blobs() -> None:
-    values = (np.arange(3000, dtype=np.float32) - 1500) / 777
+    values = ((np.arange(3000, dtype=np.float32) - 1500) / 777).astype(np.float32)
     data = b"head" + values.tobytes() + values.astype(np.float64).tobytes() + _bf16(values) + b"t"
     layout = [
         TensorSegment(4, 12000, "float32", "a"),
