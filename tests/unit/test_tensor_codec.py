@@ -299,6 +299,35 @@ def test_tensors_of_another_dtype_or_shape_are_coded_without_the_reference(
 # --------------------------------------------------------------------------- the spec
 
 
+def _rans_from_the_spec(stored: bytes, n: int) -> bytes:
+    """Plane method 2 (order-0 rANS) as docs/tensor-codec.md specifies it."""
+    (k,) = struct.unpack_from("<H", stored, 0)
+    symbols = [struct.unpack_from("<BH", stored, 2 + 3 * i) for i in range(k)]
+    assert sum(f for _, f in symbols) == 4096
+    slot_of: List[Tuple[int, int, int]] = []
+    cum = 0
+    for s, f in symbols:
+        slot_of += [(s, f, cum)] * f
+        cum += f
+    at = 2 + 3 * k
+    states = list(struct.unpack_from("<8I", stored, at))
+    words = stored[at + 32 :]
+    next_word = 0
+    out = bytearray(n)
+    for i in range(n):
+        j = i % 8
+        slot = states[j] & 4095
+        s, f, c = slot_of[slot]
+        out[i] = s
+        x = f * (states[j] >> 12) + slot - c
+        if x < 1 << 16:
+            x = (x << 16) | struct.unpack_from("<H", words, next_word)[0]
+            next_word += 2
+        states[j] = x
+    assert next_word == len(words) and states == [1 << 16] * 8
+    return bytes(out)
+
+
 def _decode_from_the_spec(blob: bytes, reference: Optional[bytes] = None) -> bytes:
     """A decoder written from docs/tensor-codec.md alone (python-zstandard for planes)."""
     magic, version, flags, total, _block_size, nseg, nblk, _, ref_size, total_sum = (
@@ -324,9 +353,12 @@ def _decode_from_the_spec(blob: bytes, reference: Optional[bytes] = None) -> byt
             stored = blob[at : at + sizes[p]]
             at += sizes[p]
             method = (methods >> (4 * p)) & 0xF
-            decoded.append(
-                stored if method == 1 else zstandard.ZstdDecompressor().decompress(stored)
-            )
+            if method == 1:
+                decoded.append(stored)
+            elif method == 2:
+                decoded.append(_rans_from_the_spec(stored, n))
+            else:
+                decoded.append(zstandard.ZstdDecompressor().decompress(stored))
             assert len(decoded[-1]) == n
         if planes == 1:
             block = bytearray(decoded[0])
@@ -357,6 +389,13 @@ def test_a_decoder_written_from_the_spec_reads_our_blobs() -> None:
         TensorSegment(36004, 6000, "bfloat16", "c"),
     ]
     blob = codec.pack_tensors(data, layout, block_size=codec.MIN_TENSOR_BLOCK_SIZE)
+    info = codec.tensor_info(blob)
+    records = HEADER + SEGMENT_RECORD * info.segments
+    methods = [
+        struct.unpack_from("<I", blob, records + BLOCK_RECORD * b + 12)[0]
+        for b in range(info.blocks)
+    ]
+    assert any((m >> (4 * p)) & 0xF == 2 for m in methods for p in range(8)), methods  # rANS
     assert _decode_from_the_spec(blob) == data
     reference = b"head" + (values * 1.001).astype(np.float32).tobytes() + bytes(len(data) - 12004)
     delta = codec.pack_tensors(data, layout, reference=reference, reference_layout=layout)

@@ -9,6 +9,7 @@ pub mod error;
 mod fileio;
 pub mod format;
 pub mod pool;
+mod rans;
 pub mod tensor;
 
 pub use decode::{

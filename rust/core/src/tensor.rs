@@ -44,9 +44,11 @@ pub const MAX_BLOCKS: usize = 1 << 22;
 const KIND_OPAQUE: u8 = 0;
 const KIND_FLOAT: u8 = 1;
 const SEGMENT_DELTA: u8 = 1;
-/// Plane methods (4 bits each in a block record): one zstd frame, or the bytes as they are.
+/// Plane methods (4 bits each in a block record): one zstd frame, the bytes as they are,
+/// or order-0 rANS (`rans.rs`).
 const METHOD_ZSTD: u8 = 0;
 const METHOD_RAW: u8 = 1;
+const METHOD_RANS: u8 = 2;
 
 /// What a segment holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,7 +325,7 @@ fn xor_into(dst: &mut [u8], other: &[u8]) {
 
 struct EncodedBlock {
     planes: u8,
-    raw_mask: u8,
+    methods: [u8; MAX_PLANES],
     raw_length: u32,
     checksum: u64,
     reference_checksum: u64,
@@ -338,23 +340,44 @@ thread_local! {
         const { RefCell::new((None, Vec::new())) };
 }
 
-/// A plane is stored raw unless zstd saves at least 1/64 of it: decoding a raw plane is a
-/// copy, and a plane that barely compresses (fp32's low mantissa bytes) is not worth it.
+/// Codes one plane the cheapest way: zstd, or (exponent planes) order-0 rANS, whichever
+/// is smaller; raw unless that saves at least 1/64 of it (decoding a raw plane is a copy,
+/// and a plane that barely compresses is not worth the time). Returns (size, method).
+///
+/// On an exponent plane rANS is tried first; zstd only when rANS got below a quarter of
+/// the plane, where long runs (a delta's zeros) may favour zstd's matches. A full
+/// model's exponent plane (about a third after rANS) never does.
 fn compress_plane(
     cctx: &mut CCtx<'static>,
     plane: &[u8],
+    try_rans: bool,
     out: &mut Vec<u8>,
-) -> Result<(u32, bool)> {
+) -> Result<(u32, u8)> {
     let start = out.len();
-    let mut tail = Vec::with_capacity(zstd_safe::compress_bound(plane.len()));
-    cctx.compress2(&mut tail, plane)
-        .map_err(|code| CodecError::Corrupt(format!("zstd: {}", zstd_error_name(code))))?;
-    if tail.len() + plane.len() / 64 < plane.len() {
-        out.extend_from_slice(&tail);
-        Ok(((out.len() - start) as u32, false))
+    let mut best: Option<(Vec<u8>, u8)> = None;
+    if try_rans && !plane.is_empty() {
+        let mut coded = Vec::with_capacity(plane.len());
+        crate::rans::encode(plane, &mut coded);
+        best = Some((coded, METHOD_RANS));
+    }
+    if best
+        .as_ref()
+        .map_or(true, |(b, _)| b.len() < plane.len() / 4)
+    {
+        let mut zstd = Vec::with_capacity(zstd_safe::compress_bound(plane.len()));
+        cctx.compress2(&mut zstd, plane)
+            .map_err(|code| CodecError::Corrupt(format!("zstd: {}", zstd_error_name(code))))?;
+        if best.as_ref().map_or(true, |(b, _)| zstd.len() < b.len()) {
+            best = Some((zstd, METHOD_ZSTD));
+        }
+    }
+    let (coded, method) = best.expect("zstd or rANS ran");
+    if coded.len() + plane.len() / 64 < plane.len() {
+        out.extend_from_slice(&coded);
+        Ok(((out.len() - start) as u32, method))
     } else {
         out.extend_from_slice(plane);
-        Ok((plane.len() as u32, true))
+        Ok((plane.len() as u32, METHOD_RAW))
     }
 }
 
@@ -404,7 +427,7 @@ fn encode_block(
         let planes = segment.kind.planes();
         let mut block = EncodedBlock {
             planes: planes as u8,
-            raw_mask: 0,
+            methods: [METHOD_ZSTD; MAX_PLANES],
             raw_length: span.length,
             checksum,
             reference_checksum: reference_part.map_or(0, |r| xxh64(r, 0)),
@@ -420,21 +443,24 @@ fn encode_block(
         };
         let n = input.len() / planes;
         for p in 0..planes {
-            let (size, raw) = compress_plane(cctx, &split[p * n..(p + 1) * n], &mut block.bytes)?;
+            let plane = &split[p * n..(p + 1) * n];
+            // The top plane holds the exponent, where order-0 coding beats zstd; the others
+            // are mantissa bytes, where it never does (not worth the time to try).
+            let try_rans = planes > 1 && p == planes - 1;
+            let (size, method) = compress_plane(cctx, plane, try_rans, &mut block.bytes)?;
             block.plane_sizes[p] = size;
-            if raw {
-                block.raw_mask |= 1 << p;
-            }
+            block.methods[p] = method;
         }
         Ok(block)
     })
 }
 
 /// The block record's method field: 4 bits per plane, plane `p` at bits `4p..4p+4`.
-fn plane_methods(raw_mask: u8) -> u32 {
-    (0..MAX_PLANES)
-        .filter(|p| raw_mask & (1 << p) != 0)
-        .map(|p| (METHOD_RAW as u32) << (4 * p))
+fn plane_methods(methods: &[u8; MAX_PLANES]) -> u32 {
+    methods
+        .iter()
+        .enumerate()
+        .map(|(p, &m)| (m as u32) << (4 * p))
         .sum()
 }
 
@@ -528,7 +554,7 @@ pub fn pack_tensors(
         out.push(0);
         put_u16(&mut out, 0);
         put_u32(&mut out, b.raw_length);
-        put_u32(&mut out, plane_methods(b.raw_mask));
+        put_u32(&mut out, plane_methods(&b.methods));
         put_u64(&mut out, b.checksum);
         put_u64(&mut out, b.reference_checksum);
         for size in b.plane_sizes {
@@ -556,8 +582,8 @@ pub struct BlockRecord {
     pub segment: u32,
     /// Number of byte planes (1 for opaque segments).
     pub planes: u8,
-    /// Bit `p` set: plane `p` is stored raw, else it is one zstd frame.
-    pub raw_mask: u8,
+    /// Each plane's method: 0 zstd frame, 1 raw, 2 order-0 rANS (0 past `planes`).
+    pub methods: [u8; MAX_PLANES],
     /// Reconstructed bytes of the block.
     pub raw_length: u32,
     /// xxh64 (seed 0) of the reconstructed bytes.
@@ -776,11 +802,11 @@ pub fn plan_tensors(blob: &[u8], max_output_size: u64) -> Result<TensorPlan<'_>>
             return Err(corrupt(format!("block {i} has non-zero reserved bytes")));
         }
         let methods = rd32(blob, at + 12);
-        let mut raw_mask = 0u8;
-        for p in 0..MAX_PLANES {
+        let mut plane_method = [METHOD_ZSTD; MAX_PLANES];
+        for (p, slot) in plane_method.iter_mut().enumerate() {
             match ((methods >> (4 * p)) & 0xF) as u8 {
                 METHOD_ZSTD => {}
-                METHOD_RAW if p < planes as usize => raw_mask |= 1 << p,
+                m @ (METHOD_RAW | METHOD_RANS) if p < planes as usize => *slot = m,
                 other => {
                     return Err(corrupt(format!(
                         "block {i} plane {p} has method {other}, not one this codec knows"
@@ -821,7 +847,7 @@ pub fn plan_tensors(blob: &[u8], max_output_size: u64) -> Result<TensorPlan<'_>>
         let mut plane_sizes = [0u32; MAX_PLANES];
         for (p, size) in plane_sizes.iter_mut().enumerate() {
             *size = rd32(blob, at + 32 + 4 * p);
-            let raw = raw_mask & (1 << p) != 0;
+            let raw = plane_method[p] == METHOD_RAW;
             let ok = if p >= planes as usize {
                 *size == 0
             } else if raw {
@@ -845,7 +871,7 @@ pub fn plan_tensors(blob: &[u8], max_output_size: u64) -> Result<TensorPlan<'_>>
         blocks.push(BlockRecord {
             segment,
             planes,
-            raw_mask,
+            methods: plane_method,
             raw_length,
             checksum,
             reference_checksum,
@@ -980,10 +1006,10 @@ impl<'a> TensorPlan<'a> {
             let (dctx_slot, plane_buf) = &mut *scratch;
             if planes == 1 {
                 let stored = &self.blob[at..at + block.plane_sizes[0] as usize];
-                if block.raw_mask & 1 != 0 {
-                    out.copy_from_slice(stored);
-                } else {
-                    decompress_plane(dctx_slot, stored, out, index, 0)?;
+                match block.methods[0] {
+                    METHOD_RAW => out.copy_from_slice(stored),
+                    METHOD_RANS => crate::rans::decode(stored, out)?,
+                    _ => decompress_plane(dctx_slot, stored, out, index, 0)?,
                 }
                 return Ok(());
             }
@@ -995,15 +1021,17 @@ impl<'a> TensorPlan<'a> {
             for p in 0..planes {
                 stored_planes[p] = &self.blob[at..at + block.plane_sizes[p] as usize];
                 at += block.plane_sizes[p] as usize;
-                raw_planes[p] = block.raw_mask & (1 << p) != 0;
+                raw_planes[p] = block.methods[p] == METHOD_RAW;
             }
             for (p, slot) in plane_buf
                 .chunks_exact_mut(plane_len)
                 .take(planes)
                 .enumerate()
             {
-                if !raw_planes[p] {
-                    decompress_plane(dctx_slot, stored_planes[p], slot, index, p)?;
+                match block.methods[p] {
+                    METHOD_RAW => {}
+                    METHOD_RANS => crate::rans::decode(stored_planes[p], slot)?,
+                    _ => decompress_plane(dctx_slot, stored_planes[p], slot, index, p)?,
                 }
             }
             let decoded: Vec<&[u8]> = plane_buf

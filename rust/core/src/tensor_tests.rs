@@ -148,14 +148,15 @@ fn float_planes_beat_plain_zstd_and_noise_planes_are_stored_raw() {
     );
     let plan = plan_tensors(&blob, LIMIT).unwrap();
     for b in plan.blocks() {
-        // The noise planes (0-2) are raw, the exponent plane (3) compressed.
-        assert_eq!(b.raw_mask, 0b0111, "raw mask {:04b}", b.raw_mask);
+        // The noise planes (0-2) are raw, the exponent plane (3) coded.
+        assert_eq!(b.methods[..3], [1, 1, 1], "methods {:?}", b.methods);
+        assert_ne!(b.methods[3], 1);
         assert!(b.plane_sizes[3] < b.raw_length / 4 / 2);
     }
     let random = noise(2 * BLOCK, 6);
     let blob = pack_tensors(&random, &[], None, &opts(BLOCK, 0)).unwrap();
     let plan = plan_tensors(&blob, LIMIT).unwrap();
-    assert!(plan.blocks().iter().all(|b| b.raw_mask == 1));
+    assert!(plan.blocks().iter().all(|b| b.methods[0] == 1));
     assert_eq!(unpack_tensors(&blob, None, LIMIT, 0).unwrap(), random);
 }
 
