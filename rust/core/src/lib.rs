@@ -88,5 +88,3 @@ pub fn level_range() -> (i32, i32) {
 #[cfg(test)]
 mod tests;
 
-#[cfg(test)]
-mod tensor_tests;
