@@ -87,4 +87,3 @@ pub fn level_range() -> (i32, i32) {
 
 #[cfg(test)]
 mod tests;
-

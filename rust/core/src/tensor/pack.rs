@@ -262,9 +262,10 @@ fn encode_block(
         let n = input.len() / planes;
         for p in 0..planes {
             let plane = &split[p * n..(p + 1) * n];
-            // The top plane holds the exponent, where order-0 coding beats zstd; the others
-            // are mantissa bytes, where it never does (not worth the time to try).
-            let try_rans = planes > 1 && p == planes - 1;
+            // The top plane holds the exponent, where order-0 coding beats zstd; the other
+            // planes of a full model are mantissa bytes, where it never does (not worth
+            // the time to try). In a delta every plane is sparse and may go either way.
+            let try_rans = planes > 1 && (p == planes - 1 || reference_part.is_some());
             let (size, method) = compress_plane(cctx, plane, try_rans, &mut block.bytes)?;
             block.plane_sizes[p] = size;
             block.methods[p] = method;
