@@ -8,7 +8,11 @@ use xxhash_rust::xxh64::xxh64;
 use zstd_safe::{CCtx, CParameter};
 
 use super::planes::{split_planes, xor_into};
-use super::*;
+use super::{
+    Segment, SegmentKind, TensorPackOptions, BLOCK_RECORD_SIZE, FLAG_REFERENCE, HEADER_SIZE,
+    KIND_FLOAT, KIND_OPAQUE, MAX_BLOCKS, MAX_PLANES, MAX_SEGMENTS, METHOD_RANS, METHOD_RAW,
+    METHOD_ZSTD, SEGMENT_DELTA, SEGMENT_RECORD_SIZE, TENSOR_FORMAT_VERSION, TENSOR_MAGIC,
+};
 use crate::error::{zstd_error_name, CodecError, Result};
 use crate::pool::run_in_pool;
 

@@ -9,7 +9,11 @@ use xxhash_rust::xxh64::xxh64;
 use zstd_safe::DCtx;
 
 use super::planes::{merge_planes, xor_into};
-use super::*;
+use super::{
+    check_block_size, is_tensor_blob, Segment, SegmentKind, BLOCK_RECORD_SIZE, FLAG_REFERENCE,
+    HEADER_SIZE, KIND_FLOAT, KIND_OPAQUE, MAX_BLOCKS, MAX_PLANES, MAX_SEGMENTS, METHOD_RANS,
+    METHOD_RAW, METHOD_ZSTD, SEGMENT_DELTA, SEGMENT_RECORD_SIZE, TENSOR_FORMAT_VERSION,
+};
 use crate::error::{zstd_error_name, CodecError, Result};
 use crate::pool::run_in_pool;
 
