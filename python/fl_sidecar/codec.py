@@ -25,6 +25,14 @@ The first four are all :class:`~fl_sidecar.errors.CorruptDataError`. A frame
 whose window zstd cannot allocate (this process's memory, not the data) raises
 :class:`MemoryError`.
 
+The tensor codec (:func:`pack_tensors`, :func:`unpack_tensors`,
+:func:`unpack_tensors_into`, :func:`tensor_info`, :func:`layout_of`) is a second,
+separate format for model files: float tensors split into byte planes, each plane
+coded with zstd or rANS or stored raw, optionally XORed with the same tensor of a
+reference model first. Its format is specified in docs/tensor-codec.md; a blob coded
+against a reference that is missing or differs raises
+:class:`~fl_sidecar.errors.ReferenceMismatchError`.
+
 Warning -- decoding our blobs elsewhere:
     python-zstandard's one-shot ``zstandard.ZstdDecompressor().decompress(blob)``
     returns only the FIRST frame of a multi-frame blob, silently. Use
