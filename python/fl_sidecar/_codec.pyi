@@ -44,6 +44,9 @@ def unpack_tensors(
 def unpack_tensors_into(
     blob: Buffer, out: Buffer, reference: Optional[Buffer], threads: int
 ) -> int: ...
+def unpack_tensors_file(
+    src: _Path, dst: _Path, reference: Optional[Buffer], max_output_size: int
+) -> int: ...
 def tensor_info(blob: Buffer) -> Tuple[int, int, int, int, int, bool, int]: ...
 
 @final
@@ -89,6 +92,7 @@ __all__ = [
     "unpack",
     "unpack_file",
     "unpack_tensors",
+    "unpack_tensors_file",
     "unpack_tensors_into",
     "zstd_version",
 ]

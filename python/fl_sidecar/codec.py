@@ -103,6 +103,7 @@ __all__ = [
     "unpack",
     "unpack_file",
     "unpack_tensors",
+    "unpack_tensors_file",
     "unpack_tensors_into",
     "zstd_version",
 ]
@@ -794,6 +795,36 @@ def unpack_tensors_into(
             writable,
             None if reference is None else _read_model(reference),
             _check_count("threads", threads),
+        )
+    )
+
+
+def unpack_tensors_file(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    reference: Optional[Union[Buffer, PathLike]] = None,
+    max_output_size: int = DEFAULT_MAX_OUTPUT_SIZE,
+) -> int:
+    """Unpacks the tensor blob in file ``src`` into file ``dst``, one block at a time.
+
+    Memory is the blob's index plus one block (at most 8 MiB stored and 8 MiB decoded),
+    whatever the model's size, and the reference when one is given. ``dst`` is written
+    through a temporary file and renamed into place only once every check passed (the
+    total checksum included), so on an error it is left as it was. Returns its size in
+    bytes.
+
+    Raises:
+        ReferenceMismatchError, CorruptDataError, TruncatedDataError,
+            ChecksumMismatchError, SizeLimitExceededError: as :func:`unpack_tensors`.
+        OSError: a file cannot be read or written.
+    """
+    return int(
+        _codec.unpack_tensors_file(
+            os.fspath(src),
+            os.fspath(dst),
+            None if reference is None else _read_model(reference),
+            _check_count("max_output_size", max_output_size),
         )
     )
 

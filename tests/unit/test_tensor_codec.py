@@ -230,6 +230,23 @@ def test_torch_archive_round_trips() -> None:
     assert torch.equal(restored["fc.weight"], _small_state(2)["fc.weight"])
 
 
+def test_a_file_unpacks_one_block_at_a_time(tmp_path: Path, minilm: bytes) -> None:
+    update = _rebuilt(minilm, convert=False, scale=1.0 + 2**-20)
+    src = tmp_path / "update.fltc"
+    src.write_bytes(codec.pack_tensors(update, reference=minilm))
+    dst = tmp_path / "update.safetensors"
+    assert codec.unpack_tensors_file(src, dst, reference=_minilm_path()) == len(update)
+    assert dst.read_bytes() == update
+    dst.write_bytes(b"previous")
+    with pytest.raises(ReferenceMismatchError):
+        codec.unpack_tensors_file(src, dst)
+    src.write_bytes(src.read_bytes()[:-10])
+    with pytest.raises(TruncatedDataError):
+        codec.unpack_tensors_file(src, dst, reference=minilm)
+    assert dst.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["update.fltc", "update.safetensors"]
+
+
 # --------------------------------------------------------------------------- reference
 
 

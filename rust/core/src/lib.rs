@@ -26,9 +26,9 @@ pub use error::{CodecError, Result};
 pub use format::{scan, Layout, MAX_FRAMES};
 pub use tensor::{
     is_tensor_blob, pack_tensors, plan_tensors, read_tensor_header, unpack_tensors,
-    unpack_tensors_into, Segment, SegmentKind, TensorHeader, TensorPackOptions, TensorPlan,
-    DEFAULT_TENSOR_BLOCK_SIZE, DEFAULT_TENSOR_LEVEL, MAX_TENSOR_BLOCK_SIZE, MIN_TENSOR_BLOCK_SIZE,
-    TENSOR_FORMAT_VERSION,
+    unpack_tensors_file, unpack_tensors_into, unpack_tensors_stream, Segment, SegmentKind,
+    TensorHeader, TensorPackOptions, TensorPlan, DEFAULT_TENSOR_BLOCK_SIZE, DEFAULT_TENSOR_LEVEL,
+    MAX_TENSOR_BLOCK_SIZE, MIN_TENSOR_BLOCK_SIZE, TENSOR_FORMAT_VERSION,
 };
 
 /// What a blob says about itself, read without decompressing.

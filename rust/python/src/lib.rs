@@ -523,6 +523,28 @@ fn unpack_tensors_into(
     })
 }
 
+/// Unpacks the tensor blob in file `src` into file `dst` a block at a time; returns its size.
+#[pyfunction]
+#[pyo3(text_signature = "(src, dst, reference, max_output_size)")]
+fn unpack_tensors_file(
+    py: Python<'_>,
+    src: PathBuf,
+    dst: PathBuf,
+    reference: Option<&PyAny>,
+    max_output_size: u64,
+) -> PyResult<u64> {
+    let reference = reference.map(|r| InputBuffer::get(py, r)).transpose()?;
+    let reference_slice = reference.as_ref().map(|r| r.as_slice());
+    run_released(py, || {
+        Ok(core::unpack_tensors_file(
+            &src,
+            &dst,
+            reference_slice,
+            max_output_size,
+        )?)
+    })
+}
+
 /// (version, total_size, block_size, segments, blocks, uses_reference, reference_size)
 /// from a tensor blob's header and checked index.
 #[pyfunction]
@@ -576,6 +598,7 @@ fn _codec(_py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(unpack_tensors, m)?)?;
     m.add_function(wrap_pyfunction!(unpack_tensors_into, m)?)?;
     m.add_function(wrap_pyfunction!(tensor_info, m)?)?;
+    m.add_function(wrap_pyfunction!(unpack_tensors_file, m)?)?;
     m.add_class::<Packer>()?;
     m.add_class::<Unpacker>()?;
     Ok(())

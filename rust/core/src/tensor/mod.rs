@@ -11,8 +11,8 @@ mod unpack;
 
 pub use pack::pack_tensors;
 pub use unpack::{
-    plan_tensors, read_tensor_header, unpack_tensors, unpack_tensors_into, BlockRecord,
-    TensorHeader, TensorPlan,
+    plan_tensors, read_tensor_header, unpack_tensors, unpack_tensors_file, unpack_tensors_into,
+    unpack_tensors_stream, BlockRecord, TensorHeader, TensorPlan,
 };
 
 use crate::error::{CodecError, Result};

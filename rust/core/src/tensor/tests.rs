@@ -464,3 +464,84 @@ fn not_a_tensor_blob() {
         Err(CodecError::Corrupt(_))
     ));
 }
+
+#[test]
+fn streams_round_trip_one_block_at_a_time() {
+    let (reference, segments) = model(4, 21);
+    let update = update_of(&reference, 4);
+    let with_ref: Vec<Segment> = segments
+        .iter()
+        .map(|s| Segment {
+            reference_offset: Some(s.offset),
+            ..*s
+        })
+        .collect();
+    for (blob, r) in [
+        (
+            pack_tensors(&update, &segments, None, &opts(BLOCK, 0)).unwrap(),
+            None,
+        ),
+        (
+            pack_tensors(&update, &with_ref, Some(&reference), &opts(BLOCK, 0)).unwrap(),
+            Some(&reference[..]),
+        ),
+    ] {
+        let mut out = Vec::new();
+        let n = unpack_tensors_stream(&mut &blob[..], &mut out, r, LIMIT).unwrap();
+        assert_eq!((n, out), (update.len() as u64, update.clone()));
+        // Truncated anywhere, or with a byte more: typed errors.
+        for cut in (0..blob.len()).step_by(blob.len() / 50) {
+            let e = unpack_tensors_stream(&mut &blob[..cut], &mut Vec::new(), r, LIMIT);
+            assert!(
+                matches!(e, Err(CodecError::Truncated(_))),
+                "cut {cut}: {e:?}"
+            );
+        }
+        let mut longer = blob.clone();
+        longer.push(7);
+        let e = unpack_tensors_stream(&mut &longer[..], &mut Vec::new(), r, LIMIT);
+        assert!(matches!(e, Err(CodecError::Corrupt(_))), "{e:?}");
+        let e = unpack_tensors_stream(&mut &blob[..], &mut Vec::new(), r, update.len() as u64 - 1);
+        assert!(
+            matches!(e, Err(CodecError::SizeLimitExceeded { .. })),
+            "{e:?}"
+        );
+    }
+}
+
+#[test]
+fn a_stream_whose_header_lies_about_its_index_costs_only_its_bytes() {
+    let blob = pack_tensors(b"small", &[], None, &opts(BLOCK, 0)).unwrap();
+    let mut lying = blob[..HEADER_SIZE].to_vec();
+    lying[24..28].copy_from_slice(&(MAX_BLOCKS as u32).to_le_bytes()); // a 256 MiB index
+    let e = unpack_tensors_stream(&mut &lying[..], &mut Vec::new(), None, LIMIT);
+    assert!(matches!(e, Err(CodecError::Truncated(_))), "{e:?}");
+}
+
+#[test]
+fn a_file_is_replaced_only_by_a_whole_output() {
+    let dir = std::env::temp_dir().join(format!("fl-tensor-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (data, segments) = model(2, 22);
+    let blob = pack_tensors(&data, &segments, None, &opts(BLOCK, 0)).unwrap();
+    let (src, dst) = (dir.join("m.fltc"), dir.join("m.bin"));
+    std::fs::write(&src, &blob).unwrap();
+    assert_eq!(
+        unpack_tensors_file(&src, &dst, None, LIMIT).unwrap(),
+        data.len() as u64
+    );
+    assert_eq!(std::fs::read(&dst).unwrap(), data);
+    let mut bad = blob.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    std::fs::write(&src, &bad).unwrap();
+    std::fs::write(&dst, b"old").unwrap();
+    assert!(unpack_tensors_file(&src, &dst, None, LIMIT).is_err());
+    assert_eq!(std::fs::read(&dst).unwrap(), b"old");
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        2,
+        "no partial file left"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

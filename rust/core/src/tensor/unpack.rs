@@ -3,9 +3,12 @@
 //! index) and checked against their checksums.
 
 use std::cell::RefCell;
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::path::Path;
 
 use rayon::prelude::*;
-use xxhash_rust::xxh64::xxh64;
+use xxhash_rust::xxh64::{xxh64, Xxh64};
 use zstd_safe::DCtx;
 
 use super::planes::{merge_planes, xor_into};
@@ -15,6 +18,7 @@ use super::{
     METHOD_RAW, METHOD_ZSTD, SEGMENT_DELTA, SEGMENT_RECORD_SIZE, TENSOR_FORMAT_VERSION,
 };
 use crate::error::{zstd_error_name, CodecError, Result};
+use crate::fileio::write_atomically;
 use crate::pool::run_in_pool;
 
 thread_local! {
@@ -44,6 +48,13 @@ pub struct BlockRecord {
     pub blob_offset: u64,
     /// Where the block's bytes go in the output.
     pub output_offset: u64,
+}
+
+impl BlockRecord {
+    /// Bytes of its planes in the blob.
+    pub fn stored_size(&self) -> usize {
+        self.plane_sizes.iter().map(|&s| s as usize).sum()
+    }
 }
 
 /// What a tensor blob's header says.
@@ -149,6 +160,12 @@ pub struct TensorPlan<'a> {
 /// Checks `blob`'s header and index against `max_output_size` and itself.
 /// Errors: `Corrupt`, `Truncated`, `ChecksumMismatch` (the index), `SizeLimitExceeded`.
 pub fn plan_tensors(blob: &[u8], max_output_size: u64) -> Result<TensorPlan<'_>> {
+    plan_index(blob, max_output_size, true)
+}
+
+/// As [`plan_tensors`]; with `whole` false `blob` may end after the index (streaming),
+/// and the block data is not looked for.
+fn plan_index(blob: &[u8], max_output_size: u64, whole: bool) -> Result<TensorPlan<'_>> {
     let header = read_tensor_header(blob)?;
     if header.total_size > max_output_size || header.total_size > isize::MAX as u64 {
         return Err(CodecError::SizeLimitExceeded {
@@ -336,13 +353,13 @@ pub fn plan_tensors(blob: &[u8], max_output_size: u64) -> Result<TensorPlan<'_>>
             header.total_size
         )));
     }
-    if blob_offset > blob.len() as u64 {
+    if whole && blob_offset > blob.len() as u64 {
         return Err(CodecError::Truncated(format!(
             "tensor blob of {} bytes ends before its last block ({blob_offset} bytes)",
             blob.len()
         )));
     }
-    if blob_offset < blob.len() as u64 {
+    if whole && blob_offset < blob.len() as u64 {
         return Err(CodecError::Corrupt(format!(
             "tensor blob has {} bytes after its last block",
             blob.len() as u64 - blob_offset
@@ -419,13 +436,20 @@ impl<'a> TensorPlan<'a> {
                 out.len()
             )));
         }
-        self.decode_block_unchecked(index, block, reference, out)
+        self.decode_block_unchecked(index, block, self.stored(block), reference, out)
+    }
+
+    /// The block's planes in the blob.
+    fn stored(&self, block: &BlockRecord) -> &'a [u8] {
+        let start = block.blob_offset as usize;
+        &self.blob[start..start + block.stored_size()]
     }
 
     fn decode_block_unchecked(
         &self,
         index: usize,
         block: &BlockRecord,
+        stored_block: &[u8],
         reference: Option<&[u8]>,
         out: &mut [u8],
     ) -> Result<()> {
@@ -448,12 +472,12 @@ impl<'a> TensorPlan<'a> {
         };
         let planes = block.planes as usize;
         let plane_len = out.len() / planes;
-        let mut at = block.blob_offset as usize;
+        let mut at = 0usize;
         DECODE_SCRATCH.with(|cell| -> Result<()> {
             let mut scratch = cell.borrow_mut();
             let (dctx_slot, plane_buf) = &mut *scratch;
             if planes == 1 {
-                let stored = &self.blob[at..at + block.plane_sizes[0] as usize];
+                let stored = &stored_block[..block.plane_sizes[0] as usize];
                 match block.methods[0] {
                     METHOD_RAW => out.copy_from_slice(stored),
                     METHOD_RANS => crate::rans::decode(stored, out)?,
@@ -467,7 +491,7 @@ impl<'a> TensorPlan<'a> {
             let mut stored_planes: [&[u8]; MAX_PLANES] = [&[]; MAX_PLANES];
             let mut raw_planes = [false; MAX_PLANES];
             for p in 0..planes {
-                stored_planes[p] = &self.blob[at..at + block.plane_sizes[p] as usize];
+                stored_planes[p] = &stored_block[at..at + block.plane_sizes[p] as usize];
                 at += block.plane_sizes[p] as usize;
                 raw_planes[p] = block.methods[p] == METHOD_RAW;
             }
@@ -539,7 +563,7 @@ impl<'a> TensorPlan<'a> {
         }
         run_in_pool(threads, || {
             slots.into_par_iter().try_for_each(|(i, block, dst)| {
-                self.decode_block_unchecked(i, block, reference, dst)
+                self.decode_block_unchecked(i, block, self.stored(block), reference, dst)
             })
         })??;
         self.check_total(out)
@@ -605,4 +629,86 @@ pub fn unpack_tensors_into(
     let plan = plan_tensors(blob, out.len() as u64)?;
     plan.decode_into(reference, out, threads)?;
     Ok(out.len())
+}
+
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Unpacks a tensor blob from `reader` into `writer` one block at a time: memory is the
+/// index plus one block's stored and decoded bytes (at most 8 MiB each), whatever the
+/// output's size. Every check of [`unpack_tensors`] is made; the total checksum once the
+/// last block is written (the writer may then hold output that a caller must discard on
+/// error, as [`unpack_tensors_file`] does). Returns the bytes written.
+pub fn unpack_tensors_stream(
+    reader: &mut impl Read,
+    writer: &mut impl Write,
+    reference: Option<&[u8]>,
+    max_output_size: u64,
+) -> Result<u64> {
+    let mut index = vec![0u8; HEADER_SIZE];
+    let n = read_full(reader, &mut index)?;
+    index.truncate(n);
+    let header = read_tensor_header(&index)?;
+    let index_size = HEADER_SIZE
+        + SEGMENT_RECORD_SIZE * header.segment_count as usize
+        + BLOCK_RECORD_SIZE * header.block_count as usize
+        + 8;
+    // Read through `take`, so a header that lies about its counts costs only the bytes
+    // the stream really holds.
+    reader
+        .take((index_size - HEADER_SIZE) as u64)
+        .read_to_end(&mut index)?;
+    let plan = plan_index(&index, max_output_size, false)?;
+    plan.check_reference(reference)?;
+    let mut stored = Vec::new();
+    let mut out = Vec::new();
+    let mut total = Xxh64::new(0);
+    for (i, block) in plan.blocks.iter().enumerate() {
+        stored.resize(block.stored_size(), 0);
+        if read_full(reader, &mut stored)? < stored.len() {
+            return Err(CodecError::Truncated(format!(
+                "tensor stream ends inside block {i}"
+            )));
+        }
+        out.resize(block.raw_length as usize, 0);
+        plan.decode_block_unchecked(i, block, &stored, reference, &mut out)?;
+        total.update(&out);
+        writer.write_all(&out)?;
+    }
+    if read_full(reader, &mut [0u8; 1])? != 0 {
+        return Err(CodecError::Corrupt(
+            "tensor stream has bytes after its last block".into(),
+        ));
+    }
+    if total.digest() != plan.header.total_checksum {
+        return Err(CodecError::ChecksumMismatch(
+            "the decoded output does not match the blob's total checksum".into(),
+        ));
+    }
+    writer.flush()?;
+    Ok(plan.header.total_size)
+}
+
+/// Unpacks the tensor blob in the file `src` into the file `dst` with bounded memory (see
+/// [`unpack_tensors_stream`]); on any error `dst` is left as it was. Returns its size.
+pub fn unpack_tensors_file(
+    src: &Path,
+    dst: &Path,
+    reference: Option<&[u8]>,
+    max_output_size: u64,
+) -> Result<u64> {
+    let mut reader = BufReader::with_capacity(1 << 20, File::open(src)?);
+    write_atomically(dst, |w| {
+        unpack_tensors_stream(&mut reader, w, reference, max_output_size)
+    })
 }
