@@ -2,17 +2,19 @@
 //! each cut into blocks; float blocks split into byte planes, each plane zstd-compressed or
 //! stored raw, optionally after XOR with the same tensor of a reference model. The format
 //! is specified in docs/tensor-codec.md, which these modules follow field by field:
-//! `pack` writes blobs, `unpack` checks and reads them, `planes` holds the byte-plane
-//! transform both use.
+//! `pack` writes blobs, `unpack` checks and reads them, `stream` reads them a block at a
+//! time, `planes` holds the byte-plane transform.
 
 mod pack;
 mod planes;
+mod stream;
 mod unpack;
 
 pub use pack::pack_tensors;
+pub use stream::{unpack_tensors_file, unpack_tensors_stream};
 pub use unpack::{
-    plan_tensors, read_tensor_header, unpack_tensors, unpack_tensors_file, unpack_tensors_into,
-    unpack_tensors_stream, BlockRecord, TensorHeader, TensorPlan,
+    plan_tensors, read_tensor_header, unpack_tensors, unpack_tensors_into, BlockRecord,
+    TensorHeader, TensorPlan,
 };
 
 use crate::error::{CodecError, Result};
