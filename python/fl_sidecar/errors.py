@@ -42,6 +42,7 @@ __all__ = [
     "ModelReadCancelledError",
     "NotFoundError",
     "PermissionDeniedError",
+    "ReferenceMismatchError",
     "RequestRejectedError",
     "SeekTableError",
     "ServerError",
@@ -107,6 +108,14 @@ class ChecksumMismatchError(CorruptDataError):
 
 class SeekTableError(CorruptDataError):
     """The seek table is malformed or disagrees with the frames it describes."""
+
+
+class ReferenceMismatchError(CodecError):
+    """A tensor blob was coded against a reference other than the one given.
+
+    No reference, one of another size, or one whose bytes differ where a tensor was
+    coded against it: decoding would give a wrong model, so nothing is returned.
+    """
 
 
 class SizeLimitExceededError(CodecError):

@@ -10,12 +10,12 @@ use rayon::prelude::*;
 use xxhash_rust::xxh64::{xxh64, Xxh64};
 use zstd_safe::{DCtx, DParameter, InBuffer, OutBuffer};
 
-use crate::encode::{write_atomically, MAX_CHUNK_SIZE};
 use crate::error::{classify_zstd_error, zstd_error_name, CodecError, Result, ZstdFailure};
+use crate::fileio::{advise_huge_pages, write_atomically};
 use crate::format::{
     frame_header_size, is_skippable_magic, parse_block_header, parse_frame_header,
     parse_seek_table_content, read_u32, scan, too_many_frames, FrameHeader, FrameInfo, Layout,
-    SeekTable, MAX_BLOCK_SIZE, MAX_FRAMES, MAX_FRAME_HEADER_SIZE, SEEKABLE_MAGIC,
+    SeekTable, MAX_BLOCK_SIZE, MAX_CHUNK_SIZE, MAX_FRAMES, MAX_FRAME_HEADER_SIZE, SEEKABLE_MAGIC,
     SEEK_TABLE_FOOTER_SIZE, SEEK_TABLE_SKIPPABLE_MAGIC, SKIPPABLE_HEADER_SIZE, ZSTD_MAGIC,
 };
 use crate::pool::run_in_pool;
@@ -204,35 +204,6 @@ impl DecodePlan<'_> {
         self.decode_into(&mut out, threads)?;
         Ok(out)
     }
-}
-
-/// Asks Linux to back a large output buffer with transparent huge pages: filling a fresh
-/// buffer otherwise costs one page fault per 4 KiB, a large share of decoding time.
-/// Only a hint; where THP is off or unsupported nothing changes.
-pub(crate) fn advise_huge_pages(buf: &mut [u8]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        if buf.len() < 2 * HUGE {
-            return;
-        }
-        let start = buf.as_mut_ptr() as usize;
-        let aligned = (start + HUGE - 1) & !(HUGE - 1);
-        let end = (start + buf.len()) & !(HUGE - 1);
-        if end > aligned {
-            // SAFETY: the range lies inside `buf`, which we own mutably; MADV_HUGEPAGE
-            // changes no contents.
-            unsafe {
-                libc::madvise(
-                    aligned as *mut libc::c_void,
-                    end - aligned,
-                    libc::MADV_HUGEPAGE,
-                );
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = buf;
 }
 
 thread_local! {

@@ -13,8 +13,8 @@ use rayon::prelude::*;
 use std::os::raw::c_int;
 use std::ptr::NonNull;
 
-use crate::decode::advise_huge_pages;
 use crate::error::{zstd_error_name, CodecError, Result};
+use crate::fileio::{advise_huge_pages, write_atomically};
 use crate::format::{
     read_u32, too_many_frames, write_seek_table, SeekEntry, MAX_FRAMES, SEEK_TABLE_FOOTER_SIZE,
     SKIPPABLE_HEADER_SIZE,
@@ -25,10 +25,8 @@ use crate::pool::{check_threads, effective_threads, run_in_pool};
 pub const DEFAULT_LEVEL: i32 = 3;
 /// The default chunk size: uncompressed bytes per frame (see docs/codec.md).
 pub const DEFAULT_CHUNK_SIZE: usize = 2 << 20;
-/// The largest chunk size: frames must not need a window above 8 MiB (RFC 9659).
-pub const MAX_CHUNK_SIZE: usize = 8 << 20;
-/// The window log of the largest allowed window (8 MiB).
-pub const MAX_WINDOW_LOG: u32 = 23;
+// The chunk-size ceiling belongs to the format (the unpacker sizes its buffers by it too).
+pub use crate::format::{MAX_CHUNK_SIZE, MAX_WINDOW_LOG};
 
 /// How to pack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -599,32 +597,6 @@ pub fn pack_stream(
     writer.write_all(&out)?;
     writer.flush()?;
     Ok(stats)
-}
-
-/// Writes through a temporary file next to `dst` and renames it into place, so a failure
-/// leaves no half-written `dst` behind (and an existing `dst` untouched).
-pub(crate) fn write_atomically<T>(
-    dst: &Path,
-    body: impl FnOnce(&mut std::io::BufWriter<File>) -> Result<T>,
-) -> Result<T> {
-    let name = dst.file_name().ok_or_else(|| {
-        CodecError::InvalidArgument(format!("{} is not a file path", dst.display()))
-    })?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".{}.partial", std::process::id()));
-    let tmp = dst.with_file_name(tmp_name);
-    let result = (|| {
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
-        let value = body(&mut w)?;
-        w.into_inner().map_err(|e| CodecError::Io(e.into_error()))?;
-        std::fs::rename(&tmp, dst)?;
-        Ok(value)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// Packs the file `src` into the file `dst` with bounded memory.

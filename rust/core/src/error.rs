@@ -36,6 +36,9 @@ pub enum CodecError {
     /// zstd could not allocate what a frame needs (its window): a resource limit of this
     /// process, not damage in the data.
     OutOfMemory(String),
+    /// A tensor blob needs a reference other than the one given (none, another size, or
+    /// other bytes where a tensor was coded against it).
+    ReferenceMismatch(String),
     /// Reading or writing a file failed.
     Io(std::io::Error),
 }
@@ -49,7 +52,8 @@ impl fmt::Display for CodecError {
             | CodecError::ChecksumMismatch(m)
             | CodecError::SeekTable(m)
             | CodecError::FrameLimit(m)
-            | CodecError::OutOfMemory(m) => f.write_str(m),
+            | CodecError::OutOfMemory(m)
+            | CodecError::ReferenceMismatch(m) => f.write_str(m),
             CodecError::SizeLimitExceeded { limit, needed } => write!(
                 f,
                 "output of {needed} bytes exceeds the limit of {limit} bytes (max_output_size)"

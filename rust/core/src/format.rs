@@ -19,6 +19,10 @@ pub const SEEK_TABLE_FOOTER_SIZE: usize = 9;
 pub const SKIPPABLE_HEADER_SIZE: usize = 8;
 /// The seekable format's limit on the number of frames.
 pub const SEEKABLE_MAX_FRAMES: u64 = 0x0800_0000;
+/// The largest chunk size: frames must not need a window above 8 MiB (RFC 9659).
+pub const MAX_CHUNK_SIZE: usize = 8 << 20;
+/// The window log of the largest allowed window (8 MiB).
+pub const MAX_WINDOW_LOG: u32 = 23;
 /// The largest block a zstd frame may hold (and regenerate), in bytes.
 pub const MAX_BLOCK_SIZE: usize = 128 * 1024;
 /// The most frames a blob may have, packing and unpacking alike: each costs about 100

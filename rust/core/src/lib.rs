@@ -6,8 +6,11 @@
 pub mod decode;
 pub mod encode;
 pub mod error;
+mod fileio;
 pub mod format;
 pub mod pool;
+mod rans;
+pub mod tensor;
 
 pub use decode::{
     plan, unpack, unpack_file, unpack_stream, DecodePlan, Unpacker, DECODE_STEP,
@@ -21,6 +24,12 @@ pub use encode::{
 pub use encode::{zstd_version, zstd_version_number};
 pub use error::{CodecError, Result};
 pub use format::{scan, Layout, MAX_FRAMES};
+pub use tensor::{
+    is_tensor_blob, pack_tensors, plan_tensors, read_tensor_header, unpack_tensors,
+    unpack_tensors_file, unpack_tensors_into, unpack_tensors_stream, Segment, SegmentKind,
+    TensorHeader, TensorPackOptions, TensorPlan, DEFAULT_TENSOR_BLOCK_SIZE, DEFAULT_TENSOR_LEVEL,
+    MAX_TENSOR_BLOCK_SIZE, MIN_TENSOR_BLOCK_SIZE, TENSOR_FORMAT_VERSION,
+};
 
 /// What a blob says about itself, read without decompressing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

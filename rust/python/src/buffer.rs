@@ -34,6 +34,8 @@ extern "C" {
 
 /// PyBUF_C_CONTIGUOUS: the exporter refuses anything not laid out in one C-order run.
 const PYBUF_C_CONTIGUOUS: c_int = 0x0020 | 0x0010 | 0x0008;
+/// PyBUF_WRITABLE: the exporter refuses a read-only buffer.
+const PYBUF_WRITABLE: c_int = 0x0001;
 
 /// A held buffer export: the bytes stay valid and in place until this is dropped.
 ///
@@ -47,10 +49,20 @@ impl InputBuffer {
     /// Borrows `obj`'s bytes; TypeError when it has no buffer, ValueError when it is not
     /// C-contiguous.
     pub fn get(py: Python<'_>, obj: &PyAny) -> PyResult<Self> {
+        Self::get_with(py, obj, PYBUF_C_CONTIGUOUS)
+    }
+
+    /// Borrows `obj`'s bytes for writing; as [`get`](Self::get), and TypeError when the
+    /// buffer is read-only (`bytes`).
+    pub fn get_writable(py: Python<'_>, obj: &PyAny) -> PyResult<Self> {
+        Self::get_with(py, obj, PYBUF_C_CONTIGUOUS | PYBUF_WRITABLE)
+    }
+
+    fn get_with(py: Python<'_>, obj: &PyAny, flags: c_int) -> PyResult<Self> {
         // SAFETY: an all-zero Py_buffer is the documented "empty" state; GetBuffer fills it.
         let mut view: Box<RawBuffer> = Box::new(unsafe { std::mem::zeroed() });
         // SAFETY: obj is a live object and we hold the GIL.
-        let rc = unsafe { PyObject_GetBuffer(obj.as_ptr(), &mut *view, PYBUF_C_CONTIGUOUS) };
+        let rc = unsafe { PyObject_GetBuffer(obj.as_ptr(), &mut *view, flags) };
         if rc != 0 {
             let err = PyErr::fetch(py);
             if err.is_instance_of::<PyTypeError>(py) {
@@ -78,6 +90,19 @@ impl InputBuffer {
         // SAFETY: the exporter guarantees `len` readable bytes at `buf` while the export
         // is held, which lasts as long as `self`.
         unsafe { std::slice::from_raw_parts(self.view.buf as *const u8, len) }
+    }
+}
+
+impl InputBuffer {
+    /// The exported bytes, for writing: only for a buffer from
+    /// [`get_writable`](Self::get_writable).
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        let len = self.view.len as usize;
+        if len == 0 || self.view.buf.is_null() || self.view.readonly != 0 {
+            return &mut [];
+        }
+        // SAFETY: as `as_slice`, and the exporter granted write access (PyBUF_WRITABLE).
+        unsafe { std::slice::from_raw_parts_mut(self.view.buf as *mut u8, len) }
     }
 }
 

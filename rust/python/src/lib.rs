@@ -73,6 +73,7 @@ fn to_py_err(py: Python<'_>, failure: Failure) -> PyErr {
                 | CodecError::WindowTooLarge { .. }
                 | CodecError::FrameLimit(_) => raise(py, "SizeLimitExceededError", msg),
                 CodecError::OutOfMemory(_) => PyMemoryError::new_err(msg),
+                CodecError::ReferenceMismatch(_) => raise(py, "ReferenceMismatchError", msg),
                 CodecError::Io(io) => PyErr::from(io),
             }
         }
@@ -406,6 +407,164 @@ impl Unpacker {
     }
 }
 
+/// One layout entry from Python: (offset, length, float width or 0 for opaque bytes,
+/// offset of the same tensor in the reference or None).
+type SegmentTuple = (u64, u64, u8, Option<u64>);
+
+fn to_segments(py: Python<'_>, layout: &[SegmentTuple]) -> PyResult<Vec<core::Segment>> {
+    layout
+        .iter()
+        .map(|&(offset, length, width, reference_offset)| {
+            let kind = match width {
+                0 => core::SegmentKind::Opaque,
+                2 | 4 | 8 => core::SegmentKind::Float { width },
+                _ => {
+                    return Err(to_py_err(
+                        py,
+                        CodecError::InvalidArgument(format!(
+                            "float width must be 0 (opaque), 2, 4 or 8 bytes, got {width}"
+                        ))
+                        .into(),
+                    ))
+                }
+            };
+            Ok(core::Segment {
+                offset,
+                length,
+                kind,
+                reference_offset,
+            })
+        })
+        .collect()
+}
+
+/// Packs a model's bytes as tensors (see fl_sidecar.codec.pack_tensors).
+#[pyfunction]
+#[pyo3(text_signature = "(data, layout, reference, level, block_size, threads)")]
+fn pack_tensors(
+    py: Python<'_>,
+    data: &PyAny,
+    layout: Vec<SegmentTuple>,
+    reference: Option<&PyAny>,
+    level: i32,
+    block_size: usize,
+    threads: usize,
+) -> PyResult<PyObject> {
+    let segments = to_segments(py, &layout)?;
+    let input = InputBuffer::get(py, data)?;
+    let reference = reference.map(|r| InputBuffer::get(py, r)).transpose()?;
+    let slice = input.as_slice();
+    let reference_slice = reference.as_ref().map(|r| r.as_slice());
+    let opts = core::TensorPackOptions {
+        level,
+        block_size,
+        threads,
+    };
+    let blob = run_released(py, || {
+        Ok(core::pack_tensors(
+            slice,
+            &segments,
+            reference_slice,
+            &opts,
+        )?)
+    })?;
+    Ok(PyBytes::new(py, &blob).into())
+}
+
+/// Unpacks a tensor blob into a new bytes object of its size (checked before allocating).
+#[pyfunction]
+#[pyo3(text_signature = "(blob, reference, max_output_size, threads)")]
+fn unpack_tensors(
+    py: Python<'_>,
+    blob: &PyAny,
+    reference: Option<&PyAny>,
+    max_output_size: u64,
+    threads: usize,
+) -> PyResult<PyObject> {
+    let input = InputBuffer::get(py, blob)?;
+    let reference = reference.map(|r| InputBuffer::get(py, r)).transpose()?;
+    let slice = input.as_slice();
+    let reference_slice = reference.as_ref().map(|r| r.as_slice());
+    let plan = run_released(py, || {
+        let plan = core::plan_tensors(slice, max_output_size)?;
+        plan.check_reference(reference_slice)?;
+        Ok(plan)
+    })?;
+    new_bytes(py, plan.output_size(), |out| {
+        run_released(py, || {
+            Ok(plan.decode_into(reference_slice, out, threads)?)
+        })
+    })
+}
+
+/// Unpacks a tensor blob into `out`, a writable buffer of exactly its size; returns it.
+#[pyfunction]
+#[pyo3(text_signature = "(blob, out, reference, threads)")]
+fn unpack_tensors_into(
+    py: Python<'_>,
+    blob: &PyAny,
+    out: &PyAny,
+    reference: Option<&PyAny>,
+    threads: usize,
+) -> PyResult<usize> {
+    let input = InputBuffer::get(py, blob)?;
+    let mut output = InputBuffer::get_writable(py, out)?;
+    let reference = reference.map(|r| InputBuffer::get(py, r)).transpose()?;
+    let slice = input.as_slice();
+    let reference_slice = reference.as_ref().map(|r| r.as_slice());
+    let out_slice = output.as_mut_slice();
+    run_released(py, || {
+        Ok(core::unpack_tensors_into(
+            slice,
+            reference_slice,
+            out_slice,
+            threads,
+        )?)
+    })
+}
+
+/// Unpacks the tensor blob in file `src` into file `dst` a block at a time; returns its size.
+#[pyfunction]
+#[pyo3(text_signature = "(src, dst, reference, max_output_size)")]
+fn unpack_tensors_file(
+    py: Python<'_>,
+    src: PathBuf,
+    dst: PathBuf,
+    reference: Option<&PyAny>,
+    max_output_size: u64,
+) -> PyResult<u64> {
+    let reference = reference.map(|r| InputBuffer::get(py, r)).transpose()?;
+    let reference_slice = reference.as_ref().map(|r| r.as_slice());
+    run_released(py, || {
+        Ok(core::unpack_tensors_file(
+            &src,
+            &dst,
+            reference_slice,
+            max_output_size,
+        )?)
+    })
+}
+
+/// (version, total_size, block_size, segments, blocks, uses_reference, reference_size)
+/// from a tensor blob's header and checked index.
+#[pyfunction]
+#[pyo3(text_signature = "(blob)")]
+#[allow(clippy::type_complexity)]
+fn tensor_info(py: Python<'_>, blob: &PyAny) -> PyResult<(u16, u64, u32, u32, u32, bool, u64)> {
+    let input = InputBuffer::get(py, blob)?;
+    let slice = input.as_slice();
+    let h = run_released(py, || Ok(*core::plan_tensors(slice, u64::MAX)?.header()))?;
+    Ok((
+        h.version,
+        h.total_size,
+        h.block_size,
+        h.segment_count,
+        h.block_count,
+        h.uses_reference(),
+        h.reference_size,
+    ))
+}
+
 /// The libzstd the module is linked with, as "MAJOR.MINOR.RELEASE".
 #[pyfunction]
 #[pyo3(text_signature = "()")]
@@ -430,6 +589,16 @@ fn _codec(_py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add("MIN_PIECE_SIZE", core::MIN_BOUNDED_OUTPUT)?;
     m.add("DEFAULT_PIECE_SIZE", core::DECODE_STEP)?;
     m.add("MAX_FRAMES", core::MAX_FRAMES)?;
+    m.add("TENSOR_FORMAT_VERSION", core::TENSOR_FORMAT_VERSION)?;
+    m.add("DEFAULT_TENSOR_BLOCK_SIZE", core::DEFAULT_TENSOR_BLOCK_SIZE)?;
+    m.add("DEFAULT_TENSOR_LEVEL", core::DEFAULT_TENSOR_LEVEL)?;
+    m.add("MIN_TENSOR_BLOCK_SIZE", core::MIN_TENSOR_BLOCK_SIZE)?;
+    m.add("MAX_TENSOR_BLOCK_SIZE", core::MAX_TENSOR_BLOCK_SIZE)?;
+    m.add_function(wrap_pyfunction!(pack_tensors, m)?)?;
+    m.add_function(wrap_pyfunction!(unpack_tensors, m)?)?;
+    m.add_function(wrap_pyfunction!(unpack_tensors_into, m)?)?;
+    m.add_function(wrap_pyfunction!(tensor_info, m)?)?;
+    m.add_function(wrap_pyfunction!(unpack_tensors_file, m)?)?;
     m.add_class::<Packer>()?;
     m.add_class::<Unpacker>()?;
     Ok(())
