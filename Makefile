@@ -70,6 +70,7 @@ image-test: install image ## the image's smoke test: sidecar and Node.js trainer
 	$(PY) -m pytest tests/integration/test_image.py --durations=0
 
 bench: install ## benchmarks against named baselines (not part of the tests)
+	$(PY) -m pip install -q -r benchmarks/requirements.txt
 	$(PY) -m benchmarks $(BENCH)
 
 demo: install ## the main job: a federated training on the embedded dev server through sidecars
