@@ -506,6 +506,7 @@ class Communication:
         The model streams into a private temporary file (removed before this
         returns) and loads from there, so the process grows by about the
         model's tensors, where the reference client holds the whole file as well.
+        A subclass that overrides :meth:`unpack_model` gets the bytes instead.
 
         Raises:
             ModelDownloadException: the sidecar or the server failed, or the
@@ -514,6 +515,10 @@ class Communication:
         """
         self._logger.info("model download")
         try:
+            if type(self).unpack_model is not Communication.unpack_model:
+                # A subclass that unpacks its own way gets the bytes, as the reference hands them.
+                blob = self._client().download(str(self.model_id), format="torch")
+                return self.unpack_model(blob)
             return self._client().download_module(
                 str(self.model_id), map_location=self.map_location
             )
@@ -530,7 +535,8 @@ class Communication:
 
         GPU tensors are saved as CPU tensors (the trainer's model is not
         changed). The archive is written to a private temporary file and streamed
-        from there (removed before this returns), never held in memory whole.
+        from there (removed before this returns), never held in memory whole
+        (a subclass that overrides :meth:`pack_model` sends its bytes instead).
         Metric values go to the server as ``str(value)``, as the reference
         client posts them (``"abc"``, ``1``, ``0.5``, ``True``).
         Returns ``True`` on success.
@@ -545,14 +551,26 @@ class Communication:
         self._logger.info("model upload")
         try:
             texts = _metric_texts(metrics)
-            self._client().upload_module(
-                str(self.model_id),
-                model,
-                round=int(self.round),
-                sample_size=int(sample_size),
-                metrics=texts,
-                owner=str(self.client_id),
-            )
+            if type(self).pack_model is not Communication.pack_model:
+                # A subclass that packs its own way sends its bytes, as with the reference.
+                self._client().upload(
+                    str(self.model_id),
+                    self.pack_model(model),
+                    round=int(self.round),
+                    sample_size=int(sample_size),
+                    metrics=texts,
+                    format="torch",
+                    owner=str(self.client_id),
+                )
+            else:
+                self._client().upload_module(
+                    str(self.model_id),
+                    model,
+                    round=int(self.round),
+                    sample_size=int(sample_size),
+                    metrics=texts,
+                    owner=str(self.client_id),
+                )
         except SidecarError as exc:
             raise ModelUploadException._from_sidecar(exc) from exc
         except (TypeError, ValueError) as exc:
