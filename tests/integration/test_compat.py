@@ -202,6 +202,37 @@ def test_download_model_works_on_current_torch(
         assert torch.equal(model.state_dict()[name], tensor)
 
 
+def test_a_subclass_that_packs_its_own_way_gets_the_bytes(
+    stack: TrainerStack, plain_side: ClientSide, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Communication streams through a temporary file; an override still sees the blob.
+    seen: List[str] = []
+
+    class Custom(Communication):
+        def unpack_model(self, blob: bytes) -> Any:
+            seen.append(f"unpack {len(blob)}")
+            return super().unpack_model(blob)
+
+        def pack_model(self, model: Any) -> bytes:
+            seen.append("pack")
+            return super().pack_model(model)
+
+    monkeypatch.setattr(Communication, "sidecar_target", plain_side.sidecar.target)
+    ids = stack.training([plain_side], rounds=1, model=tiny_module_bytes(seed=6), start=True)
+    com = Custom.from_user_password(
+        uuid.uuid4(),
+        ids["training_id"],
+        0,
+        ids["model_id"],
+        plain_side.user.username,
+        plain_side.user.password,
+    )
+    with com:
+        model = com.download_model()
+        assert com.upload_model(model, {"accuracy": 0.5}, 3) is True
+    assert seen == [f"unpack {len(tiny_module_bytes(seed=6))}", "pack"]
+
+
 def test_reference_exceptions_are_typed(
     stack: TrainerStack, plain_side: ClientSide, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -768,3 +768,44 @@ def test_module_from_state_dict_refuses_names_a_module_cannot_hold(
 ) -> None:
     with pytest.raises(TensorMismatchError):
         torch_io.module_from_state_dict(state)
+
+
+class _CountingFile(io.BytesIO):
+    """A binary file that records the largest single write it was given."""
+
+    largest = 0
+
+    def write(self, data: Any) -> int:
+        self.largest = max(self.largest, memoryview(data).nbytes)
+        return super().write(data)
+
+
+def test_the_file_writers_stream_what_the_bytes_functions_return(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    net = Net()
+    weights = {name: t.clone() for name, t in net.state_dict().items()}
+    weights["view"] = torch.arange(20.0).view(4, 5).t()  # strided: written contiguous
+    weights["big"] = torch.ones(2000)  # larger than the header
+
+    out = _CountingFile()
+    torch_io.write_safetensors(weights, out)
+    assert out.getvalue() == torch_io.to_safetensors(weights)
+    # One tensor at a time, never the whole file in one piece.
+    assert out.largest == weights["big"].numel() * 4 < len(out.getvalue())
+    read = torch_io.from_safetensors(out.getvalue())  # in the file's order: by element size
+    assert set(read) == set(weights)
+    assert all(torch.equal(read[name], weights[name]) for name in weights)
+
+    archive = io.BytesIO()
+    torch_io.write_module(net, archive)
+    again = torch_io.load_trusted(archive.getvalue())
+    _assert_equal_state(again.state_dict(), net.state_dict())
+    saved = tmp_path / "net.pt"
+    torch_io.save_module(net, saved)
+    _assert_equal_state(torch_io.load_trusted(saved).state_dict(), net.state_dict())
+
+    with pytest.raises(TypeError):
+        torch_io.write_module(weights, io.BytesIO())  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        torch_io.save_module(weights, tmp_path / "no.pt")  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt"]

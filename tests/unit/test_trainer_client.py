@@ -415,3 +415,74 @@ def test_a_subscription_to_a_missing_socket_fails_when_made(tmp_path: Any) -> No
             client.download("m1")  # a server stream refused the same way, when read
     finally:
         client.close()
+
+
+class _FakeDownloadCall:
+    """A DownloadModel call's messages, then optionally the error the interceptor raises."""
+
+    def __init__(self, messages: List[pb.DownloadModelResponse], error: Any) -> None:
+        self._messages = messages
+        self._error = error
+        self.cancelled = False
+
+    def __iter__(self) -> Iterator[pb.DownloadModelResponse]:
+        yield from self._messages
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _serve_download(
+    client: SidecarClient, data: bytes, *, cut_at: Union[int, None] = None
+) -> _FakeDownloadCall:
+    import hashlib
+
+    info = pb.ModelInfo(model_id="m", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    sent = data if cut_at is None else data[:cut_at]
+    messages = [pb.DownloadModelResponse(info=info)] + [
+        pb.DownloadModelResponse(chunk=sent[i : i + 7]) for i in range(0, len(sent), 7)
+    ]
+    error = None if cut_at is None else SidecarError("vetting failed", code="INVALID_ARGUMENT")
+    call = _FakeDownloadCall(messages, error)
+
+    class Stub:
+        def DownloadModel(self, request: Any, timeout: Any = None) -> _FakeDownloadCall:
+            return call
+
+    client._stub = Stub()  # type: ignore[assignment]
+    return call
+
+
+def test_tensor_downloads_go_through_a_removed_private_file(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch = pytest.importorskip("torch")
+    from fl_sidecar.modelfiles.torch_io import to_safetensors
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    weights = {"a.weight": torch.arange(12.0).view(3, 4), "b": torch.ones(5, dtype=torch.int64)}
+    with SidecarClient("unix:///nonexistent/fl.sock") as client:
+        _serve_download(client, to_safetensors(weights))
+        got = client.download_state_dict("m")
+    assert set(got) == set(weights)
+    assert all(torch.equal(got[n], weights[n]) for n in weights)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method", ["download_state_dict", "download_module"])
+def test_a_download_stream_that_ends_in_an_error_is_no_model(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    torch = pytest.importorskip("torch")
+    from fl_sidecar.modelfiles.torch_io import to_safetensors
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    data = to_safetensors({"w": torch.zeros(64)})
+    with SidecarClient("unix:///nonexistent/fl.sock") as client:
+        # All bytes but the stream's end arrived, then the sidecar refused the model.
+        _serve_download(client, data, cut_at=len(data))
+        with pytest.raises(SidecarError, match="vetting failed"):
+            getattr(client, method)("m")
+    assert list(tmp_path.iterdir()) == []

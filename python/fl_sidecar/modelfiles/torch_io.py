@@ -61,6 +61,8 @@ __all__ = [
     "read_tensors",
     "save_module",
     "to_safetensors",
+    "write_module",
+    "write_safetensors",
     "write_tensors",
 ]
 
@@ -301,35 +303,50 @@ def _all_on_cpu(module: torch.nn.Module) -> bool:
     return all(t.device.type == "cpu" for t in _state_tensors(module))
 
 
-def dump_module(module: torch.nn.Module) -> bytes:
-    """Serializes a module as the reference client does: ``torch.save``, or ``torch.jit.save``.
+def write_module(module: torch.nn.Module, out: IO[bytes]) -> None:
+    """Writes a module as the reference client does (``torch.save``, or ``torch.jit.save``)
+    into the binary file ``out``, never holding the whole archive in memory.
 
     Tensors on an accelerator are written from CPU copies; the trainer's module stays
     where it is, with the same parameter objects.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``.
+        ModelFormatError: torch cannot serialize it (e.g. a lambda attribute).
+        OSError: ``out`` cannot be written.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"a model to save must be an nn.Module, not {type(module).__name__}")
+    on_cpu = _all_on_cpu(module)
+    try:
+        if isinstance(module, torch.jit.ScriptModule):
+            if on_cpu:
+                torch.jit.save(module, out)
+            else:
+                # jit has no save-time device map: reload the bytes onto the CPU and save again.
+                buf = io.BytesIO()
+                torch.jit.save(module, buf)
+                buf.seek(0)
+                moved = _jit_load(buf, map_location="cpu")
+                del buf
+                torch.jit.save(moved, out)
+        else:
+            torch.save(module if on_cpu else _cpu_copy(module), out)
+    except (RuntimeError, TypeError, AttributeError, copy.Error) as exc:
+        raise ModelFormatError(f"torch cannot serialize this module: {exc}") from exc
+
+
+def dump_module(module: torch.nn.Module) -> bytes:
+    """:func:`write_module`'s archive as bytes.
 
     Returns:
         the archive's bytes.
 
     Raises:
-        TypeError: ``module`` is not an ``nn.Module``.
-        ModelFormatError: torch cannot serialize it (e.g. a lambda attribute).
+        TypeError, ModelFormatError: as :func:`write_module`.
     """
-    if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"dump_module needs an nn.Module, not {type(module).__name__}")
-    on_cpu = _all_on_cpu(module)
     buf = io.BytesIO()
-    try:
-        if isinstance(module, torch.jit.ScriptModule):
-            torch.jit.save(module, buf)
-            if not on_cpu:
-                # jit has no save-time device map: reload the bytes onto the CPU and save again.
-                moved = _jit_load(io.BytesIO(buf.getvalue()), map_location="cpu")
-                buf = io.BytesIO()
-                torch.jit.save(moved, buf)
-        else:
-            torch.save(module if on_cpu else _cpu_copy(module), buf)
-    except (RuntimeError, TypeError, AttributeError, copy.Error) as exc:
-        raise ModelFormatError(f"torch cannot serialize this module: {exc}") from exc
+    write_module(module, buf)
     return buf.getvalue()
 
 
@@ -365,18 +382,15 @@ def module_from_state_dict(
 
 
 def save_module(module: torch.nn.Module, path: PathLike) -> None:
-    """Writes :func:`dump_module`'s bytes to ``path`` atomically.
+    """Writes :func:`write_module`'s archive to ``path`` atomically (streamed, not in memory).
 
     Raises:
         TypeError, ModelFormatError: as :func:`dump_module`.
         OSError: the file cannot be written.
     """
-    data = dump_module(module)
-
-    def produce(f: IO[bytes]) -> None:
-        f.write(data)
-
-    atomic_write(path, produce)
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"a model to save must be an nn.Module, not {type(module).__name__}")
+    atomic_write(path, lambda f: write_module(module, f))
 
 
 def load_trusted(source: Source, *, map_location: Any = None, vet: bool = False) -> Any:
@@ -436,11 +450,13 @@ def load_trusted(source: Source, *, map_location: Any = None, vet: bool = False)
 # --------------------------------------------------------------------------- safetensors
 
 
-def to_safetensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """Serializes named tensors (any device, strided or tied) as safetensors bytes.
+def write_safetensors(tensors: Mapping[str, torch.Tensor], out: IO[bytes]) -> None:
+    """Writes named tensors (any device, strided or tied) as safetensors into the binary
+    file ``out``, one tensor's CPU copy at a time.
 
     Raises:
         TensorMismatchError: a value is not a tensor, or its dtype has no safetensors name.
+        OSError: ``out`` cannot be written.
     """
     specs: Dict[str, Tuple[Tuple[int, ...], str]] = {}
     for name, value in tensors.items():
@@ -448,12 +464,21 @@ def to_safetensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
             raise TensorMismatchError(f"{name!r} is not a named tensor")
         specs[name] = (tuple(value.shape), dtype_name(value.dtype))
     header, order = safetensors_header(specs)
-    buf = io.BytesIO()
-    buf.write(header)
+    out.write(header)
     for name in order:
         value = tensors[name].detach().to("cpu").contiguous().reshape(-1)
         if value.numel():
-            buf.write(value.view(torch.uint8).numpy().data)
+            out.write(value.view(torch.uint8).numpy().data)
+
+
+def to_safetensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """:func:`write_safetensors`'s file as bytes.
+
+    Raises:
+        TensorMismatchError: as :func:`write_safetensors`.
+    """
+    buf = io.BytesIO()
+    write_safetensors(tensors, buf)
     return buf.getvalue()
 
 

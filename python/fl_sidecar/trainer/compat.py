@@ -503,6 +503,11 @@ class Communication:
         for TorchScript): this runs code from the server, so use it only with
         a server you trust. :attr:`map_location` places the tensors.
 
+        The model streams into a private temporary file (removed before this
+        returns) and loads from there, so the process grows by about the
+        model's tensors, where the reference client holds the whole file as well.
+        A subclass that overrides :meth:`unpack_model` gets the bytes instead.
+
         Raises:
             ModelDownloadException: the sidecar or the server failed, or the
                 bytes are not a loadable model (``code`` says why;
@@ -510,11 +515,15 @@ class Communication:
         """
         self._logger.info("model download")
         try:
-            blob = self._client().download(str(self.model_id), format="torch")
+            if type(self).unpack_model is not Communication.unpack_model:
+                # A subclass that unpacks its own way gets the bytes, as the reference hands them.
+                blob = self._client().download(str(self.model_id), format="torch")
+                return self.unpack_model(blob)
+            return self._client().download_module(
+                str(self.model_id), map_location=self.map_location
+            )
         except SidecarError as exc:
             raise ModelDownloadException._from_sidecar(exc) from exc
-        try:
-            return self.unpack_model(blob)
         except Exception as exc:
             raise ModelDownloadException(
                 f"the downloaded model {self.model_id} cannot be loaded: {exc}",
@@ -525,32 +534,51 @@ class Communication:
         """Upload the local model with its metrics and sample size for this round.
 
         GPU tensors are saved as CPU tensors (the trainer's model is not
-        changed). Metric values go to the server as ``str(value)``, as the
-        reference client posts them (``"abc"``, ``1``, ``0.5``, ``True``).
+        changed). The archive is written to a private temporary file and streamed
+        from there (removed before this returns), never held in memory whole
+        (a subclass that overrides :meth:`pack_model` sends its bytes instead).
+        Metric values go to the server as ``str(value)``, as the reference
+        client posts them (``"abc"``, ``1``, ``0.5``, ``True``).
         Returns ``True`` on success.
 
         Raises:
             ModelUploadException: the upload failed (``code`` ``UNKNOWN`` means it
                 may have arrived: do not resend blindly; ``response`` is the
-                server's answer), or a metric value is ``None``.
+                server's answer), a metric value is ``None`` or the model is not a
+                module (``INVALID_ARGUMENT``), or the temporary file cannot be
+                written (``RESOURCE_EXHAUSTED``; nothing was sent).
         """
         self._logger.info("model upload")
         try:
             texts = _metric_texts(metrics)
-            blob = self.pack_model(model)
-            self._client().upload(
-                str(self.model_id),
-                blob,
-                round=int(self.round),
-                sample_size=int(sample_size),
-                metrics=texts,
-                format="torch",
-                owner=str(self.client_id),
-            )
+            if type(self).pack_model is not Communication.pack_model:
+                # A subclass that packs its own way sends its bytes, as with the reference.
+                self._client().upload(
+                    str(self.model_id),
+                    self.pack_model(model),
+                    round=int(self.round),
+                    sample_size=int(sample_size),
+                    metrics=texts,
+                    format="torch",
+                    owner=str(self.client_id),
+                )
+            else:
+                self._client().upload_module(
+                    str(self.model_id),
+                    model,
+                    round=int(self.round),
+                    sample_size=int(sample_size),
+                    metrics=texts,
+                    owner=str(self.client_id),
+                )
         except SidecarError as exc:
             raise ModelUploadException._from_sidecar(exc) from exc
         except (TypeError, ValueError) as exc:
             raise ModelUploadException(str(exc), code="INVALID_ARGUMENT") from exc
+        except OSError as exc:
+            raise ModelUploadException(
+                f"the model cannot be staged for upload: {exc}", code="RESOURCE_EXHAUSTED"
+            ) from exc
         return True
 
     def upload_metrics(self, metrics: Dict[str, Any]) -> bool:

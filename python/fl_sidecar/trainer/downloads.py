@@ -3,18 +3,31 @@
 The sidecar fetches the model from the FL server, vets or converts it, then
 streams a ``ModelInfo`` and the model's bytes in chunks; this part checks the
 size and (unless ``verify=False``) the sha256 of what arrives.
+
+The tensor and module downloads never hold the whole file in memory: the chunks go
+into a private temporary file (``tempfile``'s directory, ``TMPDIR``; mode 0600),
+the tensors are read from it into their own memory, and the file is removed before
+the call returns, whether it succeeded or not. The trainer's memory then grows by
+about the tensors alone, not by the file as well.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from fl_sidecar.errors import SidecarError
 from fl_sidecar.trainer.connection import SidecarConnection
 from fl_sidecar.trainer.credentials import CallCredentials
 from fl_sidecar.trainer.results import DownloadResult
-from fl_sidecar.trainer.streams import PathLike, ProgressCallback, format_value, write_atomically
+from fl_sidecar.trainer.streams import (
+    PathLike,
+    ProgressCallback,
+    format_value,
+    private_file,
+    write_atomically,
+)
 from fl_sidecar.v1 import sidecar_pb2 as pb
 from fl_sidecar.wire import format_name
 
@@ -92,6 +105,33 @@ class ModelDownloads(SidecarConnection):
             content_encoding=info.content_encoding,
             wire_bytes=info.wire_bytes,
         )
+
+    @contextlib.contextmanager
+    def _downloaded_file(
+        self,
+        model_id: str,
+        fmt: int,
+        *,
+        progress: Optional[ProgressCallback],
+        credentials: Optional[CallCredentials],
+        timeout: Optional[float],
+    ) -> Iterator[str]:
+        """The model downloaded into a private temporary file, removed on leaving.
+
+        A stream that ends in an error yields nothing: the file is removed and the
+        error raised, so what was received is never loaded.
+        """
+        with private_file("download") as path:
+            with open(path, "wb") as out:
+                self._download_stream(
+                    model_id,
+                    fmt,
+                    out.write,
+                    progress=progress,
+                    credentials=credentials,
+                    timeout=timeout,
+                )
+            yield path
 
     def download_with_info(
         self,
@@ -188,26 +228,33 @@ class ModelDownloads(SidecarConnection):
     ) -> Dict[str, torch.Tensor]:
         """Download the global model's weights as a state_dict (via SAFETENSORS: no pickle).
 
-        ``device`` (e.g. ``"cuda:0"``) moves the tensors there; default CPU.
+        ``device`` (e.g. ``"cuda:0"``) moves the tensors there; default CPU. The
+        stream goes into a private temporary file (the size of the model, removed
+        before returning) and each tensor is read from it into its own memory, so
+        the process grows by about the tensors' size, not twice that. With
+        ``device``, each CPU tensor is dropped once it is moved.
 
         Raises:
             SidecarError: as :meth:`download_with_info`.
             fl_sidecar.errors.ModelError: the bytes are not valid safetensors.
+            OSError: the temporary file cannot be written or read.
         """
         import fl_sidecar.models as models
 
-        data = self.download(
+        with self._downloaded_file(
             model_id,
-            format="safetensors",
+            format_value("safetensors"),
             progress=progress,
             credentials=credentials,
             timeout=timeout,
-        )
-        tensors = models.from_safetensors(data)
-        del data
-        if device is not None:
-            tensors = {name: t.to(device) for name, t in tensors.items()}
-        return dict(tensors)
+        ) as path:
+            tensors = models.from_safetensors(path)
+        if device is None:
+            return tensors
+        moved: Dict[str, torch.Tensor] = {}
+        for name in list(tensors):
+            moved[name] = tensors.pop(name).to(device)
+        return moved
 
     def download_module(
         self,
@@ -225,13 +272,23 @@ class ModelDownloads(SidecarConnection):
         it runs code from the server, so use it only if you trust the server.
         ``map_location`` is passed to torch (e.g. ``"cuda:0"``).
 
+        The stream goes into a private temporary file (the size of the model,
+        removed before returning); :func:`fl_sidecar.models.load_trusted` opens it
+        once, checks that open file and loads from it, so the process grows by
+        about the module's tensors, not by the file as well.
+
         Raises:
             SidecarError: as :meth:`download_with_info`.
             fl_sidecar.errors.ModelError: the bytes are not a torch model.
+            OSError: the temporary file cannot be written or read.
         """
         import fl_sidecar.models as models
 
-        data = self.download(
-            model_id, format="torch", progress=progress, credentials=credentials, timeout=timeout
-        )
-        return models.load_trusted(data, map_location=map_location)
+        with self._downloaded_file(
+            model_id,
+            format_value("torch"),
+            progress=progress,
+            credentials=credentials,
+            timeout=timeout,
+        ) as path:
+            return models.load_trusted(path, map_location=map_location)

@@ -34,6 +34,7 @@ __all__ = [
     "RequestStream",
     "format_value",
     "metric_list",
+    "private_file",
     "read_chunks",
     "slice_chunks",
     "write_atomically",
@@ -158,6 +159,25 @@ def read_chunks(f: BinaryIO, size: int) -> Iterator[bytes]:
 def _unlink_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+@contextlib.contextmanager
+def private_file(purpose: str) -> Iterator[str]:
+    """A new empty file in the temporary directory (``TMPDIR``), mode 0600, removed on leaving.
+
+    The tensor and module transfers stream through such a file so that the trainer
+    never holds a whole model file in memory besides its tensors; ``purpose`` goes
+    into the file's name (``fl-sidecar-<purpose>-*.part``).
+
+    Raises:
+        OSError: the file cannot be made.
+    """
+    fd, path = tempfile.mkstemp(prefix=f"fl-sidecar-{purpose}-", suffix=".part")
+    os.close(fd)
+    try:
+        yield path
+    finally:
+        _unlink_quietly(path)
 
 
 def write_atomically(dst: PathLike, produce: Callable[[Callable[[bytes], object]], _T]) -> _T:

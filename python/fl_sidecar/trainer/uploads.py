@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Union
 
 from fl_sidecar.errors import SidecarError, UploadFailedError
 from fl_sidecar.trainer.connection import SidecarConnection
@@ -27,6 +27,7 @@ from fl_sidecar.trainer.streams import (
     RequestStream,
     format_value,
     metric_list,
+    private_file,
     read_chunks,
     slice_chunks,
 )
@@ -300,6 +301,39 @@ class ModelUploads(SidecarConnection):
                 header, read_chunks(f, self.chunk_size), progress=progress, timeout=timeout
             )
 
+    def _upload_written(
+        self,
+        model_id: str,
+        write: Callable[[IO[bytes]], None],
+        *,
+        format: str,
+        round: int,
+        sample_size: int,
+        metrics: MetricsArg,
+        owner: str,
+        progress: Optional[ProgressCallback],
+        credentials: Optional[CallCredentials],
+        timeout: Optional[float],
+        upload_id: Optional[str],
+    ) -> UploadResult:
+        """Upload what ``write(file)`` writes, streamed through a private temporary file."""
+        with private_file("upload") as path:
+            with open(path, "wb") as out:
+                write(out)
+            return self.upload_file(
+                model_id,
+                path,
+                round=round,
+                sample_size=sample_size,
+                metrics=metrics,
+                format=format,
+                owner=owner,
+                progress=progress,
+                credentials=credentials,
+                timeout=timeout,
+                upload_id=upload_id,
+            )
+
     def upload_state_dict(
         self,
         model_id: str,
@@ -316,17 +350,22 @@ class ModelUploads(SidecarConnection):
     ) -> UploadResult:
         """Upload weights as SAFETENSORS; names, shapes and dtypes must match the global model.
 
-        Tensors on a GPU are copied to CPU for serialisation; ``state_dict`` is not modified.
+        Tensors on a GPU are copied to CPU for serialisation (one at a time);
+        ``state_dict`` is not modified. The file is written to a private temporary
+        file (the model's size, removed before returning) and streamed from there,
+        so the process holds no copy of the whole file in memory.
 
         Raises:
             SidecarError: ``INVALID_ARGUMENT`` when the weights do not match, and as :meth:`upload`.
+            fl_sidecar.errors.TensorMismatchError: a value is not a tensor, or its dtype
+                has no safetensors name.
+            OSError: the temporary file cannot be written or read.
         """
-        import fl_sidecar.models as models
+        from fl_sidecar.modelfiles.torch_io import write_safetensors
 
-        data = models.to_safetensors(state_dict)
-        return self.upload(
+        return self._upload_written(
             model_id,
-            data,
+            lambda out: write_safetensors(state_dict, out),
             round=round,
             sample_size=sample_size,
             metrics=metrics,
@@ -354,18 +393,23 @@ class ModelUploads(SidecarConnection):
     ) -> UploadResult:
         """Upload an ``nn.Module`` (or TorchScript module) as TORCH bytes.
 
-        The bytes are made by :func:`fl_sidecar.models.dump_module`: GPU tensors
-        are saved as CPU tensors and the trainer's module is left untouched.
+        The archive is written by :func:`fl_sidecar.modelfiles.torch_io.write_module`
+        (``torch.save``/``torch.jit.save``; GPU tensors are saved as CPU tensors and
+        the trainer's module is left untouched) into a private temporary file (the
+        model's size, removed before returning) and streamed from there, so the
+        process holds no copy of the whole archive in memory.
 
         Raises:
             SidecarError, ValueError: as :meth:`upload`.
+            TypeError: ``module`` is not an ``nn.Module``.
+            fl_sidecar.errors.ModelFormatError: torch cannot serialize it.
+            OSError: the temporary file cannot be written or read.
         """
-        import fl_sidecar.models as models
+        from fl_sidecar.modelfiles.torch_io import write_module
 
-        data = models.dump_module(module)
-        return self.upload(
+        return self._upload_written(
             model_id,
-            data,
+            lambda out: write_module(module, out),
             round=round,
             sample_size=sample_size,
             metrics=metrics,
