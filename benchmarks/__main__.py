@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m benchmarks [codec|models|http|sidecar ...] [-- ARGS]``.
+"""Run the benchmarks: ``python -m benchmarks [codec|models|http|sidecar|realserver] [--OPT=V]``.
 
 Each benchmark module exposes ``main(argv) -> int`` and prints its own table of
 medians and ratios against its baselines, measured side by side in one run.
@@ -10,7 +10,7 @@ import importlib
 import sys
 from typing import List
 
-BENCHMARKS = ("codec", "models", "http", "sidecar")
+BENCHMARKS = ("codec", "models", "http", "sidecar", "realserver")
 
 
 def main(argv: List[str]) -> int:
