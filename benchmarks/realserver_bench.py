@@ -102,6 +102,25 @@ def _build_module(size_mib: int, seed: int) -> Any:
         return torch.nn.Sequential(*layers)
 
 
+def _mark_first_chunk(client: Any, progress: Any) -> None:
+    """Instrumentation only: compat's own download calls, with ``progress`` where none is given.
+
+    Whichever of the client's download methods compat uses (the whole bytes,
+    or the streamed module), the first chunk on the gRPC stream is marked.
+    """
+    for name in ("download", "download_with_info", "download_module", "download_to_file"):
+        plain = getattr(client, name, None)
+        if plain is None:
+            continue
+
+        def marked(*args: Any, _plain: Any = plain, **kwargs: Any) -> Any:
+            if kwargs.get("progress") is None:
+                kwargs["progress"] = progress
+            return _plain(*args, **kwargs)
+
+        setattr(client, name, marked)
+
+
 def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Do the one transfer ``spec`` names; returns seconds, ttfb and peak RSS."""
     import io
@@ -158,10 +177,8 @@ def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
 
         Communication.sidecar_target = spec["target"]
         comm = Communication(spec["owner"], spec["training_id"], 0, spec["model_id"], auth)
+        _mark_first_chunk(comm._client(), first_chunk)
         client = comm._client()
-        # Instrumentation only: the same call compat makes, with a first-chunk mark.
-        plain_download = client.download
-        client.download = lambda *a, **k: plain_download(*a, progress=first_chunk, **k)  # type: ignore[method-assign]
         client.get_info()  # connected before the clock starts, as after a round's first call
         baseline = _reset_peak()
         started = time.perf_counter()
