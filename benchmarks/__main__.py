@@ -1,4 +1,6 @@
-"""Run the benchmarks: ``python -m benchmarks [codec|models|http|sidecar|tensor ...] [-- ARGS]``.
+"""Run the benchmarks: ``python -m benchmarks [NAME ...] [--OPT=V]``.
+
+NAME is one of codec, models, http, sidecar, tensor, realserver (all when none).
 
 Each benchmark module exposes ``main(argv) -> int`` and prints its own table of
 medians and ratios against its baselines, measured side by side in one run.
@@ -10,7 +12,7 @@ import importlib
 import sys
 from typing import List
 
-BENCHMARKS = ("codec", "models", "http", "sidecar", "tensor")
+BENCHMARKS = ("codec", "models", "http", "sidecar", "tensor", "realserver")
 
 
 def main(argv: List[str]) -> int:
