@@ -4,6 +4,8 @@
 # in place; the compiled module is copied next to it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/cargo-debian-config.sh
+source scripts/cargo-debian-config.sh
 if [ -z "${CARGO_SOURCE:-}" ]; then
   if compgen -G "/usr/share/cargo/registry/pyo3-*" >/dev/null; then CARGO_SOURCE=debian; else CARGO_SOURCE=crates-io; fi
 fi
@@ -15,20 +17,9 @@ if [ "$CARGO_SOURCE" = "debian" ]; then
 fi
 args=(--release)
 if [ "$CARGO_SOURCE" = "debian" ]; then
-  # maturin runs `cargo metadata` without our --config flags, so the source replacement
-  # goes into the (git-ignored) project config that every cargo call reads.
-  mkdir -p .cargo
-  cat > .cargo/config.toml <<'TOML'
-# Written by scripts/build-native.sh (CARGO_SOURCE=debian): crates from Debian's packages.
-[source.crates-io]
-replace-with = "debian"
-[source.debian]
-directory = "/usr/share/cargo/registry"
-[net]
-offline = true
-TOML
+  write_debian_cargo_config
   args+=(--offline)
-elif [ -f .cargo/config.toml ] && grep -q 'scripts/build-native.sh' .cargo/config.toml; then
+elif [ -f .cargo/config.toml ] && grep -q 'scripts/cargo-debian-config.sh\|scripts/build-native.sh' .cargo/config.toml; then
   rm .cargo/config.toml
 fi
 if [ "$CARGO_SOURCE" = "crates-io" ] && grep -q 'Could not get crate checksum' Cargo.lock 2>/dev/null; then

@@ -3,6 +3,8 @@
 # given directory (default dist/), with crates from CARGO_SOURCE (see cargo.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/cargo-debian-config.sh
+source scripts/cargo-debian-config.sh
 out=${1:-dist}
 if [ -z "${CARGO_SOURCE:-}" ]; then
   if compgen -G "/usr/share/cargo/registry/pyo3-*" >/dev/null; then CARGO_SOURCE=debian; else CARGO_SOURCE=crates-io; fi
@@ -15,6 +17,7 @@ if [ "$CARGO_SOURCE" = "debian" ]; then
 fi
 args=(--release --out "$out")
 if [ "$CARGO_SOURCE" = "debian" ]; then
+  write_debian_cargo_config
   args+=(--offline
          --config 'source.crates-io.replace-with="debian"'
          --config 'source.debian.directory="/usr/share/cargo/registry"')

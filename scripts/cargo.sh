@@ -9,7 +9,7 @@ if [ -z "${CARGO_SOURCE:-}" ]; then
   if compgen -G "/usr/share/cargo/registry/pyo3-*" >/dev/null; then CARGO_SOURCE=debian; else CARGO_SOURCE=crates-io; fi
 fi
 if [ "$CARGO_SOURCE" = "crates-io" ] && [ -f .cargo/config.toml ] \
-   && grep -q 'scripts/build-native.sh' .cargo/config.toml; then
+   && grep -q 'scripts/cargo-debian-config.sh\|scripts/build-native.sh' .cargo/config.toml; then
   rm .cargo/config.toml  # the Debian source replacement build-native.sh wrote
 fi
 if [ "$CARGO_SOURCE" = "crates-io" ] && grep -q 'Could not get crate checksum' Cargo.lock 2>/dev/null; then
