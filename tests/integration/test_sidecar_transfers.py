@@ -404,6 +404,7 @@ def test_a_rounds_model_is_fetched_once_for_its_download_and_uploads(
     args = ["--username", username, "--password-file", str(password_file)]
     server = (world.devserver.host, world.devserver.port)
     with FaultProxy(server) as proxy, running_sidecar(server_url=proxy.url, args=args) as sc:
+        assert sc.notification_url is not None
         user = world.devserver.create_user(username, password, message_endpoint=sc.notification_url)
         model_id = world.devserver.upload_model(world.actor, _module_bytes(99))
         training_id = world.devserver.create_training(
