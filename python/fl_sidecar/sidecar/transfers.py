@@ -55,6 +55,7 @@ from fl_sidecar.flserver import (
     ProgressCallback,
     TransferResult,
 )
+from fl_sidecar.flserver.results import PartFileCallback
 from fl_sidecar.sidecar import uploads
 from fl_sidecar.sidecar.cancel import REASON_SHUTDOWN, Cancellation
 from fl_sidecar.sidecar.downloads import DownloadCancelledError, DownloadHandoff
@@ -275,13 +276,14 @@ class TransferManager:
         when closed; see :class:`~fl_sidecar.sidecar.downloads.DownloadHandoff`.
         """
         return DownloadHandoff(
-            lambda progress, on_converting, cancel: self.download(
+            lambda progress, on_converting, cancel, on_part_file: self.download(
                 model_id,
                 fmt,
                 credentials=credentials,
                 progress=progress,
                 on_converting=on_converting,
                 cancel=cancel,
+                on_part_file=on_part_file,
             )
         )
 
@@ -294,6 +296,7 @@ class TransferManager:
         progress: Optional[ProgressCallback] = None,
         on_converting: Optional[Callable[[], None]] = None,
         cancel: Optional[Cancellation] = None,
+        on_part_file: Optional[PartFileCallback] = None,
     ) -> SpooledModel:
         """Fetch the global model into a spool file, vet or convert it.
 
@@ -311,6 +314,10 @@ class TransferManager:
             cancel: cancelled when the trainer went away or the sidecar stops: the fetch
                 stops at once (its connection is shut down), vetting and conversion at
                 their next stage, and the spool files are removed.
+            on_part_file: for a TORCH download, told of each fetch attempt's part file
+                as its body begins (see ``FlServerClient.download_model``), so the
+                bytes can be streamed while they arrive; not called for SAFETENSORS
+                (converted from the whole archive) nor for a copy already held.
 
         Returns:
             The spooled model; the caller must :meth:`SpooledModel.discard` it.
@@ -323,7 +330,9 @@ class TransferManager:
             spool's file system is full (the partial files are removed).
         """
         with self.cancellable(cancel) as stop:
-            return self._download(model_id, fmt, credentials, progress, on_converting, stop)
+            return self._download(
+                model_id, fmt, credentials, progress, on_converting, stop, on_part_file
+            )
 
     def _download(
         self,
@@ -333,6 +342,7 @@ class TransferManager:
         progress: Optional[ProgressCallback],
         on_converting: Optional[Callable[[], None]],
         stop: Cancellation,
+        on_part_file: Optional[PartFileCallback] = None,
     ) -> SpooledModel:
         archive = self._spool_path(".pt")
 
@@ -350,7 +360,12 @@ class TransferManager:
             if facts is None:
                 try:
                     result = self.client.download_model(
-                        model_id, archive, credentials=credentials, progress=progress, cancel=stop
+                        model_id,
+                        archive,
+                        credentials=credentials,
+                        progress=progress,
+                        cancel=stop,
+                        on_part_file=on_part_file if fmt == FORMAT_TORCH else None,
                     )
                 except TransferCancelledError as exc:
                     raise DownloadCancelledError(
