@@ -13,7 +13,6 @@ bytes while they are still arriving.
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 from dataclasses import dataclass
@@ -234,9 +233,10 @@ class EarlyStream:
         self._chunk_size = chunk_size
         self._file: Optional[IO[bytes]] = part.file
         self._pending = bytearray()
-        self._sent_digest = hashlib.sha256()
         self.sent = 0
-        self._restarted = False
+        # After a retry: the first attempt's part file, whose first ``sent`` bytes
+        # went out (an open descriptor reads it even once the download removed it).
+        self._sent_source: Optional[IO[bytes]] = None
 
     @staticmethod
     def fits(part: PartFile) -> bool:
@@ -247,9 +247,11 @@ class EarlyStream:
         """A retry began ``part``: what went out is checked against the complete file."""
         part.file.close()
         if self._file is not None:
-            self._file.close()
+            if self._sent_source is None:
+                self._sent_source = self._file
+            else:
+                self._file.close()
         self._file = None
-        self._restarted = True
 
     def ready(self) -> Iterator[bytes]:
         """The whole chunks that have arrived, short of the last chunk of the model."""
@@ -262,7 +264,6 @@ class EarlyStream:
             if len(self._pending) == self._chunk_size:
                 chunk = bytes(self._pending)
                 self._pending.clear()
-                self._sent_digest.update(chunk)
                 self.sent += len(chunk)
                 yield chunk
 
@@ -276,22 +277,25 @@ class EarlyStream:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if model.size != self.size:
-            raise ModelChangedError(
-                f"the FL server announced {self.size} bytes and sent {model.size}; "
-                "download the model again"
-            )
-        with open(model.path, "rb") as file:
-            changed = (
-                self._restarted
-                and self.sent > 0
-                and _digest_of_prefix(file, self.sent) != self._sent_digest.digest()
-            )
-            if changed:
+        sent_source, self._sent_source = self._sent_source, None
+        try:
+            if model.size != self.size:
                 raise ModelChangedError(
-                    "the global model changed on the FL server while it was downloaded "
-                    "(a retried fetch got other bytes); download the model again"
+                    f"the FL server announced {self.size} bytes and sent {model.size}; "
+                    "download the model again"
                 )
+            if sent_source is not None and self.sent > 0:
+                with open(model.path, "rb") as file:
+                    same = _same_prefix(sent_source, file, self.sent)
+                if not same:
+                    raise ModelChangedError(
+                        "the global model changed on the FL server while it was downloaded "
+                        "(a retried fetch got other bytes); download the model again"
+                    )
+        finally:
+            if sent_source is not None:
+                sent_source.close()
+        with open(model.path, "rb") as file:
             file.seek(self.sent)
             while True:
                 block = file.read(self._chunk_size)
@@ -307,13 +311,15 @@ class ModelChangedError(SidecarError):
         super().__init__(message, code="ABORTED")
 
 
-def _digest_of_prefix(file: IO[bytes], length: int) -> bytes:
-    digest = hashlib.sha256()
+def _same_prefix(first: IO[bytes], second: IO[bytes], length: int) -> bool:
+    """Whether both files begin with the same ``length`` bytes (read from their starts)."""
+    first.seek(0)
+    second.seek(0)
     left = length
     while left > 0:
-        block = file.read(min(left, 1 << 20))
-        if not block:
-            break
-        digest.update(block)
-        left -= len(block)
-    return digest.digest()
+        step = min(left, 1 << 20)
+        a, b = first.read(step), second.read(step)
+        if a != b or not a:
+            return False
+        left -= len(a)
+    return True
