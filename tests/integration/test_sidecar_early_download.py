@@ -162,3 +162,23 @@ def test_the_python_client_checks_an_early_stream_itself(plain: DevServerHandle)
     assert body == data
     # ModelInfo had no digest to give (it came first): the client hashed what arrived.
     assert result.sha256 == hashlib.sha256(data).hexdigest() and result.size == len(data)
+
+
+def test_a_retried_fetch_continues_the_stream_with_the_same_bytes(plain: DevServerHandle) -> None:
+    data = _model_bytes()
+    _actor, users, model_id, _training = plain.setup_training(data, ["http://127.0.0.1:9/"])
+    # The first answer breaks off after two thirds: the sidecar fetches again.
+    cut = f"truncate:{len(data) * 2 // 3}"
+    with FaultProxy((plain.host, plain.port), actions=[cut]) as proxy:
+        args = ["--token", users[0].token]
+        with running_sidecar(server_url=proxy.url, args=args, notifications=False) as sc:
+            reader = _Reader(
+                sc.stub.DownloadModel(
+                    pb.DownloadModelRequest(model_id=model_id, chunk_size=CHUNK), timeout=120
+                )
+            )
+            reader.join()
+        assert len(proxy.seen("GET", f"/api/models/{model_id}/")) == 2
+    assert reader.error is None, reader.error
+    assert reader.messages[0].WhichOneof("kind") == "info"
+    assert reader.chunks() == data
