@@ -388,6 +388,81 @@ def test_concurrent_safetensors_uploads_share_one_template(world: World) -> None
         assert torch.allclose(averaged[name], tensor, atol=1e-5), name
 
 
+def test_a_rounds_model_is_fetched_once_for_its_download_and_uploads(
+    world: World, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Download then SAFETENSORS uploads of one round: one GET; the next round: a fresh one.
+
+    The sidecar knows the model's round from the round start it was notified of.
+    """
+    from faultproxy import FaultProxy
+
+    username = f"held-{uuid.uuid4().hex[:8]}"
+    password = "Held-Pw-5e2b7d-secret"
+    password_file = tmp_path_factory.mktemp("held") / "pw"
+    password_file.write_text(password + "\n")
+    args = ["--username", username, "--password-file", str(password_file)]
+    server = (world.devserver.host, world.devserver.port)
+    with FaultProxy(server) as proxy, running_sidecar(server_url=proxy.url, args=args) as sc:
+        assert sc.notification_url is not None
+        user = world.devserver.create_user(username, password, message_endpoint=sc.notification_url)
+        model_id = world.devserver.upload_model(world.actor, _module_bytes(99))
+        training_id = world.devserver.create_training(
+            world.actor, model_id, [user, world.bob], target_num_updates=2
+        )
+        world.devserver.start_training(world.actor, training_id)
+        assert world.devserver.wait_idle(30)  # round 0's start reached the sidecar
+
+        def model_gets() -> int:
+            return len(proxy.seen("GET", f"/api/models/{model_id}/"))
+
+        def upload(round_: int, credentials: Optional[pb.Credentials], tensors: Any) -> None:
+            header = pb.UploadHeader(
+                model_id=model_id,
+                round=round_,
+                sample_size=10,
+                format=pb.MODEL_FORMAT_SAFETENSORS,
+                credentials=credentials,
+            )
+            body = safetensors_torch.save(tensors)
+            answer = sc.stub.UploadModel(upload_messages(header, body), timeout=60)
+            assert answer.http_status == 201
+
+        safetensors = pb.DownloadModelRequest(model_id=model_id, format=pb.MODEL_FORMAT_SAFETENSORS)
+        _info, weights, _progress = download(sc.stub, safetensors)
+        assert model_gets() == 1
+        tensors = safetensors_torch.load(weights)
+        _info, body, _progress = download(
+            sc.stub, pb.DownloadModelRequest(model_id=model_id, format=pb.MODEL_FORMAT_TORCH)
+        )
+        assert body == _module_bytes(99)
+        upload(0, None, tensors)
+        upload(0, _token(world.bob), tensors)  # another trainer of this sidecar, same round
+        assert model_gets() == 1
+        assert world.devserver.wait_idle(30)
+        assert world.devserver.training(world.actor, training_id)["round"] == 1
+        # Aggregated: the id now names round 1's model. While the round is tested the
+        # sidecar does not know the model's round: fetched, and not held.
+        _info, weights, _progress = download(sc.stub, safetensors)
+        assert model_gets() == 2
+        for credentials in (None, _token(world.bob)):
+            metrics = sc.stub.UploadMetrics(
+                pb.UploadMetricsRequest(
+                    model_id=model_id,
+                    metrics=[pb.Metric(name="accuracy", value=0.5)],
+                    credentials=credentials,
+                ),
+                timeout=30,
+            )
+            assert metrics.http_status == 201, metrics.detail
+        assert world.devserver.wait_idle(30)  # round 1's start reached the sidecar
+        _info, weights, _progress = download(sc.stub, safetensors)
+        assert model_gets() == 3
+        upload(1, None, safetensors_torch.load(weights))
+        assert model_gets() == 3
+        assert "served the global model from the copy held for its round" in sc.log_text()
+
+
 def _get_info_coding(sidecar: SidecarProcess) -> str:
     coding: str = sidecar.stub.GetInfo(pb.GetInfoRequest(), timeout=10).negotiated_coding
     return coding

@@ -45,6 +45,24 @@ def notification(**fields: Any) -> bytes:
 # --- the event model ---------------------------------------------------------
 
 
+def test_the_round_of_a_model_is_known_only_from_its_newest_round_start() -> None:
+    bus = EventBus()
+    assert bus.update_round_of_model(MODEL) is None  # nothing heard of it
+    bus.publish("TRAINING_START", TRAINING, {"global_model_uuid": MODEL}, "{}")
+    assert bus.update_round_of_model(MODEL) is None
+    bus.publish("UPDATE_ROUND_START", TRAINING, {"round": 0, "global_model_uuid": MODEL}, "{}")
+    bus.publish("UPDATE_ROUND_START", "t2", {"round": 5, "global_model_uuid": "other"}, "{}")
+    assert bus.update_round_of_model(MODEL) == 0
+    assert bus.update_round_of_model("other") == 5
+    # Aggregated and being tested: the bytes are no longer round 0's.
+    bus.publish("MODEL_TEST_ROUND", TRAINING, {"round": 1, "global_model_uuid": MODEL}, "{}")
+    assert bus.update_round_of_model(MODEL) is None
+    bus.publish("UPDATE_ROUND_START", TRAINING, {"round": 1, "global_model_uuid": MODEL}, "{}")
+    assert bus.update_round_of_model(MODEL) == 1
+    bus.publish("TRAINING_FINISHED", TRAINING, {"global_model_uuid": MODEL}, "{}")
+    assert bus.update_round_of_model(MODEL) is None
+
+
 def test_publish_numbers_events_and_fills_fields() -> None:
     bus = EventBus()
     assert bus.last_seq() == 0

@@ -1,4 +1,4 @@
-"""The template cache behind SAFETENSORS uploads: one fetch per round, pinned while read.
+"""The held global models behind SAFETENSORS uploads and downloads: one fetch per round.
 
 The FL server client is replaced by a recorder that writes a file (unit level: the
 integration tests drive the same code through the real sidecar and dev server).
@@ -9,14 +9,15 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import pytest
 
 from fl_sidecar.errors import ServerUnavailableError
 from fl_sidecar.server_api import TransferResult
-from fl_sidecar.sidecar.templates import TEMPLATE_CACHE_SIZE
+from fl_sidecar.sidecar.templates import TEMPLATE_CACHE_SIZE, ModelFacts
 from fl_sidecar.sidecar.transfers import TransferManager
+from fl_sidecar.wire import FORMAT_TORCH
 
 
 class RecordingClient:
@@ -118,3 +119,109 @@ def test_concurrent_callers_share_one_fetch_and_other_rounds_do_not_wait(manager
     assert sorted(client.fetches) == ["m", "other"]
     for key, template in zip(keys, got):
         transfers.templates.release(key, template)
+
+
+def _manager_with_rounds(
+    tmp_path: Path, rounds: Dict[str, int]
+) -> Tuple[TransferManager, RecordingClient]:
+    client = RecordingClient()
+    transfers = TransferManager(
+        client,  # type: ignore[arg-type]
+        spool_dir=str(tmp_path),
+        max_model_size=1 << 20,
+        trust_pickles=True,  # the recorder's bodies are no archives: nothing to vet
+        model_round=rounds.get,
+    )
+    return transfers, client
+
+
+def _download(transfers: TransferManager, model_id: str) -> bytes:
+    model = transfers.download(model_id, FORMAT_TORCH)
+    try:
+        return model.path.read_bytes()
+    finally:
+        model.discard()
+
+
+def test_a_download_of_a_known_round_is_held_for_its_uploads_and_downloads(
+    tmp_path: Path,
+) -> None:
+    rounds = {"m": 0}
+    transfers, client = _manager_with_rounds(tmp_path, rounds)
+    try:
+        assert _download(transfers, "m") == b"m"
+        # The upload's template and a second download of round 0: no second GET.
+        template = transfers.templates.acquire(("m", 0), None)
+        assert template.path.read_bytes() == b"m"
+        transfers.templates.release(("m", 0), template)
+        assert _download(transfers, "m") == b"m"
+        assert client.fetches == ["m"]
+        # The server aggregated: the same id now names round 1's bytes.
+        rounds["m"] = 1
+        assert _download(transfers, "m") == b"m"
+        assert client.fetches == ["m", "m"]
+        template = transfers.templates.acquire(("m", 1), None)
+        transfers.templates.release(("m", 1), template)
+        assert client.fetches == ["m", "m"]
+        # Discarding the served copies left the held archives alone, and only those.
+        models = [p for p in transfers.spool_dir.iterdir() if p.name.endswith(".pt")]
+        assert len(models) == 2
+        assert all(p.name.endswith(".template.pt") for p in models)
+    finally:
+        transfers.close()
+
+
+def test_a_download_of_an_unknown_round_is_fetched_every_time_and_not_held(
+    tmp_path: Path,
+) -> None:
+    transfers, client = _manager_with_rounds(tmp_path, {})
+    try:
+        assert _download(transfers, "m") == b"m"
+        assert _download(transfers, "m") == b"m"
+        assert client.fetches == ["m", "m"]
+        assert not [p for p in transfers.spool_dir.iterdir() if p.name.endswith(".pt")]
+    finally:
+        transfers.close()
+
+
+def test_a_download_during_which_the_round_moved_on_is_not_held(tmp_path: Path) -> None:
+    rounds = {"m": 0}
+    transfers, client = _manager_with_rounds(tmp_path, rounds)
+    fetch = client.download_model
+
+    def fetch_then_aggregate(model_id: str, dest: Path, **kwargs: Any) -> TransferResult:
+        result = fetch(model_id, dest, **kwargs)
+        rounds["m"] = 1  # the next round's notification came while the bytes arrived
+        return result
+
+    client.download_model = fetch_then_aggregate  # type: ignore[method-assign]
+    try:
+        assert _download(transfers, "m") == b"m"
+        assert transfers.templates.lookup(("m", 0)) is None
+        assert transfers.templates.lookup(("m", 1)) is None
+    finally:
+        transfers.close()
+
+
+def test_adopt_keeps_lru_bounds_and_never_replaces_a_held_round(tmp_path: Path) -> None:
+    transfers, _client = _manager_with_rounds(tmp_path, {})
+    facts = ModelFacts(1, "0" * 64, "identity", 1)
+    try:
+        sources = []
+        for i in range(TEMPLATE_CACHE_SIZE + 1):
+            source = tmp_path / f"download{i}"
+            source.write_bytes(f"m{i}".encode())
+            sources.append(source)
+            assert transfers.templates.adopt((f"m{i}", 0), source, facts)
+            source.unlink()  # the download's own name goes; the held one stays
+        assert transfers.templates.lookup(("m0", 0)) is None  # least recently used: gone
+        newest = transfers.templates.lookup((f"m{TEMPLATE_CACHE_SIZE}", 0))
+        assert newest is not None
+        assert newest.path.read_bytes() == f"m{TEMPLATE_CACHE_SIZE}".encode()
+        other = tmp_path / "other"
+        other.write_bytes(b"other")
+        assert not transfers.templates.adopt((f"m{TEMPLATE_CACHE_SIZE}", 0), other, facts)
+        assert newest.path.read_bytes() == f"m{TEMPLATE_CACHE_SIZE}".encode()
+        transfers.templates.release((f"m{TEMPLATE_CACHE_SIZE}", 0), newest)
+    finally:
+        transfers.close()

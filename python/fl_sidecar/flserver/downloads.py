@@ -25,7 +25,7 @@ from fl_sidecar.errors import (
 from fl_sidecar.flserver.bodies import IO_CHUNK, unlink_quietly
 from fl_sidecar.flserver.coding import codec
 from fl_sidecar.flserver.failures import Retryable, cancelled, describe
-from fl_sidecar.flserver.results import ProgressCallback, TransferResult
+from fl_sidecar.flserver.results import PartFileCallback, ProgressCallback, TransferResult
 from fl_sidecar.flserver.transport import BODY_READ_ERRORS, Transport
 
 if TYPE_CHECKING:
@@ -133,6 +133,7 @@ class ModelDownloads(Transport):
         progress: Optional[ProgressCallback],
         started: float,
         cancel: Optional[Cancellation] = None,
+        on_part_file: Optional[PartFileCallback] = None,
     ) -> TransferResult:
         """Stream an answer's body into ``dest`` (via a temp file beside it), decoding zstd.
 
@@ -160,6 +161,8 @@ class ModelDownloads(Transport):
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
+                if on_part_file is not None:
+                    on_part_file(tmp, coding, total)
                 sink = _DecodingSink(out, hasher, coding, self.max_download_size, operation)
                 wire = self._copy_raw(resp, sink, total, progress, operation, cancel)
                 try:

@@ -19,6 +19,7 @@ from fl_sidecar.flserver.downloads import ModelDownloads
 from fl_sidecar.flserver.results import (
     BodyCallback,
     MetricValue,
+    PartFileCallback,
     PathLike,
     ProgressCallback,
     TransferResult,
@@ -40,6 +41,7 @@ class ParticipantCalls(ModelDownloads, ModelUploads):
         credentials: Optional[Credentials] = None,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[Cancellation] = None,
+        on_part_file: Optional[PartFileCallback] = None,
     ) -> TransferResult:
         """Download the global model ``model_id`` into the file ``dest``.
 
@@ -52,6 +54,8 @@ class ParticipantCalls(ModelDownloads, ModelUploads):
             progress: called with (wire bytes received, wire total or ``None``).
             cancel: cancelling it stops the download at once, even in a blocked read
                 (its connection is shut down); nothing is left at ``dest``.
+            on_part_file: told of each attempt's temp file as its body begins, so a
+                caller can read the bytes as they arrive (see ``PartFileCallback``).
 
         Returns:
             A :class:`TransferResult`; ``raw_bytes`` and ``sha256`` describe the model file.
@@ -83,7 +87,7 @@ class ParticipantCalls(ModelDownloads, ModelUploads):
             with resp:
                 try:
                     return self._receive_model(
-                        resp, dest_path, operation, progress, started, cancel
+                        resp, dest_path, operation, progress, started, cancel, on_part_file
                     )
                 finally:
                     # Before the connection goes back to the pool, where another

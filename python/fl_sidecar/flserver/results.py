@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
 
-__all__ = ["BodyCallback", "MetricValue", "PathLike", "ProgressCallback", "TransferResult"]
+__all__ = [
+    "BodyCallback",
+    "MetricValue",
+    "PartFileCallback",
+    "PathLike",
+    "ProgressCallback",
+    "TransferResult",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 ProgressCallback = Callable[[int, Optional[int]], None]
 """``progress(bytes_done, bytes_total_or_None)``: bytes on the wire for this transfer."""
+PartFileCallback = Callable[[Path, str, Optional[int]], None]
+"""``on_part_file(part_file, coding, wire_total_or_None)``: a download's body begins.
+
+Called once per attempt (a retry starts a new part file), before a byte of the body
+is written to ``part_file``; the file holds the decoded bytes as they arrive and is
+renamed to the destination when complete (an open descriptor keeps reading it).
+"""
 MetricValue = Union[float, str]
 """A metric's value: a number (posted as its shortest round-trip form) or text (posted as is)."""
 BodyCallback = Callable[[], None]

@@ -212,6 +212,23 @@ class EventBus:
         """Whether :meth:`close` was called."""
         return self._closed
 
+    def update_round_of_model(self, model_id: str) -> Optional[int]:
+        """The round the global model ``model_id`` is in, if the newest event about it says so.
+
+        That is the round of the newest retained event naming ``model_id`` when it is
+        an ``UPDATE_ROUND_START``: until this sidecar's trainers have uploaded for that
+        round the server cannot aggregate, so the model's bytes are that round's. Any
+        other newest event (a test round, the end of the training) or none retained:
+        ``None``, the round is not known.
+        """
+        with self._cond:
+            for event in reversed(self._events):
+                if event.model_id == model_id:
+                    if event.kind is EventKind.UPDATE_ROUND_START:
+                        return event.round
+                    return None
+        return None
+
     def publish(
         self,
         notification_type: str,

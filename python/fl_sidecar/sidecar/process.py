@@ -230,6 +230,7 @@ class SidecarServer:
             trust_pickles=settings.trust_pickles,
             metrics=self.metrics,
             journal=self.journal,
+            model_round=self.bus.update_round_of_model,
         )
         # Packed upload bodies go into the locked spool directory too, so a crash
         # leaves nothing outside what the next start-up cleans.

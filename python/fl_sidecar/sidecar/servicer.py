@@ -28,7 +28,13 @@ from fl_sidecar.flserver import Credentials
 from fl_sidecar.sidecar import uploads as upload_journal
 from fl_sidecar.sidecar.cancel import REASON_TRAINER_GONE, Cancellation
 from fl_sidecar.sidecar.codecstreams import codec_defaults, pack_stream, unpack_stream
-from fl_sidecar.sidecar.downloads import PHASE_CONVERTING, PHASE_FETCHING, DownloadProgress
+from fl_sidecar.sidecar.downloads import (
+    PHASE_CONVERTING,
+    PHASE_FETCHING,
+    DownloadProgress,
+    EarlyStream,
+    PartFile,
+)
 from fl_sidecar.sidecar.eventbus import EventBus
 from fl_sidecar.sidecar.status import error_trailers, status_for, upload_failure
 from fl_sidecar.sidecar.telemetry import Metrics
@@ -287,7 +293,13 @@ class SidecarService(pb_grpc.SidecarServicer):
     def DownloadModel(
         self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.DownloadModelResponse]:
-        """Fetch, vet/convert, then stream ModelInfo and chunks; progress while fetching."""
+        """Fetch, vet/convert, then stream ModelInfo and chunks; progress while fetching.
+
+        A TORCH model whose size the FL server announces (an identity body) streams
+        while it arrives: ModelInfo at once (its sha256 empty), then the chunks, the
+        last one held back until the model is complete and vetted
+        (:class:`~fl_sidecar.sidecar.downloads.EarlyStream`).
+        """
         self._check_open()
         model_id = _require_id(request.model_id, "model_id")
         fmt = _format_name(request.format)
@@ -300,6 +312,7 @@ class SidecarService(pb_grpc.SidecarServicer):
         # The trainer cancelled or disconnected: the HTTP download, vetting and
         # conversion stop (the worker thread's spool files go with them).
         context.add_callback(handoff.trainer_gone)
+        early: Optional[EarlyStream] = None
         try:
             fetching = handoff.progress(context.is_active)
             while True:
@@ -308,25 +321,38 @@ class SidecarService(pb_grpc.SidecarServicer):
                 except StopIteration as done:
                     model: SpooledModel = done.value
                     break
-                yield pb.DownloadModelResponse(progress=_progress_message(update))
-            yield pb.DownloadModelResponse(
-                info=pb.ModelInfo(
-                    model_id=model_id,
-                    format=pb.MODEL_FORMAT_SAFETENSORS
-                    if model.format == FORMAT_SAFETENSORS
-                    else pb.MODEL_FORMAT_TORCH,
-                    size=model.size,
-                    sha256=model.sha256,
-                    content_encoding=model.content_encoding,
-                    wire_bytes=model.wire_bytes,
-                )
-            )
-            with open(model.path, "rb") as file:
-                while True:
-                    block = file.read(chunk_size)
-                    if not block:
-                        break
+                if isinstance(update, PartFile):
+                    if early is not None:
+                        early.restart(update)  # a retried fetch
+                    elif EarlyStream.fits(update) and fmt != FORMAT_SAFETENSORS:
+                        early = EarlyStream(update, chunk_size)
+                        yield pb.DownloadModelResponse(
+                            info=pb.ModelInfo(
+                                model_id=model_id,
+                                format=pb.MODEL_FORMAT_TORCH,
+                                size=early.size,
+                                content_encoding=update.coding,
+                                wire_bytes=early.size,
+                            )
+                        )
+                    else:
+                        update.file.close()
+                elif early is not None:
+                    for block in early.ready():
+                        yield pb.DownloadModelResponse(chunk=block)
+                else:
+                    yield pb.DownloadModelResponse(progress=_progress_message(update))
+            if early is not None:
+                for block in early.finish(model):
                     yield pb.DownloadModelResponse(chunk=block)
+            else:
+                yield pb.DownloadModelResponse(info=_model_info(model_id, model))
+                with open(model.path, "rb") as file:
+                    while True:
+                        block = file.read(chunk_size)
+                        if not block:
+                            break
+                        yield pb.DownloadModelResponse(chunk=block)
             _log.info(
                 "model downloaded",
                 extra={
@@ -595,6 +621,19 @@ _PHASES = {
     PHASE_FETCHING: pb.Progress.PHASE_FETCHING,
     PHASE_CONVERTING: pb.Progress.PHASE_CONVERTING,
 }
+
+
+def _model_info(model_id: str, model: SpooledModel) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        model_id=model_id,
+        format=pb.MODEL_FORMAT_SAFETENSORS
+        if model.format == FORMAT_SAFETENSORS
+        else pb.MODEL_FORMAT_TORCH,
+        size=model.size,
+        sha256=model.sha256,
+        content_encoding=model.content_encoding,
+        wire_bytes=model.wire_bytes,
+    )
 
 
 def _progress_message(update: DownloadProgress) -> pb.Progress:

@@ -20,6 +20,7 @@ global model's archive.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -54,6 +55,7 @@ from fl_sidecar.flserver import (
     ProgressCallback,
     TransferResult,
 )
+from fl_sidecar.flserver.results import PartFileCallback
 from fl_sidecar.sidecar import uploads
 from fl_sidecar.sidecar.cancel import REASON_SHUTDOWN, Cancellation
 from fl_sidecar.sidecar.downloads import DownloadCancelledError, DownloadHandoff
@@ -68,7 +70,7 @@ from fl_sidecar.sidecar.spool import (
     unlink_quietly,
 )
 from fl_sidecar.sidecar.telemetry import Metrics
-from fl_sidecar.sidecar.templates import TemplateCache
+from fl_sidecar.sidecar.templates import ModelFacts, TemplateCache
 from fl_sidecar.sidecar.uploads import UploadJournal
 from fl_sidecar.wire import FORMAT_SAFETENSORS, FORMAT_TORCH
 
@@ -122,6 +124,7 @@ class TransferManager:
         trust_pickles: bool = False,
         metrics: Optional[Metrics] = None,
         journal: Optional[UploadJournal] = None,
+        model_round: Optional[Callable[[str], Optional[int]]] = None,
     ) -> None:
         """Create the private spool directory (mode 0700, locked) under ``spool_dir``.
 
@@ -135,6 +138,9 @@ class TransferManager:
             trust_pickles: pass TORCH downloads through without vetting them.
             metrics: where bytes and durations are counted.
             journal: where uploads with an id are recorded before they are sent.
+            model_round: the round a global model id is in, when the sidecar knows it
+                (the notifications it delivered), else ``None``: a download whose round
+                is known is kept and reused for that round (see :meth:`download`).
 
         Raises:
             SpoolFullError: no room for the spool directory. OSError: it cannot be created.
@@ -144,6 +150,7 @@ class TransferManager:
         self.trust_pickles = trust_pickles
         self.metrics = metrics
         self.journal = journal
+        self._model_round = model_round
         self._cancellations: Set[Cancellation] = set()
         self._cancellations_lock = threading.Lock()
         self._shutting_down = False
@@ -156,7 +163,8 @@ class TransferManager:
                 "removed spool directories left behind by sidecars that died",
                 extra={"spool_parent": str(parent), "removed": [str(p) for p in removed]},
             )
-        # The global models fetched as SAFETENSORS uploads' templates.
+        # The global models held by (model id, round): SAFETENSORS uploads'
+        # templates, and downloads of a round already fetched.
         self.templates = TemplateCache(
             lambda: self._spool_path(".template.pt"), self._fetch_template
         )
@@ -268,13 +276,14 @@ class TransferManager:
         when closed; see :class:`~fl_sidecar.sidecar.downloads.DownloadHandoff`.
         """
         return DownloadHandoff(
-            lambda progress, on_converting, cancel: self.download(
+            lambda progress, on_converting, cancel, on_part_file: self.download(
                 model_id,
                 fmt,
                 credentials=credentials,
                 progress=progress,
                 on_converting=on_converting,
                 cancel=cancel,
+                on_part_file=on_part_file,
             )
         )
 
@@ -287,8 +296,14 @@ class TransferManager:
         progress: Optional[ProgressCallback] = None,
         on_converting: Optional[Callable[[], None]] = None,
         cancel: Optional[Cancellation] = None,
+        on_part_file: Optional[PartFileCallback] = None,
     ) -> SpooledModel:
         """Fetch the global model into a spool file, vet or convert it.
+
+        When the sidecar knows the model's round (``model_round``), the archive is
+        kept by (model id, round) for that round's SAFETENSORS uploads and later
+        downloads, and an archive already held for that round is used instead of
+        fetching again. A round that is not known means a fetch, and nothing kept.
 
         Args:
             model_id: the global model's id.
@@ -299,6 +314,10 @@ class TransferManager:
             cancel: cancelled when the trainer went away or the sidecar stops: the fetch
                 stops at once (its connection is shut down), vetting and conversion at
                 their next stage, and the spool files are removed.
+            on_part_file: for a TORCH download, told of each fetch attempt's part file
+                as its body begins (see ``FlServerClient.download_model``), so the
+                bytes can be streamed while they arrive; not called for SAFETENSORS
+                (converted from the whole archive) nor for a copy already held.
 
         Returns:
             The spooled model; the caller must :meth:`SpooledModel.discard` it.
@@ -311,7 +330,9 @@ class TransferManager:
             spool's file system is full (the partial files are removed).
         """
         with self.cancellable(cancel) as stop:
-            return self._download(model_id, fmt, credentials, progress, on_converting, stop)
+            return self._download(
+                model_id, fmt, credentials, progress, on_converting, stop, on_part_file
+            )
 
     def _download(
         self,
@@ -321,6 +342,7 @@ class TransferManager:
         progress: Optional[ProgressCallback],
         on_converting: Optional[Callable[[], None]],
         stop: Cancellation,
+        on_part_file: Optional[PartFileCallback] = None,
     ) -> SpooledModel:
         archive = self._spool_path(".pt")
 
@@ -333,13 +355,26 @@ class TransferManager:
 
         self._track_in_flight("download", +1)
         try:
-            try:
-                result = self.client.download_model(
-                    model_id, archive, credentials=credentials, progress=progress, cancel=stop
+            round_ = self._round_of(model_id)
+            facts = self._held_copy(model_id, round_, archive)
+            if facts is None:
+                try:
+                    result = self.client.download_model(
+                        model_id,
+                        archive,
+                        credentials=credentials,
+                        progress=progress,
+                        cancel=stop,
+                        on_part_file=on_part_file if fmt == FORMAT_TORCH else None,
+                    )
+                except TransferCancelledError as exc:
+                    raise DownloadCancelledError(
+                        str(exc), shutting_down=exc.shutting_down
+                    ) from None
+                self._count("download", result)
+                facts = ModelFacts(
+                    result.raw_bytes, result.sha256, result.content_encoding, result.wire_bytes
                 )
-            except TransferCancelledError as exc:
-                raise DownloadCancelledError(str(exc), shutting_down=exc.shutting_down) from None
-            self._count("download", result)
             check()
             if fmt == FORMAT_SAFETENSORS:
                 if on_converting is not None:
@@ -357,16 +392,18 @@ class TransferManager:
                 except BaseException:
                     unlink_quietly(converted)
                     raise
+                # Converted by the restricted reader: fit to be a template, not vetted.
+                self._keep(model_id, round_, archive, facts)
                 unlink_quietly(archive)
                 return SpooledModel(
                     converted,
                     size,
                     sha256,
                     FORMAT_SAFETENSORS,
-                    result.content_encoding,
-                    result.wire_bytes,
+                    facts.content_encoding,
+                    facts.wire_bytes,
                 )
-            if not self.trust_pickles:
+            if not self.trust_pickles and not facts.vetted:
                 if on_converting is not None:
                     on_converting()
                 try:
@@ -375,13 +412,15 @@ class TransferManager:
                     check()
                     raise
                 check()
+                facts = dataclasses.replace(facts, vetted=True)
+            self._keep(model_id, round_, archive, facts)
             return SpooledModel(
                 archive,
-                result.raw_bytes,
-                result.sha256,
+                facts.size,
+                facts.sha256,
                 FORMAT_TORCH,
-                result.content_encoding,
-                result.wire_bytes,
+                facts.content_encoding,
+                facts.wire_bytes,
             )
         except OSError as exc:
             unlink_quietly(archive)
@@ -392,6 +431,38 @@ class TransferManager:
             raise
         finally:
             self._track_in_flight("download", -1)
+
+    def _round_of(self, model_id: str) -> Optional[int]:
+        return self._model_round(model_id) if self._model_round is not None else None
+
+    def _held_copy(self, model_id: str, round_: Optional[int], dest: Path) -> Optional[ModelFacts]:
+        """Give ``dest`` the archive held for (``model_id``, ``round_``); its facts, or ``None``."""
+        if round_ is None:
+            return None
+        key = (model_id, round_)
+        template = self.templates.lookup(key)
+        if template is None:
+            return None
+        try:
+            try:
+                os.link(template.path, dest)  # a name of the download's own: no copy
+            except OSError:
+                shutil.copyfile(template.path, dest)
+            facts = template.facts
+        finally:
+            self.templates.release(key, template)
+        _log.info(
+            "served the global model from the copy held for its round",
+            extra={"model_id": model_id, "round": round_},
+        )
+        return facts
+
+    def _keep(self, model_id: str, round_: Optional[int], archive: Path, facts: ModelFacts) -> None:
+        """Hold a downloaded archive for its round, unless the round changed meanwhile."""
+        # A round notification that arrived during the fetch may mean the bytes
+        # are the next round's: keep nothing then.
+        if round_ is not None and self._round_of(model_id) == round_:
+            self.templates.adopt((model_id, round_), archive, facts)
 
     def _vet(self, archive: Path, stop: Cancellation) -> None:
         try:
@@ -595,7 +666,7 @@ class TransferManager:
         path: Path,
         credentials: Optional[Credentials],
         stop: Optional[Cancellation] = None,
-    ) -> None:
+    ) -> ModelFacts:
         model_id, round = key
         started = time.monotonic()
         try:
@@ -619,6 +690,9 @@ class TransferManager:
                 "bytes": result.raw_bytes,
                 "seconds": round_seconds(time.monotonic() - started),
             },
+        )
+        return ModelFacts(
+            result.raw_bytes, result.sha256, result.content_encoding, result.wire_bytes
         )
 
     # -- bookkeeping --

@@ -443,7 +443,7 @@ class ModelInfo(_message.Message):
     size: _builtins.int
     """bytes that will follow as chunks"""
     sha256: _builtins.str
-    """hex digest of those bytes"""
+    """hex digest of those bytes; empty when streamed as they arrive"""
     content_encoding: _builtins.str
     """How the model crossed the network from the FL server: "zstd" or "identity",
     and how many bytes that took.

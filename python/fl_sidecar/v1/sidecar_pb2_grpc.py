@@ -97,6 +97,14 @@ class SidecarServicer:
         (ModelInfo), then the model's bytes follow in order as `chunk` messages.
         `progress` messages may arrive before the ModelInfo while the sidecar is
         still fetching the model from the FL server.
+        A TORCH model that the FL server sends uncoded with its size announced
+        streams while it arrives: the ModelInfo comes at once with `sha256` empty
+        (hash the chunks yourself) and no `progress` follows. The last chunk is
+        held back until the whole model has arrived and been vetted, so only a
+        stream that ends OK carries the whole model: on an error (a pickle that
+        would run code, a model that changed on the server mid-download: ABORTED)
+        discard what arrived. A SAFETENSORS download is converted from the whole
+        archive first, so its chunks follow the conversion.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -130,6 +130,14 @@ class SidecarStub:
     (ModelInfo), then the model's bytes follow in order as `chunk` messages.
     `progress` messages may arrive before the ModelInfo while the sidecar is
     still fetching the model from the FL server.
+    A TORCH model that the FL server sends uncoded with its size announced
+    streams while it arrives: the ModelInfo comes at once with `sha256` empty
+    (hash the chunks yourself) and no `progress` follows. The last chunk is
+    held back until the whole model has arrived and been vetted, so only a
+    stream that ends OK carries the whole model: on an error (a pickle that
+    would run code, a model that changed on the server mid-download: ABORTED)
+    discard what arrived. A SAFETENSORS download is converted from the whole
+    archive first, so its chunks follow the conversion.
     """
     UploadModel: _grpc.StreamUnaryMultiCallable[_sidecar_pb2.UploadModelRequest, _sidecar_pb2.UploadModelResponse]
     """Uploads a locally trained model. The first message must be the header;
@@ -184,6 +192,14 @@ class SidecarAsyncStub(SidecarStub):
     (ModelInfo), then the model's bytes follow in order as `chunk` messages.
     `progress` messages may arrive before the ModelInfo while the sidecar is
     still fetching the model from the FL server.
+    A TORCH model that the FL server sends uncoded with its size announced
+    streams while it arrives: the ModelInfo comes at once with `sha256` empty
+    (hash the chunks yourself) and no `progress` follows. The last chunk is
+    held back until the whole model has arrived and been vetted, so only a
+    stream that ends OK carries the whole model: on an error (a pickle that
+    would run code, a model that changed on the server mid-download: ABORTED)
+    discard what arrived. A SAFETENSORS download is converted from the whole
+    archive first, so its chunks follow the conversion.
     """
     UploadModel: _aio.StreamUnaryMultiCallable[_sidecar_pb2.UploadModelRequest, _sidecar_pb2.UploadModelResponse]  # type: ignore[assignment]
     """Uploads a locally trained model. The first message must be the header;
@@ -247,6 +263,14 @@ class SidecarServicer(metaclass=_abc_1.ABCMeta):
         (ModelInfo), then the model's bytes follow in order as `chunk` messages.
         `progress` messages may arrive before the ModelInfo while the sidecar is
         still fetching the model from the FL server.
+        A TORCH model that the FL server sends uncoded with its size announced
+        streams while it arrives: the ModelInfo comes at once with `sha256` empty
+        (hash the chunks yourself) and no `progress` follows. The last chunk is
+        held back until the whole model has arrived and been vetted, so only a
+        stream that ends OK carries the whole model: on an error (a pickle that
+        would run code, a model that changed on the server mid-download: ABORTED)
+        discard what arrived. A SAFETENSORS download is converted from the whole
+        archive first, so its chunks follow the conversion.
         """
 
     @_abc_1.abstractmethod
