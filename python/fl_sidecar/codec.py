@@ -27,8 +27,9 @@ whose window zstd cannot allocate (this process's memory, not the data) raises
 
 The tensor codec (:mod:`fl_sidecar.tensorcodec`, its names re-exported here:
 :func:`pack_tensors`, :func:`unpack_tensors`, :func:`unpack_tensors_into`,
-:func:`tensor_info`, :func:`layout_of`) is a second, separate format for model files: float tensors split into byte planes, each plane
-coded with zstd or rANS or stored raw, optionally XORed with the same tensor of a
+:func:`tensor_info`, :func:`layout_of`) is a second, separate format for model
+files: float tensors split into byte planes, each plane coded with zstd or rANS
+or stored raw, optionally XORed with the same tensor of a
 reference model first. Its format is specified in docs/tensor-codec.md; a blob coded
 against a reference that is missing or differs raises
 :class:`~fl_sidecar.errors.ReferenceMismatchError`.
