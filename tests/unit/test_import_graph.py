@@ -125,3 +125,15 @@ def test_the_whole_package_has_no_import_cycle() -> None:
     graph["fl_sidecar.events"].discard("fl_sidecar.sidecar.eventbus")
     cycles = {name: _cycle_through(graph, name) for name in sorted(graph)}
     assert {name: cycle for name, cycle in cycles.items() if cycle} == {}
+
+
+def test_the_fl_server_client_does_not_depend_on_the_sidecar_process() -> None:
+    """flserver is used by the sidecar (and the demo, and operators): never the other way."""
+    graph = _graph()
+    flserver = sorted(n for n in graph if n.startswith("fl_sidecar.flserver"))
+    assert "fl_sidecar.flserver.transport" in flserver
+    assert "fl_sidecar.cancel" in graph["fl_sidecar.flserver.transport"]
+    for name in flserver:
+        reached = {t for t in graph[name] if t.startswith("fl_sidecar.sidecar")}
+        assert reached == set(), name
+    assert not {t for t in graph["fl_sidecar.cancel"] if t.startswith("fl_sidecar.sidecar")}

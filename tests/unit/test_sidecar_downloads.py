@@ -8,8 +8,8 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 
 import pytest
 
+from fl_sidecar.cancel import REASON_TRAINER_GONE, Cancellation
 from fl_sidecar.errors import NotFoundError
-from fl_sidecar.sidecar.cancel import REASON_TRAINER_GONE, Cancellation
 from fl_sidecar.sidecar.downloads import (
     PHASE_CONVERTING,
     PHASE_FETCHING,

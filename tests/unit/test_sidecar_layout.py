@@ -19,7 +19,6 @@ MOVED = {
     "fl_sidecar.service": "fl_sidecar.sidecar.servicer",
     "fl_sidecar.transfers": "fl_sidecar.sidecar.transfers",
     "fl_sidecar.uploads": "fl_sidecar.sidecar.uploads",
-    "fl_sidecar.cancel": "fl_sidecar.sidecar.cancel",
     "fl_sidecar.socketdir": "fl_sidecar.sidecar.socketdir",
     "fl_sidecar.notifications": "fl_sidecar.sidecar.notifications",
     "fl_sidecar.scripts": "fl_sidecar.sidecar.scripts",

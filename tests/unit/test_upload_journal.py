@@ -13,9 +13,9 @@ import grpc
 import pytest
 
 from fl_sidecar import errors
+from fl_sidecar.cancel import REASON_SHUTDOWN, REASON_TRAINER_GONE, Cancellation
 from fl_sidecar.server_api import _multipart_parts, _StreamBody
 from fl_sidecar.sidecar import uploads
-from fl_sidecar.sidecar.cancel import REASON_SHUTDOWN, REASON_TRAINER_GONE, Cancellation
 from fl_sidecar.sidecar.status import status_for, upload_failure
 from fl_sidecar.sidecar.transfers import _upload_state_after
 from fl_sidecar.sidecar.uploads import UploadJournal

@@ -9,7 +9,6 @@
   handed to its call, :mod:`~fl_sidecar.sidecar.templates`: SAFETENSORS uploads' templates,
   :mod:`~fl_sidecar.sidecar.spool`: spool files and directories,
   :mod:`~fl_sidecar.sidecar.uploads`: the durable upload journal,
-  :mod:`~fl_sidecar.sidecar.cancel`: cancelling transfers in flight;
 - :mod:`~fl_sidecar.sidecar.notifications`: the endpoint the FL server POSTs to,
   :mod:`~fl_sidecar.sidecar.eventbus`: the numbered events with replay and resume,
   :mod:`~fl_sidecar.sidecar.scripts`: compatibility mode (a training script per round);

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Generator, Iterator, List, Optional, Tuple, Union
 
+from fl_sidecar.cancel import REASON_TRAINER_GONE, Cancellation
 from fl_sidecar.errors import SidecarError, TransferCancelledError
-from fl_sidecar.sidecar.cancel import REASON_TRAINER_GONE, Cancellation
 from fl_sidecar.sidecar.spool import SpooledModel
 
 __all__ = [

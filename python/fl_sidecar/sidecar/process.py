@@ -50,11 +50,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fl_sidecar import __version__
+from fl_sidecar.cancel import REASON_SHUTDOWN
 from fl_sidecar.errors import ConfigurationError
 from fl_sidecar.events import EventKind, ServerEvent, clock_first_seq
 from fl_sidecar.flserver import Credentials, FlServerClient
 from fl_sidecar.sidecar import socketdir
-from fl_sidecar.sidecar.cancel import REASON_SHUTDOWN
 from fl_sidecar.sidecar.eventbus import EventBus
 from fl_sidecar.sidecar.servicer import SERVICE_NAME, SidecarService
 from fl_sidecar.sidecar.settings import Settings, add_arguments, strip_userinfo

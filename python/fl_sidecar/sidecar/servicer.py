@@ -23,10 +23,10 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Typ
 import grpc
 
 from fl_sidecar import __version__
+from fl_sidecar.cancel import REASON_TRAINER_GONE, Cancellation
 from fl_sidecar.errors import SidecarError, SizeLimitExceededError, UploadOutcomeUnknownError
 from fl_sidecar.flserver import Credentials
 from fl_sidecar.sidecar import uploads as upload_journal
-from fl_sidecar.sidecar.cancel import REASON_TRAINER_GONE, Cancellation
 from fl_sidecar.sidecar.codecstreams import codec_defaults, pack_stream, unpack_stream
 from fl_sidecar.sidecar.downloads import (
     PHASE_CONVERTING,

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
+from fl_sidecar.cancel import Cancellation
 from fl_sidecar.flserver import Credentials
-from fl_sidecar.sidecar.cancel import Cancellation
 from fl_sidecar.sidecar.spool import unlink_quietly
 
 __all__ = ["TEMPLATE_CACHE_SIZE", "ModelFacts", "Template", "TemplateCache"]

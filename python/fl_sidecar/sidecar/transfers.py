@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Set, Tuple
 
 from fl_sidecar import archive as model_files
+from fl_sidecar.cancel import REASON_SHUTDOWN, Cancellation
 from fl_sidecar.errors import (
     AuthenticationError,
     ConflictError,
@@ -57,7 +58,6 @@ from fl_sidecar.flserver import (
 )
 from fl_sidecar.flserver.results import PartFileCallback
 from fl_sidecar.sidecar import uploads
-from fl_sidecar.sidecar.cancel import REASON_SHUTDOWN, Cancellation
 from fl_sidecar.sidecar.downloads import DownloadCancelledError, DownloadHandoff
 from fl_sidecar.sidecar.spool import (
     SPOOL_PREFIX,
