@@ -14,7 +14,7 @@ use std::os::raw::c_int;
 use std::ptr::NonNull;
 
 use crate::error::{zstd_error_name, CodecError, Result};
-use crate::fileio::{advise_huge_pages, write_atomically};
+use crate::fileio::{advise_huge_pages, read_full, write_atomically};
 use crate::format::{
     read_u32, too_many_frames, write_seek_table, SeekEntry, MAX_FRAMES, SEEK_TABLE_FOOTER_SIZE,
     SKIPPABLE_HEADER_SIZE,
@@ -557,19 +557,6 @@ impl Packer {
         self.scratch = Vec::new();
         Ok(self.stats)
     }
-}
-
-fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 /// Packs everything `reader` yields into `writer`, a batch at a time.

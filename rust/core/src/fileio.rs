@@ -1,7 +1,8 @@
-//! File and memory helpers shared by packing and unpacking: atomic file replacement and
-//! the transparent-huge-page hint for large output buffers.
+//! File and memory helpers shared by packing and unpacking: atomic file replacement,
+//! reading a buffer full, and the transparent-huge-page hint for large output buffers.
 
 use std::fs::File;
+use std::io::Read;
 use std::path::Path;
 
 use crate::error::{CodecError, Result};
@@ -59,4 +60,19 @@ pub(crate) fn advise_huge_pages(buf: &mut [u8]) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = buf;
+}
+
+/// Reads until `buf` is full or the reader ends (retrying interrupted reads); returns
+/// the bytes read, fewer than `buf.len()` only at the end of the input.
+pub(crate) fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }

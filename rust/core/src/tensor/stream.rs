@@ -10,20 +10,7 @@ use xxhash_rust::xxh64::Xxh64;
 use super::unpack::{plan_index, read_tensor_header};
 use super::{BLOCK_RECORD_SIZE, HEADER_SIZE, SEGMENT_RECORD_SIZE};
 use crate::error::{CodecError, Result};
-use crate::fileio::write_atomically;
-
-fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
-}
+use crate::fileio::{read_full, write_atomically};
 
 /// Unpacks a tensor blob from `reader` into `writer` one block at a time: memory is the
 /// index plus one block's stored and decoded bytes (at most 8 MiB each), whatever the
