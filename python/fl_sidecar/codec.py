@@ -34,6 +34,14 @@ reference model first. Its format is specified in docs/tensor-codec.md; a blob c
 against a reference that is missing or differs raises
 :class:`~fl_sidecar.errors.ReferenceMismatchError`.
 
+:func:`pack`, :func:`unpack`, :func:`pack_file` and :func:`unpack_file` reach it too:
+given a ``reference`` (the reference model's bytes or path) or ``format="tensor"``,
+:func:`pack` and :func:`pack_file` write a tensor blob (``format="auto"``: a tensor blob
+for a model file, the zstd format for anything else); without either they write the
+zstd seekable format, as always. :func:`unpack` and :func:`unpack_file` tell the two
+formats apart by their magic and read both; a tensor blob coded against a reference
+needs that reference (``reference=``), a zstd blob ignores one.
+
 Warning -- decoding our blobs elsewhere:
     python-zstandard's one-shot ``zstandard.ZstdDecompressor().decompress(blob)``
     returns only the FIRST frame of a multi-frame blob, silently. Use
@@ -46,19 +54,24 @@ Warning -- decoding our blobs elsewhere:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from typing import (
     TYPE_CHECKING,
     Any,
     Iterator,
+    List,
     NamedTuple,
     Optional,
+    Tuple,
     Union,
 )
 
 from fl_sidecar import _codec
 from fl_sidecar._buffers import check_count as _check_count
 from fl_sidecar._buffers import contiguous as _contiguous
+from fl_sidecar.errors import ModelFormatError
 
 # The tensor codec is its own module (fl_sidecar.tensorcodec); its names stay here too.
 from fl_sidecar.tensorcodec import (
@@ -87,6 +100,9 @@ if TYPE_CHECKING:
 
     PathLike = Union[str, "os.PathLike[str]"]
 
+    # A reference model for the tensor codec: its bytes, or its path.
+    Reference = Union[Buffer, PathLike]
+
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_LEVEL",
@@ -94,6 +110,9 @@ __all__ = [
     "DEFAULT_PIECE_SIZE",
     "DEFAULT_TENSOR_BLOCK_SIZE",
     "DEFAULT_TENSOR_LEVEL",
+    "FORMAT_AUTO",
+    "FORMAT_TENSOR",
+    "FORMAT_ZSTD",
     "MAX_CHUNK_SIZE",
     "MAX_FRAMES",
     "MAX_LEVEL",
@@ -101,6 +120,7 @@ __all__ = [
     "MIN_LEVEL",
     "MIN_PIECE_SIZE",
     "MIN_TENSOR_BLOCK_SIZE",
+    "PACK_FORMATS",
     "TENSOR_FORMAT_VERSION",
     "BlobInfo",
     "PackStats",
@@ -108,6 +128,7 @@ __all__ = [
     "TensorBlobInfo",
     "TensorSegment",
     "Unpacker",
+    "blob_format",
     "inspect",
     "is_tensor_blob",
     "is_zstd",
@@ -143,6 +164,15 @@ DEFAULT_PIECE_SIZE: int = _codec.DEFAULT_PIECE_SIZE
 #: The most zstd frames one blob may have (2^20), packing and unpacking alike: more is a
 #: :class:`~fl_sidecar.errors.SizeLimitExceededError` (2 MiB frames reach it at 2 TiB).
 MAX_FRAMES: int = _codec.MAX_FRAMES
+
+#: The zstd seekable format (this module's own; any zstd decoder reads it).
+FORMAT_ZSTD = "zstd"
+#: The tensor codec's format (docs/tensor-codec.md; the HTTP content coding ``fltc``).
+FORMAT_TENSOR = "tensor"
+#: :func:`pack`'s choice by the input: a tensor blob for a model file, zstd otherwise.
+FORMAT_AUTO = "auto"
+#: The ``format`` values :func:`pack` and :func:`pack_file` take.
+PACK_FORMATS: Tuple[str, ...] = (FORMAT_ZSTD, FORMAT_TENSOR, FORMAT_AUTO)
 
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -184,31 +214,65 @@ class BlobInfo(NamedTuple):
 def pack(
     data: Buffer,
     *,
-    level: int = DEFAULT_LEVEL,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    level: Optional[int] = None,
+    chunk_size: Optional[int] = None,
     threads: int = 0,
+    reference: Optional[Reference] = None,
+    format: Optional[str] = None,
 ) -> bytes:
-    """Packs ``data`` into a seekable zstd blob, compressing its frames in parallel.
+    """Packs ``data`` into a seekable zstd blob, or a tensor blob (with a reference).
+
+    Without ``reference`` and ``format`` this is the zstd seekable format, its frames
+    compressed in parallel. With ``reference`` (the model ``data`` was trained from,
+    e.g. the global model) it is a tensor blob (:func:`pack_tensors`): every tensor
+    with a twin in the reference (same name, dtype and shape) is coded as its
+    difference from it, so :func:`unpack` needs the same reference back.
 
     Args:
         data: any C-contiguous buffer; read in place, never copied.
-        level: zstd level, ``MIN_LEVEL`` to ``MAX_LEVEL``.
-        chunk_size: uncompressed bytes per frame, 1 to ``MAX_CHUNK_SIZE`` (8 MiB).
+        level: zstd level, ``MIN_LEVEL`` to ``MAX_LEVEL``; None for the format's
+            default (:data:`DEFAULT_LEVEL` for zstd, :data:`DEFAULT_TENSOR_LEVEL` for
+            a tensor blob).
+        chunk_size: uncompressed bytes per frame, 1 to ``MAX_CHUNK_SIZE`` (8 MiB); None
+            for :data:`DEFAULT_CHUNK_SIZE`. The zstd format's only: a tensor blob
+            has its own blocks (:data:`DEFAULT_TENSOR_BLOCK_SIZE`) and ignores it.
         threads: worker threads, 0 for one per core.
+        reference: the reference model's bytes or path (safetensors or a torch
+            archive); None for none.
+        format: :data:`FORMAT_ZSTD`, :data:`FORMAT_TENSOR`, :data:`FORMAT_AUTO` (a
+            tensor blob when ``data`` is a model file, else zstd), or None: tensor
+            with a reference, zstd without.
 
     Returns:
-        The blob. Empty input gives one empty frame plus the seek table.
+        The blob. Empty input gives one empty frame plus the seek table (zstd).
 
     Raises:
         TypeError: ``data`` is not a buffer.
-        ValueError: ``data`` is not C-contiguous, or a parameter is out of range.
+        ValueError: ``data`` is not C-contiguous, a parameter is out of range, an
+            unknown ``format``, or ``format="zstd"`` with a reference.
         SizeLimitExceededError: ``data`` would make more than :data:`MAX_FRAMES` frames
             (refused before compressing; use a larger ``chunk_size``).
+        ModelFormatError: a tensor blob was asked for and ``data`` or the reference
+            is not a model file.
+        OSError: the reference's path cannot be read.
     """
+    chosen = _pack_format(format, reference)
+    layout = None
+    if chosen == FORMAT_AUTO:
+        layout = _layout_or_none(data)
+        chosen = FORMAT_ZSTD if layout is None else FORMAT_TENSOR
+    if chosen == FORMAT_TENSOR:
+        return pack_tensors(
+            data,
+            layout,
+            reference=reference,
+            level=DEFAULT_TENSOR_LEVEL if level is None else level,
+            threads=threads,
+        )
     return _codec.pack(
         _contiguous(data),
-        level,
-        _check_count("chunk_size", chunk_size),
+        DEFAULT_LEVEL if level is None else level,
+        _check_count("chunk_size", DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size),
         _check_count("threads", threads),
     )
 
@@ -218,21 +282,28 @@ def unpack(
     *,
     max_output_size: int = DEFAULT_MAX_OUTPUT_SIZE,
     threads: int = 0,
+    reference: Optional[Reference] = None,
 ) -> bytes:
-    """Unpacks any zstd stream: ours, or plain single- or multi-frame zstd.
+    """Unpacks any zstd stream (ours, or plain single- or multi-frame zstd) or a tensor blob.
 
-    When every frame's size is known (frame headers or seek table) the result is
-    allocated once at its final size and the frames are decoded into it in
-    parallel. Otherwise (foreign frames without sizes) the stream is decoded
+    The format is told by the blob's first bytes: the tensor format's magic (``FLTC``)
+    goes to :func:`unpack_tensors`, with ``reference``; anything else is read as zstd,
+    and ``reference`` is not needed there (it is ignored).
+
+    For zstd, when every frame's size is known (frame headers or seek table) the
+    result is allocated once at its final size and the frames are decoded into it
+    in parallel. Otherwise (foreign frames without sizes) the stream is decoded
     twice in :data:`DEFAULT_PIECE_SIZE` steps: once to measure it, dropping the
     output, then into a result of that size. Memory is the result's size plus
     one step and one window either way: a bomb is refused at
-    ``max_output_size`` without ever holding its output.
+    ``max_output_size`` without ever holding its output. A tensor blob's size is
+    checked against ``max_output_size`` from its header, before allocating.
 
     Args:
         blob: any C-contiguous buffer holding the compressed bytes; never copied.
         max_output_size: the most decompressed bytes to accept.
         threads: worker threads, 0 for one per core.
+        reference: the model a tensor blob was coded against (bytes or path).
 
     Returns:
         The decompressed bytes.
@@ -244,10 +315,18 @@ def unpack(
         SeekTableError: the seek table is malformed or disagrees with the frames.
         SizeLimitExceededError: the output would exceed ``max_output_size``, or the
             blob has more than :data:`MAX_FRAMES` frames.
+        ReferenceMismatchError: a tensor blob coded against a reference, and none or
+            another one was given.
         TypeError / ValueError: ``blob`` is not a C-contiguous buffer, bad parameter.
+        OSError: the reference's path cannot be read.
     """
+    data = _contiguous(blob)
+    if is_tensor_blob(_head(data)):
+        return unpack_tensors(
+            data, reference=reference, max_output_size=max_output_size, threads=threads
+        )
     return _codec.unpack(
-        _contiguous(blob),
+        data,
         _check_count("max_output_size", max_output_size),
         _check_count("threads", threads),
     )
@@ -257,29 +336,55 @@ def pack_file(
     src: PathLike,
     dst: PathLike,
     *,
-    level: int = DEFAULT_LEVEL,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    level: Optional[int] = None,
+    chunk_size: Optional[int] = None,
     threads: int = 0,
+    reference: Optional[Reference] = None,
+    format: Optional[str] = None,
 ) -> PackStats:
-    """Packs the file ``src`` into the file ``dst`` with memory of about ``threads x chunk_size``.
+    """Packs the file ``src`` into the file ``dst``: zstd seekable, or a tensor blob.
+
+    The zstd format streams with memory of about ``threads x chunk_size``. A tensor
+    blob (with ``reference``, ``format="tensor"``, or ``format="auto"`` and a model
+    file) is built in memory: it holds ``src``, the reference and the blob.
+    ``level``, ``chunk_size``, ``reference`` and ``format`` are as for :func:`pack`.
 
     ``dst`` is written through a temporary file in the same folder and renamed into
     place, so a failure leaves no partial ``dst`` (and an existing one untouched).
 
     Returns:
-        The sizes (bytes) and the frame count.
+        The sizes (bytes) and the frame count (0 for a tensor blob).
 
     Raises:
-        OSError: ``src`` cannot be read or ``dst`` cannot be written.
-        ValueError: a parameter is out of range.
+        OSError: ``src`` or the reference cannot be read, or ``dst`` cannot be written.
+        ValueError: a parameter is out of range, or as for :func:`pack`.
         SizeLimitExceededError: ``src`` would make more than :data:`MAX_FRAMES` frames
             (refused before writing when ``src`` is a regular file).
+        ModelFormatError: a tensor blob was asked for and ``src`` or the reference is
+            not a model file.
     """
+    chosen = _pack_format(format, reference)
+    layout = None
+    if chosen == FORMAT_AUTO:
+        layout = _layout_or_none(os.fspath(src))
+        chosen = FORMAT_ZSTD if layout is None else FORMAT_TENSOR
+    if chosen == FORMAT_TENSOR:
+        with open(src, "rb") as f:
+            data = f.read()
+        blob = pack_tensors(
+            data,
+            layout,
+            reference=reference,
+            level=DEFAULT_TENSOR_LEVEL if level is None else level,
+            threads=threads,
+        )
+        _write_atomically(dst, blob)
+        return PackStats(len(data), len(blob), 0)
     raw, packed, frames = _codec.pack_file(
         os.fspath(src),
         os.fspath(dst),
-        level,
-        _check_count("chunk_size", chunk_size),
+        DEFAULT_LEVEL if level is None else level,
+        _check_count("chunk_size", DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size),
         _check_count("threads", threads),
     )
     return PackStats(raw, packed, frames)
@@ -291,18 +396,22 @@ def unpack_file(
     *,
     max_output_size: int = DEFAULT_MAX_OUTPUT_SIZE,
     threads: int = 0,
+    reference: Optional[Reference] = None,
 ) -> int:
-    """Unpacks the zstd file ``src`` into ``dst`` with bounded memory.
+    """Unpacks the zstd file or tensor blob ``src`` into ``dst`` with bounded memory.
 
-    A file ending with a seek table that lists all its frames, none above
-    ``MAX_CHUNK_SIZE`` (ours), is decoded ``threads`` frames at a time in parallel
-    (memory about 2 x threads x chunk_size); any other zstd file is streamed on one
-    thread in :data:`DEFAULT_PIECE_SIZE` steps (memory one step, one 1 MiB read and
-    the frame's window: at most 8 MiB, or 128 MiB when ``max_output_size`` is that
-    large), whatever it expands to. The total size is checked against
-    ``max_output_size`` before anything is written when the seek table gives it.
-    ``dst`` is written through a temporary file and renamed into place only when the
-    whole stream decoded and verified, so a failure leaves an existing ``dst`` untouched.
+    A tensor blob (told by its magic) goes to :func:`unpack_tensors_file`, with
+    ``reference``: one block at a time, memory its index, one block and the
+    reference. For zstd (``reference`` ignored): a file ending with a seek table that
+    lists all its frames, none above ``MAX_CHUNK_SIZE`` (ours), is decoded
+    ``threads`` frames at a time in parallel (memory about 2 x threads x chunk_size);
+    any other zstd file is streamed on one thread in :data:`DEFAULT_PIECE_SIZE`
+    steps (memory one step, one 1 MiB read and the frame's window: at most 8 MiB, or
+    128 MiB when ``max_output_size`` is that large), whatever it expands to. The
+    total size is checked against ``max_output_size`` before anything is written
+    when the seek table (or the tensor blob's header) gives it. ``dst`` is written
+    through a temporary file and renamed into place only when the whole stream
+    decoded and verified, so a failure leaves an existing ``dst`` untouched.
 
     Returns:
         The number of bytes written.
@@ -310,6 +419,10 @@ def unpack_file(
     Raises:
         The errors of :func:`unpack`, and OSError for file problems.
     """
+    with open(src, "rb") as f:
+        head = f.read(4)
+    if is_tensor_blob(head):
+        return unpack_tensors_file(src, dst, reference=reference, max_output_size=max_output_size)
     written: int = _codec.unpack_file(
         os.fspath(src),
         os.fspath(dst),
@@ -317,6 +430,59 @@ def unpack_file(
         _check_count("threads", threads),
     )
     return written
+
+
+def blob_format(prefix: bytes) -> Optional[str]:
+    """The format a blob's first bytes say: :data:`FORMAT_TENSOR`, :data:`FORMAT_ZSTD`, or None.
+
+    Only the first 4 bytes are looked at (the magics of :func:`is_tensor_blob` and
+    :func:`is_zstd`).
+    """
+    if is_tensor_blob(prefix):
+        return FORMAT_TENSOR
+    if is_zstd(prefix):
+        return FORMAT_ZSTD
+    return None
+
+
+def _pack_format(format: Optional[str], reference: Optional[Reference]) -> str:
+    if format is None:
+        return FORMAT_ZSTD if reference is None else FORMAT_TENSOR
+    if format not in PACK_FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose from {', '.join(PACK_FORMATS)}")
+    if format == FORMAT_ZSTD and reference is not None:
+        raise ValueError(
+            'a reference needs the tensor format: format="tensor" (or "auto"), not "zstd"'
+        )
+    return format
+
+
+def _layout_or_none(source: Union[Buffer, str]) -> Optional[List[TensorSegment]]:
+    """The model's layout, or None when ``source`` is no model file (``format="auto"``)."""
+    try:
+        return layout_of(source)
+    except ModelFormatError:
+        return None
+
+
+def _head(data: _Buffer) -> bytes:
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data[:4])
+    return bytes(memoryview(data).cast("B")[:4])
+
+
+def _write_atomically(dst: PathLike, data: bytes) -> None:
+    target = os.fspath(dst)
+    directory = os.path.dirname(os.path.abspath(target))
+    fd, tmp = tempfile.mkstemp(prefix=".fl-sidecar-", suffix=".part", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def inspect(blob: Buffer) -> BlobInfo:

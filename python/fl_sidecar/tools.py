@@ -167,7 +167,12 @@ def _upload(args: argparse.Namespace) -> int:
 
 def _pack(args: argparse.Namespace) -> int:
     total = os.path.getsize(args.input)
+    try:
+        reference = _reference_arg(args)
+    except _UsageError as exc:
+        return _fail("pack", str(exc), 2)
     bar = ProgressBar(f"pack {os.path.basename(args.input)}")
+    fmt, delta = "zstd", ""
     try:
         if args.via_sidecar:
             with _client(args) as client:
@@ -176,34 +181,149 @@ def _pack(args: argparse.Namespace) -> int:
                     args.output,
                     level=args.level or 0,
                     chunk_size=args.chunk_size or 0,
+                    format=args.format,
+                    reference=reference,
                     progress=bar,
                 )
             raw, packed = result.raw_bytes, result.packed_bytes
+            fmt, delta = result.format, result.reference_sha256
+        elif _packs_tensors(args):
+            raw, packed, fmt, delta = _local_tensor_pack(args)
         else:
             raw, packed = _local_stream(args.input, args.output, total, bar, pack=True, args=args)
     finally:
         bar.close()
     ratio = raw / packed if packed else 0.0
-    print(f"{args.output}: {raw} -> {packed} bytes (ratio {ratio:.2f})")
+    print(f"{args.output}: {raw} -> {packed} bytes (ratio {ratio:.2f}){_coding_note(fmt, delta)}")
     return 0
 
 
 def _unpack(args: argparse.Namespace) -> int:
     total = os.path.getsize(args.input)
+    try:
+        reference = _reference_arg(args)
+    except _UsageError as exc:
+        return _fail("unpack", str(exc), 2)
     bar = ProgressBar(f"unpack {os.path.basename(args.input)}")
+    fmt, delta = "zstd", ""
     try:
         if args.via_sidecar:
             with _client(args) as client:
                 result = client.unpack_file(
-                    args.input, args.output, max_output_size=args.max_size or 0, progress=bar
+                    args.input,
+                    args.output,
+                    max_output_size=args.max_size or 0,
+                    reference=reference,
+                    progress=bar,
                 )
             packed, raw = result.packed_bytes, result.raw_bytes
+            fmt, delta = result.format, result.reference_sha256
+        elif _is_tensor_blob(args.input):
+            raw, packed, delta = _local_tensor_unpack(args)
+            fmt = "tensor"
         else:
             raw, packed = _local_stream(args.input, args.output, total, bar, pack=False, args=args)
     finally:
         bar.close()
-    print(f"{args.output}: {packed} -> {raw} bytes")
+    print(f"{args.output}: {packed} -> {raw} bytes{_coding_note(fmt, delta)}")
     return 0
+
+
+def _coding_note(fmt: str, reference_sha256: str) -> str:
+    """What the summary line says of the format: nothing for zstd (as before)."""
+    if fmt != "tensor":
+        return ""
+    if reference_sha256:
+        return f", tensor codec, against the reference {reference_sha256[:16]}"
+    return ", tensor codec, no reference needed"
+
+
+def _reference_arg(args: argparse.Namespace) -> Any:
+    """The reference for the client or the codec: a path, a held model, or None.
+
+    Raises:
+        _UsageError: ``--held-reference`` without ``--via-sidecar`` or with a round that
+            is no number, or ``--format zstd`` with a reference.
+    """
+    if getattr(args, "format", None) == "zstd" and (args.reference or args.held_reference):
+        raise _UsageError("a reference needs the tensor format (--format tensor or auto)")
+    if args.held_reference:
+        from fl_sidecar.client import HeldModel
+
+        model_id, round_ = args.held_reference
+        if not args.via_sidecar:
+            raise _UsageError("--held-reference names a model the sidecar holds: add --via-sidecar")
+        if not round_.isdigit():
+            raise _UsageError(f"--held-reference: ROUND must be a number, not {round_!r}")
+        return HeldModel(model_id, int(round_))
+    return args.reference
+
+
+class _UsageError(Exception):
+    """Options that do not go together (exit status 2)."""
+
+
+def _packs_tensors(args: argparse.Namespace) -> bool:
+    """Whether a local pack writes a tensor blob (``auto``: when the input is a model)."""
+    if args.format == "tensor" or (args.format is None and args.reference is not None):
+        return True
+    if args.format != "auto":
+        return False
+    import fl_sidecar.codec as codec
+    from fl_sidecar.errors import ModelFormatError
+
+    try:
+        codec.layout_of(args.input)
+    except ModelFormatError:
+        return False
+    return True
+
+
+def _local_tensor_pack(args: argparse.Namespace) -> Tuple[int, int, str, str]:
+    """Pack ``args.input`` into a tensor blob; (raw, packed, format, reference sha256)."""
+    import fl_sidecar.codec as codec
+
+    stats = codec.pack_file(
+        args.input, args.output, level=args.level, reference=args.reference, format="tensor"
+    )
+    delta = _reference_digest(args.output, args.reference)
+    return stats.raw_size, stats.packed_size, "tensor", delta
+
+
+def _is_tensor_blob(path: str) -> bool:
+    import fl_sidecar.codec as codec
+
+    with open(path, "rb") as f:
+        return codec.is_tensor_blob(f.read(4))
+
+
+def _local_tensor_unpack(args: argparse.Namespace) -> Tuple[int, int, str]:
+    """Unpack the tensor blob ``args.input``; (raw, packed, reference sha256 or "")."""
+    import fl_sidecar.codec as codec
+
+    options = {"max_output_size": args.max_size} if args.max_size else {}
+    raw = codec.unpack_file(args.input, args.output, reference=args.reference, **options)
+    return raw, os.path.getsize(args.input), _reference_digest(args.input, args.reference)
+
+
+def _reference_digest(blob_path: str, reference: Optional[str]) -> str:
+    """The hex SHA-256 of ``reference`` when the tensor blob at ``blob_path`` uses it, else "".
+
+    Called once the blob was written or decoded, so its header (bit 0 of the flags:
+    coded against a reference) has been checked.
+    """
+    import hashlib
+    import struct
+
+    with open(blob_path, "rb") as f:
+        header = f.read(8)
+    if reference is None or len(header) < 8 or not struct.unpack_from("<H", header, 6)[0] & 1:
+        return ""
+    digest = hashlib.sha256()
+    with open(reference, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _local_stream(
@@ -293,7 +413,22 @@ def _info_file(path: str) -> int:
 
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        is_zstd = codec.is_zstd(f.read(4))
+        head = f.read(4)
+        if codec.is_tensor_blob(head):
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
+                tensors = codec.tensor_info(blob)
+            needs = (
+                f"needs its reference ({tensors.reference_size} B)"
+                if tensors.uses_reference
+                else "needs no reference"
+            )
+            print(
+                f"{path}: tensor blob (format {tensors.version}), {size} B packed, "
+                f"{tensors.total_size} B raw, {tensors.segments} segments, "
+                f"{tensors.blocks} blocks; {needs}"
+            )
+            return 0
+        is_zstd = codec.is_zstd(head)
         if is_zstd:
             # inspect walks frame headers and the seek table only: map the file, don't read it.
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
@@ -368,6 +503,25 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_reference(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--reference",
+        metavar="PATH",
+        default=None,
+        help=f"the reference model (safetensors or torch archive) {what}; with "
+        "--via-sidecar its bytes are streamed to the sidecar",
+    )
+    group.add_argument(
+        "--held-reference",
+        nargs=2,
+        metavar=("MODEL_ID", "ROUND"),
+        default=None,
+        help="with --via-sidecar: the global model the sidecar holds for that model and "
+        "round as the reference",
+    )
+
+
 def register(subparsers: Any) -> None:
     """Add ``download``, ``upload``, ``pack``, ``unpack``, ``info`` and ``events``."""
     p = subparsers.add_parser("download", help="download a global model through the sidecar")
@@ -391,23 +545,46 @@ def register(subparsers: Any) -> None:
     _add_target(p)
     p.set_defaults(func=_guarded("upload", _upload))
 
-    p = subparsers.add_parser("pack", help="pack a file into the zstd seekable format")
+    p = subparsers.add_parser(
+        "pack",
+        help="pack a file into the zstd seekable format, or a model with the tensor codec",
+        description="Pack a file: the zstd seekable format by default; with --reference "
+        "(or --format tensor) a model file is coded tensor by tensor with the tensor codec, "
+        "against the reference model when given (docs/tensor-codec.md).",
+    )
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--level", type=int, default=None, help="zstd level (default: the codec's)")
     p.add_argument(
-        "--chunk-size", type=_size, default=None, help="bytes per frame, e.g. 4MiB (at most 8MiB)"
+        "--chunk-size",
+        type=_size,
+        default=None,
+        help="bytes per frame, e.g. 4MiB (at most 8MiB; the zstd format only)",
     )
+    p.add_argument(
+        "--format",
+        choices=("zstd", "tensor", "auto"),
+        default=None,
+        help="zstd, tensor, or auto (tensor for a model file) [default: tensor with a "
+        "reference, else zstd]",
+    )
+    _add_reference(p, "code the model against (its tensors of the same name, dtype and shape)")
     p.add_argument("--via-sidecar", action="store_true", help="pack in the sidecar")
     _add_target(p)
     p.set_defaults(func=_guarded("pack", _pack))
 
-    p = subparsers.add_parser("unpack", help="unpack any zstd stream")
+    p = subparsers.add_parser(
+        "unpack",
+        help="unpack any zstd stream or a tensor blob",
+        description="Unpack a zstd stream or a tensor blob (told apart by their first bytes); "
+        "a tensor blob coded against a reference needs --reference.",
+    )
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument(
         "--max-size", type=_size, default=None, help="refuse to produce more (e.g. 20GiB)"
     )
+    _add_reference(p, "the tensor blob was coded against")
     p.add_argument("--via-sidecar", action="store_true", help="unpack in the sidecar")
     _add_target(p)
     p.set_defaults(func=_guarded("unpack", _unpack))

@@ -27,7 +27,12 @@ from fl_sidecar.cancel import REASON_TRAINER_GONE, Cancellation
 from fl_sidecar.errors import SidecarError, SizeLimitExceededError, UploadOutcomeUnknownError
 from fl_sidecar.flserver import Credentials
 from fl_sidecar.sidecar import uploads as upload_journal
-from fl_sidecar.sidecar.codecstreams import codec_defaults, pack_stream, unpack_stream
+from fl_sidecar.sidecar.codecstreams import (
+    CodecResources,
+    codec_defaults,
+    pack_stream,
+    unpack_stream,
+)
 from fl_sidecar.sidecar.downloads import (
     PHASE_CONVERTING,
     PHASE_FETCHING,
@@ -552,17 +557,25 @@ class SidecarService(pb_grpc.SidecarServicer):
     def Pack(
         self, request_iterator: Iterator[pb.PackRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.PackResponse]:
-        """Pack the streamed bytes; emit packed bytes as they are produced, then a summary."""
+        """Pack the streamed bytes (zstd, or the tensor codec); emit them packed, then a summary."""
         self._check_open()
-        yield from pack_stream(_requests(request_iterator))
+        yield from pack_stream(_requests(request_iterator), self._codec_resources())
 
     @_streaming
     def Unpack(
         self, request_iterator: Iterator[pb.UnpackRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.UnpackResponse]:
-        """Unpack any zstd stream; emit the original bytes as they are produced, then a summary."""
+        """Unpack any zstd stream or a tensor blob; emit the original bytes, then a summary."""
         self._check_open()
-        yield from unpack_stream(_requests(request_iterator), self.max_unpack_size)
+        yield from unpack_stream(
+            _requests(request_iterator), self.max_unpack_size, self._codec_resources()
+        )
+
+    def _codec_resources(self) -> CodecResources:
+        """Where Pack and Unpack spool tensor blobs and references, and the held models."""
+        return CodecResources(
+            self.transfers.spool_dir, self.max_unpack_size, self.transfers.templates
+        )
 
     @_streaming
     def WatchEvents(

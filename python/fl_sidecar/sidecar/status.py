@@ -28,6 +28,7 @@ from fl_sidecar.errors import (
     ModelReadCancelledError,
     NotFoundError,
     PermissionDeniedError,
+    ReferenceMismatchError,
     RequestRejectedError,
     ServerError,
     ServerUnavailableError,
@@ -59,6 +60,8 @@ STATUS_BY_ERROR: List[Tuple[type, grpc.StatusCode]] = [
     # A model reader's budget (pickle opcodes, depth, walk steps...) is a limit too.
     (ModelLimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelReadCancelledError, grpc.StatusCode.CANCELLED),
+    # Not damage: the blob needs another reference model (HTTP answers 412 likewise).
+    (ReferenceMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (CorruptDataError, grpc.StatusCode.DATA_LOSS),
     (CodecError, grpc.StatusCode.DATA_LOSS),
     (UnsafePickleError, grpc.StatusCode.FAILED_PRECONDITION),

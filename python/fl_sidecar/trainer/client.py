@@ -36,7 +36,7 @@ import json
 from typing import Optional, Sequence
 
 from fl_sidecar.address import default_target, normalize_target, unix_socket_path
-from fl_sidecar.trainer.codec_calls import CodecCalls
+from fl_sidecar.trainer.codec_calls import CodecCalls, HeldModel, SidecarFile
 from fl_sidecar.trainer.connection import SOCKET_OWNER_VARIABLE
 from fl_sidecar.trainer.credentials import CallCredentials
 from fl_sidecar.trainer.downloads import ModelDownloads
@@ -65,9 +65,11 @@ __all__ = [
     "CallCredentials",
     "DownloadResult",
     "EventStream",
+    "HeldModel",
     "MetricsResult",
     "PackResult",
     "SidecarClient",
+    "SidecarFile",
     "SidecarInfo",
     "TrainingStatus",
     "UnpackResult",

@@ -109,16 +109,33 @@ class TrainingStatus:
 
 @dataclass(frozen=True)
 class PackResult:
-    """Sizes (bytes) and frame count of a pack."""
+    """Sizes (bytes) and frame count of a pack, and its format.
+
+    Attributes:
+        frames: zstd frames; 0 for a tensor blob.
+        format: ``"zstd"`` (the zstd seekable format) or ``"tensor"`` (the tensor codec).
+        reference_sha256: hex SHA-256 of the reference model the blob was coded
+            against (unpacking needs it); ``""`` when it needs none.
+    """
 
     raw_bytes: int
     packed_bytes: int
     frames: int
+    format: str = "zstd"
+    reference_sha256: str = ""
 
 
 @dataclass(frozen=True)
 class UnpackResult:
-    """Sizes (bytes) of an unpack."""
+    """Sizes (bytes) of an unpack, what the input was, and the reference it needed.
+
+    Attributes:
+        format: ``"zstd"`` or ``"tensor"``.
+        reference_sha256: hex SHA-256 of the reference the blob was decoded against;
+            ``""`` when it needed none.
+    """
 
     packed_bytes: int
     raw_bytes: int
+    format: str = "zstd"
+    reference_sha256: str = ""

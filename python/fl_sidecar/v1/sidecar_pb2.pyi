@@ -191,6 +191,41 @@ Check GetTraining before sending it again under a new upload_id.
 """
 Global___UploadState: _TypeAlias = UploadState  # noqa: Y015
 
+class _PackFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PackFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PackFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PACK_FORMAT_UNSPECIFIED: _PackFormat.ValueType  # 0
+    """TENSOR when a reference is given, else ZSTD"""
+    PACK_FORMAT_ZSTD: _PackFormat.ValueType  # 1
+    """the zstd seekable format (streams; any zstd decoder)"""
+    PACK_FORMAT_TENSOR: _PackFormat.ValueType  # 2
+    """The tensor codec (docs/tensor-codec.md). The input must be a model file
+    (safetensors or a torch archive), else INVALID_ARGUMENT. The sidecar holds
+    the input (up to --max-model-size, else RESOURCE_EXHAUSTED) in its spool
+    before it packs, so the packed bytes follow the last chunk.
+    """
+    PACK_FORMAT_AUTO: _PackFormat.ValueType  # 3
+    """TENSOR for a model file, ZSTD for anything else"""
+
+class PackFormat(_PackFormat, metaclass=_PackFormatEnumTypeWrapper): ...
+
+PACK_FORMAT_UNSPECIFIED: PackFormat.ValueType  # 0
+"""TENSOR when a reference is given, else ZSTD"""
+PACK_FORMAT_ZSTD: PackFormat.ValueType  # 1
+"""the zstd seekable format (streams; any zstd decoder)"""
+PACK_FORMAT_TENSOR: PackFormat.ValueType  # 2
+"""The tensor codec (docs/tensor-codec.md). The input must be a model file
+(safetensors or a torch archive), else INVALID_ARGUMENT. The sidecar holds
+the input (up to --max-model-size, else RESOURCE_EXHAUSTED) in its spool
+before it packs, so the packed bytes follow the last chunk.
+"""
+PACK_FORMAT_AUTO: PackFormat.ValueType  # 3
+"""TENSOR for a model file, ZSTD for anything else"""
+Global___PackFormat: _TypeAlias = PackFormat  # noqa: Y015
+
 class _EventKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -855,23 +890,116 @@ class PackOptions(_message.Message):
 
     LEVEL_FIELD_NUMBER: _builtins.int
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
     level: _builtins.int
-    """zstd level; 0 = the sidecar's default"""
+    """zstd level; 0 = the format's default (zstd: the"""
     chunk_size: _builtins.int
-    """bytes of input per frame; 0 = default (at most 8 MiB)"""
+    """sidecar's, GetInfo.codec_level; tensor: 1)
+    bytes of input per frame; 0 = default (at most 8 MiB);
+    """
+    format: Global___PackFormat.ValueType
+    """the zstd format's only (a tensor blob ignores it)
+    UNSPECIFIED: TENSOR with a reference, else ZSTD
+    """
+    @_builtins.property
+    def reference(self) -> Global___CodecReference:
+        """The model the input is coded against (tensor format only; with ZSTD it is
+        INVALID_ARGUMENT). Tensors with a twin in it (same name, dtype and shape)
+        are coded as their difference from it; the others alone.
+        """
+
     def __init__(
         self,
         *,
         level: _builtins.int = ...,
         chunk_size: _builtins.int = ...,
+        format: Global___PackFormat.ValueType = ...,
+        reference: Global___CodecReference | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reference", b"reference"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "level", b"level"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "format", b"format", "level", b"level", "reference", b"reference"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PackOptions: _TypeAlias = PackOptions  # noqa: Y015
+
+@_typing.final
+class CodecReference(_message.Message):
+    """A reference model for Pack and Unpack: the model a tensor blob is (to be)
+    coded against, e.g. the global model a round's training started from.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeldModel(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        MODEL_ID_FIELD_NUMBER: _builtins.int
+        ROUND_FIELD_NUMBER: _builtins.int
+        model_id: _builtins.str
+        round: _builtins.int
+        def __init__(
+            self,
+            *,
+            model_id: _builtins.str = ...,
+            round: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id", "round", b"round"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    HELD_FIELD_NUMBER: _builtins.int
+    STREAMED_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    streamed: _builtins.bool
+    """The reference's bytes follow the options as `reference_chunk` messages,
+    before the first `chunk` (at most --max-model-size bytes). Works in every
+    deployment (the trainer's files need not be the sidecar's).
+    """
+    path: _builtins.str
+    """An absolute path of a file on the SIDECAR's file system (a trainer in
+    another container sees other files). Only with `sha256`: the sidecar reads
+    the file and uses it only if its bytes have that digest, else
+    FAILED_PRECONDITION (the same answer for a missing, unreadable or other
+    file: a caller can only name a file it already knows the bytes of).
+    """
+    sha256: _builtins.str
+    """Hex SHA-256 of the reference's bytes: required with `path`; with `held` or
+    `streamed` optional, and when set a reference of other bytes is refused with
+    FAILED_PRECONDITION (ReferenceMismatchError).
+    """
+    @_builtins.property
+    def held(self) -> Global___CodecReference.HeldModel:
+        """The global model this sidecar holds for (model_id, round): the TORCH
+        archive the FL server served for that round, which the sidecar keeps
+        after a download (when it knew the round) or an upload's conversion
+        (docs/sidecar.md, "Held global models"). It is never fetched for this:
+        FAILED_PRECONDITION when the sidecar does not hold it.
+        """
+
+    def __init__(
+        self,
+        *,
+        held: Global___CodecReference.HeldModel | None = ...,
+        streamed: _builtins.bool = ...,
+        path: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "path", b"path", "source", b"source", "streamed", b"streamed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "path", b"path", "sha256", b"sha256", "source", b"source", "streamed", b"streamed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["held", "streamed", "path"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___CodecReference: _TypeAlias = CodecReference  # noqa: Y015
 
 @_typing.final
 class PackRequest(_message.Message):
@@ -879,7 +1007,10 @@ class PackRequest(_message.Message):
 
     OPTIONS_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    REFERENCE_CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    reference_chunk: _builtins.bytes
+    """with reference.streamed only: after the options,"""
     @_builtins.property
     def options(self) -> Global___PackOptions:
         """optional; first message only"""
@@ -889,12 +1020,13 @@ class PackRequest(_message.Message):
         *,
         options: Global___PackOptions | None = ...,
         chunk: _builtins.bytes = ...,
+        reference_chunk: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "kind", b"kind", "options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "kind", b"kind", "options", b"options", "reference_chunk", b"reference_chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "kind", b"kind", "options", b"options"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "kind", b"kind", "options", b"options", "reference_chunk", b"reference_chunk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["options", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["options", "chunk", "reference_chunk"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -907,19 +1039,31 @@ class PackSummary(_message.Message):
     RAW_BYTES_FIELD_NUMBER: _builtins.int
     PACKED_BYTES_FIELD_NUMBER: _builtins.int
     FRAMES_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    REFERENCE_SHA256_FIELD_NUMBER: _builtins.int
     raw_bytes: _builtins.int
     packed_bytes: _builtins.int
     frames: _builtins.int
+    """zstd frames; 0 for a tensor blob"""
+    format: _builtins.str
+    """"zstd" or "tensor" """
+    reference_sha256: _builtins.str
+    """Hex SHA-256 of the reference the blob was coded against: Unpack needs it.
+    "" when no tensor was coded against one (none was given, or none of its
+    tensors matched), so the blob unpacks without a reference.
+    """
     def __init__(
         self,
         *,
         raw_bytes: _builtins.int = ...,
         packed_bytes: _builtins.int = ...,
         frames: _builtins.int = ...,
+        format: _builtins.str = ...,
+        reference_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["frames", b"frames", "packed_bytes", b"packed_bytes", "raw_bytes", b"raw_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "frames", b"frames", "packed_bytes", b"packed_bytes", "raw_bytes", b"raw_bytes", "reference_sha256", b"reference_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -957,6 +1101,7 @@ class UnpackOptions(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MAX_OUTPUT_SIZE_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
     max_output_size: _builtins.int
     """Refuse to produce more than this many bytes (decompression bombs);
     0 = the sidecar's limit (--max-model-size). The sidecar's limit is the
@@ -964,14 +1109,23 @@ class UnpackOptions(_message.Message):
     min(max_output_size, --max-model-size). Exceeding it is
     RESOURCE_EXHAUSTED naming the limit.
     """
+    @_builtins.property
+    def reference(self) -> Global___CodecReference:
+        """The model a tensor blob was coded against. A tensor blob that needs one
+        and gets none, or another model, is FAILED_PRECONDITION
+        (ReferenceMismatchError), and nothing is produced; a zstd stream or a
+        tensor blob coded without a reference ignores it.
+        """
+
     def __init__(
         self,
         *,
         max_output_size: _builtins.int = ...,
+        reference: Global___CodecReference | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reference", b"reference"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_output_size", b"max_output_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_output_size", b"max_output_size", "reference", b"reference"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -983,7 +1137,10 @@ class UnpackRequest(_message.Message):
 
     OPTIONS_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    REFERENCE_CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    reference_chunk: _builtins.bytes
+    """with reference.streamed only: after the options,"""
     @_builtins.property
     def options(self) -> Global___UnpackOptions:
         """optional; first message only"""
@@ -993,12 +1150,13 @@ class UnpackRequest(_message.Message):
         *,
         options: Global___UnpackOptions | None = ...,
         chunk: _builtins.bytes = ...,
+        reference_chunk: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "kind", b"kind", "options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "kind", b"kind", "options", b"options", "reference_chunk", b"reference_chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "kind", b"kind", "options", b"options"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "kind", b"kind", "options", b"options", "reference_chunk", b"reference_chunk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["options", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["options", "chunk", "reference_chunk"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -1010,17 +1168,27 @@ class UnpackSummary(_message.Message):
 
     PACKED_BYTES_FIELD_NUMBER: _builtins.int
     RAW_BYTES_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    REFERENCE_SHA256_FIELD_NUMBER: _builtins.int
     packed_bytes: _builtins.int
     raw_bytes: _builtins.int
+    format: _builtins.str
+    """"zstd" or "tensor": what the input was"""
+    reference_sha256: _builtins.str
+    """Hex SHA-256 of the reference the blob was decoded against; "" when it
+    needed none.
+    """
     def __init__(
         self,
         *,
         packed_bytes: _builtins.int = ...,
         raw_bytes: _builtins.int = ...,
+        format: _builtins.str = ...,
+        reference_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["packed_bytes", b"packed_bytes", "raw_bytes", b"raw_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "packed_bytes", b"packed_bytes", "raw_bytes", b"raw_bytes", "reference_sha256", b"reference_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

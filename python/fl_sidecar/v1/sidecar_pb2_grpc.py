@@ -149,18 +149,23 @@ class SidecarServicer:
 
     def Pack(self, request_iterator, context):
         """Packs bytes into the zstd seekable format (independent zstd frames plus a
-        seek table; any zstd decoder reads it). Send an optional options message
-        first, then chunks; the reply streams the packed bytes and ends with a
-        summary.
+        seek table; any zstd decoder reads it), or, with a reference model or
+        PackOptions.format, into the tensor codec's format (docs/tensor-codec.md:
+        a model coded tensor by tensor, optionally against a reference). Send an
+        optional options message first, then (with a streamed reference) the
+        reference's `reference_chunk`s, then chunks; the reply streams the packed
+        bytes and ends with a summary.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Unpack(self, request_iterator, context):
-        """Unpacks any zstd stream (ours or plain single/multi-frame). Send an
-        optional options message first, then chunks; the reply streams the
-        original bytes and ends with a summary.
+        """Unpacks any zstd stream (ours or plain single/multi-frame) or a tensor
+        blob (told apart by their first bytes); a tensor blob coded against a
+        reference needs that reference in UnpackOptions. Send an optional options
+        message first, then (with a streamed reference) its `reference_chunk`s,
+        then chunks; the reply streams the original bytes and ends with a summary.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -161,14 +161,19 @@ class SidecarStub:
     """
     Pack: _grpc.StreamStreamMultiCallable[_sidecar_pb2.PackRequest, _sidecar_pb2.PackResponse]
     """Packs bytes into the zstd seekable format (independent zstd frames plus a
-    seek table; any zstd decoder reads it). Send an optional options message
-    first, then chunks; the reply streams the packed bytes and ends with a
-    summary.
+    seek table; any zstd decoder reads it), or, with a reference model or
+    PackOptions.format, into the tensor codec's format (docs/tensor-codec.md:
+    a model coded tensor by tensor, optionally against a reference). Send an
+    optional options message first, then (with a streamed reference) the
+    reference's `reference_chunk`s, then chunks; the reply streams the packed
+    bytes and ends with a summary.
     """
     Unpack: _grpc.StreamStreamMultiCallable[_sidecar_pb2.UnpackRequest, _sidecar_pb2.UnpackResponse]
-    """Unpacks any zstd stream (ours or plain single/multi-frame). Send an
-    optional options message first, then chunks; the reply streams the
-    original bytes and ends with a summary.
+    """Unpacks any zstd stream (ours or plain single/multi-frame) or a tensor
+    blob (told apart by their first bytes); a tensor blob coded against a
+    reference needs that reference in UnpackOptions. Send an optional options
+    message first, then (with a streamed reference) its `reference_chunk`s,
+    then chunks; the reply streams the original bytes and ends with a summary.
     """
     WatchEvents: _grpc.UnaryStreamMultiCallable[_sidecar_pb2.WatchEventsRequest, _sidecar_pb2.Event]
     """The FL server's notifications as typed events, in the order they arrived.
@@ -223,14 +228,19 @@ class SidecarAsyncStub(SidecarStub):
     """
     Pack: _aio.StreamStreamMultiCallable[_sidecar_pb2.PackRequest, _sidecar_pb2.PackResponse]  # type: ignore[assignment]
     """Packs bytes into the zstd seekable format (independent zstd frames plus a
-    seek table; any zstd decoder reads it). Send an optional options message
-    first, then chunks; the reply streams the packed bytes and ends with a
-    summary.
+    seek table; any zstd decoder reads it), or, with a reference model or
+    PackOptions.format, into the tensor codec's format (docs/tensor-codec.md:
+    a model coded tensor by tensor, optionally against a reference). Send an
+    optional options message first, then (with a streamed reference) the
+    reference's `reference_chunk`s, then chunks; the reply streams the packed
+    bytes and ends with a summary.
     """
     Unpack: _aio.StreamStreamMultiCallable[_sidecar_pb2.UnpackRequest, _sidecar_pb2.UnpackResponse]  # type: ignore[assignment]
-    """Unpacks any zstd stream (ours or plain single/multi-frame). Send an
-    optional options message first, then chunks; the reply streams the
-    original bytes and ends with a summary.
+    """Unpacks any zstd stream (ours or plain single/multi-frame) or a tensor
+    blob (told apart by their first bytes); a tensor blob coded against a
+    reference needs that reference in UnpackOptions. Send an optional options
+    message first, then (with a streamed reference) its `reference_chunk`s,
+    then chunks; the reply streams the original bytes and ends with a summary.
     """
     WatchEvents: _aio.UnaryStreamMultiCallable[_sidecar_pb2.WatchEventsRequest, _sidecar_pb2.Event]  # type: ignore[assignment]
     """The FL server's notifications as typed events, in the order they arrived.
@@ -324,9 +334,12 @@ class SidecarServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_sidecar_pb2.PackResponse], _abc.AsyncIterator[_sidecar_pb2.PackResponse]]:
         """Packs bytes into the zstd seekable format (independent zstd frames plus a
-        seek table; any zstd decoder reads it). Send an optional options message
-        first, then chunks; the reply streams the packed bytes and ends with a
-        summary.
+        seek table; any zstd decoder reads it), or, with a reference model or
+        PackOptions.format, into the tensor codec's format (docs/tensor-codec.md:
+        a model coded tensor by tensor, optionally against a reference). Send an
+        optional options message first, then (with a streamed reference) the
+        reference's `reference_chunk`s, then chunks; the reply streams the packed
+        bytes and ends with a summary.
         """
 
     @_abc_1.abstractmethod
@@ -335,9 +348,11 @@ class SidecarServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_sidecar_pb2.UnpackRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_sidecar_pb2.UnpackResponse], _abc.AsyncIterator[_sidecar_pb2.UnpackResponse]]:
-        """Unpacks any zstd stream (ours or plain single/multi-frame). Send an
-        optional options message first, then chunks; the reply streams the
-        original bytes and ends with a summary.
+        """Unpacks any zstd stream (ours or plain single/multi-frame) or a tensor
+        blob (told apart by their first bytes); a tensor blob coded against a
+        reference needs that reference in UnpackOptions. Send an optional options
+        message first, then (with a streamed reference) its `reference_chunk`s,
+        then chunks; the reply streams the original bytes and ends with a summary.
         """
 
     @_abc_1.abstractmethod
