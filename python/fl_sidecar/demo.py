@@ -70,6 +70,8 @@ class SidecarProcess:
         extra_args: more ``serve`` flags.
         env: extra environment variables (e.g. compatibility mode's script settings).
         api_token: the API token the sidecar requires of callers (by environment).
+        prefix: a command the sidecar runs under (e.g. ``["ip", "netns", "exec", NAME]``,
+            which executes it in place, so :attr:`process` is still the sidecar's).
     """
 
     socket_path: str
@@ -80,6 +82,7 @@ class SidecarProcess:
     extra_args: Sequence[str] = ()
     env: Optional[Dict[str, str]] = None
     api_token: Optional[str] = field(default=None, repr=False)
+    prefix: Sequence[str] = ()
     process: Optional[subprocess.Popen[bytes]] = None
     info: Optional[SidecarInfo] = None
 
@@ -96,6 +99,7 @@ class SidecarProcess:
                 (the end of its log is in the message).
         """
         argv = [
+            *self.prefix,
             _python(),
             "-m",
             "fl_sidecar",
