@@ -71,7 +71,7 @@ image-test: install image ## the image's smoke test: sidecar and Node.js trainer
 
 bench: install ## benchmarks against named baselines (not part of the tests)
 	$(PY) -m pip install -q -r benchmarks/requirements.txt
-	$(PY) -m benchmarks $(BENCH)  # BENCH="round --settings=adam:1e-5" etc.; round needs root (netns)
+	$(PY) -m benchmarks $(BENCH)
 
 demo: install ## the main job: a federated training on the embedded dev server through sidecars
 	$(PY) -m fl_sidecar demo
