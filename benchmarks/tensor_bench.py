@@ -16,6 +16,14 @@ installs the baselines from ``benchmarks/requirements.txt``). In one run, side b
   z4ai 0.2.0's ``compress_delta``; bf16 rows round both models to bf16 (fp32 master
   weights, as mixed-precision training keeps them).
 
+- **round**: the wire bytes of one federated round from the codecs alone (no HTTP):
+  ``--clients`` clients each train one local epoch (``--round-steps`` steps of
+  ``--batch`` sentences of the real-text data set of ``benchmarks/_textdata.py``) from
+  the global model; the new global is their FedAvg (the dev server's
+  ``weighted_average``); uploads coded against the global, the download of the new
+  global against the previous one, by ours, plain zstd, ZipNN delta and z4ai (targets:
+  <= 0.5x raw per round for bf16, <= 0.75x for fp32).
+
 Every figure is printed, with the targets of the issue (ratio >= ZipNN's and z4ai's at
 >= ZipNN's speed) marked met or missed. A baseline that is not installed is reported
 as missing, never skipped silently.
