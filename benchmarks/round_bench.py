@@ -839,11 +839,11 @@ def _report(
             other = results.get((setting, dtype, base))
             if not other:
                 continue
-            rel = secs / _median([r.seconds for r in other])
-            ok = rel < 1.0
+            ratio_t = secs / _median([r.seconds for r in other])
+            ok = ratio_t < 1.0
             status |= 0 if ok else 1
             print(
-                f"target: {setting} {dtype} delta round time {rel:.2f}x {base}'s < 1: "
+                f"target: {setting} {dtype} delta round time {ratio_t:.2f}x {base}'s < 1: "
                 f"{'met' if ok else 'MISSED'}"
             )
     return status
