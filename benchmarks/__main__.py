@@ -1,6 +1,6 @@
 """Run the benchmarks: ``python -m benchmarks [NAME ...] [--OPT=V]``.
 
-NAME is one of codec, models, http, sidecar, tensor, realserver (all when none).
+NAME is one of codec, models, http, sidecar, tensor, realserver, round (all when none).
 
 Each benchmark module exposes ``main(argv) -> int`` and prints its own table of
 medians and ratios against its baselines, measured side by side in one run.
@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import List
 
-BENCHMARKS = ("codec", "models", "http", "sidecar", "tensor", "realserver")
+BENCHMARKS = ("codec", "models", "http", "sidecar", "tensor", "realserver", "round")
 
 
 def main(argv: List[str]) -> int:

@@ -16,6 +16,14 @@ installs the baselines from ``benchmarks/requirements.txt``). In one run, side b
   z4ai 0.2.0's ``compress_delta``; bf16 rows round both models to bf16 (fp32 master
   weights, as mixed-precision training keeps them).
 
+- **round**: the wire bytes of one federated round from the codecs alone (no HTTP):
+  ``--clients`` clients each train one local epoch (``--round-steps`` steps of
+  ``--batch`` sentences of the real-text data set of ``benchmarks/_textdata.py``) from
+  the global model; the new global is their FedAvg (the dev server's
+  ``weighted_average``); uploads coded against the global, the download of the new
+  global against the previous one, by ours, plain zstd, ZipNN delta and z4ai (targets:
+  <= 0.5x raw per round for bf16, <= 0.75x for fp32).
+
 Every figure is printed, with the targets of the issue (ratio >= ZipNN's and z4ai's at
 >= ZipNN's speed) marked met or missed. A baseline that is not installed is reported
 as missing, never skipped silently.
@@ -29,7 +37,7 @@ import math
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -146,14 +154,20 @@ def _to_bf16_bytes(model: bytes) -> bytes:
     )
 
 
-def _bert_logits(p: Dict[str, Any], ids: Any, heads: int = 12) -> Any:
-    """MiniLM-L6's BERT encoder, written out, mean-pooled, through a linear head."""
+def _bert_logits(p: Dict[str, Any], ids: Any, heads: int = 12, mask: Any = None) -> Any:
+    """MiniLM-L6's BERT encoder, written out, mean-pooled, through a linear head.
+
+    ``mask`` (1 for tokens, 0 for padding; None: no padding) keeps padding out of the
+    attention and the pooling.
+    """
     import torch
     import torch.nn.functional as F
 
     w: Dict[str, torch.Tensor] = p  # type: ignore[assignment]
     tokens: torch.Tensor = ids  # type: ignore[assignment]
     n, length = tokens.shape
+    keep = None if mask is None else mask.to(torch.float32)
+    bias = None if keep is None else ((1.0 - keep) * -1e4)[:, None, None, :]
     x = (
         w["embeddings.word_embeddings.weight"][tokens]
         + w["embeddings.position_embeddings.weight"][:length]
@@ -173,7 +187,10 @@ def _bert_logits(p: Dict[str, Any], ids: Any, heads: int = 12) -> Any:
             return v.view(n, length, heads, dim // heads).transpose(1, 2)
 
         q, k, v = (split(lin(f"attention.self.{m}", x)) for m in ("query", "key", "value"))
-        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dim // heads), dim=-1) @ v
+        scores = q @ k.transpose(-1, -2) / math.sqrt(dim // heads)
+        if bias is not None:
+            scores = scores + bias
+        att = torch.softmax(scores, dim=-1) @ v
         att = att.transpose(1, 2).reshape(n, length, dim)
         x = F.layer_norm(
             x + lin("attention.output.dense", att),
@@ -190,7 +207,60 @@ def _bert_logits(p: Dict[str, Any], ids: Any, heads: int = 12) -> Any:
             w[pre + "output.LayerNorm.bias"],
             1e-12,
         )
-    return F.linear(x.mean(dim=1), w["head.weight"], w["head.bias"])
+    pooled = x.mean(dim=1) if keep is None else (x * keep[..., None]).sum(1) / keep.sum(1, True)
+    return F.linear(pooled, w["head.weight"], w["head.bias"])
+
+
+def new_head(seed: Optional[int] = None) -> Dict[str, Any]:
+    """A small random linear head (2 classes), so the first step already trains the encoder.
+
+    Drawn from torch's global generator when ``seed`` is None, else from its own.
+    """
+    import torch
+
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    return {
+        "head.weight": (torch.randn(2, 384, generator=g) * 0.02).requires_grad_(),
+        "head.bias": torch.zeros(2, requires_grad=True),
+    }
+
+
+def train_state_dict(
+    state: Dict[str, Any],
+    optimizer: str,
+    lr: float,
+    batches: Sequence[Tuple[Any, Any, Any]],
+    head: Dict[str, Any],
+) -> Dict[str, Any]:
+    """MiniLM's weights after one optimizer step per batch of (token ids, mask, labels).
+
+    Every float weight is trained (in float32: bf16 weights are widened for training and
+    rounded back, as mixed-precision training keeps fp32 master weights), with ``head``
+    (trained in place, kept by the caller between rounds; never part of the model) on
+    top; cross-entropy loss; ``optimizer`` is ``"adam"`` or ``"sgd"``, fresh per call.
+    Returns the new state_dict in the input's dtypes.
+    """
+    import torch
+
+    params = {
+        k: (v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone()).requires_grad_(
+            v.is_floating_point()
+        )
+        for k, v in state.items()
+    }
+    trainable = [v for v in params.values() if v.requires_grad] + list(head.values())
+    opt = (
+        torch.optim.Adam(trainable, lr=lr)
+        if optimizer == "adam"
+        else torch.optim.SGD(trainable, lr=lr)
+    )
+    for ids, mask, labels in batches:
+        logits = _bert_logits({**params, **head}, ids, mask=mask)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach().to(state[k].dtype) for k, v in params.items()}
 
 
 def trained_update(model: bytes, optimizer: str, lr: float, steps: int, seed: int = 0) -> bytes:
@@ -200,27 +270,14 @@ def trained_update(model: bytes, optimizer: str, lr: float, steps: int, seed: in
 
     torch.manual_seed(seed)
     state = safetensors.torch.load(model)
-    params = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in state.items()}
-    # A small random head, so the first step already sends gradients into the encoder.
-    head = {
-        "head.weight": (torch.randn(2, 384) * 0.02).requires_grad_(),
-        "head.bias": torch.zeros(2, requires_grad=True),
-    }
-    trainable = [v for v in params.values() if v.requires_grad] + list(head.values())
-    opt = (
-        torch.optim.Adam(trainable, lr=lr)
-        if optimizer == "adam"
-        else torch.optim.SGD(trainable, lr=lr)
-    )
-    vocab = params["embeddings.word_embeddings.weight"].shape[0]
+    head = new_head()  # after manual_seed(seed): the same draws as before this was shared
+    vocab = state["embeddings.word_embeddings.weight"].shape[0]
+    batches = []
     for _ in range(steps):
         ids = torch.randint(1000, vocab, (16, 32))
         labels = ((ids > vocab // 2).sum(dim=1) > 16).long()
-        loss = torch.nn.functional.cross_entropy(_bert_logits({**params, **head}, ids), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return safetensors.torch.save({k: v.detach() for k, v in params.items()})
+        batches.append((ids, None, labels))
+    return safetensors.torch.save(train_state_dict(state, optimizer, lr, batches, head))
 
 
 # --------------------------------------------------------------------------- report
@@ -319,6 +376,134 @@ def deltas(models: Dict[str, bytes], runs: int, steps: int) -> None:
                 )
 
 
+ROUND_SETTINGS = (("adam", 1e-5), ("adam", 1e-4), ("sgd", 1e-2))
+"""The FL settings the round figures are measured at: (optimizer, learning rate)."""
+
+
+def local_epoch(
+    global_state: Dict[str, Any],
+    optimizer: str,
+    lr: float,
+    index: int,
+    clients: int,
+    steps: int,
+    batch: int,
+) -> Dict[str, Any]:
+    """Client ``index``'s local model: one epoch (``steps`` batches of ``batch`` sentences of
+    its shard of the benchmarks' real-text data set) from the global model, a fresh head."""
+    from benchmarks._textdata import client_batches
+
+    batches = client_batches(index, clients, steps, batch)
+    return train_state_dict(global_state, optimizer, lr, batches, new_head(seed=index))
+
+
+def _round_sizes(
+    name: str, uploads: List[bytes], new_global: bytes, old_global: bytes, dtype: str
+) -> Optional[Tuple[int, int]]:
+    """(upload bytes of all clients, download bytes of all clients) for one coding, or None."""
+    n = len(uploads)
+    if name == "raw":
+        return sum(len(u) for u in uploads), n * len(new_global)
+    if name == "zstd":
+        return sum(len(codec.pack(u)) for u in uploads), n * len(codec.pack(new_global))
+    if name == "delta":
+
+        def code(data: bytes) -> int:
+            return len(codec.pack_tensors(data, reference=old_global))
+
+    elif name == "ZipNN delta":
+        make = _zipnn(dtype, old_global)
+        if make is None:
+            return None
+
+        def code(data: bytes) -> int:
+            return len(make(data)[0]())
+
+    else:
+        make4 = _z4ai_delta(dtype, old_global)
+        if make4 is None:
+            return None
+
+        def code(data: bytes) -> int:
+            return len(make4(data)[0]())
+
+    return sum(code(u) for u in uploads), n * code(new_global)
+
+
+def round_estimate(models: Dict[str, bytes], clients: int, steps: int, batch: int) -> int:
+    """Wire bytes of one federated round per coding, from the codecs alone (no HTTP).
+
+    A round: every client downloads the new global model and uploads its local model.
+    Each client trains one local epoch from the global model G0 (:func:`local_epoch`);
+    the new global G1 is the FedAvg of the local models weighted by their equal sample
+    sizes, computed by the dev server's own ``weighted_average``. Uploads are coded
+    against G0 (the global the client holds), the download of G1 against G0 (the
+    previous global). Returns 1 when a target (bf16 <= 0.5x raw, fp32 <= 0.75x) is missed.
+    """
+    import safetensors.torch
+
+    from fl_sidecar.modelfiles.aggregate import weighted_average
+
+    print(
+        f"\nwire bytes per federated round, codecs only (no HTTP): {clients} clients, one "
+        f"local epoch = {steps} steps x {batch} sentences of real text each, all weights "
+        "trained; uploads against the global, the download of the new global (the FedAvg) "
+        "against the previous one"
+    )
+    print(
+        "| setting | model | coding | uploads MB | downloads MB | wire MB per round | "
+        "vs raw | vs ours |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    status = 0
+    verdicts: List[str] = []
+    for optimizer, lr in ROUND_SETTINGS:
+        for dtype, old_global in models.items():
+            start = safetensors.torch.load(old_global)
+            locals_ = [
+                local_epoch(start, optimizer, lr, i, clients, steps, batch) for i in range(clients)
+            ]
+            uploads = [safetensors.torch.save(sd) for sd in locals_]
+            new_global = safetensors.torch.save(
+                weighted_average(locals_, [batch * steps] * clients)
+            )
+            sizes: Dict[str, Tuple[int, int]] = {}
+            names = ("raw", "zstd", "delta", "ZipNN delta", "z4ai compress_delta")
+            for name in names:
+                got = _round_sizes(name, uploads, new_global, old_global, dtype)
+                if got is not None:
+                    sizes[name] = got
+            raw, ours = sum(sizes["raw"]), sum(sizes["delta"])
+            for name in names:
+                label = {"delta": "delta (ours)", "zstd": "zstd (codec.pack)"}.get(name, name)
+                if name not in sizes:
+                    print(f"| {optimizer} {lr:g} | {dtype} | {label} | (not installed) | | | | |")
+                    continue
+                up, down = sizes[name]
+                print(
+                    f"| {optimizer} {lr:g} | {dtype} | {label} | {up / MB:.1f} | {down / MB:.1f} | "
+                    f"{(up + down) / MB:.1f} | {(up + down) / raw:.3f} | "
+                    f"{(up + down) / ours:.2f}x |"
+                )
+            ratio = sum(sizes["delta"]) / sum(sizes["raw"])
+            target = 0.5 if dtype == "bfloat16" else 0.75
+            ok = ratio <= target
+            status |= 0 if ok else 1
+            verdicts.append(
+                f"target: {optimizer} {lr:g} {dtype} delta wire/raw per round {ratio:.3f} <= "
+                f"{target}: {'met' if ok else 'MISSED'}; the others send "
+                + ", ".join(
+                    f"{b} {sum(sizes[b]) / sum(sizes['delta']):.2f}x"
+                    for b in ("zstd", "ZipNN delta", "z4ai compress_delta")
+                    if b in sizes
+                )
+                + " its bytes"
+            )
+    for line in verdicts:
+        print(line)
+    return status
+
+
 def _changed_fraction(a: bytes, b: bytes) -> float:
     x = np.frombuffer(a, dtype=np.uint8)
     y = np.frombuffer(b, dtype=np.uint8)
@@ -330,6 +515,11 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per update")
     parser.add_argument("--no-delta", action="store_true")
+    parser.add_argument("--no-full", action="store_true", help="skip the full-model section")
+    parser.add_argument("--no-round", action="store_true", help="skip the per-round section")
+    parser.add_argument("--clients", type=int, default=2, help="clients of the round (2)")
+    parser.add_argument("--round-steps", type=int, default=8, help="steps of a local epoch (8)")
+    parser.add_argument("--batch", type=int, default=16, help="sentences per step (16)")
     args = parser.parse_args(argv)
     path = minilm_path()
     if path is None:
@@ -341,10 +531,14 @@ def main(argv: List[str]) -> int:
     # (ZipNN and z4ai XOR the files byte for byte).
     fp32 = safetensors.torch.save(safetensors.torch.load(path.read_bytes()))
     models = {"float32": fp32, "bfloat16": _to_bf16_bytes(fp32)}
-    full_model(models, args.runs)
+    if not args.no_full:
+        full_model(models, args.runs)
     if not args.no_delta:
         deltas(models, args.runs, args.steps)
-    return 0
+    status = 0
+    if not args.no_round:
+        status = round_estimate(models, args.clients, args.round_steps, args.batch)
+    return status
 
 
 if __name__ == "__main__":

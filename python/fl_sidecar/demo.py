@@ -10,14 +10,16 @@ What runs (every arrow is a real socket):
 2. One sidecar per client starts (``python -m fl_sidecar serve``, a subprocess
    on a temporary unix socket, notification endpoint on a free port).
 3. The operator's setup: an actor user, one user per client whose
-   ``message_endpoint`` is its sidecar's notification URL, the global model (a
-   small MLP for a synthetic, seeded classification task: no downloads), a
+   ``message_endpoint`` is its sidecar's notification URL, the global model (an
+   MLP of 4.2 M weights, 17 MB, for a synthetic, seeded classification task: no
+   downloads), a
    training with every client for ``--rounds`` rounds, started.
 4. One trainer per client (:mod:`fl_sidecar.demo_trainer`, a subprocess)
    follows its sidecar's ``WatchEvents``: download, train, upload; test,
    upload metrics.
-5. A table per round: bytes raw and on the wire, seconds, and the global
-   model's test loss and accuracy. Every process is stopped at the end.
+5. A table per round: bytes raw, in zstd, in delta coding and as sent (with
+   the codings used), seconds, and the global model's test loss and accuracy.
+   Every process is stopped at the end.
 
 The exit status is 0 when the training completed, 1 when it failed, stalled
 (``--timeout``) or a process died.
@@ -70,6 +72,8 @@ class SidecarProcess:
         extra_args: more ``serve`` flags.
         env: extra environment variables (e.g. compatibility mode's script settings).
         api_token: the API token the sidecar requires of callers (by environment).
+        prefix: a command the sidecar runs under (e.g. ``["ip", "netns", "exec", NAME]``,
+            which executes it in place, so :attr:`process` is still the sidecar's).
     """
 
     socket_path: str
@@ -80,6 +84,7 @@ class SidecarProcess:
     extra_args: Sequence[str] = ()
     env: Optional[Dict[str, str]] = None
     api_token: Optional[str] = field(default=None, repr=False)
+    prefix: Sequence[str] = ()
     process: Optional[subprocess.Popen[bytes]] = None
     info: Optional[SidecarInfo] = None
 
@@ -96,6 +101,7 @@ class SidecarProcess:
                 (the end of its log is in the message).
         """
         argv = [
+            *self.prefix,
             _python(),
             "-m",
             "fl_sidecar",
@@ -247,6 +253,23 @@ class _Trainer:
         self._log.close()
 
 
+def _round_bytes(records: List[Dict[str, Any]], tests: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """A round's transfers, all clients: the round-start downloads, the uploads, the tests'
+    downloads of the new global. Sums of raw, zstd, delta and wire bytes; the codings used."""
+    sums = {"raw": 0, "zstd": 0, "delta": 0, "wire": 0}
+    codings = set()
+    for record in records:
+        for side in ("down", "up"):
+            for what in sums:
+                sums[what] += int(record.get(f"{side}_{what}", 0))
+            codings.add(str(record.get(f"{side}_encoding", "")))
+    for record in tests:
+        for what in sums:
+            sums[what] += int(record.get(f"down_{what}", 0))
+        codings.add(str(record.get("down_encoding", "")))
+    return {**sums, "codings": "/".join(sorted(codings - {""})) or "-"}
+
+
 def _print_table(
     rounds: int,
     baseline: Dict[str, float],
@@ -256,33 +279,28 @@ def _print_table(
     out: TextIO,
 ) -> None:
     header = (
-        f"{'round':>5} {'clients':>7} {'down raw':>10} {'down wire':>10} {'up raw':>10} "
-        f"{'up wire':>10} {'encoding':>9} {'seconds':>8} {'train loss':>10} "
-        f"{'test loss':>9} {'accuracy':>8}"
+        f"{'round':>5} {'clients':>7} {'raw':>10} {'zstd':>10} {'delta':>10} {'sent':>10} "
+        f"{'sent as':>15} {'seconds':>8} {'train loss':>10} {'test loss':>9} {'accuracy':>8}"
     )
     print(header, file=out)
     print("-" * len(header), file=out)
     print(
-        f"{'init':>5} {'':>7} {'':>10} {'':>10} {'':>10} {'':>10} {'':>9} {'':>8} {'':>10} "
+        f"{'init':>5} {'':>7} {'':>10} {'':>10} {'':>10} {'':>10} {'':>15} {'':>8} {'':>10} "
         f"{baseline['loss']:>9.4f} {baseline['accuracy']:>8.1%}",
         file=out,
     )
     for r in range(rounds):
         records = train.get(r, [])
         tests = test.get(r + 1, [])
-        down_raw = sum(x.get("down_raw", 0) for x in records)
-        down_wire = sum(x.get("down_wire", 0) for x in records)
-        up_raw = sum(x.get("up_raw", 0) for x in records)
-        up_wire = sum(x.get("up_wire", 0) for x in records)
-        encodings = sorted({str(x.get("up_encoding", "")) for x in records} - {""})
+        b = _round_bytes(records, tests)
         train_loss = (
             sum(x["train_loss"] for x in records) / len(records) if records else float("nan")
         )
         loss = sum(x["loss"] for x in tests) / len(tests) if tests else float("nan")
         accuracy = sum(x["accuracy"] for x in tests) / len(tests) if tests else float("nan")
         print(
-            f"{r:>5} {len(records):>7} {human_bytes(down_raw):>10} {human_bytes(down_wire):>10} "
-            f"{human_bytes(up_raw):>10} {human_bytes(up_wire):>10} {'/'.join(encodings) or '-':>9} "
+            f"{r:>5} {len(records):>7} {human_bytes(b['raw']):>10} {human_bytes(b['zstd']):>10} "
+            f"{human_bytes(b['delta']):>10} {human_bytes(b['wire']):>10} {b['codings']:>15} "
             f"{round_seconds.get(r, float('nan')):>8.2f} {train_loss:>10.4f} {loss:>9.4f} "
             f"{accuracy:>8.1%}",
             file=out,
@@ -418,9 +436,14 @@ def run_demo(
         say("")
         _print_table(rounds, baseline, train, test, round_seconds, out)
         say(
-            "(down/up: bytes the trainers received/sent over gRPC (raw) and the sidecars "
-            "moved over HTTP (wire), all clients together; round 0 includes the sidecars' "
-            "first-use imports)"
+            "(bytes per round, all clients: each client's download of the round's global "
+            "model, its upload, and its test-round download of the new global; raw: the "
+            "model files; sent: what the sidecars moved over HTTP, in the codings of 'sent "
+            "as' (fltc: delta-coded against the previous global); zstd and delta: what "
+            "those codings cost, as sent where the transfer used it, else computed by "
+            "packing the same bytes (codec.pack; pack_tensors against the global the "
+            "sidecar holds); round 0 fetches the first global whole and includes the "
+            "sidecars' first-use imports)"
         )
         final = test.get(rounds, [])
         if final:

@@ -12,7 +12,10 @@ to the sidecar's events and, for each one:
 
 It prints one JSON object per line on stdout (``{"event": "ready"}``,
 ``"train"``, ``"test"``, ``"finished"``, ``"error"``) for the demo to
-report. Even-numbered clients move the weights as SAFETENSORS (a state_dict,
+report: each transfer's raw and wire bytes, its coding (``content_encoding``:
+``identity``, ``zstd`` or ``fltc``, the delta coding, with the hash of the global
+model it was coded against) and what it would have cost in zstd and in delta coding
+(:func:`coded_sizes`). Even-numbered clients move the weights as SAFETENSORS (a state_dict,
 no pickle), odd-numbered ones as TORCH modules, so both paths run.
 
 This module is a trainer, not library code: it imports torch directly (the
@@ -38,7 +41,8 @@ __all__ = ["NUM_CLASSES", "NUM_FEATURES", "build_model", "client_data", "evaluat
 
 NUM_FEATURES = 20
 NUM_CLASSES = 4
-HIDDEN = 32
+HIDDEN = 2048
+"""Width of the two hidden layers: 4.2 M weights, 17 MB in fp32, so the bytes matter."""
 TRAIN_SAMPLES = 400
 TEST_SAMPLES = 1000
 TASK_SEED = 1234
@@ -49,6 +53,8 @@ def build_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
         nn.Linear(NUM_FEATURES, HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, HIDDEN),
         nn.ReLU(),
         nn.Linear(HIDDEN, NUM_CLASSES),
     )
@@ -119,6 +125,29 @@ def train(model: nn.Module, data: Tuple[torch.Tensor, torch.Tensor], epochs: int
     return last
 
 
+def coded_sizes(
+    data: bytes, encoding: str, wire: int, reference: Optional[bytes]
+) -> Dict[str, int]:
+    """What a transfer of ``data`` costs in zstd and in delta coding, in bytes.
+
+    The size the transfer really had where it used that coding (``encoding`` ``"zstd"``
+    or ``"fltc"``, ``wire`` bytes); otherwise computed by packing the same bytes:
+    :func:`fl_sidecar.codec.pack` for zstd, :func:`fl_sidecar.codec.pack_tensors`
+    against ``reference`` (the global model the sidecar would code against) for delta,
+    the zstd size when there is no reference.
+    """
+    from fl_sidecar import codec
+
+    zstd = wire if encoding == "zstd" else len(codec.pack(data))
+    if encoding == "fltc":
+        delta = wire
+    elif reference is None:
+        delta = zstd
+    else:
+        delta = min(zstd, len(codec.pack_tensors(data, reference=reference)))
+    return {"zstd": zstd, "delta": delta}
+
+
 def _emit(record: Dict[str, Any]) -> None:
     print(json.dumps(record), flush=True)
 
@@ -133,41 +162,50 @@ class DemoTrainer:
         self.epochs = epochs
         self.train_set = client_data(index)
         self.test_set = test_data()
+        self.round_global: Optional[bytes] = None  # the global of the last round start
 
-    def _download(self, model_id: str) -> Tuple[nn.Module, Dict[str, Any]]:
+    def _download(self, model_id: str) -> Tuple[nn.Module, bytes, Dict[str, Any]]:
         import fl_sidecar.models as models
 
         started = time.monotonic()
+        data, info = self.sidecar.download_with_info(model_id, format=self.fmt)
         if self.fmt == "safetensors":
-            data, info = self.sidecar.download_with_info(model_id, format="safetensors")
             model = build_model()
             model.load_state_dict(models.from_safetensors(data))
         else:
-            data, info = self.sidecar.download_with_info(model_id, format="torch")
             model = models.load_trusted(data)
+        # A download is coded against the global of the last round start (the sidecar's).
+        sizes = coded_sizes(data, info.content_encoding, info.wire_bytes, self.round_global)
         stats = {
             "down_raw": info.size,
             "down_wire": info.wire_bytes,
+            "down_zstd": sizes["zstd"],
+            "down_delta": sizes["delta"],
             "down_encoding": info.content_encoding,
+            "down_reference": getattr(info, "reference_sha256", "") or "",
             "down_seconds": time.monotonic() - started,
         }
-        return model, stats
+        return model, data, stats
 
     def on_round(self, model_id: str, round_: int) -> None:
         """Train round ``round_`` of the global model ``model_id`` and upload the result."""
-        model, stats = self._download(model_id)
+        import fl_sidecar.models as models
+
+        model, data, stats = self._download(model_id)
+        self.round_global = data  # what the upload, and the next downloads, are coded against
         train_loss = train(model, self.train_set, self.epochs)
         started = time.monotonic()
         metrics = {"loss": train_loss}
         samples = len(self.train_set[1])
-        if self.fmt == "safetensors":
-            result = self.sidecar.upload_state_dict(
-                model_id, model.state_dict(), round=round_, sample_size=samples, metrics=metrics
-            )
-        else:
-            result = self.sidecar.upload_module(
-                model_id, model, round=round_, sample_size=samples, metrics=metrics
-            )
+        body = (
+            models.to_safetensors(model.state_dict())
+            if self.fmt == "safetensors"
+            else models.dump_module(model)
+        )
+        result = self.sidecar.upload(
+            model_id, body, round=round_, sample_size=samples, metrics=metrics, format=self.fmt
+        )
+        sizes = coded_sizes(body, result.content_encoding, result.wire_bytes, data)
         stats.update(
             event="train",
             client=self.index,
@@ -177,7 +215,10 @@ class DemoTrainer:
             sample_size=samples,
             up_raw=result.raw_bytes,
             up_wire=result.wire_bytes,
+            up_zstd=sizes["zstd"],
+            up_delta=sizes["delta"],
             up_encoding=result.content_encoding,
+            up_reference=getattr(result, "reference_sha256", "") or "",
             up_seconds=time.monotonic() - started,
             http_status=result.http_status,
         )
@@ -185,7 +226,7 @@ class DemoTrainer:
 
     def on_test(self, model_id: str, round_: int) -> None:
         """Evaluate the global model of round ``round_`` and upload its metrics."""
-        model, stats = self._download(model_id)
+        model, _, stats = self._download(model_id)
         metrics = evaluate(model, self.test_set)
         self.sidecar.upload_metrics(model_id, metrics)
         stats.update(event="test", client=self.index, round=round_, **metrics)
