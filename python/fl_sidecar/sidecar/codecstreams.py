@@ -158,7 +158,7 @@ def codec_defaults() -> Tuple[int, int]:
 # --- the messages -------------------------------------------------------------
 
 
-def _options(messages: Iterator[Any], call: str) -> Tuple[Any, Iterator[Any]]:
+def _options(messages: Iterator[Any]) -> Tuple[Any, Iterator[Any]]:
     """The options message (or None) and the messages after it."""
     first = next(messages, None)
     if first is None:
@@ -448,7 +448,7 @@ def pack_stream(
         SizeLimitExceededError: a tensor pack's input or reference over ``max_size``.
     """
     codec = _codec_module()
-    options, rest = _options(iter(messages), "Pack")
+    options, rest = _options(iter(messages))
     level, chunk_size = 0, 0
     fmt = pb.PACK_FORMAT_UNSPECIFIED
     spec: Optional[pb.CodecReference] = None
@@ -591,7 +591,7 @@ def unpack_stream(
         ReferenceMismatchError: a tensor blob that needs another reference (or one).
         CodecError / CorruptDataError: the stream is not valid zstd or a valid blob.
     """
-    options, rest = _options(iter(messages), "Unpack")
+    options, rest = _options(iter(messages))
     limit = max_output_size
     spec: Optional[pb.CodecReference] = None
     if options is not None:
